@@ -1,0 +1,57 @@
+//! # vera-kernels
+//!
+//! Fused kernels for the VeRA adapter path (Kopiczko et al., 2024):
+//!
+//! ```text
+//! y = base + lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ) + bias
+//! ```
+//!
+//! computed without ever forming `ΔW = diag(lambda_b)·B·diag(lambda_d)·A`, for `f32`, `f16` and
+//! `bf16`, exact to HuggingFace PEFT's semantics (including its seeded projections).
+//!
+//! - [`Projections`]: the frozen A `[r, n_max]` and B `[m_max, r]` shared by every layer
+//!   (PEFT-identical generation from a seed, or your arrays), sliced per layer without copies.
+//! - [`Adapter`]: one layer's `lambda_d [r]`, `lambda_b [m]` and optional bias `[m]`.
+//! - [`forward`]: the fused pass into a caller-owned `y`, accumulating ([`Mode::Accumulate`]) or
+//!   overwriting; [`merge`] / [`unmerge`] / [`delta_weight`] for weight merging.
+//! - [`reference`]: the naive f64 implementation and the forward-error bounds the kernels are
+//!   tested against.
+//!
+//! Every misuse returns an [`Error`]; no public function panics on bad input. Results are bitwise
+//! identical for any number of rayon threads.
+
+#![deny(missing_docs)]
+
+mod adapter;
+mod cpu;
+mod dtype;
+mod error;
+mod mat;
+mod ops;
+mod projections;
+pub mod reference;
+pub mod rng;
+
+pub use adapter::Adapter;
+pub use cpu::{active_isa, Isa};
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use mat::{MatMut, MatRef};
+pub use ops::{
+    delta_weight, dense_forward, forward, forward_layer, merge, unfused_forward, unmerge, Mode,
+    BLOCK_ROWS,
+};
+pub use projections::{LayerProjections, Projections};
+
+/// Re-exported so that users name the same `f16` / `bf16` types as the kernels.
+pub use half::{bf16, f16};
+
+pub(crate) mod sealed {
+    /// Seals [`crate::Element`] and carries each type's CPU kernel table.
+    pub trait Sealed {
+        /// The CPU kernels for this element type, selected once per process.
+        fn kernels() -> &'static crate::cpu::Kernels<Self>
+        where
+            Self: Sized;
+    }
+}

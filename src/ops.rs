@@ -1,0 +1,219 @@
+//! The public operations: fused forward, merge / unmerge, ΔW. Validation lives here; the work is
+//! done by the CPU drivers in `cpu`.
+
+use crate::adapter::Adapter;
+use crate::cpu;
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::mat::{MatMut, MatRef};
+use crate::projections::{LayerProjections, Projections};
+
+/// How the forward pass treats the output buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// `y += adapter(x)`: `y` already holds the frozen layer's output (the common case).
+    Accumulate,
+    /// `y = adapter(x)`: `y`'s previous contents are ignored (they may even be NaN).
+    Overwrite,
+}
+
+/// Checks the shapes of one forward call: `x [t, n]`, `y [t, m]` against the layer and adapter.
+pub(crate) fn check_forward<T>(
+    layer: &LayerProjections<'_, T>,
+    adapter: &Adapter,
+    t: usize,
+    n: usize,
+    y_shape: Option<[usize; 2]>,
+) -> Result<()> {
+    let m = layer.out_features();
+    adapter.check(layer.rank(), m)?;
+    if n != layer.in_features() {
+        return Err(Error::ShapeMismatch {
+            what: "x (must be [T, in_features])",
+            expected: [t, layer.in_features()],
+            actual: [t, n],
+        });
+    }
+    if let Some(shape) = y_shape {
+        if shape != [t, m] {
+            return Err(Error::ShapeMismatch {
+                what: "y (must be [T, out_features])",
+                expected: [t, m],
+                actual: shape,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The fused VeRA forward pass for one layer:
+/// `y (+)= lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ) + bias`, with `x [T, n]`, `y [T, m]` and the layer's
+/// projections `A[:, :n]`, `B[:m, :]` sliced from the shared `projections`.
+///
+/// ΔW is never formed. The work is split over rayon's current pool in blocks of a fixed number of
+/// rows (and, when there are fewer blocks than threads, over `r` and then `m`), and every output
+/// element is computed by one fixed sequence of f32 operations, so results are bitwise identical for
+/// any number of threads. `T = 0` is a no-op.
+///
+/// Scratch memory: each worker thread keeps one reusable f32 buffer of `BLOCK_ROWS · r` elements
+/// (`BLOCK_ROWS` = [`BLOCK_ROWS`]), however large `T` is: at most
+/// `threads · BLOCK_ROWS · r · 4` bytes, e.g. 256 KiB for 2 threads at r = 1024.
+///
+/// Errors: [`Error::LayerExceedsProjections`] when `n > n_max` or `m > m_max`,
+/// [`Error::RankMismatch`] / [`Error::LengthMismatch`] when the adapter does not fit, and
+/// [`Error::ShapeMismatch`] when `y` has another number of rows than `x`.
+///
+/// ```
+/// use vera_kernels::{forward, Adapter, MatMut, MatRef, Mode, Projections};
+///
+/// // Shared projections for a model whose layers are at most 64 wide, rank 16, PEFT's seed 0.
+/// let proj = Projections::<f32>::from_seed(0, 16, 64, 64)?;
+/// // One layer with 48 inputs and 40 outputs.
+/// let adapter = Adapter::new(vec![0.1; 16], vec![0.5; 40])?;
+/// let x = vec![1.0f32; 3 * 48];
+/// let mut y = vec![0.0f32; 3 * 40]; // holds the base layer's output
+/// forward(
+///     &proj,
+///     &adapter,
+///     MatRef::from_slice(&x, 3, 48)?,
+///     MatMut::from_slice(&mut y, 3, 40)?,
+///     Mode::Accumulate,
+/// )?;
+/// assert!(y.iter().any(|&v| v != 0.0));
+/// # Ok::<(), vera_kernels::Error>(())
+/// ```
+pub fn forward<T: Element>(
+    projections: &Projections<T>,
+    adapter: &Adapter,
+    x: MatRef<'_, T>,
+    y: MatMut<'_, T>,
+    mode: Mode,
+) -> Result<()> {
+    let layer = projections.slice(x.cols(), y.cols())?;
+    forward_layer(layer, adapter, x, y, mode)
+}
+
+/// [`forward`] with explicit layer projections (any strided views of A `[r, n]` and B `[m, r]`).
+pub fn forward_layer<T: Element>(
+    layer: LayerProjections<'_, T>,
+    adapter: &Adapter,
+    x: MatRef<'_, T>,
+    y: MatMut<'_, T>,
+    mode: Mode,
+) -> Result<()> {
+    check_forward(
+        &layer,
+        adapter,
+        x.rows(),
+        x.cols(),
+        Some([y.rows(), y.cols()]),
+    )?;
+    cpu::forward(layer, adapter, x, y, mode);
+    Ok(())
+}
+
+/// Rows per block of the forward pass: the unit of work split across threads.
+pub const BLOCK_ROWS: usize = cpu::T_BLOCK;
+
+fn apply_delta<T: Element>(
+    projections: &Projections<T>,
+    adapter: &Adapter,
+    w: MatMut<'_, T>,
+    update: cpu::Update,
+) -> Result<()> {
+    let layer = projections.slice(w.cols(), w.rows())?;
+    adapter.check(layer.rank(), layer.out_features())?;
+    cpu::apply_delta(layer, adapter, w, update);
+    Ok(())
+}
+
+/// `W += ΔW` in place for a layer weight `W [m, n]` (torch's `[out_features, in_features]`), with
+/// `ΔW = diag(lambda_b) · B · diag(lambda_d) · A` computed in f32 tile by tile and rounded once into
+/// W's dtype. No `m x n` temporary is allocated.
+///
+/// Errors: as [`forward`], with the layer's shape taken from `W`.
+pub fn merge<T: Element>(
+    projections: &Projections<T>,
+    adapter: &Adapter,
+    w: MatMut<'_, T>,
+) -> Result<()> {
+    apply_delta(projections, adapter, w, cpu::Update::Add)
+}
+
+/// `W -= ΔW` in place: the inverse of [`merge`] up to rounding.
+pub fn unmerge<T: Element>(
+    projections: &Projections<T>,
+    adapter: &Adapter,
+    w: MatMut<'_, T>,
+) -> Result<()> {
+    apply_delta(projections, adapter, w, cpu::Update::Sub)
+}
+
+/// Writes `ΔW [m, n]` into `out` (PEFT's `get_delta_weight`), the layer's shape taken from `out`.
+pub fn delta_weight<T: Element>(
+    projections: &Projections<T>,
+    adapter: &Adapter,
+    out: MatMut<'_, T>,
+) -> Result<()> {
+    apply_delta(projections, adapter, out, cpu::Update::Overwrite)
+}
+
+/// Forms `ΔW`, then runs `y (+)= x·ΔWᵀ + bias` with the same kernels: the dense baseline that the
+/// fused path is benchmarked against. `dw` is caller-provided `[m, n]` storage.
+pub fn dense_forward<T: Element>(
+    projections: &Projections<T>,
+    adapter: &Adapter,
+    x: MatRef<'_, T>,
+    mut dw: MatMut<'_, T>,
+    y: MatMut<'_, T>,
+    mode: Mode,
+) -> Result<()> {
+    let layer = projections.slice(x.cols(), y.cols())?;
+    check_forward(
+        &layer,
+        adapter,
+        x.rows(),
+        x.cols(),
+        Some([y.rows(), y.cols()]),
+    )?;
+    let (m, n) = (layer.out_features(), layer.in_features());
+    if [dw.rows(), dw.cols()] != [m, n] {
+        return Err(Error::ShapeMismatch {
+            what: "dw (must be [m, n])",
+            expected: [m, n],
+            actual: [dw.rows(), dw.cols()],
+        });
+    }
+    cpu::apply_delta(layer, adapter, dw.rb_mut(), cpu::Update::Overwrite);
+    cpu::dense_product(x, dw.as_ref(), adapter.bias(), y, mode);
+    Ok(())
+}
+
+/// The unfused peer: three passes with `h = x·Aᵀ [T, r]` materialised in `h` (f32, caller-provided
+/// `[T, r]`), then `u = lambda_d ⊙ h` in place, then `y (+)= lambda_b ⊙ (u·Bᵀ) + bias`.
+pub fn unfused_forward<T: Element>(
+    projections: &Projections<T>,
+    adapter: &Adapter,
+    x: MatRef<'_, T>,
+    h: MatMut<'_, f32>,
+    y: MatMut<'_, T>,
+    mode: Mode,
+) -> Result<()> {
+    let layer = projections.slice(x.cols(), y.cols())?;
+    check_forward(
+        &layer,
+        adapter,
+        x.rows(),
+        x.cols(),
+        Some([y.rows(), y.cols()]),
+    )?;
+    if [h.rows(), h.cols()] != [x.rows(), layer.rank()] {
+        return Err(Error::ShapeMismatch {
+            what: "h (must be [T, r])",
+            expected: [x.rows(), layer.rank()],
+            actual: [h.rows(), h.cols()],
+        });
+    }
+    cpu::unfused(layer, adapter, x, h, y, mode);
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! The frozen projections A `[r, n_max]` and B `[m_max, r]` shared by every layer of a model.
+
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::mat::MatRef;
+use crate::rng::TorchCpuGenerator;
+
+/// The shared VeRA projections A `[r, n_max]` and B `[m_max, r]`, row-major and contiguous.
+///
+/// A layer with `n` inputs and `m` outputs uses `A[:, :n]` and `B[:m, :]` ([`Projections::slice`]);
+/// the slices are strided views, never copies.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Projections<T> {
+    a: Vec<T>,
+    b: Vec<T>,
+    r: usize,
+    n_max: usize,
+    m_max: usize,
+}
+
+fn checked_len(what: &'static str, rows: usize, cols: usize) -> Result<usize> {
+    rows.checked_mul(cols).ok_or(Error::SizeOverflow { what })
+}
+
+impl<T: Element> Projections<T> {
+    /// Generates the projections exactly as HuggingFace PEFT does for `projection_prng_key = seed`.
+    ///
+    /// PEFT draws A, then B, from one `torch.Generator("cpu").manual_seed(seed)` with
+    /// Kaiming-uniform bounds `sqrt(6 / fan_in)` (fan_in = `n_max` for A, `r` for B), in f32. The
+    /// f32 values are then rounded to `T` (PEFT casts the slices to the activation dtype). For
+    /// `T = f32` the result equals the `vera_A` / `vera_B` PEFT saves, bit for bit.
+    ///
+    /// `n_max` / `m_max` are the largest in/out features of the adapted layers.
+    pub fn from_seed(seed: u64, r: usize, n_max: usize, m_max: usize) -> Result<Self> {
+        if r == 0 {
+            return Err(Error::ZeroRank);
+        }
+        let mut a = vec![0.0f32; checked_len("A = [r, n_max]", r, n_max)?];
+        let mut b = vec![0.0f32; checked_len("B = [m_max, r]", m_max, r)?];
+        let mut g = TorchCpuGenerator::manual_seed(seed);
+        let bound_a = (6.0 / n_max as f64).sqrt();
+        let bound_b = (6.0 / r as f64).sqrt();
+        g.fill_uniform_f32(&mut a, -bound_a, bound_a);
+        g.fill_uniform_f32(&mut b, -bound_b, bound_b);
+        Ok(Self {
+            a: a.into_iter().map(T::from_f32).collect(),
+            b: b.into_iter().map(T::from_f32).collect(),
+            r,
+            n_max,
+            m_max,
+        })
+    }
+
+    /// Takes A `[r, n_max]` and B `[m_max, r]` as row-major arrays.
+    ///
+    /// Errors: [`Error::ZeroRank`], [`Error::SizeOverflow`], or [`Error::LengthMismatch`] when an
+    /// array's length is not the product of its dimensions.
+    pub fn from_arrays(a: Vec<T>, b: Vec<T>, r: usize, n_max: usize, m_max: usize) -> Result<Self> {
+        if r == 0 {
+            return Err(Error::ZeroRank);
+        }
+        let a_len = checked_len("A = [r, n_max]", r, n_max)?;
+        let b_len = checked_len("B = [m_max, r]", m_max, r)?;
+        if a.len() != a_len {
+            return Err(Error::LengthMismatch {
+                what: "A = [r, n_max]",
+                expected: a_len,
+                actual: a.len(),
+            });
+        }
+        if b.len() != b_len {
+            return Err(Error::LengthMismatch {
+                what: "B = [m_max, r]",
+                expected: b_len,
+                actual: b.len(),
+            });
+        }
+        Ok(Self {
+            a,
+            b,
+            r,
+            n_max,
+            m_max,
+        })
+    }
+
+    /// The rank `r`.
+    pub fn rank(&self) -> usize {
+        self.r
+    }
+
+    /// The largest in_features covered (columns of A).
+    pub fn n_max(&self) -> usize {
+        self.n_max
+    }
+
+    /// The largest out_features covered (rows of B).
+    pub fn m_max(&self) -> usize {
+        self.m_max
+    }
+
+    /// All of A, `[r, n_max]`.
+    pub fn a(&self) -> MatRef<'_, T> {
+        self.slice_unchecked(self.n_max, self.m_max).a
+    }
+
+    /// All of B, `[m_max, r]`.
+    pub fn b(&self) -> MatRef<'_, T> {
+        self.slice_unchecked(self.n_max, self.m_max).b
+    }
+
+    /// A's and B's elements as flat row-major slices.
+    pub fn as_slices(&self) -> (&[T], &[T]) {
+        (&self.a, &self.b)
+    }
+
+    /// The projections of a layer with `n` inputs and `m` outputs: `A[:, :n]` and `B[:m, :]`.
+    ///
+    /// Errors: [`Error::LayerExceedsProjections`] when `n > n_max` or `m > m_max`.
+    pub fn slice(&self, n: usize, m: usize) -> Result<LayerProjections<'_, T>> {
+        if n > self.n_max {
+            return Err(Error::LayerExceedsProjections {
+                what: "in_features",
+                layer: n,
+                max: self.n_max,
+            });
+        }
+        if m > self.m_max {
+            return Err(Error::LayerExceedsProjections {
+                what: "out_features",
+                layer: m,
+                max: self.m_max,
+            });
+        }
+        Ok(self.slice_unchecked(n, m))
+    }
+
+    fn slice_unchecked(&self, n: usize, m: usize) -> LayerProjections<'_, T> {
+        // The lengths were validated at construction, so these views cannot fail.
+        let a = MatRef::new(&self.a, self.r, n, self.n_max)
+            .expect("A extent validated at construction");
+        let b =
+            MatRef::new(&self.b, m, self.r, self.r).expect("B extent validated at construction");
+        LayerProjections { a, b }
+    }
+
+    /// The same projections rounded to another element type.
+    pub fn to_dtype<U: Element>(&self) -> Projections<U> {
+        let conv = |v: &[T]| v.iter().map(|x| U::from_f32(x.to_f32())).collect();
+        Projections {
+            a: conv(&self.a),
+            b: conv(&self.b),
+            r: self.r,
+            n_max: self.n_max,
+            m_max: self.m_max,
+        }
+    }
+}
+
+/// One layer's view of the projections: A `[r, n]` and B `[m, r]`.
+#[derive(Debug)]
+pub struct LayerProjections<'a, T> {
+    a: MatRef<'a, T>,
+    b: MatRef<'a, T>,
+}
+
+impl<T> Clone for LayerProjections<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for LayerProjections<'_, T> {}
+
+impl<'a, T> LayerProjections<'a, T> {
+    /// Pairs arbitrary views A `[r, n]` and B `[m, r]` (e.g. borrowed from another framework).
+    ///
+    /// Errors: [`Error::ZeroRank`] when A has no rows, [`Error::RankMismatch`] when B's columns
+    /// differ from A's rows.
+    pub fn new(a: MatRef<'a, T>, b: MatRef<'a, T>) -> Result<Self> {
+        if a.rows() == 0 {
+            return Err(Error::ZeroRank);
+        }
+        if b.cols() != a.rows() {
+            return Err(Error::RankMismatch {
+                what: "B's columns",
+                expected: a.rows(),
+                actual: b.cols(),
+            });
+        }
+        Ok(Self { a, b })
+    }
+
+    /// A `[r, n]`.
+    pub fn a(&self) -> MatRef<'a, T> {
+        self.a
+    }
+
+    /// B `[m, r]`.
+    pub fn b(&self) -> MatRef<'a, T> {
+        self.b
+    }
+
+    /// The rank `r`.
+    pub fn rank(&self) -> usize {
+        self.a.rows()
+    }
+
+    /// The layer's in_features `n`.
+    pub fn in_features(&self) -> usize {
+        self.a.cols()
+    }
+
+    /// The layer's out_features `m`.
+    pub fn out_features(&self) -> usize {
+        self.b.rows()
+    }
+}

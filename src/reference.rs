@@ -1,0 +1,191 @@
+//! The naive f64 implementation every kernel is checked against (public so users can test with it).
+//!
+//! All arithmetic is in f64 from inputs widened exactly, so for the sizes used in tests its own
+//! error is negligible next to the f32 kernels'. Results are row-major `Vec<f64>`.
+
+use crate::adapter::Adapter;
+use crate::dtype::Element;
+use crate::error::Result;
+use crate::mat::MatRef;
+use crate::ops::check_forward;
+use crate::projections::LayerProjections;
+
+/// Unit roundoff of f32, the arithmetic the CPU kernels accumulate in.
+const U32: f64 = 5.960_464_477_539_063e-8;
+
+/// `gamma(k) = k u / (1 - k u)`: the classic bound on the relative error of k rounded operations.
+fn gamma(k: usize) -> f64 {
+    let ku = k as f64 * U32;
+    ku / (1.0 - ku)
+}
+
+fn layer_matrices<T: Element>(
+    layer: &LayerProjections<'_, T>,
+    abs: bool,
+) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    let f = |v: &T| if abs { v.to_f64().abs() } else { v.to_f64() };
+    let a = (0..layer.rank())
+        .map(|j| layer.a().row_unchecked(j).iter().map(f).collect())
+        .collect();
+    let b = (0..layer.out_features())
+        .map(|i| layer.b().row_unchecked(i).iter().map(f).collect())
+        .collect();
+    (a, b)
+}
+
+/// `lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ)` without bias or base, with every input replaced by its
+/// absolute value when `abs` is set.
+fn adapter_path<T: Element>(
+    layer: &LayerProjections<'_, T>,
+    adapter: &Adapter,
+    x: MatRef<'_, T>,
+    abs: bool,
+) -> Vec<f64> {
+    let (a, b) = layer_matrices(layer, abs);
+    let g = |v: f32| {
+        if abs {
+            f64::from(v).abs()
+        } else {
+            f64::from(v)
+        }
+    };
+    let m = layer.out_features();
+    let mut out = Vec::with_capacity(x.rows() * m);
+    for t in 0..x.rows() {
+        let xr: Vec<f64> = x
+            .row_unchecked(t)
+            .iter()
+            .map(|v| if abs { v.to_f64().abs() } else { v.to_f64() })
+            .collect();
+        let u: Vec<f64> = a
+            .iter()
+            .zip(adapter.lambda_d())
+            .map(|(aj, &d)| g(d) * aj.iter().zip(&xr).map(|(p, q)| p * q).sum::<f64>())
+            .collect();
+        for (bi, &lb) in b.iter().zip(adapter.lambda_b()) {
+            out.push(g(lb) * bi.iter().zip(&u).map(|(p, q)| p * q).sum::<f64>());
+        }
+    }
+    out
+}
+
+/// The forward pass `y = base + lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ) + bias`, `[T, m]`.
+///
+/// `base` (the frozen layer's output, `[T, m]`) is optional: without it the result is the adapter
+/// contribution alone, which is what the overwrite mode of [`crate::forward`] writes.
+pub fn forward<T: Element>(
+    layer: LayerProjections<'_, T>,
+    adapter: &Adapter,
+    x: MatRef<'_, T>,
+    base: Option<MatRef<'_, T>>,
+) -> Result<Vec<f64>> {
+    check_forward(
+        &layer,
+        adapter,
+        x.rows(),
+        x.cols(),
+        base.map(|b| [b.rows(), b.cols()]),
+    )?;
+    let m = layer.out_features();
+    let mut y = adapter_path(&layer, adapter, x, false);
+    for (t, row) in y.chunks_mut(m.max(1)).enumerate().take(x.rows()) {
+        for (i, v) in row.iter_mut().enumerate() {
+            *v += adapter.bias().map_or(0.0, |b| f64::from(b[i]));
+            *v += base.map_or(0.0, |b| b.row_unchecked(t)[i].to_f64());
+        }
+    }
+    Ok(y)
+}
+
+/// `ΔW = diag(lambda_b) · B · diag(lambda_d) · A`, `[m, n]`.
+pub fn delta_weight<T: Element>(
+    layer: LayerProjections<'_, T>,
+    adapter: &Adapter,
+) -> Result<Vec<f64>> {
+    adapter.check(layer.rank(), layer.out_features())?;
+    let (a, b) = layer_matrices(&layer, false);
+    let n = layer.in_features();
+    let mut dw = vec![0.0f64; layer.out_features() * n];
+    for (i, row) in dw
+        .chunks_mut(n.max(1))
+        .enumerate()
+        .take(layer.out_features())
+    {
+        for (j, aj) in a.iter().enumerate() {
+            let c = f64::from(adapter.lambda_b()[i]) * b[i][j] * f64::from(adapter.lambda_d()[j]);
+            for (o, &av) in row.iter_mut().zip(aj) {
+                *o += c * av;
+            }
+        }
+    }
+    Ok(dw)
+}
+
+/// A rigorous per-element bound on `|y_kernel - y_ref|` for this crate's CPU kernels, `[T, m]`.
+///
+/// The kernels compute in f32 (unit roundoff `u`): `h = x·Aᵀ` is `n` rounded multiply-adds,
+/// `u = lambda_d ⊙ h` one rounding (kept in f32: PEFT rounds it to the activation dtype in f16/bf16,
+/// keeping f32 is more accurate), `v = u·Bᵀ` `r` more, `lambda_b ⊙ v` one, and the bias and base
+/// additions two. With `M = |lambda_b| ⊙ ((|lambda_d| ⊙ (|x|·|A|ᵀ))·|B|ᵀ)`, standard forward-error
+/// analysis (Higham, ch. 3) gives for the f32 result
+/// `e32 = gamma(n + r + 4) · M + 2u · (|base| + |bias| + M)`, and the final rounding to the output
+/// dtype (unit roundoff `u_T`, smallest subnormal `s_T`) adds `u_T · (|y_ref| + e32) + s_T / 2`.
+pub fn forward_error_bound<T: Element>(
+    layer: LayerProjections<'_, T>,
+    adapter: &Adapter,
+    x: MatRef<'_, T>,
+    base: Option<MatRef<'_, T>>,
+) -> Result<Vec<f64>> {
+    let y_ref = forward(layer, adapter, x, base)?;
+    let mag = adapter_path(&layer, adapter, x, true);
+    let m = layer.out_features();
+    let g = gamma(layer.in_features() + layer.rank() + 4);
+    Ok(mag
+        .iter()
+        .zip(&y_ref)
+        .enumerate()
+        .map(|(idx, (&mg, &yr))| {
+            let (t, i) = (idx / m, idx % m);
+            let bias = adapter.bias().map_or(0.0, |b| f64::from(b[i]).abs());
+            let base = base.map_or(0.0, |b| b.row_unchecked(t)[i].to_f64().abs());
+            let e32 = g * mg + 2.0 * U32 * (base + bias + mg);
+            e32 + T::UNIT_ROUNDOFF * (yr.abs() + e32) + T::MIN_POSITIVE_SUBNORMAL / 2.0
+        })
+        .collect())
+}
+
+/// A bound on `|ΔW_kernel - ΔW_ref|` (or on a merged weight's error, with `w` the weight before
+/// merging), `[m, n]`: the kernels form each element as `r` rounded multiply-adds of
+/// `c_ij = lambda_b_i · B_ij · lambda_d_j` (two roundings) with `A_jk`, then add it to `w` and
+/// round to the output dtype.
+pub fn delta_error_bound<T: Element>(
+    layer: LayerProjections<'_, T>,
+    adapter: &Adapter,
+    w: Option<MatRef<'_, T>>,
+) -> Result<Vec<f64>> {
+    adapter.check(layer.rank(), layer.out_features())?;
+    let (a, b) = layer_matrices(&layer, true);
+    let n = layer.in_features();
+    let g = gamma(layer.rank() + 3);
+    let dw = delta_weight(layer, adapter)?;
+    let mut out = Vec::with_capacity(dw.len());
+    for i in 0..layer.out_features() {
+        for k in 0..n {
+            let mag: f64 = (0..layer.rank())
+                .map(|j| {
+                    f64::from(adapter.lambda_b()[i]).abs()
+                        * b[i][j]
+                        * f64::from(adapter.lambda_d()[j]).abs()
+                        * a[j][k]
+                })
+                .sum();
+            let wv = w.map_or(0.0, |w| w.row_unchecked(i)[k].to_f64());
+            let e32 = g * mag + U32 * (wv.abs() + mag);
+            let exact = wv + dw[i * n + k];
+            out.push(
+                e32 + T::UNIT_ROUNDOFF * (exact.abs() + e32) + T::MIN_POSITIVE_SUBNORMAL / 2.0,
+            );
+        }
+    }
+    Ok(out)
+}
