@@ -189,9 +189,18 @@ mod tests {
         assert_eq!(f32::UNIT_ROUNDOFF, f64::from(f32::EPSILON) / 2.0);
         assert_eq!(f16::UNIT_ROUNDOFF, f16::EPSILON.to_f64() / 2.0);
         assert_eq!(bf16::UNIT_ROUNDOFF, bf16::EPSILON.to_f64() / 2.0);
-        assert_eq!(f16::MIN_POSITIVE_SUBNORMAL, f16::from_bits(1).to_f64());
-        assert_eq!(bf16::MIN_POSITIVE_SUBNORMAL, bf16::from_bits(1).to_f64());
-        assert_eq!(f32::MIN_POSITIVE_SUBNORMAL, f64::from(f32::from_bits(1)));
+        assert_eq!(
+            <f16 as Element>::MIN_POSITIVE_SUBNORMAL,
+            f16::from_bits(1).to_f64()
+        );
+        assert_eq!(
+            <bf16 as Element>::MIN_POSITIVE_SUBNORMAL,
+            bf16::from_bits(1).to_f64()
+        );
+        assert_eq!(
+            <f32 as Element>::MIN_POSITIVE_SUBNORMAL,
+            f64::from(f32::from_bits(1))
+        );
     }
 
     #[test]

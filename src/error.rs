@@ -2,8 +2,6 @@
 
 use std::fmt;
 
-use crate::dtype::DType;
-
 /// Everything that can go wrong when calling this crate.
 ///
 /// Each variant carries the numbers involved so that its message says what was expected and what was
@@ -78,33 +76,10 @@ pub enum Error {
         /// The largest size the projections cover (`n_max` or `m_max`).
         max: usize,
     },
-    /// A tensor's number of dimensions is not the one required.
-    TensorRankMismatch {
-        /// Which tensor.
-        what: String,
-        /// Dimensions required.
-        expected: usize,
-        /// Dimensions found.
-        actual: usize,
-    },
-    /// A tensor has a different element type than required.
-    DTypeMismatch {
-        /// Which tensor.
-        what: String,
-        /// The element type required.
-        expected: DType,
-        /// The element type found (as the file names it).
-        actual: String,
-    },
     /// A dtype name is not one of `f32`, `f16`, `bf16`.
     UnknownDType {
         /// The name given.
         name: String,
-    },
-    /// A rayon thread pool could not be built.
-    ThreadPool {
-        /// rayon's message.
-        message: String,
     },
 }
 
@@ -138,17 +113,9 @@ impl fmt::Display for Error {
                 f,
                 "layer {what} = {layer} exceeds the {max} covered by the shared projections"
             ),
-            Error::TensorRankMismatch { what, expected, actual } => write!(
-                f,
-                "{what}: expected a tensor with {expected} dimensions, got {actual}"
-            ),
-            Error::DTypeMismatch { what, expected, actual } => {
-                write!(f, "{what}: expected dtype {expected}, got {actual}")
-            }
             Error::UnknownDType { name } => {
                 write!(f, "unknown dtype {name:?}: expected one of f32, f16, bf16")
             }
-            Error::ThreadPool { message } => write!(f, "cannot build a thread pool: {message}"),
         }
     }
 }

@@ -154,10 +154,10 @@ pub fn forward_error_bound<T: Element>(
         .collect())
 }
 
-/// A bound on `|ΔW_kernel - ΔW_ref|` (or on a merged weight's error, with `w` the weight before
-/// merging), `[m, n]`: the kernels form each element as `r` rounded multiply-adds of
-/// `c_ij = lambda_b_i · B_ij · lambda_d_j` (two roundings) with `A_jk`, then add it to `w` and
-/// round to the output dtype.
+/// A bound on `|ΔW_kernel - ΔW_ref|` (or on the error of `w ± ΔW`, merged or unmerged, with `w`
+/// the weight before the update), `[m, n]`: the kernels form each element as `r` rounded
+/// multiply-adds of `c_ij = lambda_b_i · B_ij · lambda_d_j` (two roundings) with `A_jk`, add it to
+/// (or subtract it from) `w` (one rounding), and round to the output dtype.
 pub fn delta_error_bound<T: Element>(
     layer: LayerProjections<'_, T>,
     adapter: &Adapter,
@@ -181,10 +181,9 @@ pub fn delta_error_bound<T: Element>(
                 .sum();
             let wv = w.map_or(0.0, |w| w.row_unchecked(i)[k].to_f64());
             let e32 = g * mag + U32 * (wv.abs() + mag);
-            let exact = wv + dw[i * n + k];
-            out.push(
-                e32 + T::UNIT_ROUNDOFF * (exact.abs() + e32) + T::MIN_POSITIVE_SUBNORMAL / 2.0,
-            );
+            // |w| + |ΔW| bounds the result whether ΔW is added (merge) or subtracted (unmerge).
+            let result = wv.abs() + dw[i * n + k].abs();
+            out.push(e32 + T::UNIT_ROUNDOFF * (result + e32) + T::MIN_POSITIVE_SUBNORMAL / 2.0);
         }
     }
     Ok(out)

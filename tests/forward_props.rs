@@ -1,0 +1,320 @@
+//! Property tests: every kernel against the f64 reference, within the forward-error bound of
+//! `reference::forward_error_bound` / `reference::delta_error_bound` (derived in their docs, not
+//! tuned), over random shapes (1, primes, and sizes just above every block and tile size), random
+//! strides, both modes, with and without bias, every dtype; and bitwise equality of 1 vs 2 threads.
+
+use proptest::prelude::*;
+use vera_kernels::rng::TorchCpuGenerator;
+use vera_kernels::{
+    bf16, f16, forward_layer, merge, reference, unmerge, Adapter, Element, LayerProjections,
+    MatMut, MatRef, Mode, Projections, BLOCK_ROWS,
+};
+
+/// A dimension: small random sizes, 1, primes, and one past every block / tile / vector width the
+/// CPU kernels use (4-row and 4-column tiles, 8 lanes, 16-wide update tiles and column chunks,
+/// BLOCK_ROWS-row blocks).
+fn dim(max_random: usize) -> impl Strategy<Value = usize> {
+    prop_oneof![
+        1..=max_random,
+        Just(1),
+        prop::sample::select(vec![2usize, 3, 5, 7, 13, 31, 37, 61]),
+        prop::sample::select(vec![5usize, 9, 17, 33, BLOCK_ROWS + 1, 2 * BLOCK_ROWS + 1]),
+    ]
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    t: usize,
+    n: usize,
+    m: usize,
+    r: usize,
+    /// Extra columns of the projections beyond the layer (n_max - n, m_max - m).
+    n_extra: usize,
+    m_extra: usize,
+    /// Extra row stride of x and y.
+    x_pad: usize,
+    y_pad: usize,
+    bias: bool,
+    accumulate: bool,
+    seed: u64,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        (dim(70), dim(70), dim(70), dim(40)),
+        (0usize..5, 0usize..5, 0usize..4, 0usize..4),
+        (any::<bool>(), any::<bool>(), any::<u64>()),
+    )
+        .prop_map(
+            |((t, n, m, r), (n_extra, m_extra, x_pad, y_pad), (bias, accumulate, seed))| Case {
+                t,
+                n,
+                m,
+                r,
+                n_extra,
+                m_extra,
+                x_pad,
+                y_pad,
+                bias,
+                accumulate,
+                seed,
+            },
+        )
+}
+
+fn values(g: &mut TorchCpuGenerator, len: usize, scale: f64) -> Vec<f32> {
+    let mut v = vec![0.0f32; len];
+    g.fill_uniform_f32(&mut v, -scale, scale);
+    v
+}
+
+fn to<T: Element>(v: &[f32]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f32(x)).collect()
+}
+
+struct Inputs<T> {
+    projections: Projections<T>,
+    adapter: Adapter,
+    x: Vec<T>,
+    y0: Vec<T>,
+}
+
+fn inputs<T: Element>(c: &Case) -> Inputs<T> {
+    let mut g = TorchCpuGenerator::manual_seed(c.seed);
+    let (n_max, m_max) = (c.n + c.n_extra, c.m + c.m_extra);
+    let a = to::<T>(&values(&mut g, c.r * n_max, 1.0));
+    let b = to::<T>(&values(&mut g, m_max * c.r, 1.0));
+    let projections = Projections::from_arrays(a, b, c.r, n_max, m_max).unwrap();
+    let mut adapter = Adapter::new(values(&mut g, c.r, 1.0), values(&mut g, c.m, 1.0)).unwrap();
+    if c.bias {
+        adapter = adapter.with_bias(values(&mut g, c.m, 1.0)).unwrap();
+    }
+    let x = to::<T>(&values(&mut g, c.t * (c.n + c.x_pad), 2.0));
+    let y0 = to::<T>(&values(&mut g, c.t * (c.m + c.y_pad), 2.0));
+    Inputs {
+        projections,
+        adapter,
+        x,
+        y0,
+    }
+}
+
+fn run_forward<T: Element>(c: &Case, inp: &Inputs<T>, threads: usize) -> Vec<T> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    let mut y = inp.y0.clone();
+    let layer = inp.projections.slice(c.n, c.m).unwrap();
+    let x = MatRef::new(&inp.x, c.t, c.n, c.n + c.x_pad).unwrap();
+    let mode = if c.accumulate {
+        Mode::Accumulate
+    } else {
+        Mode::Overwrite
+    };
+    pool.install(|| {
+        forward_layer(
+            layer,
+            &inp.adapter,
+            x,
+            MatMut::new(&mut y, c.t, c.m, c.m + c.y_pad).unwrap(),
+            mode,
+        )
+        .unwrap()
+    });
+    y
+}
+
+fn check_forward<T: Element>(c: &Case) -> Result<(), TestCaseError> {
+    let inp = inputs::<T>(c);
+    let layer: LayerProjections<'_, T> = inp.projections.slice(c.n, c.m).unwrap();
+    let x = MatRef::new(&inp.x, c.t, c.n, c.n + c.x_pad).unwrap();
+    let base = MatRef::new(&inp.y0, c.t, c.m, c.m + c.y_pad).unwrap();
+    let base = c.accumulate.then_some(base);
+    let want = reference::forward(layer, &inp.adapter, x, base).unwrap();
+    let bound = reference::forward_error_bound(layer, &inp.adapter, x, base).unwrap();
+
+    let y1 = run_forward(c, &inp, 1);
+    let y2 = run_forward(c, &inp, 2);
+    let bits = |v: &[T]| v.iter().map(|e| e.to_f64().to_bits()).collect::<Vec<_>>();
+    prop_assert_eq!(bits(&y1), bits(&y2), "1 and 2 threads differ");
+
+    let stride = c.m + c.y_pad;
+    for t in 0..c.t {
+        for i in 0..c.m {
+            let got = y1[t * stride + i].to_f64();
+            let (w, b) = (want[t * c.m + i], bound[t * c.m + i]);
+            prop_assert!(
+                (got - w).abs() <= b,
+                "y[{t},{i}] = {got}, reference {w}, bound {b}"
+            );
+        }
+        // Padding between rows is never touched.
+        for i in c.m..stride {
+            prop_assert_eq!(
+                y1[t * stride + i].to_f64().to_bits(),
+                inp.y0[t * stride + i].to_f64().to_bits()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn check_merge<T: Element>(c: &Case) -> Result<(), TestCaseError> {
+    let inp = inputs::<T>(c);
+    let layer = inp.projections.slice(c.n, c.m).unwrap();
+    let mut g = TorchCpuGenerator::manual_seed(c.seed ^ 0x5eed);
+    let w0 = to::<T>(&values(&mut g, c.m * c.n, 1.0));
+    let w_ref = MatRef::from_slice(&w0, c.m, c.n).unwrap();
+    let dw = reference::delta_weight(layer, &inp.adapter).unwrap();
+    let bound = reference::delta_error_bound(layer, &inp.adapter, Some(w_ref)).unwrap();
+
+    let merged_with = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let mut w = w0.clone();
+        pool.install(|| {
+            merge(
+                &inp.projections,
+                &inp.adapter,
+                MatMut::from_slice(&mut w, c.m, c.n).unwrap(),
+            )
+            .unwrap()
+        });
+        w
+    };
+    let w1 = merged_with(1);
+    let w2 = merged_with(2);
+    prop_assert!(w1
+        .iter()
+        .zip(&w2)
+        .all(|(a, b)| a.to_f64().to_bits() == b.to_f64().to_bits()));
+    for (idx, got) in w1.iter().enumerate() {
+        let want = w0[idx].to_f64() + dw[idx];
+        prop_assert!(
+            (got.to_f64() - want).abs() <= bound[idx],
+            "W[{idx}] = {got:?}, want {want}, bound {}",
+            bound[idx]
+        );
+    }
+
+    // Unmerging subtracts the same ΔW: back to W0 within the same bound around the merged weight.
+    let mut w = w1.clone();
+    unmerge(
+        &inp.projections,
+        &inp.adapter,
+        MatMut::from_slice(&mut w, c.m, c.n).unwrap(),
+    )
+    .unwrap();
+    let merged_ref = MatRef::from_slice(&w1, c.m, c.n).unwrap();
+    let back_bound = reference::delta_error_bound(layer, &inp.adapter, Some(merged_ref)).unwrap();
+    for (idx, got) in w.iter().enumerate() {
+        let want = w1[idx].to_f64() - dw[idx];
+        prop_assert!(
+            (got.to_f64() - want).abs() <= back_bound[idx],
+            "unmerged W[{idx}] = {got:?}, want {want}, bound {}, merged {:?}, dw {}",
+            back_bound[idx],
+            w1[idx],
+            dw[idx]
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        // Failing cases are printed with their seed; nothing is written into the source tree.
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn forward_f32_within_bound(c in case()) { check_forward::<f32>(&c)?; }
+
+    #[test]
+    fn forward_f16_within_bound(c in case()) { check_forward::<f16>(&c)?; }
+
+    #[test]
+    fn forward_bf16_within_bound(c in case()) { check_forward::<bf16>(&c)?; }
+
+    #[test]
+    fn merge_f32_within_bound(c in case()) { check_merge::<f32>(&c)?; }
+
+    #[test]
+    fn merge_f16_within_bound(c in case()) { check_merge::<f16>(&c)?; }
+
+    #[test]
+    fn merge_bf16_within_bound(c in case()) { check_merge::<bf16>(&c)?; }
+}
+
+#[test]
+fn zero_rows_is_a_no_op() {
+    let proj = Projections::<f32>::from_seed(1, 4, 8, 8).unwrap();
+    let adapter = Adapter::new(vec![1.0; 4], vec![1.0; 8]).unwrap();
+    let mut y: Vec<f32> = Vec::new();
+    vera_kernels::forward(
+        &proj,
+        &adapter,
+        MatRef::from_slice(&[], 0, 8).unwrap(),
+        MatMut::from_slice(&mut y, 0, 8).unwrap(),
+        Mode::Overwrite,
+    )
+    .unwrap();
+    assert!(y.is_empty());
+}
+
+#[test]
+fn overwrite_ignores_nan_in_y_and_nan_in_x_propagates() {
+    let (t, n, m, r) = (3, 20, 12, 6);
+    let proj = Projections::<f32>::from_seed(3, r, n, m).unwrap();
+    let adapter = Adapter::new(vec![0.5; r], vec![1.0; m]).unwrap();
+    let mut x = vec![1.0f32; t * n];
+    x[n + 3] = f32::NAN; // row 1 only
+    x[2 * n] = f32::INFINITY; // row 2 only
+    let mut y = vec![f32::NAN; t * m];
+    vera_kernels::forward(
+        &proj,
+        &adapter,
+        MatRef::from_slice(&x, t, n).unwrap(),
+        MatMut::from_slice(&mut y, t, m).unwrap(),
+        Mode::Overwrite,
+    )
+    .unwrap();
+    assert!(
+        y[..m].iter().all(|v| v.is_finite()),
+        "row 0 has no NaN input: {:?}",
+        &y[..m]
+    );
+    assert!(y[m..2 * m].iter().all(|v| v.is_nan()));
+    assert!(y[2 * m..].iter().all(|v| !v.is_finite()));
+}
+
+#[test]
+fn large_t_is_bitwise_identical_across_thread_counts() {
+    // Enough rows that the 2-thread run takes the block-parallel path and the 1-thread run does not
+    // split at all; plus a decode-sized call that splits r and m instead.
+    for t in [1usize, 8, 4 * BLOCK_ROWS + 3] {
+        let c = Case {
+            t,
+            n: 300,
+            m: 260,
+            r: 67,
+            n_extra: 3,
+            m_extra: 1,
+            x_pad: 1,
+            y_pad: 2,
+            bias: true,
+            accumulate: true,
+            seed: 9,
+        };
+        let inp = inputs::<bf16>(&c);
+        let y1 = run_forward(&c, &inp, 1);
+        let y2 = run_forward(&c, &inp, 2);
+        let y3 = run_forward(&c, &inp, 3);
+        assert!(y1 == y2 && y1 == y3, "t = {t}");
+        check_forward::<bf16>(&c).unwrap();
+    }
+}
