@@ -114,6 +114,13 @@ impl Update {
     }
 }
 
+/// `out[t, j] = scale[j] · Σ_k x[t, k]·w[j, k]` into an f32 output.
+pub(crate) type DownFn<T> = unsafe fn(MatRef<'_, T>, MatRef<'_, T>, Option<&[f32]>, MatPtr<f32>);
+/// `y[t, i] = epilogue(Σ_j u[t, j]·w[i, j])`.
+pub(crate) type UpFn<X, T> = unsafe fn(MatRef<'_, X>, MatRef<'_, T>, &Epilogue<'_>, MatPtr<T>);
+/// `out[i, k] = update(out[i, k], Σ_j c[i, j]·a[j, k])`.
+pub(crate) type UpdateFn<T> = unsafe fn(MatRef<'_, f32>, MatRef<'_, T>, Update, MatPtr<T>);
+
 /// The micro-kernels of one element type on one ISA tier.
 ///
 /// Every kernel writes through a [`MatPtr`]; the caller guarantees that no other thread touches
@@ -121,13 +128,13 @@ impl Update {
 pub struct Kernels<T: 'static> {
     pub(crate) isa: Isa,
     /// `out[t, j] = scale[j] · Σ_k x[t, k]·w[j, k]` (f32 out): the down-projection.
-    pub(crate) down: unsafe fn(MatRef<'_, T>, MatRef<'_, T>, Option<&[f32]>, MatPtr<f32>),
+    pub(crate) down: DownFn<T>,
     /// `y[t, i] = epilogue(Σ_j u[t, j]·w[i, j])` with f32 `u`: the up-projection.
-    pub(crate) up: unsafe fn(MatRef<'_, f32>, MatRef<'_, T>, &Epilogue<'_>, MatPtr<T>),
+    pub(crate) up: UpFn<f32, T>,
     /// `y[t, i] = epilogue(Σ_k x[t, k]·w[i, k])` with `x` in `T`: the dense baseline's product.
-    pub(crate) dense: unsafe fn(MatRef<'_, T>, MatRef<'_, T>, &Epilogue<'_>, MatPtr<T>),
+    pub(crate) dense: UpFn<T, T>,
     /// `out[i, k] = update(out[i, k], Σ_j c[i, j]·a[j, k])`: ΔW, merge and unmerge.
-    pub(crate) update: unsafe fn(MatRef<'_, f32>, MatRef<'_, T>, Update, MatPtr<T>),
+    pub(crate) update: UpdateFn<T>,
 }
 
 fn select<T: Element>() -> Kernels<T> {

@@ -1,0 +1,153 @@
+//! `vera bench`: times the fused kernel against the dense baseline and the unfused peer.
+
+use std::time::{Duration, Instant};
+
+use vera_kernels::{active_isa, bf16, f16, DType, Element};
+
+use crate::workload::{Shape, Workload};
+
+/// One measured case.
+pub struct Row {
+    pub shape: Shape,
+    pub dtype: DType,
+    pub threads: usize,
+    pub isa: String,
+    pub fused_ms: f64,
+    pub dense_ms: Option<f64>,
+    pub unfused_ms: f64,
+}
+
+impl Row {
+    pub fn fused_gflops(&self) -> f64 {
+        self.shape.fused_flops() / (self.fused_ms * 1e-3) / 1e9
+    }
+
+    /// One JSON object with exactly the documented keys.
+    pub fn json(&self) -> String {
+        let ms = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.6}"));
+        format!(
+            "{{\"case\":\"{}\",\"t\":{},\"n\":{},\"m\":{},\"r\":{},\"dtype\":\"{}\",\"threads\":{},\"isa\":\"{}\",\
+             \"fused_ms\":{},\"dense_ms\":{},\"unfused_ms\":{},\"fused_gflops\":{:.3}}}",
+            self.shape.name(),
+            self.shape.t,
+            self.shape.n,
+            self.shape.m,
+            self.shape.r,
+            self.dtype,
+            self.threads,
+            self.isa,
+            ms(Some(self.fused_ms)),
+            ms(self.dense_ms),
+            ms(Some(self.unfused_ms)),
+            self.fused_gflops()
+        )
+    }
+}
+
+/// One way of computing a case, timed as a whole call.
+type Method<W> = fn(&mut W) -> vera_kernels::Result<()>;
+
+/// Times the methods round-robin (one call of each per round, so that the machine's noise falls
+/// on all of them alike) after one warm-up call each, until every method has at least `min_runs`
+/// samples and `budget` has passed (at most 1000 rounds). Returns each method's median in ms.
+fn interleaved_medians<W>(
+    w: &mut W,
+    methods: &[Method<W>],
+    budget: Duration,
+    min_runs: usize,
+) -> vera_kernels::Result<Vec<f64>> {
+    for f in methods {
+        f(w)?;
+    }
+    let mut times = vec![Vec::new(); methods.len()];
+    let start = Instant::now();
+    while times[0].len() < min_runs || (start.elapsed() < budget && times[0].len() < 1000) {
+        for (f, samples) in methods.iter().zip(&mut times) {
+            let t0 = Instant::now();
+            f(w)?;
+            samples.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(times
+        .into_iter()
+        .map(|mut v| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        })
+        .collect())
+}
+
+fn run_typed<T: Element>(
+    shape: Shape,
+    threads: usize,
+    dense: bool,
+    budget: Duration,
+) -> vera_kernels::Result<Row> {
+    let mut w = Workload::<T>::new(shape, dense)?;
+    let mut methods: Vec<Method<Workload<T>>> = vec![Workload::fused, Workload::unfused];
+    if dense {
+        methods.push(Workload::dense);
+    }
+    let ms = interleaved_medians(&mut w, &methods, budget, 5)?;
+    Ok(Row {
+        shape,
+        dtype: T::DTYPE,
+        threads,
+        isa: active_isa::<T>().name().to_string(),
+        fused_ms: ms[0],
+        dense_ms: ms.get(2).copied(),
+        unfused_ms: ms[1],
+    })
+}
+
+/// Measures one case on the current rayon pool.
+pub fn run(
+    shape: Shape,
+    dtype: DType,
+    threads: usize,
+    dense: bool,
+    budget: Duration,
+) -> vera_kernels::Result<Row> {
+    match dtype {
+        DType::F32 => run_typed::<f32>(shape, threads, dense, budget),
+        DType::F16 => run_typed::<f16>(shape, threads, dense, budget),
+        DType::BF16 => run_typed::<bf16>(shape, threads, dense, budget),
+    }
+}
+
+/// The human-readable table.
+pub fn table_header() -> String {
+    format!(
+        "{:<26} {:>5} {:>3} {:>9} {:>11} {:>11} {:>11} {:>9} {:>8} {:>8}",
+        "case (T,n,m,r)",
+        "dtype",
+        "thr",
+        "isa",
+        "fused ms",
+        "dense ms",
+        "unfused ms",
+        "GFLOP/s",
+        "dense/f",
+        "unf/f"
+    )
+}
+
+pub fn table_row(row: &Row) -> String {
+    let dense = row.dense_ms.map_or("-".to_string(), |v| format!("{v:.3}"));
+    let ratio = row
+        .dense_ms
+        .map_or("-".to_string(), |v| format!("{:.2}x", v / row.fused_ms));
+    format!(
+        "{:<26} {:>5} {:>3} {:>9} {:>11.3} {:>11} {:>11.3} {:>9.1} {:>8} {:>7.2}x",
+        row.shape.to_string(),
+        row.dtype.name(),
+        row.threads,
+        row.isa,
+        row.fused_ms,
+        dense,
+        row.unfused_ms,
+        row.fused_gflops(),
+        ratio,
+        row.unfused_ms / row.fused_ms
+    )
+}

@@ -1,0 +1,111 @@
+//! `vera`: the command-line front end of vera-kernels.
+//!
+//! `vera bench` times the fused VeRA forward against the dense baseline (form ΔW, then x·ΔWᵀ) and
+//! the unfused three-pass peer, on a built-in suite of shapes or on the ones given.
+
+mod bench;
+mod workload;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use vera_kernels::DType;
+
+use workload::{Shape, DEFAULT_SUITE};
+
+#[derive(Parser)]
+#[command(
+    name = "vera",
+    version,
+    about = "Fused VeRA adapter kernels: benchmarks and tools"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Time fused vs dense baseline vs unfused on the default suite (or the given shapes).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// A case as T,n,m,r (tokens, in_features, out_features, rank); repeat for several.
+    /// Without it the default suite runs.
+    #[arg(long = "shape", value_name = "T,n,m,r")]
+    shapes: Vec<Shape>,
+    /// Element type; repeat for several. Without it every dtype runs.
+    #[arg(long = "dtype", value_name = "f32|f16|bf16", value_parser = parse_dtype)]
+    dtypes: Vec<DType>,
+    /// Worker threads (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
+    /// Print one JSON object per case instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Skip the dense baseline (it forms the whole m x n ΔW, which is slow and large).
+    #[arg(long)]
+    no_dense: bool,
+    /// Minimum time spent measuring each method of each case, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    budget_ms: u64,
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    s.parse::<DType>().map_err(|e| e.to_string())
+}
+
+fn bench(args: BenchArgs) -> Result<(), String> {
+    let shapes = if args.shapes.is_empty() {
+        DEFAULT_SUITE.to_vec()
+    } else {
+        args.shapes
+    };
+    let dtypes = if args.dtypes.is_empty() {
+        vec![DType::F32, DType::F16, DType::BF16]
+    } else {
+        args.dtypes
+    };
+    let threads = args.threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        usize::from,
+    );
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| format!("cannot start {threads} threads: {e}"))?;
+    let budget = Duration::from_millis(args.budget_ms);
+    if !args.json {
+        println!("{}", bench::table_header());
+    }
+    for dtype in dtypes {
+        for &shape in &shapes {
+            let row = pool
+                .install(|| bench::run(shape, dtype, threads, !args.no_dense, budget))
+                .map_err(|e| format!("case {shape} ({dtype}): {e}"))?;
+            if args.json {
+                println!("{}", row.json());
+            } else {
+                println!("{}", bench::table_row(&row));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench(args) => bench(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("vera: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! One benchmark case: a layer shape, its inputs, and the three ways to compute it (fused, dense
+//! baseline, unfused). Shared by `vera bench` and `benches/forward.rs` so both time the same thing.
+
+use std::fmt;
+use std::str::FromStr;
+
+use vera_kernels::rng::TorchCpuGenerator;
+use vera_kernels::{
+    dense_forward, forward, unfused_forward, Adapter, Element, MatMut, MatRef, Mode, Projections,
+};
+
+/// `T` tokens through a layer with `n` inputs, `m` outputs and VeRA rank `r`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub t: usize,
+    pub n: usize,
+    pub m: usize,
+    pub r: usize,
+}
+
+/// The default suite: decode (T = 1, 8) and prefill (T = 512) shapes of 7B-class layers, plus a
+/// small-layer, large-rank case.
+pub const DEFAULT_SUITE: [Shape; 6] = [
+    Shape {
+        t: 1,
+        n: 4096,
+        m: 4096,
+        r: 256,
+    },
+    Shape {
+        t: 8,
+        n: 4096,
+        m: 4096,
+        r: 1024,
+    },
+    Shape {
+        t: 512,
+        n: 4096,
+        m: 4096,
+        r: 256,
+    },
+    Shape {
+        t: 512,
+        n: 4096,
+        m: 4096,
+        r: 1024,
+    },
+    Shape {
+        t: 512,
+        n: 4096,
+        m: 11008,
+        r: 256,
+    },
+    Shape {
+        t: 512,
+        n: 768,
+        m: 768,
+        r: 1024,
+    },
+];
+
+impl Shape {
+    /// FLOPs of the fused path: `2·T·r·(n + m)`.
+    pub fn fused_flops(&self) -> f64 {
+        2.0 * self.t as f64 * self.r as f64 * (self.n + self.m) as f64
+    }
+
+    /// The case name used in tables and JSON.
+    pub fn name(&self) -> String {
+        format!("t{}_n{}_m{}_r{}", self.t, self.n, self.m, self.r)
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{},{},{},{}", self.t, self.n, self.m, self.r)
+    }
+}
+
+impl FromStr for Shape {
+    type Err = String;
+
+    /// Parses `T,n,m,r` (all at least 1).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+        if parts.len() != 4 {
+            return Err(format!(
+                "expected T,n,m,r (four comma-separated sizes), got {s:?}"
+            ));
+        }
+        let mut v = [0usize; 4];
+        for (slot, p) in v.iter_mut().zip(&parts) {
+            *slot = p
+                .parse()
+                .map_err(|_| format!("{p:?} in {s:?} is not a non-negative integer"))?;
+            if *slot == 0 {
+                return Err(format!("every size in {s:?} must be at least 1"));
+            }
+        }
+        Ok(Shape {
+            t: v[0],
+            n: v[1],
+            m: v[2],
+            r: v[3],
+        })
+    }
+}
+
+/// Inputs and buffers of one case in element type `T`.
+pub struct Workload<T> {
+    pub shape: Shape,
+    projections: Projections<T>,
+    adapter: Adapter,
+    x: Vec<T>,
+    y: Vec<T>,
+    dw: Vec<T>,
+    h: Vec<f32>,
+}
+
+impl<T: Element> Workload<T> {
+    /// Random inputs (PEFT-seeded projections, uniform activations and lambdas). The dense
+    /// baseline's `[m, n]` buffer is only allocated when `with_dense` is set.
+    pub fn new(shape: Shape, with_dense: bool) -> vera_kernels::Result<Self> {
+        let Shape { t, n, m, r } = shape;
+        let projections = Projections::<T>::from_seed(0, r, n, m)?;
+        let mut g = TorchCpuGenerator::manual_seed(1);
+        let mut draw = |len: usize| {
+            let mut v = vec![0.0f32; len];
+            g.fill_uniform_f32(&mut v, -1.0, 1.0);
+            v
+        };
+        let adapter = Adapter::new(draw(r), draw(m))?.with_bias(draw(m))?;
+        let x = draw(t * n).into_iter().map(T::from_f32).collect();
+        let y = draw(t * m).into_iter().map(T::from_f32).collect();
+        let dw = if with_dense {
+            vec![T::default(); m * n]
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            shape,
+            projections,
+            adapter,
+            x,
+            y,
+            dw,
+            h: vec![0.0; t * r],
+        })
+    }
+
+    /// The fused kernel, accumulating into y.
+    pub fn fused(&mut self) -> vera_kernels::Result<()> {
+        let Shape { t, m, .. } = self.shape;
+        let x = MatRef::from_slice(&self.x, t, self.shape.n)?;
+        forward(
+            &self.projections,
+            &self.adapter,
+            x,
+            MatMut::from_slice(&mut self.y, t, m)?,
+            Mode::Accumulate,
+        )
+    }
+
+    /// Dense baseline: form ΔW, then `y += x·ΔWᵀ + bias`.
+    pub fn dense(&mut self) -> vera_kernels::Result<()> {
+        let Shape { t, n, m, .. } = self.shape;
+        let x = MatRef::from_slice(&self.x, t, n)?;
+        let dw = MatMut::from_slice(&mut self.dw, m, n)?;
+        dense_forward(
+            &self.projections,
+            &self.adapter,
+            x,
+            dw,
+            MatMut::from_slice(&mut self.y, t, m)?,
+            Mode::Accumulate,
+        )
+    }
+
+    /// Unfused peer: three passes with `h` materialised.
+    pub fn unfused(&mut self) -> vera_kernels::Result<()> {
+        let Shape { t, n, m, r } = self.shape;
+        let x = MatRef::from_slice(&self.x, t, n)?;
+        let h = MatMut::from_slice(&mut self.h, t, r)?;
+        unfused_forward(
+            &self.projections,
+            &self.adapter,
+            x,
+            h,
+            MatMut::from_slice(&mut self.y, t, m)?,
+            Mode::Accumulate,
+        )
+    }
+}
