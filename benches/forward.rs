@@ -18,21 +18,12 @@ use workload::{Workload, DEFAULT_SUITE};
 fn bench_dtype<T: Element>(c: &mut Criterion) {
     for shape in DEFAULT_SUITE {
         let mut group = c.benchmark_group(format!("{}/{}", T::DTYPE, shape.name()));
-        group
-            .sample_size(10)
-            .warm_up_time(Duration::from_millis(500))
-            .measurement_time(Duration::from_secs(2));
+        group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
         group.throughput(Throughput::Elements(shape.fused_flops() as u64));
-        let mut w = Workload::<T>::new(shape, true).expect("suite shapes are valid");
-        group.bench_function(BenchmarkId::from_parameter("fused"), |b| {
-            b.iter(|| w.fused().unwrap())
-        });
-        group.bench_function(BenchmarkId::from_parameter("unfused"), |b| {
-            b.iter(|| w.unfused().unwrap())
-        });
-        group.bench_function(BenchmarkId::from_parameter("dense"), |b| {
-            b.iter(|| w.dense().unwrap())
-        });
+        let mut w = Workload::<T>::new(shape).expect("suite shapes are valid");
+        group.bench_function(BenchmarkId::from_parameter("fused"), |b| b.iter(|| w.fused().unwrap()));
+        group.bench_function(BenchmarkId::from_parameter("unfused"), |b| b.iter(|| w.unfused().unwrap()));
+        group.bench_function(BenchmarkId::from_parameter("dense"), |b| b.iter(|| w.dense().unwrap()));
         group.finish();
     }
 }

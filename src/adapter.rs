@@ -20,11 +20,7 @@ impl Adapter {
         if lambda_d.is_empty() {
             return Err(Error::ZeroRank);
         }
-        Ok(Self {
-            lambda_d,
-            lambda_b,
-            bias: None,
-        })
+        Ok(Self { lambda_d, lambda_b, bias: None })
     }
 
     /// PEFT's initial adapter: `lambda_d = d_initial` (PEFT's default is 0.1), `lambda_b = 0`.
@@ -34,10 +30,7 @@ impl Adapter {
 
     /// An adapter from vectors in any element type (widened exactly to f32).
     pub fn from_elements<T: Element>(lambda_d: &[T], lambda_b: &[T]) -> Result<Self> {
-        Self::new(
-            lambda_d.iter().map(|v| v.to_f32()).collect(),
-            lambda_b.iter().map(|v| v.to_f32()).collect(),
-        )
+        Self::new(lambda_d.iter().map(|v| v.to_f32()).collect(), lambda_b.iter().map(|v| v.to_f32()).collect())
     }
 
     /// Adds the additive bias `[m]` to the adapter's output.
@@ -83,11 +76,7 @@ impl Adapter {
     /// Checks this adapter against a layer of rank `r` with `m` outputs.
     pub(crate) fn check(&self, r: usize, m: usize) -> Result<()> {
         if self.rank() != r {
-            return Err(Error::RankMismatch {
-                what: "lambda_d",
-                expected: r,
-                actual: self.rank(),
-            });
+            return Err(Error::RankMismatch { what: "lambda_d", expected: r, actual: self.rank() });
         }
         if self.out_features() != m {
             return Err(Error::LengthMismatch {

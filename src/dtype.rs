@@ -49,9 +49,7 @@ impl std::str::FromStr for DType {
             "f32" => Ok(DType::F32),
             "f16" => Ok(DType::F16),
             "bf16" => Ok(DType::BF16),
-            other => Err(crate::Error::UnknownDType {
-                name: other.to_string(),
-            }),
+            other => Err(crate::Error::UnknownDType { name: other.to_string() }),
         }
     }
 }
@@ -61,15 +59,7 @@ impl std::str::FromStr for DType {
 /// Implemented for `f32`, [`half::f16`] and [`half::bf16`] only (the trait is sealed). Every kernel
 /// widens elements to `f32`, accumulates in `f32` and rounds once when it stores a result.
 pub trait Element:
-    Copy
-    + Default
-    + fmt::Debug
-    + PartialEq
-    + Send
-    + Sync
-    + bytemuck::Pod
-    + 'static
-    + crate::sealed::Sealed
+    Copy + Default + fmt::Debug + PartialEq + Send + Sync + bytemuck::Pod + 'static + crate::sealed::Sealed
 {
     /// This type as a [`DType`] value.
     const DTYPE: DType;
@@ -189,26 +179,15 @@ mod tests {
         assert_eq!(f32::UNIT_ROUNDOFF, f64::from(f32::EPSILON) / 2.0);
         assert_eq!(f16::UNIT_ROUNDOFF, f16::EPSILON.to_f64() / 2.0);
         assert_eq!(bf16::UNIT_ROUNDOFF, bf16::EPSILON.to_f64() / 2.0);
-        assert_eq!(
-            <f16 as Element>::MIN_POSITIVE_SUBNORMAL,
-            f16::from_bits(1).to_f64()
-        );
-        assert_eq!(
-            <bf16 as Element>::MIN_POSITIVE_SUBNORMAL,
-            bf16::from_bits(1).to_f64()
-        );
-        assert_eq!(
-            <f32 as Element>::MIN_POSITIVE_SUBNORMAL,
-            f64::from(f32::from_bits(1))
-        );
+        assert_eq!(<f16 as Element>::MIN_POSITIVE_SUBNORMAL, f16::from_bits(1).to_f64());
+        assert_eq!(<bf16 as Element>::MIN_POSITIVE_SUBNORMAL, bf16::from_bits(1).to_f64());
+        assert_eq!(<f32 as Element>::MIN_POSITIVE_SUBNORMAL, f64::from(f32::from_bits(1)));
     }
 
     #[test]
     fn bf16_widening_is_exact_including_nan_and_inf() {
-        let src: Vec<bf16> = [0.0f32, -1.5, 3.0e38, f32::INFINITY, f32::NAN, 1.0e-40]
-            .iter()
-            .map(|&v| bf16::from_f32(v))
-            .collect();
+        let src: Vec<bf16> =
+            [0.0f32, -1.5, 3.0e38, f32::INFINITY, f32::NAN, 1.0e-40].iter().map(|&v| bf16::from_f32(v)).collect();
         let mut dst = vec![0.0f32; src.len()];
         bf16::widen_slice(&src, &mut dst);
         for (s, d) in src.iter().zip(&dst) {
@@ -221,9 +200,6 @@ mod tests {
         for d in [DType::F32, DType::F16, DType::BF16] {
             assert_eq!(d.name().parse::<DType>().unwrap(), d);
         }
-        assert!(matches!(
-            "f64".parse::<DType>(),
-            Err(crate::Error::UnknownDType { .. })
-        ));
+        assert!(matches!("f64".parse::<DType>(), Err(crate::Error::UnknownDType { .. })));
     }
 }

@@ -76,20 +76,115 @@ pub enum Error {
         /// The largest size the projections cover (`n_max` or `m_max`).
         max: usize,
     },
+    /// An ISA tier name is not one of `avx512bf16`, `avx512`, `avx2`, `portable`.
+    UnknownIsa {
+        /// The name given.
+        name: String,
+    },
     /// A dtype name is not one of `f32`, `f16`, `bf16`.
     UnknownDType {
         /// The name given.
         name: String,
+    },
+    /// A file or directory could not be read or written.
+    Io {
+        /// The file or directory.
+        path: String,
+        /// What the operating system said.
+        message: String,
+    },
+    /// A PEFT `adapter_config.json` is not valid JSON, or one of its fields has the wrong type or
+    /// an impossible value.
+    InvalidConfig {
+        /// The config file (empty for a config built in memory).
+        path: String,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+    /// A PEFT adapter is not a VeRA adapter (its `peft_type` is not `"VERA"`).
+    NotVera {
+        /// The config file.
+        path: String,
+        /// The `peft_type` found.
+        peft_type: String,
+    },
+    /// A safetensors file is truncated or corrupt, or could not be encoded.
+    Safetensors {
+        /// The file.
+        path: String,
+        /// What the safetensors parser said.
+        message: String,
+    },
+    /// A tensor that is needed is not in a safetensors file.
+    MissingTensor {
+        /// The file (empty for tensors held in memory).
+        path: String,
+        /// The tensor's key.
+        key: String,
+    },
+    /// A safetensors file holds a tensor that does not belong there (e.g. a key that is not part
+    /// of a VeRA adapter).
+    UnexpectedTensor {
+        /// The file (empty for tensors held in memory).
+        path: String,
+        /// The tensor's key.
+        key: String,
+        /// Why it does not belong.
+        reason: String,
+    },
+    /// A tensor's dtype is not one of `f32`, `f16`, `bf16`.
+    UnsupportedDType {
+        /// The file (empty for tensors held in memory).
+        path: String,
+        /// The tensor's key.
+        key: String,
+        /// The dtype found, as safetensors names it (`F64`, `I32`, ...).
+        dtype: String,
+    },
+    /// A tensor's shape disagrees with the rest of the adapter: its rank, its projections or the
+    /// layer it is applied to.
+    TensorShape {
+        /// The file (empty for tensors held in memory).
+        path: String,
+        /// The tensor's key.
+        key: String,
+        /// The shape required, with where the requirement comes from.
+        expected: String,
+        /// The shape found.
+        actual: Vec<usize>,
+    },
+    /// The adapter does not save its projections, and the sizes needed to regenerate them from the
+    /// seed (`n_max`, `m_max`: the base model's largest adapted in/out features) were not given.
+    MissingProjectionSizes {
+        /// The adapter's `projection_prng_key`.
+        seed: u64,
+    },
+    /// A module's layer is larger than the shared projections of its adapter.
+    ProjectionsTooSmall {
+        /// The module's name.
+        module: String,
+        /// `"in_features"` (against `n_max`) or `"out_features"` (against `m_max`).
+        what: &'static str,
+        /// The layer's size.
+        needed: usize,
+        /// The size the projections cover.
+        given: usize,
+    },
+    /// An adapter has no module of this name.
+    UnknownModule {
+        /// The name asked for.
+        module: String,
+        /// The adapter's modules.
+        available: Vec<String>,
     },
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::StrideTooSmall { what, cols, row_stride } => write!(
-                f,
-                "{what}: row stride {row_stride} is smaller than the number of columns {cols}"
-            ),
+            Error::StrideTooSmall { what, cols, row_stride } => {
+                write!(f, "{what}: row stride {row_stride} is smaller than the number of columns {cols}")
+            }
             Error::BufferTooSmall { what, rows, cols, row_stride, needed, len } => write!(
                 f,
                 "{what}: a {rows}x{cols} view with row stride {row_stride} needs {needed} elements, \
@@ -104,19 +199,66 @@ impl fmt::Display for Error {
                 "{what}: expected shape [{}, {}], got [{}, {}]",
                 expected[0], expected[1], actual[0], actual[1]
             ),
-            Error::RankMismatch { what, expected, actual } => write!(
-                f,
-                "{what}: has rank {actual} but the shared projections have rank r = {expected}"
-            ),
+            Error::RankMismatch { what, expected, actual } => {
+                write!(f, "{what}: has rank {actual} but the shared projections have rank r = {expected}")
+            }
             Error::ZeroRank => write!(f, "the VeRA rank r must be at least 1, got 0"),
-            Error::LayerExceedsProjections { what, layer, max } => write!(
-                f,
-                "layer {what} = {layer} exceeds the {max} covered by the shared projections"
-            ),
+            Error::LayerExceedsProjections { what, layer, max } => {
+                write!(f, "layer {what} = {layer} exceeds the {max} covered by the shared projections")
+            }
+            Error::UnknownIsa { name } => {
+                write!(f, "unknown ISA tier {name:?}: expected one of avx512bf16, avx512, avx2, portable")
+            }
             Error::UnknownDType { name } => {
                 write!(f, "unknown dtype {name:?}: expected one of f32, f16, bf16")
             }
+            Error::Io { path, message } => write!(f, "{path}: {message}"),
+            Error::InvalidConfig { path, message } => {
+                write!(f, "{}invalid adapter config: {message}", at(path))
+            }
+            Error::NotVera { path, peft_type } => {
+                write!(f, "{}peft_type is {peft_type:?}, not \"VERA\": this is not a VeRA adapter", at(path))
+            }
+            Error::Safetensors { path, message } => {
+                write!(f, "{}not a valid safetensors file: {message}", at(path))
+            }
+            Error::MissingTensor { path, key } => write!(f, "{}no tensor {key:?}", at(path)),
+            Error::UnexpectedTensor { path, key, reason } => {
+                write!(f, "{}unexpected tensor {key:?}: {reason}", at(path))
+            }
+            Error::UnsupportedDType { path, key, dtype } => {
+                write!(f, "{}tensor {key:?} has dtype {dtype}: expected F32, F16 or BF16", at(path))
+            }
+            Error::TensorShape { path, key, expected, actual } => {
+                write!(f, "{}tensor {key:?} has shape {actual:?}, expected {expected}", at(path))
+            }
+            Error::MissingProjectionSizes { seed } => write!(
+                f,
+                "the adapter does not save its projections (save_projection = false): give n_max and \
+                 m_max, the largest in_features and out_features of the adapted layers, to regenerate \
+                 them from projection_prng_key = {seed}"
+            ),
+            Error::ProjectionsTooSmall { module, what, needed, given } => {
+                let max = if *what == "in_features" { "n_max" } else { "m_max" };
+                write!(
+                    f,
+                    "module {module:?} has {what} = {needed} but the projections cover only \
+                     {max} = {given}"
+                )
+            }
+            Error::UnknownModule { module, available } => {
+                write!(f, "the adapter has no module {module:?} (it has: {})", available.join(", "))
+            }
         }
+    }
+}
+
+/// `"path: "`, or nothing for an empty path (data held in memory).
+fn at(path: &str) -> String {
+    if path.is_empty() {
+        String::new()
+    } else {
+        format!("{path}: ")
     }
 }
 

@@ -14,6 +14,7 @@
 //! - [`Adapter`]: one layer's `lambda_d [r]`, `lambda_b [m]` and optional bias `[m]`.
 //! - [`forward`]: the fused pass into a caller-owned `y`, accumulating ([`Mode::Accumulate`]) or
 //!   overwriting; [`merge`] / [`unmerge`] / [`delta_weight`] for weight merging.
+//! - [`baseline`]: the dense and unfused peers the fused path is benchmarked against.
 //! - [`reference`]: the naive f64 implementation and the forward-error bounds the kernels are
 //!   tested against.
 //!
@@ -23,6 +24,7 @@
 #![deny(missing_docs)]
 
 mod adapter;
+pub mod baseline;
 mod cpu;
 mod dtype;
 mod error;
@@ -37,10 +39,7 @@ pub use cpu::{active_isa, Isa};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use mat::{MatMut, MatRef};
-pub use ops::{
-    delta_weight, dense_forward, forward, forward_layer, merge, unfused_forward, unmerge, Mode,
-    BLOCK_ROWS,
-};
+pub use ops::{delta_weight, forward, forward_layer, merge, unmerge, Mode, BLOCK_ROWS};
 pub use projections::{LayerProjections, Projections};
 
 /// Re-exported so that users name the same `f16` / `bf16` types as the kernels.

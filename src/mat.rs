@@ -5,38 +5,18 @@ use crate::error::{Error, Result};
 /// Elements a `rows x cols` view with `row_stride` spans, checking every step for overflow.
 fn span(what: &'static str, rows: usize, cols: usize, row_stride: usize) -> Result<usize> {
     if row_stride < cols {
-        return Err(Error::StrideTooSmall {
-            what,
-            cols,
-            row_stride,
-        });
+        return Err(Error::StrideTooSmall { what, cols, row_stride });
     }
     if rows == 0 || cols == 0 {
         return Ok(0);
     }
-    (rows - 1)
-        .checked_mul(row_stride)
-        .and_then(|v| v.checked_add(cols))
-        .ok_or(Error::SizeOverflow { what })
+    (rows - 1).checked_mul(row_stride).and_then(|v| v.checked_add(cols)).ok_or(Error::SizeOverflow { what })
 }
 
-fn validate(
-    what: &'static str,
-    len: usize,
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-) -> Result<()> {
+fn validate(what: &'static str, len: usize, rows: usize, cols: usize, row_stride: usize) -> Result<()> {
     let needed = span(what, rows, cols, row_stride)?;
     if len < needed {
-        return Err(Error::BufferTooSmall {
-            what,
-            rows,
-            cols,
-            row_stride,
-            needed,
-            len,
-        });
+        return Err(Error::BufferTooSmall { what, rows, cols, row_stride, needed, len });
     }
     Ok(())
 }
@@ -67,12 +47,7 @@ impl<'a, T> MatRef<'a, T> {
     /// `(rows - 1) * row_stride + cols`.
     pub fn new(data: &'a [T], rows: usize, cols: usize, row_stride: usize) -> Result<Self> {
         validate("matrix", data.len(), rows, cols, row_stride)?;
-        Ok(Self {
-            data,
-            rows,
-            cols,
-            row_stride,
-        })
+        Ok(Self { data, rows, cols, row_stride })
     }
 
     /// A contiguous `rows x cols` view (row stride = `cols`).
@@ -107,6 +82,11 @@ impl<'a, T> MatRef<'a, T> {
         &self.data[start..start + self.cols]
     }
 
+    /// The underlying slice from element `(0, 0)` on (at least the view's span).
+    pub(crate) fn as_slice(&self) -> &'a [T] {
+        self.data
+    }
+
     /// Element `(i, j)`, or `None` when out of range.
     pub fn get(&self, i: usize, j: usize) -> Option<&'a T> {
         self.row(i).and_then(|r| r.get(j))
@@ -123,28 +103,14 @@ impl<'a, T> MatRef<'a, T> {
                 actual: [rows, cols],
             });
         }
-        Ok(Self {
-            data: self.data,
-            rows,
-            cols,
-            row_stride: self.row_stride,
-        })
+        Ok(Self { data: self.data, rows, cols, row_stride: self.row_stride })
     }
 
     /// Rows `start .. start + len` (the caller keeps them in range).
     pub(crate) fn row_range(&self, start: usize, len: usize) -> Self {
         debug_assert!(start + len <= self.rows);
-        let data = if len == 0 {
-            &self.data[..0]
-        } else {
-            &self.data[start * self.row_stride..]
-        };
-        Self {
-            data,
-            rows: len,
-            cols: self.cols,
-            row_stride: self.row_stride,
-        }
+        let data = if len == 0 { &self.data[..0] } else { &self.data[start * self.row_stride..] };
+        Self { data, rows: len, cols: self.cols, row_stride: self.row_stride }
     }
 
     /// Copies the view into a new contiguous row-major `Vec`.
@@ -152,9 +118,7 @@ impl<'a, T> MatRef<'a, T> {
     where
         T: Copy,
     {
-        (0..self.rows)
-            .flat_map(|i| self.row_unchecked(i).iter().copied())
-            .collect()
+        (0..self.rows).flat_map(|i| self.row_unchecked(i).iter().copied()).collect()
     }
 }
 
@@ -171,12 +135,7 @@ impl<'a, T> MatMut<'a, T> {
     /// A `rows x cols` mutable view of `data` with the given row stride; errors as [`MatRef::new`].
     pub fn new(data: &'a mut [T], rows: usize, cols: usize, row_stride: usize) -> Result<Self> {
         validate("matrix", data.len(), rows, cols, row_stride)?;
-        Ok(Self {
-            data,
-            rows,
-            cols,
-            row_stride,
-        })
+        Ok(Self { data, rows, cols, row_stride })
     }
 
     /// A contiguous `rows x cols` mutable view (row stride = `cols`).
@@ -201,22 +160,12 @@ impl<'a, T> MatMut<'a, T> {
 
     /// A shorter-lived mutable view of the same elements.
     pub fn rb_mut(&mut self) -> MatMut<'_, T> {
-        MatMut {
-            data: self.data,
-            rows: self.rows,
-            cols: self.cols,
-            row_stride: self.row_stride,
-        }
+        MatMut { data: self.data, rows: self.rows, cols: self.cols, row_stride: self.row_stride }
     }
 
     /// An immutable view of the same elements.
     pub fn as_ref(&self) -> MatRef<'_, T> {
-        MatRef {
-            data: self.data,
-            rows: self.rows,
-            cols: self.cols,
-            row_stride: self.row_stride,
-        }
+        MatRef { data: self.data, rows: self.rows, cols: self.cols, row_stride: self.row_stride }
     }
 
     /// Row `i` as a mutable slice of `cols` elements, or `None` if `i >= rows`.
@@ -237,22 +186,12 @@ impl<'a, T> MatMut<'a, T> {
                 actual: [rows, cols],
             });
         }
-        Ok(Self {
-            data: self.data,
-            rows,
-            cols,
-            row_stride: self.row_stride,
-        })
+        Ok(Self { data: self.data, rows, cols, row_stride: self.row_stride })
     }
 
     /// A raw handle for kernels that write disjoint rectangles from several threads.
     pub(crate) fn as_ptr_mat(&mut self) -> MatPtr<T> {
-        MatPtr {
-            ptr: self.data.as_mut_ptr(),
-            rows: self.rows,
-            cols: self.cols,
-            row_stride: self.row_stride,
-        }
+        MatPtr { ptr: self.data.as_mut_ptr(), rows: self.rows, cols: self.cols, row_stride: self.row_stride }
     }
 }
 
@@ -282,11 +221,6 @@ unsafe impl<T: Send> Send for MatPtr<T> {}
 unsafe impl<T: Send> Sync for MatPtr<T> {}
 
 impl<T> MatPtr<T> {
-    /// Number of rows.
-    pub(crate) fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// Number of columns.
     pub(crate) fn cols(&self) -> usize {
         self.cols
@@ -294,22 +228,14 @@ impl<T> MatPtr<T> {
 
     /// The sub-rectangle rows `r0 .. r0 + nr`, columns `c0 .. c0 + nc` (asserted in range).
     pub(crate) fn sub(&self, r0: usize, nr: usize, c0: usize, nc: usize) -> Self {
-        assert!(
-            r0 + nr <= self.rows && c0 + nc <= self.cols,
-            "MatPtr::sub out of range"
-        );
+        assert!(r0 + nr <= self.rows && c0 + nc <= self.cols, "MatPtr::sub out of range");
         let ptr = if nr == 0 || nc == 0 {
             self.ptr
         } else {
             // SAFETY: (r0, c0) lies inside the validated extent of the view (asserted above).
             unsafe { self.ptr.add(r0 * self.row_stride + c0) }
         };
-        Self {
-            ptr,
-            rows: nr,
-            cols: nc,
-            row_stride: self.row_stride,
-        }
+        Self { ptr, rows: nr, cols: nc, row_stride: self.row_stride }
     }
 
     /// Row `i` as a mutable slice.
@@ -348,14 +274,7 @@ mod tests {
         assert!(MatRef::new(&data, 3, 2, 4).is_ok()); // needs 2*4+2 = 10
         assert_eq!(
             MatRef::new(&data[..9], 3, 2, 4).unwrap_err(),
-            Error::BufferTooSmall {
-                what: "matrix",
-                rows: 3,
-                cols: 2,
-                row_stride: 4,
-                needed: 10,
-                len: 9
-            }
+            Error::BufferTooSmall { what: "matrix", rows: 3, cols: 2, row_stride: 4, needed: 10, len: 9 }
         );
     }
 }

@@ -55,9 +55,11 @@ pub(crate) fn check_forward<T>(
 /// element is computed by one fixed sequence of f32 operations, so results are bitwise identical for
 /// any number of threads. `T = 0` is a no-op.
 ///
-/// Scratch memory: each worker thread keeps one reusable f32 buffer of `BLOCK_ROWS · r` elements
-/// (`BLOCK_ROWS` = [`BLOCK_ROWS`]), however large `T` is: at most
-/// `threads · BLOCK_ROWS · r · 4` bytes, e.g. 256 KiB for 2 threads at r = 1024.
+/// Scratch memory: each worker thread keeps one reusable f32 buffer of at most
+/// `BLOCK_ROWS · (r + n)` elements ([`BLOCK_ROWS`] rows of `u`, plus the block of `x` widened to
+/// f32 when `x` is f16, or bf16 without AVX512_BF16), however large `T` is: at most
+/// `threads · BLOCK_ROWS · (r + n) · 4` bytes, e.g. 2.5 MiB for 2 threads at r = 1024, n = 4096.
+/// The projections are packed once per [`Projections`] (on first use), not per call.
 ///
 /// Errors: [`Error::LayerExceedsProjections`] when `n > n_max` or `m > m_max`,
 /// [`Error::RankMismatch`] / [`Error::LengthMismatch`] when the adapter does not fit, and
@@ -101,13 +103,7 @@ pub fn forward_layer<T: Element>(
     y: MatMut<'_, T>,
     mode: Mode,
 ) -> Result<()> {
-    check_forward(
-        &layer,
-        adapter,
-        x.rows(),
-        x.cols(),
-        Some([y.rows(), y.cols()]),
-    )?;
+    check_forward(&layer, adapter, x.rows(), x.cols(), Some([y.rows(), y.cols()]))?;
     cpu::forward(layer, adapter, x, y, mode);
     Ok(())
 }
@@ -132,88 +128,16 @@ fn apply_delta<T: Element>(
 /// W's dtype. No `m x n` temporary is allocated.
 ///
 /// Errors: as [`forward`], with the layer's shape taken from `W`.
-pub fn merge<T: Element>(
-    projections: &Projections<T>,
-    adapter: &Adapter,
-    w: MatMut<'_, T>,
-) -> Result<()> {
+pub fn merge<T: Element>(projections: &Projections<T>, adapter: &Adapter, w: MatMut<'_, T>) -> Result<()> {
     apply_delta(projections, adapter, w, cpu::Update::Add)
 }
 
 /// `W -= ΔW` in place: the inverse of [`merge`] up to rounding.
-pub fn unmerge<T: Element>(
-    projections: &Projections<T>,
-    adapter: &Adapter,
-    w: MatMut<'_, T>,
-) -> Result<()> {
+pub fn unmerge<T: Element>(projections: &Projections<T>, adapter: &Adapter, w: MatMut<'_, T>) -> Result<()> {
     apply_delta(projections, adapter, w, cpu::Update::Sub)
 }
 
 /// Writes `ΔW [m, n]` into `out` (PEFT's `get_delta_weight`), the layer's shape taken from `out`.
-pub fn delta_weight<T: Element>(
-    projections: &Projections<T>,
-    adapter: &Adapter,
-    out: MatMut<'_, T>,
-) -> Result<()> {
+pub fn delta_weight<T: Element>(projections: &Projections<T>, adapter: &Adapter, out: MatMut<'_, T>) -> Result<()> {
     apply_delta(projections, adapter, out, cpu::Update::Overwrite)
-}
-
-/// Forms `ΔW`, then runs `y (+)= x·ΔWᵀ + bias` with the same kernels: the dense baseline that the
-/// fused path is benchmarked against. `dw` is caller-provided `[m, n]` storage.
-pub fn dense_forward<T: Element>(
-    projections: &Projections<T>,
-    adapter: &Adapter,
-    x: MatRef<'_, T>,
-    mut dw: MatMut<'_, T>,
-    y: MatMut<'_, T>,
-    mode: Mode,
-) -> Result<()> {
-    let layer = projections.slice(x.cols(), y.cols())?;
-    check_forward(
-        &layer,
-        adapter,
-        x.rows(),
-        x.cols(),
-        Some([y.rows(), y.cols()]),
-    )?;
-    let (m, n) = (layer.out_features(), layer.in_features());
-    if [dw.rows(), dw.cols()] != [m, n] {
-        return Err(Error::ShapeMismatch {
-            what: "dw (must be [m, n])",
-            expected: [m, n],
-            actual: [dw.rows(), dw.cols()],
-        });
-    }
-    cpu::apply_delta(layer, adapter, dw.rb_mut(), cpu::Update::Overwrite);
-    cpu::dense_product(x, dw.as_ref(), adapter.bias(), y, mode);
-    Ok(())
-}
-
-/// The unfused peer: three passes with `h = x·Aᵀ [T, r]` materialised in `h` (f32, caller-provided
-/// `[T, r]`), then `u = lambda_d ⊙ h` in place, then `y (+)= lambda_b ⊙ (u·Bᵀ) + bias`.
-pub fn unfused_forward<T: Element>(
-    projections: &Projections<T>,
-    adapter: &Adapter,
-    x: MatRef<'_, T>,
-    h: MatMut<'_, f32>,
-    y: MatMut<'_, T>,
-    mode: Mode,
-) -> Result<()> {
-    let layer = projections.slice(x.cols(), y.cols())?;
-    check_forward(
-        &layer,
-        adapter,
-        x.rows(),
-        x.cols(),
-        Some([y.rows(), y.cols()]),
-    )?;
-    if [h.rows(), h.cols()] != [x.rows(), layer.rank()] {
-        return Err(Error::ShapeMismatch {
-            what: "h (must be [T, r])",
-            expected: [x.rows(), layer.rank()],
-            actual: [h.rows(), h.cols()],
-        });
-    }
-    cpu::unfused(layer, adapter, x, h, y, mode);
-    Ok(())
 }

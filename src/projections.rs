@@ -1,5 +1,8 @@
 //! The frozen projections A `[r, n_max]` and B `[m_max, r]` shared by every layer of a model.
 
+use std::sync::OnceLock;
+
+use crate::cpu::{pack_projections, PackedProjections};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mat::MatRef;
@@ -9,13 +12,38 @@ use crate::rng::TorchCpuGenerator;
 ///
 /// A layer with `n` inputs and `m` outputs uses `A[:, :n]` and `B[:m, :]` ([`Projections::slice`]);
 /// the slices are strided views, never copies.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// The first [`Projections::slice`] also packs A and B into the CPU kernels' panel layout, once
+/// for the whole model: every layer and every thread then reads the same packed copy.
+#[derive(Clone)]
 pub struct Projections<T> {
     a: Vec<T>,
     b: Vec<T>,
     r: usize,
     n_max: usize,
     m_max: usize,
+    packed: OnceLock<PackedProjections<T>>,
+}
+
+impl<T: Element> PartialEq for Projections<T> {
+    /// Equal when the dimensions and every element of A and B are (packing is a cache).
+    fn eq(&self, other: &Self) -> bool {
+        (self.r, self.n_max, self.m_max) == (other.r, other.n_max, other.m_max)
+            && self.a == other.a
+            && self.b == other.b
+    }
+}
+
+impl<T: Element> std::fmt::Debug for Projections<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Projections")
+            .field("dtype", &T::DTYPE)
+            .field("r", &self.r)
+            .field("n_max", &self.n_max)
+            .field("m_max", &self.m_max)
+            .field("packed_bytes", &self.packed.get().map(PackedProjections::bytes))
+            .finish()
+    }
 }
 
 fn checked_len(what: &'static str, rows: usize, cols: usize) -> Result<usize> {
@@ -48,6 +76,7 @@ impl<T: Element> Projections<T> {
             r,
             n_max,
             m_max,
+            packed: OnceLock::new(),
         })
     }
 
@@ -62,26 +91,12 @@ impl<T: Element> Projections<T> {
         let a_len = checked_len("A = [r, n_max]", r, n_max)?;
         let b_len = checked_len("B = [m_max, r]", m_max, r)?;
         if a.len() != a_len {
-            return Err(Error::LengthMismatch {
-                what: "A = [r, n_max]",
-                expected: a_len,
-                actual: a.len(),
-            });
+            return Err(Error::LengthMismatch { what: "A = [r, n_max]", expected: a_len, actual: a.len() });
         }
         if b.len() != b_len {
-            return Err(Error::LengthMismatch {
-                what: "B = [m_max, r]",
-                expected: b_len,
-                actual: b.len(),
-            });
+            return Err(Error::LengthMismatch { what: "B = [m_max, r]", expected: b_len, actual: b.len() });
         }
-        Ok(Self {
-            a,
-            b,
-            r,
-            n_max,
-            m_max,
-        })
+        Ok(Self { a, b, r, n_max, m_max, packed: OnceLock::new() })
     }
 
     /// The rank `r`.
@@ -119,29 +134,21 @@ impl<T: Element> Projections<T> {
     /// Errors: [`Error::LayerExceedsProjections`] when `n > n_max` or `m > m_max`.
     pub fn slice(&self, n: usize, m: usize) -> Result<LayerProjections<'_, T>> {
         if n > self.n_max {
-            return Err(Error::LayerExceedsProjections {
-                what: "in_features",
-                layer: n,
-                max: self.n_max,
-            });
+            return Err(Error::LayerExceedsProjections { what: "in_features", layer: n, max: self.n_max });
         }
         if m > self.m_max {
-            return Err(Error::LayerExceedsProjections {
-                what: "out_features",
-                layer: m,
-                max: self.m_max,
-            });
+            return Err(Error::LayerExceedsProjections { what: "out_features", layer: m, max: self.m_max });
         }
-        Ok(self.slice_unchecked(n, m))
+        let full = self.slice_unchecked(self.n_max, self.m_max);
+        let packed = self.packed.get_or_init(|| pack_projections(full.a, full.b));
+        Ok(LayerProjections { packed: Some(packed), ..self.slice_unchecked(n, m) })
     }
 
     fn slice_unchecked(&self, n: usize, m: usize) -> LayerProjections<'_, T> {
         // The lengths were validated at construction, so these views cannot fail.
-        let a = MatRef::new(&self.a, self.r, n, self.n_max)
-            .expect("A extent validated at construction");
-        let b =
-            MatRef::new(&self.b, m, self.r, self.r).expect("B extent validated at construction");
-        LayerProjections { a, b }
+        let a = MatRef::new(&self.a, self.r, n, self.n_max).expect("A extent validated at construction");
+        let b = MatRef::new(&self.b, m, self.r, self.r).expect("B extent validated at construction");
+        LayerProjections { a, b, packed: None }
     }
 
     /// The same projections rounded to another element type.
@@ -153,15 +160,29 @@ impl<T: Element> Projections<T> {
             r: self.r,
             n_max: self.n_max,
             m_max: self.m_max,
+            packed: OnceLock::new(),
         }
     }
 }
 
-/// One layer's view of the projections: A `[r, n]` and B `[m, r]`.
-#[derive(Debug)]
+/// One layer's view of the projections: A `[r, n]` and B `[m, r]`, with the model's packed copy
+/// when it comes from [`Projections::slice`] (views made with [`LayerProjections::new`] are packed
+/// per call instead).
 pub struct LayerProjections<'a, T> {
     a: MatRef<'a, T>,
     b: MatRef<'a, T>,
+    packed: Option<&'a PackedProjections<T>>,
+}
+
+impl<T> std::fmt::Debug for LayerProjections<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerProjections")
+            .field("r", &self.a.rows())
+            .field("n", &self.a.cols())
+            .field("m", &self.b.rows())
+            .field("packed", &self.packed.is_some())
+            .finish()
+    }
 }
 
 impl<T> Clone for LayerProjections<'_, T> {
@@ -181,13 +202,14 @@ impl<'a, T> LayerProjections<'a, T> {
             return Err(Error::ZeroRank);
         }
         if b.cols() != a.rows() {
-            return Err(Error::RankMismatch {
-                what: "B's columns",
-                expected: a.rows(),
-                actual: b.cols(),
-            });
+            return Err(Error::RankMismatch { what: "B's columns", expected: a.rows(), actual: b.cols() });
         }
-        Ok(Self { a, b })
+        Ok(Self { a, b, packed: None })
+    }
+
+    /// The packed copy of the model's projections, when there is one.
+    pub(crate) fn packed(&self) -> Option<&'a PackedProjections<T>> {
+        self.packed
     }
 
     /// A `[r, n]`.

@@ -19,17 +19,10 @@ fn gamma(k: usize) -> f64 {
     ku / (1.0 - ku)
 }
 
-fn layer_matrices<T: Element>(
-    layer: &LayerProjections<'_, T>,
-    abs: bool,
-) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+fn layer_matrices<T: Element>(layer: &LayerProjections<'_, T>, abs: bool) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
     let f = |v: &T| if abs { v.to_f64().abs() } else { v.to_f64() };
-    let a = (0..layer.rank())
-        .map(|j| layer.a().row_unchecked(j).iter().map(f).collect())
-        .collect();
-    let b = (0..layer.out_features())
-        .map(|i| layer.b().row_unchecked(i).iter().map(f).collect())
-        .collect();
+    let a = (0..layer.rank()).map(|j| layer.a().row_unchecked(j).iter().map(f).collect()).collect();
+    let b = (0..layer.out_features()).map(|i| layer.b().row_unchecked(i).iter().map(f).collect()).collect();
     (a, b)
 }
 
@@ -52,11 +45,7 @@ fn adapter_path<T: Element>(
     let m = layer.out_features();
     let mut out = Vec::with_capacity(x.rows() * m);
     for t in 0..x.rows() {
-        let xr: Vec<f64> = x
-            .row_unchecked(t)
-            .iter()
-            .map(|v| if abs { v.to_f64().abs() } else { v.to_f64() })
-            .collect();
+        let xr: Vec<f64> = x.row_unchecked(t).iter().map(|v| if abs { v.to_f64().abs() } else { v.to_f64() }).collect();
         let u: Vec<f64> = a
             .iter()
             .zip(adapter.lambda_d())
@@ -79,13 +68,7 @@ pub fn forward<T: Element>(
     x: MatRef<'_, T>,
     base: Option<MatRef<'_, T>>,
 ) -> Result<Vec<f64>> {
-    check_forward(
-        &layer,
-        adapter,
-        x.rows(),
-        x.cols(),
-        base.map(|b| [b.rows(), b.cols()]),
-    )?;
+    check_forward(&layer, adapter, x.rows(), x.cols(), base.map(|b| [b.rows(), b.cols()]))?;
     let m = layer.out_features();
     let mut y = adapter_path(&layer, adapter, x, false);
     for (t, row) in y.chunks_mut(m.max(1)).enumerate().take(x.rows()) {
@@ -98,19 +81,12 @@ pub fn forward<T: Element>(
 }
 
 /// `ΔW = diag(lambda_b) · B · diag(lambda_d) · A`, `[m, n]`.
-pub fn delta_weight<T: Element>(
-    layer: LayerProjections<'_, T>,
-    adapter: &Adapter,
-) -> Result<Vec<f64>> {
+pub fn delta_weight<T: Element>(layer: LayerProjections<'_, T>, adapter: &Adapter) -> Result<Vec<f64>> {
     adapter.check(layer.rank(), layer.out_features())?;
     let (a, b) = layer_matrices(&layer, false);
     let n = layer.in_features();
     let mut dw = vec![0.0f64; layer.out_features() * n];
-    for (i, row) in dw
-        .chunks_mut(n.max(1))
-        .enumerate()
-        .take(layer.out_features())
-    {
+    for (i, row) in dw.chunks_mut(n.max(1)).enumerate().take(layer.out_features()) {
         for (j, aj) in a.iter().enumerate() {
             let c = f64::from(adapter.lambda_b()[i]) * b[i][j] * f64::from(adapter.lambda_d()[j]);
             for (o, &av) in row.iter_mut().zip(aj) {
@@ -119,6 +95,32 @@ pub fn delta_weight<T: Element>(
         }
     }
     Ok(dw)
+}
+
+/// Smallest positive normal f32, 2^-126.
+const F32_MIN_NORMAL: f64 = 1.175_494_350_822_287_5e-38;
+
+/// The extra error of arithmetic that flushes subnormals (`vdpbf16ps` treats subnormal inputs as
+/// zero and flushes subnormal results): each of the `n` steps of `h_j` may lose up to 2^-126 from
+/// its result and 2^-126 · (|x_k| + |A_jk|) from a flushed input, and that error reaches `y`
+/// through `|lambda_d_j| · |B_ij| · |lambda_b_i|`.
+fn flush_to_zero_term<T: Element>(layer: &LayerProjections<'_, T>, adapter: &Adapter, x: MatRef<'_, T>) -> Vec<f64> {
+    let (a, b) = layer_matrices(layer, true);
+    let n = layer.in_features() as f64;
+    let a_sums: Vec<f64> = a.iter().map(|row| row.iter().sum()).collect();
+    let mut out = Vec::with_capacity(x.rows() * layer.out_features());
+    for t in 0..x.rows() {
+        let x_sum: f64 = x.row_unchecked(t).iter().map(|v| v.to_f64().abs()).sum();
+        let per_j: Vec<f64> = a_sums
+            .iter()
+            .zip(adapter.lambda_d())
+            .map(|(sa, &d)| f64::from(d).abs() * F32_MIN_NORMAL * (sa + x_sum + n))
+            .collect();
+        for (bi, &lb) in b.iter().zip(adapter.lambda_b()) {
+            out.push(f64::from(lb).abs() * bi.iter().zip(&per_j).map(|(p, q)| p * q).sum::<f64>());
+        }
+    }
+    out
 }
 
 /// A rigorous per-element bound on `|y_kernel - y_ref|` for this crate's CPU kernels, `[T, m]`.
@@ -130,6 +132,8 @@ pub fn delta_weight<T: Element>(
 /// analysis (Higham, ch. 3) gives for the f32 result
 /// `e32 = gamma(n + r + 4) · M + 2u · (|base| + |bias| + M)`, and the final rounding to the output
 /// dtype (unit roundoff `u_T`, smallest subnormal `s_T`) adds `u_T · (|y_ref| + e32) + s_T / 2`.
+/// On the `avx512bf16` tier the bf16 down-projection flushes subnormals; `e32` then also holds a
+/// term of order 2^-126 for that (see the source), negligible unless inputs are subnormal.
 pub fn forward_error_bound<T: Element>(
     layer: LayerProjections<'_, T>,
     adapter: &Adapter,
@@ -138,6 +142,7 @@ pub fn forward_error_bound<T: Element>(
 ) -> Result<Vec<f64>> {
     let y_ref = forward(layer, adapter, x, base)?;
     let mag = adapter_path(&layer, adapter, x, true);
+    let ftz = flush_to_zero_term(&layer, adapter, x);
     let m = layer.out_features();
     let g = gamma(layer.in_features() + layer.rank() + 4);
     Ok(mag
@@ -148,7 +153,7 @@ pub fn forward_error_bound<T: Element>(
             let (t, i) = (idx / m, idx % m);
             let bias = adapter.bias().map_or(0.0, |b| f64::from(b[i]).abs());
             let base = base.map_or(0.0, |b| b.row_unchecked(t)[i].to_f64().abs());
-            let e32 = g * mg + 2.0 * U32 * (base + bias + mg);
+            let e32 = g * mg + 2.0 * U32 * (base + bias + mg) + ftz[idx];
             e32 + T::UNIT_ROUNDOFF * (yr.abs() + e32) + T::MIN_POSITIVE_SUBNORMAL / 2.0
         })
         .collect())
@@ -173,10 +178,7 @@ pub fn delta_error_bound<T: Element>(
         for k in 0..n {
             let mag: f64 = (0..layer.rank())
                 .map(|j| {
-                    f64::from(adapter.lambda_b()[i]).abs()
-                        * b[i][j]
-                        * f64::from(adapter.lambda_d()[j]).abs()
-                        * a[j][k]
+                    f64::from(adapter.lambda_b()[i]).abs() * b[i][j] * f64::from(adapter.lambda_d()[j]).abs() * a[j][k]
                 })
                 .sum();
             let wv = w.map_or(0.0, |w| w.row_unchecked(i)[k].to_f64());

@@ -20,9 +20,7 @@ pub struct TorchCpuGenerator {
 
 impl std::fmt::Debug for TorchCpuGenerator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TorchCpuGenerator")
-            .field("next", &self.next)
-            .finish_non_exhaustive()
+        f.debug_struct("TorchCpuGenerator").field("next", &self.next).finish_non_exhaustive()
     }
 }
 
@@ -34,9 +32,7 @@ impl TorchCpuGenerator {
         state[0] = seed as u32;
         for j in 1..N {
             let prev = state[j - 1];
-            state[j] = 1_812_433_253u32
-                .wrapping_mul(prev ^ (prev >> 30))
-                .wrapping_add(j as u32);
+            state[j] = 1_812_433_253u32.wrapping_mul(prev ^ (prev >> 30)).wrapping_add(j as u32);
         }
         Self { state, next: N }
     }

@@ -1,9 +1,9 @@
 //! One test per `Error` variant: each misuse returns its own variant with the numbers involved,
 //! and its message names them.
 
+use vera_kernels::baseline::{dense_forward, unfused_forward, DenseBuffers};
 use vera_kernels::{
-    delta_weight, dense_forward, forward, merge, unfused_forward, Adapter, DType, Error,
-    LayerProjections, MatMut, MatRef, Mode, Projections,
+    delta_weight, forward, merge, Adapter, DType, Error, Isa, LayerProjections, MatMut, MatRef, Mode, Projections,
 };
 
 fn proj() -> Projections<f32> {
@@ -17,14 +17,7 @@ fn adapter(m: usize) -> Adapter {
 #[test]
 fn stride_too_small() {
     let e = MatRef::new(&[0.0f32; 12], 3, 4, 3).unwrap_err();
-    assert_eq!(
-        e,
-        Error::StrideTooSmall {
-            what: "matrix",
-            cols: 4,
-            row_stride: 3
-        }
-    );
+    assert_eq!(e, Error::StrideTooSmall { what: "matrix", cols: 4, row_stride: 3 });
     assert!(e.to_string().contains("row stride 3") && e.to_string().contains("columns 4"));
 }
 
@@ -32,17 +25,7 @@ fn stride_too_small() {
 fn buffer_too_small() {
     let mut data = [0.0f32; 10];
     let e = MatMut::new(&mut data, 3, 4, 4).unwrap_err();
-    assert_eq!(
-        e,
-        Error::BufferTooSmall {
-            what: "matrix",
-            rows: 3,
-            cols: 4,
-            row_stride: 4,
-            needed: 12,
-            len: 10
-        }
-    );
+    assert_eq!(e, Error::BufferTooSmall { what: "matrix", rows: 3, cols: 4, row_stride: 4, needed: 12, len: 10 });
     assert!(e.to_string().contains("needs 12") && e.to_string().contains("has 10"));
 }
 
@@ -57,35 +40,11 @@ fn size_overflow() {
 #[test]
 fn length_mismatch() {
     let e = Projections::<f32>::from_arrays(vec![0.0; 7], vec![0.0; 6], 2, 4, 3).unwrap_err();
-    assert_eq!(
-        e,
-        Error::LengthMismatch {
-            what: "A = [r, n_max]",
-            expected: 8,
-            actual: 7
-        }
-    );
+    assert_eq!(e, Error::LengthMismatch { what: "A = [r, n_max]", expected: 8, actual: 7 });
     let e = Projections::<f32>::from_arrays(vec![0.0; 8], vec![0.0; 5], 2, 4, 3).unwrap_err();
-    assert_eq!(
-        e,
-        Error::LengthMismatch {
-            what: "B = [m_max, r]",
-            expected: 6,
-            actual: 5
-        }
-    );
+    assert_eq!(e, Error::LengthMismatch { what: "B = [m_max, r]", expected: 6, actual: 5 });
     let e = adapter(5).with_bias(vec![0.0; 4]).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::LengthMismatch {
-                expected: 5,
-                actual: 4,
-                ..
-            }
-        ),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::LengthMismatch { expected: 5, actual: 4, .. }), "{e:?}");
 
     // lambda_b sized for another layer.
     let x = [0.0f32; 2 * 10];
@@ -98,17 +57,7 @@ fn length_mismatch() {
         Mode::Accumulate,
     )
     .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::LengthMismatch {
-                expected: 12,
-                actual: 11,
-                ..
-            }
-        ),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::LengthMismatch { expected: 12, actual: 11, .. }), "{e:?}");
     assert!(e.to_string().contains("expected length 12, got 11"));
 }
 
@@ -124,14 +73,7 @@ fn shape_mismatch() {
         Mode::Accumulate,
     )
     .unwrap_err();
-    assert_eq!(
-        e,
-        Error::ShapeMismatch {
-            what: "y (must be [T, out_features])",
-            expected: [2, 12],
-            actual: [3, 12]
-        }
-    );
+    assert_eq!(e, Error::ShapeMismatch { what: "y (must be [T, out_features])", expected: [2, 12], actual: [3, 12] });
 
     let p = proj();
     let layer = p.slice(8, 12).unwrap();
@@ -144,33 +86,19 @@ fn shape_mismatch() {
         Mode::Overwrite,
     )
     .unwrap_err();
-    assert_eq!(
-        e,
-        Error::ShapeMismatch {
-            what: "x (must be [T, in_features])",
-            expected: [2, 8],
-            actual: [2, 10]
-        }
-    );
+    assert_eq!(e, Error::ShapeMismatch { what: "x (must be [T, in_features])", expected: [2, 8], actual: [2, 10] });
 
-    let mut dw = [0.0f32; 12 * 9];
+    let mut y3 = [0.0f32; 3 * 12];
     let e = dense_forward(
         &p,
         &adapter(12),
         MatRef::from_slice(&x, 2, 10).unwrap(),
-        MatMut::from_slice(&mut dw, 12, 9).unwrap(),
-        MatMut::from_slice(&mut y, 2, 12).unwrap(),
+        MatMut::from_slice(&mut y3, 3, 12).unwrap(),
         Mode::Overwrite,
+        &mut DenseBuffers::default(),
     )
     .unwrap_err();
-    assert_eq!(
-        e,
-        Error::ShapeMismatch {
-            what: "dw (must be [m, n])",
-            expected: [12, 10],
-            actual: [12, 9]
-        }
-    );
+    assert_eq!(e, Error::ShapeMismatch { what: "y (must be [T, out_features])", expected: [2, 12], actual: [3, 12] });
 
     let mut h = [0.0f32; 2 * 3];
     let e = unfused_forward(
@@ -182,30 +110,10 @@ fn shape_mismatch() {
         Mode::Overwrite,
     )
     .unwrap_err();
-    assert_eq!(
-        e,
-        Error::ShapeMismatch {
-            what: "h (must be [T, r])",
-            expected: [2, 4],
-            actual: [2, 3]
-        }
-    );
+    assert_eq!(e, Error::ShapeMismatch { what: "h (must be [T, r])", expected: [2, 4], actual: [2, 3] });
 
-    let e = MatRef::from_slice(&x, 2, 10)
-        .unwrap()
-        .top_left(3, 1)
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::ShapeMismatch {
-                expected: [2, 10],
-                actual: [3, 1],
-                ..
-            }
-        ),
-        "{e:?}"
-    );
+    let e = MatRef::from_slice(&x, 2, 10).unwrap().top_left(3, 1).unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { expected: [2, 10], actual: [3, 1], .. }), "{e:?}");
 }
 
 #[test]
@@ -221,52 +129,24 @@ fn rank_mismatch() {
         Mode::Accumulate,
     )
     .unwrap_err();
-    assert_eq!(
-        e,
-        Error::RankMismatch {
-            what: "lambda_d",
-            expected: 4,
-            actual: 5
-        }
-    );
+    assert_eq!(e, Error::RankMismatch { what: "lambda_d", expected: 4, actual: 5 });
     assert!(e.to_string().contains("rank 5") && e.to_string().contains("r = 4"));
 
     let a = [0.0f32; 4 * 3];
     let b = [0.0f32; 2 * 5];
-    let e = LayerProjections::new(
-        MatRef::from_slice(&a, 4, 3).unwrap(),
-        MatRef::from_slice(&b, 2, 5).unwrap(),
-    )
-    .unwrap_err();
-    assert_eq!(
-        e,
-        Error::RankMismatch {
-            what: "B's columns",
-            expected: 4,
-            actual: 5
-        }
-    );
+    let e = LayerProjections::new(MatRef::from_slice(&a, 4, 3).unwrap(), MatRef::from_slice(&b, 2, 5).unwrap())
+        .unwrap_err();
+    assert_eq!(e, Error::RankMismatch { what: "B's columns", expected: 4, actual: 5 });
 }
 
 #[test]
 fn zero_rank() {
-    assert_eq!(
-        Projections::<f32>::from_seed(0, 0, 4, 4).unwrap_err(),
-        Error::ZeroRank
-    );
-    assert_eq!(
-        Projections::<f32>::from_arrays(vec![], vec![], 0, 4, 4).unwrap_err(),
-        Error::ZeroRank
-    );
-    assert_eq!(
-        Adapter::new(vec![], vec![1.0]).unwrap_err(),
-        Error::ZeroRank
-    );
-    let e = LayerProjections::<f32>::new(
-        MatRef::from_slice(&[], 0, 3).unwrap(),
-        MatRef::from_slice(&[], 2, 0).unwrap(),
-    )
-    .unwrap_err();
+    assert_eq!(Projections::<f32>::from_seed(0, 0, 4, 4).unwrap_err(), Error::ZeroRank);
+    assert_eq!(Projections::<f32>::from_arrays(vec![], vec![], 0, 4, 4).unwrap_err(), Error::ZeroRank);
+    assert_eq!(Adapter::new(vec![], vec![1.0]).unwrap_err(), Error::ZeroRank);
+    let e =
+        LayerProjections::<f32>::new(MatRef::from_slice(&[], 0, 3).unwrap(), MatRef::from_slice(&[], 2, 0).unwrap())
+            .unwrap_err();
     assert_eq!(e, Error::ZeroRank);
 }
 
@@ -282,55 +162,27 @@ fn layer_exceeds_projections() {
         Mode::Accumulate,
     )
     .unwrap_err();
-    assert_eq!(
-        e,
-        Error::LayerExceedsProjections {
-            what: "in_features",
-            layer: 11,
-            max: 10
-        }
-    );
+    assert_eq!(e, Error::LayerExceedsProjections { what: "in_features", layer: 11, max: 10 });
     assert!(e.to_string().contains("11") && e.to_string().contains("10"));
 
     let mut w = [0.0f32; 13 * 10];
-    let e = merge(
-        &proj(),
-        &adapter(13),
-        MatMut::from_slice(&mut w, 13, 10).unwrap(),
-    )
-    .unwrap_err();
-    assert_eq!(
-        e,
-        Error::LayerExceedsProjections {
-            what: "out_features",
-            layer: 13,
-            max: 12
-        }
-    );
-    let e = delta_weight(
-        &proj(),
-        &adapter(13),
-        MatMut::from_slice(&mut w, 13, 10).unwrap(),
-    )
-    .unwrap_err();
-    assert_eq!(
-        e,
-        Error::LayerExceedsProjections {
-            what: "out_features",
-            layer: 13,
-            max: 12
-        }
-    );
+    let e = merge(&proj(), &adapter(13), MatMut::from_slice(&mut w, 13, 10).unwrap()).unwrap_err();
+    assert_eq!(e, Error::LayerExceedsProjections { what: "out_features", layer: 13, max: 12 });
+    let e = delta_weight(&proj(), &adapter(13), MatMut::from_slice(&mut w, 13, 10).unwrap()).unwrap_err();
+    assert_eq!(e, Error::LayerExceedsProjections { what: "out_features", layer: 13, max: 12 });
 }
 
 #[test]
 fn unknown_dtype() {
     let e = "float64".parse::<DType>().unwrap_err();
-    assert_eq!(
-        e,
-        Error::UnknownDType {
-            name: "float64".into()
-        }
-    );
+    assert_eq!(e, Error::UnknownDType { name: "float64".into() });
     assert!(e.to_string().contains("f32, f16, bf16"));
+}
+
+#[test]
+fn unknown_isa() {
+    let e = "sse9".parse::<Isa>().unwrap_err();
+    assert_eq!(e, Error::UnknownIsa { name: "sse9".into() });
+    assert!(e.to_string().contains("avx512bf16, avx512, avx2, portable"));
+    assert_eq!("portable".parse::<Isa>().unwrap(), Isa::Portable);
 }

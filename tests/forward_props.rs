@@ -6,19 +6,19 @@
 use proptest::prelude::*;
 use vera_kernels::rng::TorchCpuGenerator;
 use vera_kernels::{
-    bf16, f16, forward_layer, merge, reference, unmerge, Adapter, Element, LayerProjections,
-    MatMut, MatRef, Mode, Projections, BLOCK_ROWS,
+    bf16, f16, forward_layer, merge, reference, unmerge, Adapter, Element, LayerProjections, MatMut, MatRef, Mode,
+    Projections, BLOCK_ROWS,
 };
 
 /// A dimension: small random sizes, 1, primes, and one past every block / tile / vector width the
-/// CPU kernels use (4-row and 4-column tiles, 8 lanes, 16-wide update tiles and column chunks,
-/// BLOCK_ROWS-row blocks).
+/// CPU kernels use (8-row tiles, 8 and 16 lanes, 32-column panels, 32-row merge blocks,
+/// BLOCK_ROWS-row blocks), plus an exact panel width.
 fn dim(max_random: usize) -> impl Strategy<Value = usize> {
     prop_oneof![
         1..=max_random,
         Just(1),
         prop::sample::select(vec![2usize, 3, 5, 7, 13, 31, 37, 61]),
-        prop::sample::select(vec![5usize, 9, 17, 33, BLOCK_ROWS + 1, 2 * BLOCK_ROWS + 1]),
+        prop::sample::select(vec![5usize, 9, 17, 32, 33, BLOCK_ROWS + 1, 2 * BLOCK_ROWS + 1]),
     ]
 }
 
@@ -45,21 +45,19 @@ fn case() -> impl Strategy<Value = Case> {
         (0usize..5, 0usize..5, 0usize..4, 0usize..4),
         (any::<bool>(), any::<bool>(), any::<u64>()),
     )
-        .prop_map(
-            |((t, n, m, r), (n_extra, m_extra, x_pad, y_pad), (bias, accumulate, seed))| Case {
-                t,
-                n,
-                m,
-                r,
-                n_extra,
-                m_extra,
-                x_pad,
-                y_pad,
-                bias,
-                accumulate,
-                seed,
-            },
-        )
+        .prop_map(|((t, n, m, r), (n_extra, m_extra, x_pad, y_pad), (bias, accumulate, seed))| Case {
+            t,
+            n,
+            m,
+            r,
+            n_extra,
+            m_extra,
+            x_pad,
+            y_pad,
+            bias,
+            accumulate,
+            seed,
+        })
 }
 
 fn values(g: &mut TorchCpuGenerator, len: usize, scale: f64) -> Vec<f32> {
@@ -91,36 +89,17 @@ fn inputs<T: Element>(c: &Case) -> Inputs<T> {
     }
     let x = to::<T>(&values(&mut g, c.t * (c.n + c.x_pad), 2.0));
     let y0 = to::<T>(&values(&mut g, c.t * (c.m + c.y_pad), 2.0));
-    Inputs {
-        projections,
-        adapter,
-        x,
-        y0,
-    }
+    Inputs { projections, adapter, x, y0 }
 }
 
 fn run_forward<T: Element>(c: &Case, inp: &Inputs<T>, threads: usize) -> Vec<T> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     let mut y = inp.y0.clone();
     let layer = inp.projections.slice(c.n, c.m).unwrap();
     let x = MatRef::new(&inp.x, c.t, c.n, c.n + c.x_pad).unwrap();
-    let mode = if c.accumulate {
-        Mode::Accumulate
-    } else {
-        Mode::Overwrite
-    };
+    let mode = if c.accumulate { Mode::Accumulate } else { Mode::Overwrite };
     pool.install(|| {
-        forward_layer(
-            layer,
-            &inp.adapter,
-            x,
-            MatMut::new(&mut y, c.t, c.m, c.m + c.y_pad).unwrap(),
-            mode,
-        )
-        .unwrap()
+        forward_layer(layer, &inp.adapter, x, MatMut::new(&mut y, c.t, c.m, c.m + c.y_pad).unwrap(), mode).unwrap()
     });
     y
 }
@@ -144,17 +123,11 @@ fn check_forward<T: Element>(c: &Case) -> Result<(), TestCaseError> {
         for i in 0..c.m {
             let got = y1[t * stride + i].to_f64();
             let (w, b) = (want[t * c.m + i], bound[t * c.m + i]);
-            prop_assert!(
-                (got - w).abs() <= b,
-                "y[{t},{i}] = {got}, reference {w}, bound {b}"
-            );
+            prop_assert!((got - w).abs() <= b, "y[{t},{i}] = {got}, reference {w}, bound {b}");
         }
         // Padding between rows is never touched.
         for i in c.m..stride {
-            prop_assert_eq!(
-                y1[t * stride + i].to_f64().to_bits(),
-                inp.y0[t * stride + i].to_f64().to_bits()
-            );
+            prop_assert_eq!(y1[t * stride + i].to_f64().to_bits(), inp.y0[t * stride + i].to_f64().to_bits());
         }
     }
     Ok(())
@@ -170,27 +143,14 @@ fn check_merge<T: Element>(c: &Case) -> Result<(), TestCaseError> {
     let bound = reference::delta_error_bound(layer, &inp.adapter, Some(w_ref)).unwrap();
 
     let merged_with = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         let mut w = w0.clone();
-        pool.install(|| {
-            merge(
-                &inp.projections,
-                &inp.adapter,
-                MatMut::from_slice(&mut w, c.m, c.n).unwrap(),
-            )
-            .unwrap()
-        });
+        pool.install(|| merge(&inp.projections, &inp.adapter, MatMut::from_slice(&mut w, c.m, c.n).unwrap()).unwrap());
         w
     };
     let w1 = merged_with(1);
     let w2 = merged_with(2);
-    prop_assert!(w1
-        .iter()
-        .zip(&w2)
-        .all(|(a, b)| a.to_f64().to_bits() == b.to_f64().to_bits()));
+    prop_assert!(w1.iter().zip(&w2).all(|(a, b)| a.to_f64().to_bits() == b.to_f64().to_bits()));
     for (idx, got) in w1.iter().enumerate() {
         let want = w0[idx].to_f64() + dw[idx];
         prop_assert!(
@@ -202,12 +162,7 @@ fn check_merge<T: Element>(c: &Case) -> Result<(), TestCaseError> {
 
     // Unmerging subtracts the same ΔW: back to W0 within the same bound around the merged weight.
     let mut w = w1.clone();
-    unmerge(
-        &inp.projections,
-        &inp.adapter,
-        MatMut::from_slice(&mut w, c.m, c.n).unwrap(),
-    )
-    .unwrap();
+    unmerge(&inp.projections, &inp.adapter, MatMut::from_slice(&mut w, c.m, c.n).unwrap()).unwrap();
     let merged_ref = MatRef::from_slice(&w1, c.m, c.n).unwrap();
     let back_bound = reference::delta_error_bound(layer, &inp.adapter, Some(merged_ref)).unwrap();
     for (idx, got) in w.iter().enumerate() {
@@ -283,11 +238,7 @@ fn overwrite_ignores_nan_in_y_and_nan_in_x_propagates() {
         Mode::Overwrite,
     )
     .unwrap();
-    assert!(
-        y[..m].iter().all(|v| v.is_finite()),
-        "row 0 has no NaN input: {:?}",
-        &y[..m]
-    );
+    assert!(y[..m].iter().all(|v| v.is_finite()), "row 0 has no NaN input: {:?}", &y[..m]);
     assert!(y[m..2 * m].iter().all(|v| v.is_nan()));
     assert!(y[2 * m..].iter().all(|v| !v.is_finite()));
 }

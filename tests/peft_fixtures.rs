@@ -5,9 +5,7 @@
 mod common;
 
 use common::{fixture_dir, read_f32_tensors, rel_err};
-use vera_kernels::{
-    delta_weight, forward, merge, unmerge, Adapter, MatMut, MatRef, Mode, Projections,
-};
+use vera_kernels::{delta_weight, forward, merge, unmerge, Adapter, MatMut, MatRef, Mode, Projections};
 
 /// Layer sizes of the fixture model: layers.l maps SIZES[l] -> SIZES[l + 1].
 const SIZES: [usize; 4] = [48, 40, 64, 24];
@@ -42,19 +40,14 @@ fn check_fixture(name: &str, projections: &Projections<f32>) {
         )
         .unwrap();
         let e = rel_err(&y, &get("adapter_y").1);
-        assert!(
-            e <= TOL,
-            "{name} layers.{l} adapter_y: relative error {e:e}"
-        );
+        assert!(e <= TOL, "{name} layers.{l} adapter_y: relative error {e:e}");
 
         // The whole layer: base = x·Wᵀ + b (f64, rounded once), then accumulate the adapter.
         let (w, bias) = (&get("weight").1, &get("bias").1);
         let mut y: Vec<f32> = (0..t * m)
             .map(|idx| {
                 let (ti, i) = (idx / m, idx % m);
-                let dot: f64 = (0..n)
-                    .map(|k| f64::from(x[ti * n + k]) * f64::from(w[i * n + k]))
-                    .sum();
+                let dot: f64 = (0..n).map(|k| f64::from(x[ti * n + k]) * f64::from(w[i * n + k])).sum();
                 (dot + f64::from(bias[i])) as f32
             })
             .collect();
@@ -71,50 +64,24 @@ fn check_fixture(name: &str, projections: &Projections<f32>) {
 
         // ΔW and the merged weight.
         let mut dw = vec![0.0f32; m * n];
-        delta_weight(
-            projections,
-            &adapter,
-            MatMut::from_slice(&mut dw, m, n).unwrap(),
-        )
-        .unwrap();
+        delta_weight(projections, &adapter, MatMut::from_slice(&mut dw, m, n).unwrap()).unwrap();
         let e = rel_err(&dw, &get("delta_weight").1);
-        assert!(
-            e <= TOL,
-            "{name} layers.{l} delta_weight: relative error {e:e}"
-        );
+        assert!(e <= TOL, "{name} layers.{l} delta_weight: relative error {e:e}");
 
         let mut merged = w.clone();
-        merge(
-            projections,
-            &adapter,
-            MatMut::from_slice(&mut merged, m, n).unwrap(),
-        )
-        .unwrap();
+        merge(projections, &adapter, MatMut::from_slice(&mut merged, m, n).unwrap()).unwrap();
         let e = rel_err(&merged, &get("merged_weight").1);
-        assert!(
-            e <= TOL,
-            "{name} layers.{l} merged_weight: relative error {e:e}"
-        );
+        assert!(e <= TOL, "{name} layers.{l} merged_weight: relative error {e:e}");
 
-        unmerge(
-            projections,
-            &adapter,
-            MatMut::from_slice(&mut merged, m, n).unwrap(),
-        )
-        .unwrap();
+        unmerge(projections, &adapter, MatMut::from_slice(&mut merged, m, n).unwrap()).unwrap();
         let e = rel_err(&merged, w);
-        assert!(
-            e <= TOL,
-            "{name} layers.{l} unmerged weight: relative error {e:e}"
-        );
+        assert!(e <= TOL, "{name} layers.{l} unmerged weight: relative error {e:e}");
     }
 }
 
 #[test]
 fn saved_projections_fixture_is_reproduced() {
-    let file = read_f32_tensors(&fixture_dir(
-        "peft-vera-mlp/adapter/adapter_model.safetensors",
-    ));
+    let file = read_f32_tensors(&fixture_dir("peft-vera-mlp/adapter/adapter_model.safetensors"));
     let (a_shape, a) = file["base_model.vera_A"].clone();
     let (b_shape, b) = file["base_model.vera_B"].clone();
     assert_eq!((a_shape, b_shape), (vec![R, N_MAX], vec![M_MAX, R]));
@@ -125,9 +92,7 @@ fn saved_projections_fixture_is_reproduced() {
 #[test]
 fn seeded_projections_are_bit_identical_to_the_ones_peft_saved() {
     // peft-vera-mlp was made with projection_prng_key = 0 and save_projection = True.
-    let file = read_f32_tensors(&fixture_dir(
-        "peft-vera-mlp/adapter/adapter_model.safetensors",
-    ));
+    let file = read_f32_tensors(&fixture_dir("peft-vera-mlp/adapter/adapter_model.safetensors"));
     let generated = Projections::<f32>::from_seed(0, R, N_MAX, M_MAX).unwrap();
     let (a, b) = generated.as_slices();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -139,9 +104,7 @@ fn seeded_projections_are_bit_identical_to_the_ones_peft_saved() {
 fn unsaved_projections_fixture_is_reproduced_from_its_seed() {
     // peft-vera-mlp-seeded has save_projection = False and projection_prng_key = 7: its projections
     // are not in the file, so PEFT's outputs are reachable only by regenerating them.
-    let file = read_f32_tensors(&fixture_dir(
-        "peft-vera-mlp-seeded/adapter/adapter_model.safetensors",
-    ));
+    let file = read_f32_tensors(&fixture_dir("peft-vera-mlp-seeded/adapter/adapter_model.safetensors"));
     assert!(!file.contains_key("base_model.vera_A"));
     let projections = Projections::<f32>::from_seed(7, R, N_MAX, M_MAX).unwrap();
     check_fixture("peft-vera-mlp-seeded", &projections);

@@ -1,47 +1,100 @@
-//! The CPU backend: a dispatch table of micro-kernels per element type (chosen once per process),
-//! and the rayon drivers that block the work and split it across threads.
+//! The CPU backend: a kernel table per element type (the ISA tier is chosen once per process),
+//! packing of the shared projections, and the rayon drivers that block the work over threads.
 //!
-//! Determinism: every output element is produced by one kernel call whose arithmetic depends only
-//! on its row of the left operand and its row of the right one (never on the tile or the block it
-//! falls in), so any split across threads gives bitwise identical results.
+//! Every product is `out[row, col] = Σ_k left[row, k] · right[col, k]` with `right` packed in
+//! column panels (see `packed`). Determinism: each output element is produced by one chain of f32
+//! operations that depends only on its row of `left` and its column of `right`, never on the tile,
+//! block or thread it falls in, so any split across threads gives bitwise identical results.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod packed;
 mod portable;
 
 use std::cell::Cell;
+use std::ops::Range;
 use std::sync::OnceLock;
 
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::adapter::Adapter;
-use crate::dtype::Element;
-use crate::mat::{MatMut, MatPtr, MatRef};
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::mat::{MatMut, MatRef};
 use crate::ops::Mode;
 use crate::projections::LayerProjections;
+pub use packed::Panels;
+use packed::{Bcast, Sink, NR};
 
-/// Rows of `x` per block: the unit of parallel work for large `T`, and the height of the
-/// per-thread scratch `u [T_BLOCK, r]`.
-pub(crate) const T_BLOCK: usize = 32;
+/// Rows of `x` per block: the unit of parallel work for large `T`. Scratch per thread is
+/// `T_BLOCK · (r + n)` f32 at most.
+pub(crate) const T_BLOCK: usize = 64;
 
 /// Rows of `W` per task of merge / unmerge / ΔW.
-const W_BLOCK: usize = 16;
+const W_BLOCK: usize = 32;
 
-/// Column chunks of a small-`T` split are multiples of this (a multiple of every tile width).
-const COL_QUANTUM: usize = 16;
-
-/// The instruction-set tier the CPU kernels run on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The instruction-set tier the CPU kernels run on, from slowest to fastest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[non_exhaustive]
 pub enum Isa {
-    /// Portable SIMD through the `wide` crate (any target; SSE2 on baseline x86-64, NEON on aarch64).
+    /// Portable SIMD through the `wide` crate (any CPU: SSE2 on baseline x86-64, NEON on aarch64).
     Portable,
+    /// x86-64 AVX-512 F/BW/VL with FMA and F16C: 32-column f32 tiles, f16/bf16 widened in registers.
+    Avx512,
+    /// AVX-512 plus AVX512_BF16: bf16 down-projections with `vdpbf16ps` (other dtypes as `Avx512`).
+    Avx512Bf16,
 }
 
 impl Isa {
-    /// The tier's name as printed by `vera bench` (`portable`).
+    /// The tier's name, as `vera bench` prints it and `VERA_KERNELS_ISA` takes it.
     pub fn name(self) -> &'static str {
         match self {
             Isa::Portable => "portable",
+            Isa::Avx512 => "avx512",
+            Isa::Avx512Bf16 => "avx512bf16",
+        }
+    }
+
+    /// The best tier this CPU supports (detected once).
+    pub fn detected() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if avx512::has_avx512_bf16() {
+                    return Isa::Avx512Bf16;
+                }
+                if avx512::has_avx512() {
+                    return Isa::Avx512;
+                }
+            }
+            Isa::Portable
+        })
+    }
+
+    /// The tier in use: [`Isa::detected`], capped by the environment variable `VERA_KERNELS_ISA`
+    /// (`avx512bf16`, `avx512`, `avx2` or `portable`) when it is set to one of those names; `avx2`
+    /// caps at `portable` for now (there is no AVX2 tier yet). Read once per process.
+    pub fn selected() -> Isa {
+        static SELECTED: OnceLock<Isa> = OnceLock::new();
+        *SELECTED.get_or_init(|| {
+            let cap = std::env::var("VERA_KERNELS_ISA").ok().and_then(|v| v.parse::<Isa>().ok());
+            cap.map_or(Isa::detected(), |c| c.min(Isa::detected()))
+        })
+    }
+}
+
+impl std::str::FromStr for Isa {
+    type Err = Error;
+
+    /// Parses a tier name as `VERA_KERNELS_ISA` takes it.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "avx512bf16" => Ok(Isa::Avx512Bf16),
+            "avx512" => Ok(Isa::Avx512),
+            "avx2" | "portable" => Ok(Isa::Portable),
+            other => Err(Error::UnknownIsa { name: other.to_string() }),
         }
     }
 }
@@ -52,13 +105,14 @@ impl std::fmt::Display for Isa {
     }
 }
 
-/// The tier the kernels for `T` run on in this process (detected once, then cached).
+/// The tier the kernels for `T` run on in this process (f32 and f16 never use the bf16 tier's
+/// dot-product instruction, so they report `avx512` on an `avx512bf16` machine).
 pub fn active_isa<T: Element>() -> Isa {
     T::kernels().isa
 }
 
 /// What the up-projection's epilogue does with each dot product `d` of output column `i`:
-/// `y = (accumulate ? y : 0) + scale[i]·d + bias[i]`.
+/// `y = (accumulate ? y : 0) + scale[i]·d + bias[i]`, in that order.
 #[derive(Clone, Copy, Debug)]
 pub struct Epilogue<'a> {
     pub(crate) scale: Option<&'a [f32]>,
@@ -66,16 +120,7 @@ pub struct Epilogue<'a> {
     pub(crate) accumulate: bool,
 }
 
-impl<'a> Epilogue<'a> {
-    /// The epilogue of output columns `c0 .. c0 + len`.
-    fn cols(&self, c0: usize, len: usize) -> Self {
-        Self {
-            scale: self.scale.map(|s| &s[c0..c0 + len]),
-            bias: self.bias.map(|b| &b[c0..c0 + len]),
-            accumulate: self.accumulate,
-        }
-    }
-
+impl Epilogue<'_> {
     #[inline(always)]
     pub(crate) fn apply(&self, i: usize, dot: f32, old: f32) -> f32 {
         let mut v = match self.scale {
@@ -114,31 +159,39 @@ impl Update {
     }
 }
 
-/// `out[t, j] = scale[j] · Σ_k x[t, k]·w[j, k]` into an f32 output.
-pub(crate) type DownFn<T> = unsafe fn(MatRef<'_, T>, MatRef<'_, T>, Option<&[f32]>, MatPtr<f32>);
-/// `y[t, i] = epilogue(Σ_j u[t, j]·w[i, j])`.
-pub(crate) type UpFn<X, T> = unsafe fn(MatRef<'_, X>, MatRef<'_, T>, &Epilogue<'_>, MatPtr<T>);
-/// `out[i, k] = update(out[i, k], Σ_j c[i, j]·a[j, k])`.
-pub(crate) type UpdateFn<T> = unsafe fn(MatRef<'_, f32>, MatRef<'_, T>, Update, MatPtr<T>);
+/// `sink[row, col] <- Σ_k left[row, k]·right[col, k]` over the panels in the range.
+pub(crate) type GemmFn<W, T> = unsafe fn(Bcast<'_, f32>, &Panels<W>, Range<usize>, &Sink<'_, T>);
+/// The same with bf16 activations (as bits) against k-pair panels (`vdpbf16ps`).
+pub(crate) type PairGemmFn<T> = unsafe fn(Bcast<'_, u16>, &Panels<u32>, Range<usize>, &Sink<'_, T>);
 
-/// The micro-kernels of one element type on one ISA tier.
-///
-/// Every kernel writes through a [`MatPtr`]; the caller guarantees that no other thread touches
-/// the rectangle it passes while the call runs.
+/// The micro-kernels of one element type on one ISA tier. Each kernel writes through the sink; the
+/// caller guarantees that the rows and panel columns it passes are its own while the call runs.
 pub struct Kernels<T: 'static> {
     pub(crate) isa: Isa,
-    /// `out[t, j] = scale[j] · Σ_k x[t, k]·w[j, k]` (f32 out): the down-projection.
-    pub(crate) down: DownFn<T>,
-    /// `y[t, i] = epilogue(Σ_j u[t, j]·w[i, j])` with f32 `u`: the up-projection.
-    pub(crate) up: UpFn<f32, T>,
-    /// `y[t, i] = epilogue(Σ_k x[t, k]·w[i, k])` with `x` in `T`: the dense baseline's product.
-    pub(crate) dense: UpFn<T, T>,
-    /// `out[i, k] = update(out[i, k], Σ_j c[i, j]·a[j, k])`: ΔW, merge and unmerge.
-    pub(crate) update: UpdateFn<T>,
+    /// Weights in `T` (projections, the dense baseline's ΔW).
+    pub(crate) gemm: GemmFn<T, T>,
+    /// Weights in f32 (the dense baseline's `diag(lambda_b)·B·diag(lambda_d)`).
+    pub(crate) gemm_f32: GemmFn<f32, T>,
+    /// bf16 k-pair dot products, where the tier has them.
+    pub(crate) gemm_pairs: Option<PairGemmFn<T>>,
 }
 
-fn select<T: Element>() -> Kernels<T> {
-    portable::kernels::<T>()
+#[cfg(target_arch = "x86_64")]
+use avx512::Simd16 as TierElement;
+/// Element types every tier of this target implements (all three).
+#[cfg(not(target_arch = "x86_64"))]
+trait TierElement {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: Element> TierElement for T {}
+
+fn select<T: Element + TierElement>() -> Kernels<T> {
+    match Isa::selected() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Bf16 => avx512::kernels::<T>(true),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::kernels::<T>(false),
+        _ => portable::kernels::<T>(),
+    }
 }
 
 macro_rules! kernel_table {
@@ -152,6 +205,49 @@ macro_rules! kernel_table {
     )*};
 }
 kernel_table!(f32, f16, bf16);
+
+/// The down-projection weights in the layout of the tier that packed them.
+#[derive(Clone, Debug, PartialEq)]
+enum DownPanels<T> {
+    /// A `[r, n_max]` as `r`-column panels over k = n (f32 FMA on widened weights).
+    Wide(Panels<T>),
+    /// bf16 A as panels over k-pairs, each u32 = (A[j][2p], A[j][2p + 1]) (`vdpbf16ps`).
+    Pairs(Panels<u32>),
+}
+
+/// The shared projections packed for the active tier: built once per model, used by every layer
+/// and thread.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedProjections<T> {
+    down: DownPanels<T>,
+    /// B `[m_max, r]` as `m_max`-column panels over k = r.
+    up: Panels<T>,
+}
+
+impl<T> PackedProjections<T> {
+    /// Bytes the packed weights take.
+    pub(crate) fn bytes(&self) -> usize {
+        let down = match &self.down {
+            DownPanels::Wide(p) => p.num_panels() * p.k_cap() * NR * std::mem::size_of::<T>(),
+            DownPanels::Pairs(p) => p.num_panels() * p.k_cap() * NR * 4,
+        };
+        down + self.up.num_panels() * self.up.k_cap() * NR * std::mem::size_of::<T>()
+    }
+}
+
+/// Packs A `[r, n]` and B `[m, r]` for the kernels of `T`.
+pub(crate) fn pack_projections<T: Element>(a: MatRef<'_, T>, b: MatRef<'_, T>) -> PackedProjections<T> {
+    let (r, n) = (a.rows(), a.cols());
+    let down = if T::kernels().gemm_pairs.is_some() {
+        // Only bf16 has pair kernels: its bits are the top half of its f32 value.
+        let bits = |j: usize, k: usize| if k < n { a.row_unchecked(j)[k].to_f32().to_bits() >> 16 } else { 0 };
+        DownPanels::Pairs(Panels::from_fn(r, n.div_ceil(2), |j, p| bits(j, 2 * p) | (bits(j, 2 * p + 1) << 16)))
+    } else {
+        DownPanels::Wide(Panels::from_fn(r, n, |j, k| a.row_unchecked(j)[k]))
+    };
+    let up = Panels::from_fn(b.rows(), r, |i, j| b.row_unchecked(i)[j]);
+    PackedProjections { down, up }
+}
 
 /// Runs `f` with this thread's reusable f32 scratch of at least `len` elements.
 ///
@@ -170,35 +266,97 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     out
 }
 
-/// Calls `f(c0, len)` for column chunks covering `0..cols`, in parallel when there is more than one
-/// thread. Chunk boundaries only change which thread computes a column, never how.
-fn par_cols(cols: usize, f: impl Fn(usize, usize) + Sync) {
+/// Calls `f` on ranges of panels covering `0..panels`: across threads when `split` (the decode
+/// regime), else all at once. The split changes which thread computes a column, never how.
+fn for_panels(panels: usize, split: bool, f: impl Fn(Range<usize>) + Sync) {
     let threads = rayon::current_num_threads();
-    if threads <= 1 || cols <= COL_QUANTUM {
-        f(0, cols);
+    if !split || threads <= 1 || panels <= 1 {
+        f(0..panels);
         return;
     }
-    let chunk = cols.div_ceil(threads * 4).next_multiple_of(COL_QUANTUM);
-    (0..cols.div_ceil(chunk)).into_par_iter().for_each(|c| {
-        let c0 = c * chunk;
-        f(c0, chunk.min(cols - c0));
-    });
+    let chunk = panels.div_ceil(threads * 2).max(1);
+    (0..panels.div_ceil(chunk)).into_par_iter().for_each(|c| f(c * chunk..panels.min((c + 1) * chunk)));
 }
 
-/// Splits `rows x cols` of output work: by blocks of `T_BLOCK` rows when there are enough blocks
-/// to feed every thread, else block by block with the columns split across threads.
-fn par_rect(rows: usize, cols: usize, f: impl Fn(usize, usize, usize, usize) + Sync) {
-    let blocks = rows.div_ceil(T_BLOCK);
+/// Calls `f(t0, rows, split)` for blocks of `block` rows covering `0..rows`: in parallel over
+/// blocks when there are enough to feed every thread (prefill), else one after the other with
+/// `split` set so that `f` spreads each block's columns over the threads (decode).
+fn for_blocks(rows: usize, block: usize, f: impl Fn(usize, usize, bool) + Sync) {
+    let blocks = rows.div_ceil(block);
     if blocks >= rayon::current_num_threads() {
-        (0..blocks).into_par_iter().for_each(|b| {
-            let t0 = b * T_BLOCK;
-            f(t0, T_BLOCK.min(rows - t0), 0, cols);
-        });
+        (0..blocks).into_par_iter().for_each(|b| f(b * block, block.min(rows - b * block), false));
     } else {
         for b in 0..blocks {
-            let t0 = b * T_BLOCK;
-            par_cols(cols, |c0, nc| f(t0, T_BLOCK.min(rows - t0), c0, nc));
+            f(b * block, block.min(rows - b * block), true);
         }
+    }
+}
+
+/// Scratch (f32 elements) that [`down`] needs to widen `rows x n` activations of `T`.
+fn widen_len<T: Element>(packed: &PackedProjections<T>, rows: usize, n: usize) -> usize {
+    let pairs = matches!(packed.down, DownPanels::Pairs(_));
+    if T::DTYPE == DType::F32 || pairs {
+        0
+    } else {
+        rows * n
+    }
+}
+
+/// Left operand of a product over `x` rows: `x` itself for f32, else `x` widened into `scratch`.
+fn x_as_f32<'s, T: Element>(x: MatRef<'s, T>, scratch: &'s mut [f32]) -> Bcast<'s, f32> {
+    let (rows, n) = (x.rows(), x.cols());
+    if T::DTYPE == DType::F32 {
+        return Bcast::new(bytemuck::cast_slice(x.as_slice()), rows, n, x.row_stride(), 1);
+    }
+    for (t, dst) in scratch.chunks_mut(n.max(1)).take(rows).enumerate() {
+        T::widen_slice(x.row_unchecked(t), dst);
+    }
+    Bcast::new(scratch, rows, n, n, 1)
+}
+
+/// `sink[t, j] <- Σ_k x[t, k]·A[j, k]` for the rows of `x` (the down-projection).
+fn down<T: Element>(
+    packed: &PackedProjections<T>,
+    x: MatRef<'_, T>,
+    scratch: &mut [f32],
+    r: usize,
+    sink: &Sink<'_, T>,
+    split: bool,
+) {
+    let k = T::kernels();
+    let panels = r.div_ceil(NR);
+    match (&packed.down, k.gemm_pairs) {
+        (DownPanels::Pairs(p), Some(gemm_pairs)) => {
+            let bits: &[u16] = bytemuck::cast_slice(x.as_slice());
+            let left = Bcast::new(bits, x.rows(), x.cols(), x.row_stride(), 1);
+            // SAFETY: the panels hold ceil(n / 2) pair rows (packed from A [r, n_max >= n]); the
+            // caller owns the sink's rows, and for_panels hands out disjoint panel ranges.
+            for_panels(panels, split, |range| unsafe { gemm_pairs(left, p, range, sink) });
+        }
+        (DownPanels::Wide(p), _) => {
+            let left = x_as_f32(x, scratch);
+            // SAFETY: as above, with k_len = n <= n_max = k_cap.
+            for_panels(panels, split, |range| unsafe { (k.gemm)(left, p, range, sink) });
+        }
+        (DownPanels::Pairs(_), None) => unreachable!("pair panels are only packed for tiers with pair kernels"),
+    }
+}
+
+/// `y (op)= epilogue(u·Bᵀ)` for the rows of `u` (the up-projection).
+fn up<T: Element>(packed: &PackedProjections<T>, u: Bcast<'_, f32>, m: usize, sink: &Sink<'_, T>, split: bool) {
+    let k = T::kernels();
+    // SAFETY: k_len = r = k_cap of the B panels; the caller owns the sink's rows, and
+    // for_panels hands out disjoint panel ranges.
+    for_panels(m.div_ceil(NR), split, |range| unsafe { (k.gemm)(u, &packed.up, range, sink) });
+}
+
+fn packed_or_owned<'p, T: Element>(
+    layer: &LayerProjections<'p, T>,
+    owned: &'p mut Option<PackedProjections<T>>,
+) -> &'p PackedProjections<T> {
+    match layer.packed() {
+        Some(p) => p,
+        None => owned.insert(pack_projections(layer.a(), layer.b())),
     }
 }
 
@@ -210,71 +368,26 @@ pub(crate) fn forward<T: Element>(
     mut y: MatMut<'_, T>,
     mode: Mode,
 ) {
-    let (rows, r, m) = (x.rows(), layer.rank(), layer.out_features());
+    let (rows, n, r, m) = (x.rows(), x.cols(), layer.rank(), layer.out_features());
     if rows == 0 || m == 0 {
         return;
     }
-    let k = T::kernels();
-    let (a, b) = (layer.a(), layer.b());
-    let ld = adapter.lambda_d();
-    let epi = Epilogue {
-        scale: Some(adapter.lambda_b()),
-        bias: adapter.bias(),
-        accumulate: mode == Mode::Accumulate,
-    };
+    let mut owned = None;
+    let packed = packed_or_owned(&layer, &mut owned);
+    let epi = Epilogue { scale: Some(adapter.lambda_b()), bias: adapter.bias(), accumulate: mode == Mode::Accumulate };
     let yp = y.as_ptr_mat();
-    let blocks = rows.div_ceil(T_BLOCK);
-    if blocks >= rayon::current_num_threads() {
-        // Prefill: each block computes u [tb, r] into its thread's scratch and up-projects it at
-        // once, while it is still in cache.
-        (0..blocks).into_par_iter().for_each(|blk| {
-            let t0 = blk * T_BLOCK;
-            let tb = T_BLOCK.min(rows - t0);
-            with_scratch(tb * r, |u| {
-                let mut u = MatMut::from_slice(u, tb, r).expect("scratch sized tb * r");
-                // SAFETY: u is this task's own scratch; rows t0..t0+tb of y belong to this task only.
-                unsafe {
-                    (k.down)(x.row_range(t0, tb), a, Some(ld), u.as_ptr_mat());
-                    (k.up)(u.as_ref(), b, &epi, yp.sub(t0, tb, 0, m));
-                }
-            });
+    for_blocks(rows, T_BLOCK, |t0, tb, split| {
+        with_scratch(tb * r + widen_len(packed, tb, n), |buf| {
+            let (u, xw) = buf.split_at_mut(tb * r);
+            let mut u = MatMut::from_slice(u, tb, r).expect("scratch sized tb * r");
+            // u = lambda_d ⊙ (x·Aᵀ), into this block's scratch ...
+            let sink = Sink::F32 { out: u.as_ptr_mat(), scale: Some(adapter.lambda_d()) };
+            down(packed, x.row_range(t0, tb), xw, r, &sink, split);
+            // ... then up-projected at once, while it is in cache.
+            let left = Bcast::new(u.as_ref().as_slice(), tb, r, r, 1);
+            up(packed, left, m, &Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi }, split);
         });
-    } else {
-        // Decode: too few rows to feed every thread, so split r for the down-projection and m for
-        // the up-projection.
-        for blk in 0..blocks {
-            let t0 = blk * T_BLOCK;
-            let tb = T_BLOCK.min(rows - t0);
-            with_scratch(tb * r, |u| {
-                let mut u = MatMut::from_slice(u, tb, r).expect("scratch sized tb * r");
-                let up = u.as_ptr_mat();
-                let xb = x.row_range(t0, tb);
-                par_cols(r, |j0, nj| {
-                    // SAFETY: columns j0..j0+nj of u are this chunk's alone (par_cols is disjoint).
-                    unsafe {
-                        (k.down)(
-                            xb,
-                            a.row_range(j0, nj),
-                            Some(&ld[j0..j0 + nj]),
-                            up.sub(0, tb, j0, nj),
-                        )
-                    }
-                });
-                let u = u.as_ref();
-                par_cols(m, |i0, ni| {
-                    // SAFETY: columns i0..i0+ni of rows t0..t0+tb of y are this chunk's alone.
-                    unsafe {
-                        (k.up)(
-                            u,
-                            b.row_range(i0, ni),
-                            &epi.cols(i0, ni),
-                            yp.sub(t0, tb, i0, ni),
-                        )
-                    }
-                });
-            });
-        }
-    }
+    });
 }
 
 /// `w = update(w, ΔW)` for a whole layer, in blocks of rows (shapes already validated).
@@ -282,12 +395,17 @@ pub(crate) fn apply_delta<T: Element>(
     layer: LayerProjections<'_, T>,
     adapter: &Adapter,
     mut w: MatMut<'_, T>,
-    update: Update,
+    op: Update,
 ) {
-    let (m, r) = (layer.out_features(), layer.rank());
+    let (m, n, r) = (layer.out_features(), layer.in_features(), layer.rank());
+    if m == 0 || n == 0 {
+        return;
+    }
     let k = T::kernels();
     let (a, b) = (layer.a(), layer.b());
     let (ld, lb) = (adapter.lambda_d(), adapter.lambda_b());
+    // Aᵀ as n-column panels over k = r: output columns of W are A's columns.
+    let at = Panels::from_fn(n, r, |col, j| a.row_unchecked(j)[col]);
     let wp = w.as_ptr_mat();
     (0..m.div_ceil(W_BLOCK)).into_par_iter().for_each(|blk| {
         let i0 = blk * W_BLOCK;
@@ -300,38 +418,71 @@ pub(crate) fn apply_delta<T: Element>(
                     *cv = lb[i0 + i] * bv.to_f32() * dv;
                 }
             }
-            let c = MatRef::from_slice(c, ib, r).expect("scratch sized ib * r");
-            // SAFETY: rows i0..i0+ib of w belong to this task only.
-            unsafe { (k.update)(c, a, update, wp.sub(i0, ib, 0, wp.cols())) };
+            let left = Bcast::new(c, ib, r, r, 1);
+            let sink = Sink::Update { out: wp.sub(i0, ib, 0, n), op };
+            // SAFETY: k_len = r = k_cap; rows i0..i0+ib of w belong to this task only.
+            unsafe { (k.gemm)(left, &at, 0..n.div_ceil(NR), &sink) };
         });
     });
 }
 
-/// `y = (acc ? y : 0) + x·dwᵀ + bias`: the second step of the dense baseline.
-pub(crate) fn dense_product<T: Element>(
+/// Reusable buffers of the dense baseline: ΔW packed as weight panels, and A widened to f32.
+#[derive(Debug, Default)]
+pub struct DenseBuffers<T> {
+    dw: Option<Panels<T>>,
+    a_wide: Vec<f32>,
+}
+
+/// The dense baseline: forms ΔW (in `T`, as weight panels), then `y (op)= x·ΔWᵀ + bias`.
+pub(crate) fn dense<T: Element>(
+    layer: LayerProjections<'_, T>,
+    adapter: &Adapter,
     x: MatRef<'_, T>,
-    dw: MatRef<'_, T>,
-    bias: Option<&[f32]>,
     mut y: MatMut<'_, T>,
     mode: Mode,
+    bufs: &mut DenseBuffers<T>,
 ) {
+    let (rows, n, r, m) = (x.rows(), x.cols(), layer.rank(), layer.out_features());
+    if m == 0 {
+        return;
+    }
     let k = T::kernels();
-    let epi = Epilogue {
-        scale: None,
-        bias,
-        accumulate: mode == Mode::Accumulate,
-    };
-    let yp = y.as_ptr_mat();
-    par_rect(x.rows(), dw.rows(), |t0, tb, c0, nc| {
-        // SAFETY: par_rect hands out disjoint rectangles of y.
-        unsafe {
-            (k.dense)(
-                x.row_range(t0, tb),
-                dw.row_range(c0, nc),
-                &epi.cols(c0, nc),
-                yp.sub(t0, tb, c0, nc),
-            )
+    let (a, b) = (layer.a(), layer.b());
+    let (ld, lb) = (adapter.lambda_d(), adapter.lambda_b());
+    // ΔWᵀ[col, i] = Σ_j Aᵀ[col, j] · C[i, j], C = diag(lb)·B·diag(ld): rows of the product are
+    // A's columns, so it lands directly in the panel layout the second product reads.
+    let c = Panels::from_fn(m, r, |i, j| lb[i] * b.row_unchecked(i)[j].to_f32() * ld[j]);
+    let left = if T::DTYPE == DType::F32 {
+        Bcast::new(bytemuck::cast_slice(a.as_slice()), n, r, 1, a.row_stride())
+    } else {
+        bufs.a_wide.resize(r * n, 0.0);
+        for (j, dst) in bufs.a_wide.chunks_mut(n.max(1)).take(r).enumerate() {
+            T::widen_slice(a.row_unchecked(j), dst);
         }
+        Bcast::new(&bufs.a_wide, n, r, 1, n)
+    };
+    let dw = match &mut bufs.dw {
+        Some(p) if p.cols() == m && p.k_cap() == n => p,
+        slot => slot.insert(Panels::with_shape(m, n)),
+    };
+    let dwp = dw.as_mut_ptr();
+    for_blocks(n, T_BLOCK, |k0, kb, split| {
+        let sink = Sink::Panels { out: dwp.offset_rows(k0) };
+        // SAFETY: k_len = r = k_cap of c; rows k0..k0+kb of the ΔW panels belong to this block,
+        // and for_panels hands out disjoint panel ranges.
+        for_panels(m.div_ceil(NR), split, |range| unsafe { (k.gemm_f32)(left.rows(k0, kb), &c, range, &sink) });
+    });
+    let dw = &*dw;
+    let epi = Epilogue { scale: None, bias: adapter.bias(), accumulate: mode == Mode::Accumulate };
+    let yp = y.as_ptr_mat();
+    for_blocks(rows, T_BLOCK, |t0, tb, split| {
+        with_scratch(if T::DTYPE == DType::F32 { 0 } else { tb * n }, |xw| {
+            let left = x_as_f32(x.row_range(t0, tb), xw);
+            let sink = Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi };
+            // SAFETY: k_len = n = k_cap of ΔW; rows t0..t0+tb of y are this block's, and
+            // for_panels hands out disjoint panel ranges.
+            for_panels(m.div_ceil(NR), split, |range| unsafe { (k.gemm)(left, dw, range, &sink) });
+        });
     });
 }
 
@@ -344,42 +495,24 @@ pub(crate) fn unfused<T: Element>(
     mut y: MatMut<'_, T>,
     mode: Mode,
 ) {
-    let k = T::kernels();
-    let (a, b) = (layer.a(), layer.b());
+    let (rows, n, r, m) = (x.rows(), x.cols(), layer.rank(), layer.out_features());
+    let mut owned = None;
+    let packed = packed_or_owned(&layer, &mut owned);
     let hp = h.as_ptr_mat();
-    par_rect(x.rows(), layer.rank(), |t0, tb, c0, nc| {
-        // SAFETY: par_rect hands out disjoint rectangles of h.
-        unsafe {
-            (k.down)(
-                x.row_range(t0, tb),
-                a.row_range(c0, nc),
-                None,
-                hp.sub(t0, tb, c0, nc),
-            )
-        }
+    for_blocks(rows, T_BLOCK, |t0, tb, split| {
+        with_scratch(widen_len(packed, tb, n), |xw| {
+            down(packed, x.row_range(t0, tb), xw, r, &Sink::F32 { out: hp.sub(t0, tb, 0, r), scale: None }, split);
+        });
     });
-    for t in 0..h.rows() {
-        let row = h.row_mut(t).expect("t < rows");
-        for (v, d) in row.iter_mut().zip(adapter.lambda_d()) {
+    for t in 0..rows {
+        for (v, d) in h.row_mut(t).expect("t < rows").iter_mut().zip(adapter.lambda_d()) {
             *v *= d;
         }
     }
-    let epi = Epilogue {
-        scale: Some(adapter.lambda_b()),
-        bias: adapter.bias(),
-        accumulate: mode == Mode::Accumulate,
-    };
-    let u = h.as_ref();
-    let yp = y.as_ptr_mat();
-    par_rect(x.rows(), layer.out_features(), |t0, tb, c0, nc| {
-        // SAFETY: par_rect hands out disjoint rectangles of y.
-        unsafe {
-            (k.up)(
-                u.row_range(t0, tb),
-                b.row_range(c0, nc),
-                &epi.cols(c0, nc),
-                yp.sub(t0, tb, c0, nc),
-            )
-        }
+    let epi = Epilogue { scale: Some(adapter.lambda_b()), bias: adapter.bias(), accumulate: mode == Mode::Accumulate };
+    let (h, yp) = (h.as_ref(), y.as_ptr_mat());
+    for_blocks(rows, T_BLOCK, |t0, tb, split| {
+        let left = Bcast::new(h.row_range(t0, tb).as_slice(), tb, r, h.row_stride(), 1);
+        up(packed, left, m, &Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi }, split);
     });
 }

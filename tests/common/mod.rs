@@ -8,9 +8,7 @@ use safetensors::{Dtype, SafeTensors};
 
 /// `tests/fixtures/<name>`.
 pub fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 /// Every f32 tensor of a safetensors file, by name, with its shape.
@@ -31,11 +29,7 @@ pub fn read_f32_tensors(path: &std::path::Path) -> HashMap<String, (Vec<usize>, 
 pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().map(|v| f64::from(v.abs())).fold(0.0, f64::max);
-    let err = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| f64::from(x - y).abs())
-        .fold(0.0, f64::max);
+    let err = a.iter().zip(b).map(|(x, y)| f64::from(x - y).abs()).fold(0.0, f64::max);
     if scale == 0.0 {
         err
     } else {

@@ -77,13 +77,8 @@ fn interleaved_medians<W>(
         .collect())
 }
 
-fn run_typed<T: Element>(
-    shape: Shape,
-    threads: usize,
-    dense: bool,
-    budget: Duration,
-) -> vera_kernels::Result<Row> {
-    let mut w = Workload::<T>::new(shape, dense)?;
+fn run_typed<T: Element>(shape: Shape, threads: usize, dense: bool, budget: Duration) -> vera_kernels::Result<Row> {
+    let mut w = Workload::<T>::new(shape)?;
     let mut methods: Vec<Method<Workload<T>>> = vec![Workload::fused, Workload::unfused];
     if dense {
         methods.push(Workload::dense);
@@ -101,13 +96,7 @@ fn run_typed<T: Element>(
 }
 
 /// Measures one case on the current rayon pool.
-pub fn run(
-    shape: Shape,
-    dtype: DType,
-    threads: usize,
-    dense: bool,
-    budget: Duration,
-) -> vera_kernels::Result<Row> {
+pub fn run(shape: Shape, dtype: DType, threads: usize, dense: bool, budget: Duration) -> vera_kernels::Result<Row> {
     match dtype {
         DType::F32 => run_typed::<f32>(shape, threads, dense, budget),
         DType::F16 => run_typed::<f16>(shape, threads, dense, budget),
@@ -119,24 +108,13 @@ pub fn run(
 pub fn table_header() -> String {
     format!(
         "{:<26} {:>5} {:>3} {:>9} {:>11} {:>11} {:>11} {:>9} {:>8} {:>8}",
-        "case (T,n,m,r)",
-        "dtype",
-        "thr",
-        "isa",
-        "fused ms",
-        "dense ms",
-        "unfused ms",
-        "GFLOP/s",
-        "dense/f",
-        "unf/f"
+        "case (T,n,m,r)", "dtype", "thr", "isa", "fused ms", "dense ms", "unfused ms", "GFLOP/s", "dense/f", "unf/f"
     )
 }
 
 pub fn table_row(row: &Row) -> String {
     let dense = row.dense_ms.map_or("-".to_string(), |v| format!("{v:.3}"));
-    let ratio = row
-        .dense_ms
-        .map_or("-".to_string(), |v| format!("{:.2}x", v / row.fused_ms));
+    let ratio = row.dense_ms.map_or("-".to_string(), |v| format!("{:.2}x", v / row.fused_ms));
     format!(
         "{:<26} {:>5} {:>3} {:>9} {:>11.3} {:>11} {:>11.3} {:>9.1} {:>8} {:>7.2}x",
         row.shape.to_string(),

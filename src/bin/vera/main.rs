@@ -15,11 +15,7 @@ use vera_kernels::DType;
 use workload::{Shape, DEFAULT_SUITE};
 
 #[derive(Parser)]
-#[command(
-    name = "vera",
-    version,
-    about = "Fused VeRA adapter kernels: benchmarks and tools"
-)]
+#[command(name = "vera", version, about = "Fused VeRA adapter kernels: benchmarks and tools")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -59,20 +55,9 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
 }
 
 fn bench(args: BenchArgs) -> Result<(), String> {
-    let shapes = if args.shapes.is_empty() {
-        DEFAULT_SUITE.to_vec()
-    } else {
-        args.shapes
-    };
-    let dtypes = if args.dtypes.is_empty() {
-        vec![DType::F32, DType::F16, DType::BF16]
-    } else {
-        args.dtypes
-    };
-    let threads = args.threads.map_or_else(
-        || std::thread::available_parallelism().map_or(1, |n| n.get()),
-        usize::from,
-    );
+    let shapes = if args.shapes.is_empty() { DEFAULT_SUITE.to_vec() } else { args.shapes };
+    let dtypes = if args.dtypes.is_empty() { vec![DType::F32, DType::F16, DType::BF16] } else { args.dtypes };
+    let threads = args.threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), usize::from);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()

@@ -4,10 +4,9 @@
 use std::fmt;
 use std::str::FromStr;
 
+use vera_kernels::baseline::{dense_forward, unfused_forward, DenseBuffers};
 use vera_kernels::rng::TorchCpuGenerator;
-use vera_kernels::{
-    dense_forward, forward, unfused_forward, Adapter, Element, MatMut, MatRef, Mode, Projections,
-};
+use vera_kernels::{forward, Adapter, Element, MatMut, MatRef, Mode, Projections};
 
 /// `T` tokens through a layer with `n` inputs, `m` outputs and VeRA rank `r`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,42 +20,12 @@ pub struct Shape {
 /// The default suite: decode (T = 1, 8) and prefill (T = 512) shapes of 7B-class layers, plus a
 /// small-layer, large-rank case.
 pub const DEFAULT_SUITE: [Shape; 6] = [
-    Shape {
-        t: 1,
-        n: 4096,
-        m: 4096,
-        r: 256,
-    },
-    Shape {
-        t: 8,
-        n: 4096,
-        m: 4096,
-        r: 1024,
-    },
-    Shape {
-        t: 512,
-        n: 4096,
-        m: 4096,
-        r: 256,
-    },
-    Shape {
-        t: 512,
-        n: 4096,
-        m: 4096,
-        r: 1024,
-    },
-    Shape {
-        t: 512,
-        n: 4096,
-        m: 11008,
-        r: 256,
-    },
-    Shape {
-        t: 512,
-        n: 768,
-        m: 768,
-        r: 1024,
-    },
+    Shape { t: 1, n: 4096, m: 4096, r: 256 },
+    Shape { t: 8, n: 4096, m: 4096, r: 1024 },
+    Shape { t: 512, n: 4096, m: 4096, r: 256 },
+    Shape { t: 512, n: 4096, m: 4096, r: 1024 },
+    Shape { t: 512, n: 4096, m: 11008, r: 256 },
+    Shape { t: 512, n: 768, m: 768, r: 1024 },
 ];
 
 impl Shape {
@@ -84,25 +53,16 @@ impl FromStr for Shape {
     fn from_str(s: &str) -> Result<Self, String> {
         let parts: Vec<&str> = s.split(',').map(str::trim).collect();
         if parts.len() != 4 {
-            return Err(format!(
-                "expected T,n,m,r (four comma-separated sizes), got {s:?}"
-            ));
+            return Err(format!("expected T,n,m,r (four comma-separated sizes), got {s:?}"));
         }
         let mut v = [0usize; 4];
         for (slot, p) in v.iter_mut().zip(&parts) {
-            *slot = p
-                .parse()
-                .map_err(|_| format!("{p:?} in {s:?} is not a non-negative integer"))?;
+            *slot = p.parse().map_err(|_| format!("{p:?} in {s:?} is not a non-negative integer"))?;
             if *slot == 0 {
                 return Err(format!("every size in {s:?} must be at least 1"));
             }
         }
-        Ok(Shape {
-            t: v[0],
-            n: v[1],
-            m: v[2],
-            r: v[3],
-        })
+        Ok(Shape { t: v[0], n: v[1], m: v[2], r: v[3] })
     }
 }
 
@@ -113,14 +73,14 @@ pub struct Workload<T> {
     adapter: Adapter,
     x: Vec<T>,
     y: Vec<T>,
-    dw: Vec<T>,
+    dense: DenseBuffers<T>,
     h: Vec<f32>,
 }
 
 impl<T: Element> Workload<T> {
     /// Random inputs (PEFT-seeded projections, uniform activations and lambdas). The dense
-    /// baseline's `[m, n]` buffer is only allocated when `with_dense` is set.
-    pub fn new(shape: Shape, with_dense: bool) -> vera_kernels::Result<Self> {
+    /// baseline's `[m, n]` ΔW is allocated on its first call.
+    pub fn new(shape: Shape) -> vera_kernels::Result<Self> {
         let Shape { t, n, m, r } = shape;
         let projections = Projections::<T>::from_seed(0, r, n, m)?;
         let mut g = TorchCpuGenerator::manual_seed(1);
@@ -132,48 +92,22 @@ impl<T: Element> Workload<T> {
         let adapter = Adapter::new(draw(r), draw(m))?.with_bias(draw(m))?;
         let x = draw(t * n).into_iter().map(T::from_f32).collect();
         let y = draw(t * m).into_iter().map(T::from_f32).collect();
-        let dw = if with_dense {
-            vec![T::default(); m * n]
-        } else {
-            Vec::new()
-        };
-        Ok(Self {
-            shape,
-            projections,
-            adapter,
-            x,
-            y,
-            dw,
-            h: vec![0.0; t * r],
-        })
+        Ok(Self { shape, projections, adapter, x, y, dense: DenseBuffers::default(), h: vec![0.0; t * r] })
     }
 
     /// The fused kernel, accumulating into y.
     pub fn fused(&mut self) -> vera_kernels::Result<()> {
-        let Shape { t, m, .. } = self.shape;
-        let x = MatRef::from_slice(&self.x, t, self.shape.n)?;
-        forward(
-            &self.projections,
-            &self.adapter,
-            x,
-            MatMut::from_slice(&mut self.y, t, m)?,
-            Mode::Accumulate,
-        )
+        let Shape { t, n, m, .. } = self.shape;
+        let x = MatRef::from_slice(&self.x, t, n)?;
+        forward(&self.projections, &self.adapter, x, MatMut::from_slice(&mut self.y, t, m)?, Mode::Accumulate)
     }
 
     /// Dense baseline: form ΔW, then `y += x·ΔWᵀ + bias`.
     pub fn dense(&mut self) -> vera_kernels::Result<()> {
         let Shape { t, n, m, .. } = self.shape;
         let x = MatRef::from_slice(&self.x, t, n)?;
-        let dw = MatMut::from_slice(&mut self.dw, m, n)?;
-        dense_forward(
-            &self.projections,
-            &self.adapter,
-            x,
-            dw,
-            MatMut::from_slice(&mut self.y, t, m)?,
-            Mode::Accumulate,
-        )
+        let y = MatMut::from_slice(&mut self.y, t, m)?;
+        dense_forward(&self.projections, &self.adapter, x, y, Mode::Accumulate, &mut self.dense)
     }
 
     /// Unfused peer: three passes with `h` materialised.
