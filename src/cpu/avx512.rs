@@ -11,7 +11,7 @@ use std::ops::Range;
 
 use half::{bf16, f16};
 
-use super::packed::{Bcast, Panels, Sink, MR, NR};
+use super::packed::{Left, Panels, Sink, MR, NR};
 use super::{Isa, Kernels, Update};
 use crate::dtype::Element;
 
@@ -197,19 +197,18 @@ unsafe fn store_tile<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, c
 /// `R x 32` dot products over `k_len`, left broadcast from `left` rows `t0..t0 + R`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-unsafe fn tile<W: Simd16, const R: usize>(left: &Bcast<'_, f32>, t0: usize, wp: *const W) -> [[__m512; 2]; R] {
+unsafe fn tile<W: Simd16, const R: usize>(left: &Left<'_, f32>, t0: usize, wp: *const W) -> [[__m512; 2]; R] {
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
-    let (rs, ks) = (left.row_stride, left.k_stride);
-    // SAFETY: rows t0..t0+R and k < k_len are inside the Bcast view; the panel holds k_len rows
-    // of NR weights (k_len <= k_cap, checked by the caller).
+    let lp = left.tile(t0).as_ptr();
+    // SAFETY: the left tile is [k_len][MR] and R <= MR; the panel holds k_len rows of NR weights
+    // (k_len <= k_cap, checked by the caller).
     unsafe {
-        let base = left.ptr.add(t0 * rs);
         for k in 0..left.k_len {
             let w0 = W::load16(wp.add(k * NR));
             let w1 = W::load16(wp.add(k * NR + 16));
-            let bk = base.add(k * ks);
+            let bk = lp.add(k * MR);
             for (i, a) in acc.iter_mut().enumerate() {
-                let b = _mm512_set1_ps(*bk.add(i * rs));
+                let b = _mm512_set1_ps(*bk.add(i));
                 a[0] = _mm512_fmadd_ps(b, w0, a[0]);
                 a[1] = _mm512_fmadd_ps(b, w1, a[1]);
             }
@@ -221,7 +220,7 @@ unsafe fn tile<W: Simd16, const R: usize>(left: &Bcast<'_, f32>, t0: usize, wp: 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
 unsafe fn tile_and_store<W: Simd16, T: Simd16, const R: usize>(
-    left: &Bcast<'_, f32>,
+    left: &Left<'_, f32>,
     t0: usize,
     wp: *const W,
     col0: usize,
@@ -240,7 +239,7 @@ unsafe fn tile_and_store<W: Simd16, T: Simd16, const R: usize>(
 /// AVX-512F/BW/VL, FMA and F16C are available; `left.k_len <= right.k_cap()`; the sink has
 /// `left.rows` rows owned by this call, and the columns of the panels in `range` are owned too.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-unsafe fn gemm<W: Simd16, T: Simd16>(left: Bcast<'_, f32>, right: &Panels<W>, range: Range<usize>, sink: &Sink<'_, T>) {
+unsafe fn gemm<W: Simd16, T: Simd16>(left: Left<'_, f32>, right: &Panels<W>, range: Range<usize>, sink: &Sink<'_, T>) {
     debug_assert!(left.k_len <= right.k_cap());
     let cols = sink.cols();
     for p in range {
@@ -267,23 +266,22 @@ unsafe fn gemm<W: Simd16, T: Simd16>(left: Bcast<'_, f32>, right: &Panels<W>, ra
     }
 }
 
-/// `R x 32` bf16 dot products with `vdpbf16ps`: `left` holds bf16 bits, `wp` k-pairs of bf16.
+/// `R x 32` bf16 dot products with `vdpbf16ps` over `n` elements: `left` holds packed k-pairs,
+/// `wp` the weights' k-pairs.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
-unsafe fn tile_pairs<const R: usize>(left: &Bcast<'_, u16>, t0: usize, wp: *const u32) -> [[__m512; 2]; R] {
+unsafe fn tile_pairs<const R: usize>(left: &Left<'_, u32>, n: usize, t0: usize, wp: *const u32) -> [[__m512; 2]; R] {
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
-    let rs = left.row_stride;
-    let n = left.k_len;
-    // SAFETY: rows t0..t0+R and k < n are inside the Bcast view (k_stride 1); the pair read at
-    // k = 2p covers elements 2p and 2p + 1 < n. The panel holds ceil(n / 2) pair rows.
+    let lp = left.tile(t0).as_ptr();
+    // SAFETY: the left tile is [ceil(n / 2)][MR] pairs and R <= MR; the panel holds ceil(n / 2)
+    // pair rows of NR weights (checked by the caller).
     unsafe {
-        let base = left.ptr.add(t0 * rs);
         for p in 0..n / 2 {
             let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wp.add(p * NR).cast()));
             let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(wp.add(p * NR + 16).cast()));
+            let bp = lp.add(p * MR);
             for (i, a) in acc.iter_mut().enumerate() {
-                let pair = base.add(i * rs + 2 * p).cast::<u32>().read_unaligned();
-                let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
+                let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(*bp.add(i) as i32));
                 a[0] = _mm512_dpbf16_ps(a[0], b, w0);
                 a[1] = _mm512_dpbf16_ps(a[1], b, w1);
             }
@@ -295,9 +293,9 @@ unsafe fn tile_pairs<const R: usize>(left: &Bcast<'_, u16>, t0: usize, wp: *cons
             let lo = |v: __m512i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
             let w0 = lo(_mm512_loadu_si512(wp.add(p * NR).cast()));
             let w1 = lo(_mm512_loadu_si512(wp.add(p * NR + 16).cast()));
+            let bp = lp.add(p * MR);
             for (i, a) in acc.iter_mut().enumerate() {
-                let x = f32::from_bits(u32::from(*base.add(i * rs + n - 1)) << 16);
-                let b = _mm512_set1_ps(x);
+                let b = _mm512_set1_ps(f32::from_bits((*bp.add(i) & 0xffff) << 16));
                 a[0] = _mm512_fmadd_ps(b, w0, a[0]);
                 a[1] = _mm512_fmadd_ps(b, w1, a[1]);
             }
@@ -309,7 +307,8 @@ unsafe fn tile_pairs<const R: usize>(left: &Bcast<'_, u16>, t0: usize, wp: *cons
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
 unsafe fn tile_pairs_and_store<T: Simd16, const R: usize>(
-    left: &Bcast<'_, u16>,
+    left: &Left<'_, u32>,
+    n: usize,
     t0: usize,
     wp: *const u32,
     col0: usize,
@@ -317,18 +316,25 @@ unsafe fn tile_pairs_and_store<T: Simd16, const R: usize>(
 ) {
     // SAFETY: forwarded contracts of `tile_pairs` and `store_tile`.
     unsafe {
-        let acc = tile_pairs::<R>(left, t0, wp);
+        let acc = tile_pairs::<R>(left, n, t0, wp);
         store_tile::<T, R>(sink, t0, col0, &acc);
     }
 }
 
-/// [`gemm`] for bf16 activations (as bits) against k-pair panels, with `vdpbf16ps`.
+/// [`gemm`] for bf16 activations packed in k-pairs (`n` elements) against k-pair panels, with
+/// `vdpbf16ps`.
 ///
 /// # Safety
-/// As [`gemm`], plus AVX512_BF16; `right.k_cap() >= ceil(left.k_len / 2)`, `left.k_stride == 1`.
+/// As [`gemm`], plus AVX512_BF16; `left.k_len == ceil(n / 2) <= right.k_cap()`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
-unsafe fn gemm_pairs<T: Simd16>(left: Bcast<'_, u16>, right: &Panels<u32>, range: Range<usize>, sink: &Sink<'_, T>) {
-    debug_assert!(left.k_len.div_ceil(2) <= right.k_cap() && left.k_stride == 1);
+unsafe fn gemm_pairs<T: Simd16>(
+    left: Left<'_, u32>,
+    n: usize,
+    right: &Panels<u32>,
+    range: Range<usize>,
+    sink: &Sink<'_, T>,
+) {
+    debug_assert!(left.k_len == n.div_ceil(2) && left.k_len <= right.k_cap());
     let cols = sink.cols();
     for p in range {
         let col0 = p * NR;
@@ -340,14 +346,14 @@ unsafe fn gemm_pairs<T: Simd16>(left: Bcast<'_, u16>, right: &Panels<u32>, range
             // SAFETY: rows t0..t0+R < left.rows; the rest is this function's contract.
             unsafe {
                 match left.rows - t0 {
-                    1 => tile_pairs_and_store::<T, 1>(&left, t0, wp, col0, sink),
-                    2 => tile_pairs_and_store::<T, 2>(&left, t0, wp, col0, sink),
-                    3 => tile_pairs_and_store::<T, 3>(&left, t0, wp, col0, sink),
-                    4 => tile_pairs_and_store::<T, 4>(&left, t0, wp, col0, sink),
-                    5 => tile_pairs_and_store::<T, 5>(&left, t0, wp, col0, sink),
-                    6 => tile_pairs_and_store::<T, 6>(&left, t0, wp, col0, sink),
-                    7 => tile_pairs_and_store::<T, 7>(&left, t0, wp, col0, sink),
-                    _ => tile_pairs_and_store::<T, MR>(&left, t0, wp, col0, sink),
+                    1 => tile_pairs_and_store::<T, 1>(&left, n, t0, wp, col0, sink),
+                    2 => tile_pairs_and_store::<T, 2>(&left, n, t0, wp, col0, sink),
+                    3 => tile_pairs_and_store::<T, 3>(&left, n, t0, wp, col0, sink),
+                    4 => tile_pairs_and_store::<T, 4>(&left, n, t0, wp, col0, sink),
+                    5 => tile_pairs_and_store::<T, 5>(&left, n, t0, wp, col0, sink),
+                    6 => tile_pairs_and_store::<T, 6>(&left, n, t0, wp, col0, sink),
+                    7 => tile_pairs_and_store::<T, 7>(&left, n, t0, wp, col0, sink),
+                    _ => tile_pairs_and_store::<T, MR>(&left, n, t0, wp, col0, sink),
                 }
             }
         }

@@ -19,13 +19,13 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::adapter::Adapter;
-use crate::dtype::{DType, Element};
+use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mat::{MatMut, MatRef};
 use crate::ops::Mode;
 use crate::projections::LayerProjections;
 pub use packed::Panels;
-use packed::{Bcast, Sink, NR};
+use packed::{pack_cols, pack_pairs, pack_rows, Left, Sink, NR};
 
 /// Rows of `x` per block: the unit of parallel work for large `T`. Scratch per thread is
 /// `T_BLOCK · (r + n)` f32 at most.
@@ -160,9 +160,9 @@ impl Update {
 }
 
 /// `sink[row, col] <- Σ_k left[row, k]·right[col, k]` over the panels in the range.
-pub(crate) type GemmFn<W, T> = unsafe fn(Bcast<'_, f32>, &Panels<W>, Range<usize>, &Sink<'_, T>);
+pub(crate) type GemmFn<W, T> = unsafe fn(Left<'_, f32>, &Panels<W>, Range<usize>, &Sink<'_, T>);
 /// The same with bf16 activations (as bits) against k-pair panels (`vdpbf16ps`).
-pub(crate) type PairGemmFn<T> = unsafe fn(Bcast<'_, u16>, &Panels<u32>, Range<usize>, &Sink<'_, T>);
+pub(crate) type PairGemmFn<T> = unsafe fn(Left<'_, u32>, usize, &Panels<u32>, Range<usize>, &Sink<'_, T>);
 
 /// The micro-kernels of one element type on one ISA tier. Each kernel writes through the sink; the
 /// caller guarantees that the rows and panel columns it passes are its own while the call runs.
@@ -292,29 +292,14 @@ fn for_blocks(rows: usize, block: usize, f: impl Fn(usize, usize, bool) + Sync) 
     }
 }
 
-/// Scratch (f32 elements) that [`down`] needs to widen `rows x n` activations of `T`.
-fn widen_len<T: Element>(packed: &PackedProjections<T>, rows: usize, n: usize) -> usize {
-    let pairs = matches!(packed.down, DownPanels::Pairs(_));
-    if T::DTYPE == DType::F32 || pairs {
-        0
-    } else {
-        rows * n
-    }
+/// Scratch (f32 elements) [`down`] needs to pack `rows x n` activations.
+fn down_scratch(rows: usize, n: usize) -> usize {
+    // k-pairs (u32) take no more room than f32 elements.
+    Left::<f32>::len_for(rows, n)
 }
 
-/// Left operand of a product over `x` rows: `x` itself for f32, else `x` widened into `scratch`.
-fn x_as_f32<'s, T: Element>(x: MatRef<'s, T>, scratch: &'s mut [f32]) -> Bcast<'s, f32> {
-    let (rows, n) = (x.rows(), x.cols());
-    if T::DTYPE == DType::F32 {
-        return Bcast::new(bytemuck::cast_slice(x.as_slice()), rows, n, x.row_stride(), 1);
-    }
-    for (t, dst) in scratch.chunks_mut(n.max(1)).take(rows).enumerate() {
-        T::widen_slice(x.row_unchecked(t), dst);
-    }
-    Bcast::new(scratch, rows, n, n, 1)
-}
-
-/// `sink[t, j] <- Σ_k x[t, k]·A[j, k]` for the rows of `x` (the down-projection).
+/// `sink[t, j] <- Σ_k x[t, k]·A[j, k]` for the rows of `x` (the down-projection), packing `x`
+/// into `scratch` first.
 fn down<T: Element>(
     packed: &PackedProjections<T>,
     x: MatRef<'_, T>,
@@ -328,13 +313,15 @@ fn down<T: Element>(
     match (&packed.down, k.gemm_pairs) {
         (DownPanels::Pairs(p), Some(gemm_pairs)) => {
             let bits: &[u16] = bytemuck::cast_slice(x.as_slice());
-            let left = Bcast::new(bits, x.rows(), x.cols(), x.row_stride(), 1);
-            // SAFETY: the panels hold ceil(n / 2) pair rows (packed from A [r, n_max >= n]); the
-            // caller owns the sink's rows, and for_panels hands out disjoint panel ranges.
-            for_panels(panels, split, |range| unsafe { gemm_pairs(left, p, range, sink) });
+            let bits = MatRef::new(bits, x.rows(), x.cols(), x.row_stride()).expect("same extent as x");
+            let left = pack_pairs(bits, bytemuck::cast_slice_mut(scratch));
+            let n = x.cols();
+            // SAFETY: the panels hold ceil(n_max / 2) >= ceil(n / 2) pair rows; the caller owns
+            // the sink's rows, and for_panels hands out disjoint panel ranges.
+            for_panels(panels, split, |range| unsafe { gemm_pairs(left, n, p, range, sink) });
         }
         (DownPanels::Wide(p), _) => {
-            let left = x_as_f32(x, scratch);
+            let left = pack_rows(x, scratch);
             // SAFETY: as above, with k_len = n <= n_max = k_cap.
             for_panels(panels, split, |range| unsafe { (k.gemm)(left, p, range, sink) });
         }
@@ -343,7 +330,7 @@ fn down<T: Element>(
 }
 
 /// `y (op)= epilogue(u·Bᵀ)` for the rows of `u` (the up-projection).
-fn up<T: Element>(packed: &PackedProjections<T>, u: Bcast<'_, f32>, m: usize, sink: &Sink<'_, T>, split: bool) {
+fn up<T: Element>(packed: &PackedProjections<T>, u: Left<'_, f32>, m: usize, sink: &Sink<'_, T>, split: bool) {
     let k = T::kernels();
     // SAFETY: k_len = r = k_cap of the B panels; the caller owns the sink's rows, and
     // for_panels hands out disjoint panel ranges.
@@ -377,14 +364,16 @@ pub(crate) fn forward<T: Element>(
     let epi = Epilogue { scale: Some(adapter.lambda_b()), bias: adapter.bias(), accumulate: mode == Mode::Accumulate };
     let yp = y.as_ptr_mat();
     for_blocks(rows, T_BLOCK, |t0, tb, split| {
-        with_scratch(tb * r + widen_len(packed, tb, n), |buf| {
-            let (u, xw) = buf.split_at_mut(tb * r);
+        let packed_u = Left::<f32>::len_for(tb, r);
+        with_scratch(tb * r + packed_u + down_scratch(tb, n), |buf| {
+            let (u, rest) = buf.split_at_mut(tb * r);
+            let (ul, xl) = rest.split_at_mut(packed_u);
             let mut u = MatMut::from_slice(u, tb, r).expect("scratch sized tb * r");
             // u = lambda_d ⊙ (x·Aᵀ), into this block's scratch ...
             let sink = Sink::F32 { out: u.as_ptr_mat(), scale: Some(adapter.lambda_d()) };
-            down(packed, x.row_range(t0, tb), xw, r, &sink, split);
+            down(packed, x.row_range(t0, tb), xl, r, &sink, split);
             // ... then up-projected at once, while it is in cache.
-            let left = Bcast::new(u.as_ref().as_slice(), tb, r, r, 1);
+            let left = pack_rows(u.as_ref(), ul);
             up(packed, left, m, &Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi }, split);
         });
     });
@@ -410,7 +399,8 @@ pub(crate) fn apply_delta<T: Element>(
     (0..m.div_ceil(W_BLOCK)).into_par_iter().for_each(|blk| {
         let i0 = blk * W_BLOCK;
         let ib = W_BLOCK.min(m - i0);
-        with_scratch(ib * r, |c| {
+        with_scratch(ib * r + Left::<f32>::len_for(ib, r), |buf| {
+            let (c, cl) = buf.split_at_mut(ib * r);
             // c[i, j] = lambda_b[i] · B[i, j] · lambda_d[j]: this block's rows of diag(lb)·B·diag(ld).
             for (i, crow) in c.chunks_mut(r).enumerate() {
                 let brow = b.row_unchecked(i0 + i);
@@ -418,7 +408,7 @@ pub(crate) fn apply_delta<T: Element>(
                     *cv = lb[i0 + i] * bv.to_f32() * dv;
                 }
             }
-            let left = Bcast::new(c, ib, r, r, 1);
+            let left = pack_rows(MatRef::from_slice(c, ib, r).expect("scratch sized ib * r"), cl);
             let sink = Sink::Update { out: wp.sub(i0, ib, 0, n), op };
             // SAFETY: k_len = r = k_cap; rows i0..i0+ib of w belong to this task only.
             unsafe { (k.gemm)(left, &at, 0..n.div_ceil(NR), &sink) };
@@ -426,11 +416,11 @@ pub(crate) fn apply_delta<T: Element>(
     });
 }
 
-/// Reusable buffers of the dense baseline: ΔW packed as weight panels, and A widened to f32.
+/// Reusable buffers of the dense baseline: ΔW packed as weight panels, and Aᵀ packed as a left operand.
 #[derive(Debug, Default)]
 pub struct DenseBuffers<T> {
     dw: Option<Panels<T>>,
-    a_wide: Vec<f32>,
+    a_packed: Vec<f32>,
 }
 
 /// The dense baseline: forms ΔW (in `T`, as weight panels), then `y (op)= x·ΔWᵀ + bias`.
@@ -452,15 +442,8 @@ pub(crate) fn dense<T: Element>(
     // ΔWᵀ[col, i] = Σ_j Aᵀ[col, j] · C[i, j], C = diag(lb)·B·diag(ld): rows of the product are
     // A's columns, so it lands directly in the panel layout the second product reads.
     let c = Panels::from_fn(m, r, |i, j| lb[i] * b.row_unchecked(i)[j].to_f32() * ld[j]);
-    let left = if T::DTYPE == DType::F32 {
-        Bcast::new(bytemuck::cast_slice(a.as_slice()), n, r, 1, a.row_stride())
-    } else {
-        bufs.a_wide.resize(r * n, 0.0);
-        for (j, dst) in bufs.a_wide.chunks_mut(n.max(1)).take(r).enumerate() {
-            T::widen_slice(a.row_unchecked(j), dst);
-        }
-        Bcast::new(&bufs.a_wide, n, r, 1, n)
-    };
+    bufs.a_packed.resize(Left::<f32>::len_for(n, r), 0.0);
+    let left = pack_cols(a, &mut bufs.a_packed);
     let dw = match &mut bufs.dw {
         Some(p) if p.cols() == m && p.k_cap() == n => p,
         slot => slot.insert(Panels::with_shape(m, n)),
@@ -476,8 +459,8 @@ pub(crate) fn dense<T: Element>(
     let epi = Epilogue { scale: None, bias: adapter.bias(), accumulate: mode == Mode::Accumulate };
     let yp = y.as_ptr_mat();
     for_blocks(rows, T_BLOCK, |t0, tb, split| {
-        with_scratch(if T::DTYPE == DType::F32 { 0 } else { tb * n }, |xw| {
-            let left = x_as_f32(x.row_range(t0, tb), xw);
+        with_scratch(Left::<f32>::len_for(tb, n), |xl| {
+            let left = pack_rows(x.row_range(t0, tb), xl);
             let sink = Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi };
             // SAFETY: k_len = n = k_cap of ΔW; rows t0..t0+tb of y are this block's, and
             // for_panels hands out disjoint panel ranges.
@@ -500,8 +483,8 @@ pub(crate) fn unfused<T: Element>(
     let packed = packed_or_owned(&layer, &mut owned);
     let hp = h.as_ptr_mat();
     for_blocks(rows, T_BLOCK, |t0, tb, split| {
-        with_scratch(widen_len(packed, tb, n), |xw| {
-            down(packed, x.row_range(t0, tb), xw, r, &Sink::F32 { out: hp.sub(t0, tb, 0, r), scale: None }, split);
+        with_scratch(down_scratch(tb, n), |xl| {
+            down(packed, x.row_range(t0, tb), xl, r, &Sink::F32 { out: hp.sub(t0, tb, 0, r), scale: None }, split);
         });
     });
     for t in 0..rows {
@@ -512,7 +495,9 @@ pub(crate) fn unfused<T: Element>(
     let epi = Epilogue { scale: Some(adapter.lambda_b()), bias: adapter.bias(), accumulate: mode == Mode::Accumulate };
     let (h, yp) = (h.as_ref(), y.as_ptr_mat());
     for_blocks(rows, T_BLOCK, |t0, tb, split| {
-        let left = Bcast::new(h.row_range(t0, tb).as_slice(), tb, r, h.row_stride(), 1);
-        up(packed, left, m, &Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi }, split);
+        with_scratch(Left::<f32>::len_for(tb, r), |hl| {
+            let left = pack_rows(h.row_range(t0, tb), hl);
+            up(packed, left, m, &Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi }, split);
+        });
     });
 }

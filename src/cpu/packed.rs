@@ -4,12 +4,11 @@
 //! that broadcast one `left` element per row and multiply it with `NR` consecutive columns of
 //! `right`. So `right` (the weights) is packed once into column panels: panel `p` holds columns
 //! `p·NR .. p·NR + NR` as `[k][NR]`, zero-padded past the last column. `left` (activations, `u`,
-//! ...) is read in place through a [`Bcast`] view: one f32 per row and k, at any row and k stride.
-
-use std::marker::PhantomData;
+//! ...) is packed per call into [`Left`] tiles of `MR` rows, `[k][MR]` each.
 
 use super::{Epilogue, Update};
-use crate::mat::MatPtr;
+use crate::dtype::Element;
+use crate::mat::{MatPtr, MatRef};
 
 /// Columns per weight panel (two 512-bit vectors of f32).
 pub(crate) const NR: usize = 32;
@@ -113,66 +112,111 @@ impl<W> PanelsPtr<W> {
     }
 }
 
-/// The left operand of a product, read in place: element `(row, k)` is at
-/// `ptr + row·row_stride + k·k_stride` (in elements of `E`).
+/// The left operand of a product (activations, `u`, ...), packed per call into tiles of `MR` rows:
+/// tile `t / MR` is `[k_len][MR]`, so that a micro-kernel broadcasts all of its rows for one k
+/// from one cache line. Rows past the end of the last tile are zero.
 #[derive(Debug)]
-pub(crate) struct Bcast<'a, E> {
-    pub(crate) ptr: *const E,
+pub(crate) struct Left<'a, E> {
+    data: &'a [E],
     pub(crate) rows: usize,
     pub(crate) k_len: usize,
-    pub(crate) row_stride: usize,
-    pub(crate) k_stride: usize,
-    _life: PhantomData<&'a [E]>,
 }
 
-impl<E> Clone for Bcast<'_, E> {
+impl<E> Clone for Left<'_, E> {
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<E> Copy for Bcast<'_, E> {}
-// SAFETY: a Bcast is a shared view of data that outlives it ('a) and is not written meanwhile.
-unsafe impl<E: Sync> Send for Bcast<'_, E> {}
-// SAFETY: as above.
-unsafe impl<E: Sync> Sync for Bcast<'_, E> {}
+impl<E> Copy for Left<'_, E> {}
 
-impl<'a, E> Bcast<'a, E> {
-    /// A view of `rows x k_len` elements of `data` with the given strides.
-    ///
-    /// Panics (an internal invariant, never reached from the public API) when the view does not fit.
-    pub(crate) fn new(data: &'a [E], rows: usize, k_len: usize, row_stride: usize, k_stride: usize) -> Self {
-        if rows > 0 && k_len > 0 {
-            let last = (rows - 1) * row_stride + (k_len - 1) * k_stride;
-            assert!(last < data.len(), "Bcast view out of range");
-        }
-        Self { ptr: data.as_ptr(), rows, k_len, row_stride, k_stride, _life: PhantomData }
+impl<'a, E> Left<'a, E> {
+    /// Elements a packed `rows x k_len` operand takes.
+    pub(crate) fn len_for(rows: usize, k_len: usize) -> usize {
+        rows.div_ceil(MR) * MR * k_len
     }
 
-    /// Rows `r0 .. r0 + n` of the view (asserted in range).
+    /// Rows `r0 .. r0 + n` (`r0` a multiple of `MR`; asserted).
     pub(crate) fn rows(&self, r0: usize, n: usize) -> Self {
-        assert!(r0 + n <= self.rows, "Bcast::rows out of range");
-        let ptr = if n == 0 {
-            self.ptr
-        } else {
-            // SAFETY: row r0 < rows lies inside the validated view.
-            unsafe { self.ptr.add(r0 * self.row_stride) }
-        };
-        Self { ptr, rows: n, ..*self }
+        assert!(r0.is_multiple_of(MR) && r0 + n <= self.rows, "Left::rows out of range");
+        let start = (r0 / MR) * MR * self.k_len;
+        Self { data: &self.data[start..], rows: n, k_len: self.k_len }
     }
 
-    /// Element `(row, k)`.
-    ///
-    /// # Safety
-    /// `row < rows`, `k < k_len`.
+    /// The tile holding rows `t0 .. t0 + MR` (`t0` a multiple of `MR`, `t0 < rows`), as `[k_len][MR]`.
     #[inline(always)]
-    pub(crate) unsafe fn get(&self, row: usize, k: usize) -> E
-    where
-        E: Copy,
-    {
-        debug_assert!(row < self.rows && k < self.k_len);
-        // SAFETY: inside the view validated at construction.
-        unsafe { *self.ptr.add(row * self.row_stride + k * self.k_stride) }
+    pub(crate) fn tile(&self, t0: usize) -> &'a [E] {
+        let start = (t0 / MR) * MR * self.k_len;
+        &self.data[start..start + MR * self.k_len]
     }
+}
+
+/// Packs `src` (`rows x k_len`, rows are the operand's rows) into `out`, widened to f32.
+pub(crate) fn pack_rows<'o, E: Element>(src: MatRef<'_, E>, out: &'o mut [f32]) -> Left<'o, f32> {
+    let (rows, k_len) = (src.rows(), src.cols());
+    let out = &mut out[..Left::<f32>::len_for(rows, k_len)];
+    let mut buf = [0.0f32; 64];
+    for (tile, dst) in out.chunks_mut((MR * k_len).max(1)).enumerate() {
+        for i in 0..MR {
+            let t = tile * MR + i;
+            if t >= rows {
+                for k in 0..k_len {
+                    dst[k * MR + i] = 0.0;
+                }
+                continue;
+            }
+            let row = src.row_unchecked(t);
+            for (c, chunk) in row.chunks(64).enumerate() {
+                E::widen_slice(chunk, &mut buf[..chunk.len()]);
+                for (kk, &v) in buf[..chunk.len()].iter().enumerate() {
+                    dst[(c * 64 + kk) * MR + i] = v;
+                }
+            }
+        }
+    }
+    Left { data: out, rows, k_len }
+}
+
+/// Packs the transpose of `src` (`k_len x rows`: the operand's rows are `src`'s columns) into
+/// `out`, widened to f32.
+pub(crate) fn pack_cols<'o, E: Element>(src: MatRef<'_, E>, out: &'o mut [f32]) -> Left<'o, f32> {
+    let (k_len, rows) = (src.rows(), src.cols());
+    let out = &mut out[..Left::<f32>::len_for(rows, k_len)];
+    out.fill(0.0);
+    let mut buf = [0.0f32; MR];
+    for k in 0..k_len {
+        let row = src.row_unchecked(k);
+        for (tile, chunk) in row.chunks(MR).enumerate() {
+            E::widen_slice(chunk, &mut buf[..chunk.len()]);
+            let at = tile * MR * k_len + k * MR;
+            out[at..at + chunk.len()].copy_from_slice(&buf[..chunk.len()]);
+        }
+    }
+    Left { data: out, rows, k_len }
+}
+
+/// Packs bf16 rows (`rows x n`, as bits) into k-pairs: each u32 holds elements `2p` (low half)
+/// and `2p + 1` (high half, 0 past `n`), `k_len = ceil(n / 2)`.
+pub(crate) fn pack_pairs<'o>(src: MatRef<'_, u16>, out: &'o mut [u32]) -> Left<'o, u32> {
+    let (rows, n) = (src.rows(), src.cols());
+    let k_len = n.div_ceil(2);
+    let out = &mut out[..Left::<u32>::len_for(rows, k_len)];
+    for (tile, dst) in out.chunks_mut((MR * k_len).max(1)).enumerate() {
+        for i in 0..MR {
+            let t = tile * MR + i;
+            if t >= rows {
+                for p in 0..k_len {
+                    dst[p * MR + i] = 0;
+                }
+                continue;
+            }
+            let row = src.row_unchecked(t);
+            for (p, pair) in row.chunks(2).enumerate() {
+                let hi = pair.get(1).copied().unwrap_or(0);
+                dst[p * MR + i] = u32::from(pair[0]) | (u32::from(hi) << 16);
+            }
+        }
+    }
+    Left { data: out, rows, k_len }
 }
 
 /// Where a product's results go. Rows are local to the call; columns are absolute panel columns,

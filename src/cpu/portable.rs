@@ -8,7 +8,7 @@ use std::ops::Range;
 
 use wide::f32x8;
 
-use super::packed::{Bcast, Panels, Sink, MR, NR};
+use super::packed::{Left, Panels, Sink, MR, NR};
 use super::{Isa, Kernels};
 use crate::dtype::Element;
 
@@ -32,7 +32,7 @@ fn load8<E: Element>(src: &[E]) -> f32x8 {
 /// `left.k_len <= right.k_cap()`; the sink has `left.rows` rows owned by this call, and the
 /// columns of the panels in `range` are owned too.
 unsafe fn gemm<W: Element, T: Element>(
-    left: Bcast<'_, f32>,
+    left: Left<'_, f32>,
     right: &Panels<W>,
     range: Range<usize>,
     sink: &Sink<'_, T>,
@@ -48,14 +48,13 @@ unsafe fn gemm<W: Element, T: Element>(
         let width = NR.min(cols - col0);
         for t0 in (0..left.rows).step_by(MR) {
             let rows = MR.min(left.rows - t0);
+            let lt = left.tile(t0);
             for c in (0..width).step_by(LANES) {
                 let mut acc = [f32x8::ZERO; MR];
                 for k in 0..left.k_len {
                     let w = load8(&panel[k * NR + c..]);
                     for (i, a) in acc.iter_mut().enumerate().take(rows) {
-                        // SAFETY: t0 + i < left.rows and k < left.k_len.
-                        let b = f32x8::splat(unsafe { left.get(t0 + i, k) });
-                        *a = b.mul_add(w, *a);
+                        *a = f32x8::splat(lt[k * MR + i]).mul_add(w, *a);
                     }
                 }
                 let n = LANES.min(width - c);

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use vera_kernels::{active_isa, bf16, f16, DType, Element};
 
+use crate::peak::Peak;
 use crate::workload::{Shape, Workload};
 
 /// One measured case.
@@ -104,19 +105,73 @@ pub fn run(shape: Shape, dtype: DType, threads: usize, dense: bool, budget: Dura
     }
 }
 
-/// The human-readable table.
-pub fn table_header() -> String {
+/// The machine's peaks, as printed before the table.
+pub fn peak_line(p: &Peak) -> String {
+    let bf16 = p.bf16_gflops.map_or("n/a".to_string(), |v| format!("{v:.0}"));
     format!(
-        "{:<26} {:>5} {:>3} {:>9} {:>11} {:>11} {:>11} {:>9} {:>8} {:>8}",
-        "case (T,n,m,r)", "dtype", "thr", "isa", "fused ms", "dense ms", "unfused ms", "GFLOP/s", "dense/f", "unf/f"
+        "peak ({} threads): f32 FMA {:.0} GFLOP/s, bf16 dot {} GFLOP/s, read {:.0} GB/s from cache ({} MiB/thread), {:.0} GB/s from memory",
+        p.threads,
+        p.f32_gflops,
+        bf16,
+        p.cache_gbps,
+        CACHE_BYTES >> 20,
+        p.memory_gbps
     )
 }
 
-pub fn table_row(row: &Row) -> String {
+/// Weights up to this size are taken to live in cache between calls (the size the cache
+/// bandwidth is measured with).
+const CACHE_BYTES: usize = crate::peak::CACHE_BYTES_PER_THREAD;
+
+impl Row {
+    /// Whether the kernel runs this case in its decode regime (fewer row blocks than threads).
+    fn decode(&self) -> bool {
+        self.shape.t.div_ceil(vera_kernels::BLOCK_ROWS) < self.threads
+    }
+
+    /// The share of the binding roofline the fused kernel reached, in percent, with its name:
+    /// compute for prefill (f32 FMA peak; for bf16 on a tier with `vdpbf16ps`, the down-projection
+    /// at the bf16 peak and the up-projection at the f32 peak), bytes moved for decode (the
+    /// projections' bytes at cache or memory bandwidth, by their size).
+    pub fn roofline(&self, p: &Peak) -> (f64, &'static str) {
+        let Shape { t, n, m, r } = self.shape;
+        let secs = self.fused_ms * 1e-3;
+        if self.decode() {
+            let bytes = (r * (n + m) * self.dtype.size_bytes() + (t * (n + m)) * self.dtype.size_bytes()) as f64;
+            let weights = r * (n + m) * self.dtype.size_bytes();
+            let (bw, level) =
+                if weights <= CACHE_BYTES * self.threads { (p.cache_gbps, "cache") } else { (p.memory_gbps, "memory") };
+            (100.0 * bytes / secs / (bw * 1e9), level)
+        } else {
+            let down = 2.0 * (t * r * n) as f64;
+            let up = 2.0 * (t * r * m) as f64;
+            let best = match (self.isa.as_str(), p.bf16_gflops) {
+                ("avx512bf16", Some(bf)) => down / (bf * 1e9) + up / (p.f32_gflops * 1e9),
+                _ => (down + up) / (p.f32_gflops * 1e9),
+            };
+            (100.0 * best / secs, "compute")
+        }
+    }
+}
+
+/// The human-readable table's header; `peak` adds the roofline column.
+pub fn table_header(peak: bool) -> String {
+    let head = format!(
+        "{:<26} {:>5} {:>3} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}",
+        "case (T,n,m,r)", "dtype", "thr", "isa", "fused ms", "dense ms", "unfused ms", "GFLOP/s", "dense/f", "unf/f"
+    );
+    if peak {
+        format!("{head}  % of roofline")
+    } else {
+        head
+    }
+}
+
+pub fn table_row(row: &Row, peak: Option<&Peak>) -> String {
     let dense = row.dense_ms.map_or("-".to_string(), |v| format!("{v:.3}"));
     let ratio = row.dense_ms.map_or("-".to_string(), |v| format!("{:.2}x", v / row.fused_ms));
-    format!(
-        "{:<26} {:>5} {:>3} {:>9} {:>11.3} {:>11} {:>11.3} {:>9.1} {:>8} {:>7.2}x",
+    let line = format!(
+        "{:<26} {:>5} {:>3} {:>10} {:>10.3} {:>10} {:>10.3} {:>8.1} {:>8} {:>7.2}x",
         row.shape.to_string(),
         row.dtype.name(),
         row.threads,
@@ -127,5 +182,12 @@ pub fn table_row(row: &Row) -> String {
         row.fused_gflops(),
         ratio,
         row.unfused_ms / row.fused_ms
-    )
+    );
+    match peak {
+        Some(p) => {
+            let (pct, level) = row.roofline(p);
+            format!("{line}  {pct:5.1}% {level}")
+        }
+        None => line,
+    }
 }

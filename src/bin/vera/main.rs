@@ -4,6 +4,7 @@
 //! the unfused three-pass peer, on a built-in suite of shapes or on the ones given.
 
 mod bench;
+mod peak;
 mod workload;
 
 use std::process::ExitCode;
@@ -45,6 +46,10 @@ struct BenchArgs {
     /// Skip the dense baseline (it forms the whole m x n ΔW, which is slow and large).
     #[arg(long)]
     no_dense: bool,
+    /// Measure this machine's peaks first (f32 FMA, bf16 dot product, cache and memory read
+    /// bandwidth) and print each case's share of the roofline that binds it.
+    #[arg(long)]
+    peak: bool,
     /// Minimum time spent measuring each method of each case, in milliseconds.
     #[arg(long, default_value_t = 300)]
     budget_ms: u64,
@@ -55,6 +60,9 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
 }
 
 fn bench(args: BenchArgs) -> Result<(), String> {
+    if let Ok(v) = std::env::var("VERA_KERNELS_ISA") {
+        v.parse::<vera_kernels::Isa>().map_err(|e| format!("VERA_KERNELS_ISA: {e}"))?;
+    }
     let shapes = if args.shapes.is_empty() { DEFAULT_SUITE.to_vec() } else { args.shapes };
     let dtypes = if args.dtypes.is_empty() { vec![DType::F32, DType::F16, DType::BF16] } else { args.dtypes };
     let threads = args.threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), usize::from);
@@ -63,8 +71,18 @@ fn bench(args: BenchArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start {threads} threads: {e}"))?;
     let budget = Duration::from_millis(args.budget_ms);
+    let peak = args.peak.then(|| pool.install(|| peak::measure(threads)));
+    if let Some(p) = &peak {
+        let line = bench::peak_line(p);
+        // JSON lines keep exactly the documented keys: the machine's peaks go to stderr.
+        if args.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
     if !args.json {
-        println!("{}", bench::table_header());
+        println!("{}", bench::table_header(peak.is_some()));
     }
     for dtype in dtypes {
         for &shape in &shapes {
@@ -74,7 +92,7 @@ fn bench(args: BenchArgs) -> Result<(), String> {
             if args.json {
                 println!("{}", row.json());
             } else {
-                println!("{}", bench::table_row(&row));
+                println!("{}", bench::table_row(&row, peak.as_ref()));
             }
         }
     }

@@ -1,0 +1,126 @@
+//! `vera bench --peak`: this machine's roofline, measured with built-in loops: f32 FMA and bf16
+//! dot-product throughput, and read bandwidth from cache and from memory, for 1 and all threads.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+/// Peak figures of this machine for a thread count.
+#[derive(Clone, Copy, Debug)]
+pub struct Peak {
+    pub threads: usize,
+    /// f32 FMA throughput, GFLOP/s (2 FLOPs per lane per FMA).
+    pub f32_gflops: f64,
+    /// bf16 dot-product throughput (`vdpbf16ps`), GFLOP/s, if the CPU has it.
+    pub bf16_gflops: Option<f64>,
+    /// Read bandwidth from a buffer that fits in the last-level cache, GB/s.
+    pub cache_gbps: f64,
+    /// Read bandwidth from a buffer far larger than the caches, GB/s.
+    pub memory_gbps: f64,
+}
+
+const ITERS: usize = 20_000_000;
+
+/// Bytes per thread of the buffer the cache bandwidth is read from.
+pub const CACHE_BYTES_PER_THREAD: usize = 8 << 20;
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// 16 independent FMA chains on zmm registers; returns a value so the work is not elided.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn fma_loop(iters: usize) -> f32 {
+        let mut acc = [_mm512_set1_ps(0.0); 16];
+        let a = _mm512_set1_ps(0.999_999);
+        let b = _mm512_set1_ps(1e-7);
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm512_fmadd_ps(*v, a, b);
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for v in acc {
+            s = _mm512_add_ps(s, v);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+
+    /// 16 independent `vdpbf16ps` chains.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn dp_loop(iters: usize) -> f32 {
+        let mut acc = [_mm512_set1_ps(0.0); 16];
+        // SAFETY: plain bit reinterpretation of a 512-bit vector.
+        let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi16(0x3f80)) };
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm512_dpbf16_ps(*v, a, a);
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for v in acc {
+            s = _mm512_add_ps(s, v);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+}
+
+/// GFLOP/s of `f` (which does `flops_per_iter · iters` FLOPs) on every thread of the pool at once.
+fn throughput(threads: usize, flops_per_iter: f64, f: impl Fn(usize) -> f32 + Sync) -> f64 {
+    let iters = ITERS / 4;
+    f(1000); // warm up the vector units
+    let t0 = Instant::now();
+    let sink: f32 = (0..threads).into_par_iter().map(|_| f(iters)).sum();
+    black_box(sink);
+    flops_per_iter * iters as f64 * threads as f64 / t0.elapsed().as_secs_f64() / 1e9
+}
+
+/// GB/s of summing `bytes_per_thread` of f32 per thread, repeatedly, on every thread.
+fn read_bandwidth(threads: usize, bytes_per_thread: usize, passes: usize) -> f64 {
+    let len = bytes_per_thread / 4;
+    let bufs: Vec<Vec<f32>> = (0..threads).map(|i| vec![i as f32 + 1.0; len]).collect();
+    let sum = |b: &Vec<f32>| {
+        // Eight independent partial sums so the adds do not chain on one register.
+        let mut acc = [0.0f32; 16];
+        for chunk in b.chunks_exact(16) {
+            for (a, v) in acc.iter_mut().zip(chunk) {
+                *a += v;
+            }
+        }
+        acc.iter().sum::<f32>()
+    };
+    black_box(bufs.par_iter().map(sum).sum::<f32>()); // warm up, fault pages in
+    let t0 = Instant::now();
+    for _ in 0..passes {
+        black_box(bufs.par_iter().map(sum).sum::<f32>());
+    }
+    (threads * len * 4 * passes) as f64 / t0.elapsed().as_secs_f64() / 1e9
+}
+
+/// Measures the peaks on the current rayon pool.
+pub fn measure(threads: usize) -> Peak {
+    #[cfg(target_arch = "x86_64")]
+    let (f32_gflops, bf16_gflops) = {
+        let f32_gflops = if is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is present (checked above).
+            throughput(threads, 16.0 * 16.0 * 2.0, |n| unsafe { x86::fma_loop(n) })
+        } else {
+            0.0
+        };
+        let bf16 = (is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")).then(|| {
+            // SAFETY: AVX-512F and AVX512_BF16 are present (checked above).
+            throughput(threads, 16.0 * 32.0 * 2.0, |n| unsafe { x86::dp_loop(n) })
+        });
+        (f32_gflops, bf16)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let (f32_gflops, bf16_gflops) = (0.0, None);
+    Peak {
+        threads,
+        f32_gflops,
+        bf16_gflops,
+        cache_gbps: read_bandwidth(threads, CACHE_BYTES_PER_THREAD, 20),
+        memory_gbps: read_bandwidth(threads, 1 << 30, 2),
+    }
+}
