@@ -30,6 +30,7 @@ mod dtype;
 mod error;
 mod mat;
 mod ops;
+pub mod peft;
 mod projections;
 pub mod reference;
 pub mod rng;
