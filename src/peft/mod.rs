@@ -192,7 +192,15 @@ impl PeftAdapter {
             });
         }
         let file = TensorFile::read(&weights_path)?;
-        let path = weights_path.display().to_string();
+        Self::from_tensor_file(config, &file)
+    }
+
+    /// An adapter from its config and its weights file already in memory (e.g. fetched over the
+    /// network, or read from an archive): [`PeftAdapter::load`] without the file system.
+    ///
+    /// Errors: as [`PeftAdapter::load`].
+    pub fn from_tensor_file(config: VeraConfig, file: &TensorFile) -> Result<Self> {
+        let path = file.path().display().to_string();
 
         let mut lambdas: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
         let mut a = None;
@@ -314,8 +322,11 @@ impl PeftAdapter {
         }
     }
 
+    /// Checks that `m_max` covers every module, naming the widest one (whose size is the `m_max`
+    /// needed) when it does not.
     fn check_m_max(&self, m_max: usize) -> Result<()> {
-        match self.modules.iter().find(|(_, module)| module.out_features() > m_max) {
+        let widest = self.modules.iter().max_by_key(|(_, module)| module.out_features());
+        match widest.filter(|(_, module)| module.out_features() > m_max) {
             Some((name, module)) => Err(Error::ProjectionsTooSmall {
                 module: name.clone(),
                 what: "out_features",
