@@ -56,10 +56,10 @@ pub(crate) fn check_forward<T>(
 /// any number of threads. `T = 0` is a no-op.
 ///
 /// Scratch memory: each worker thread keeps one reusable f32 buffer of at most
-/// `BLOCK_ROWS · (r + n)` elements ([`BLOCK_ROWS`] rows of `u`, plus the block of `x` widened to
-/// f32 when `x` is f16, or bf16 without AVX512_BF16), however large `T` is: at most
-/// `threads · BLOCK_ROWS · (r + n) · 4` bytes, e.g. 2.5 MiB for 2 threads at r = 1024, n = 4096.
-/// The projections are packed once per [`Projections`] (on first use), not per call.
+/// `BLOCK_ROWS · (2r + n)` elements, however large `T` is ([`BLOCK_ROWS`] rows of `u`, the same
+/// rows packed for the up-projection, and the block of `x` packed for the down-projection): at
+/// most `threads · BLOCK_ROWS · (2r + n) · 4` bytes, e.g. 3 MiB for 2 threads at r = 1024,
+/// n = 4096. The projections are packed once per [`Projections`] (on first use), not per call.
 ///
 /// Errors: [`Error::LayerExceedsProjections`] when `n > n_max` or `m > m_max`,
 /// [`Error::RankMismatch`] / [`Error::LengthMismatch`] when the adapter does not fit, and

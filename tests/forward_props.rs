@@ -22,6 +22,12 @@ fn dim(max_random: usize) -> impl Strategy<Value = usize> {
     ]
 }
 
+/// A reduction length (n for the down-projection, r for the up-projection): as [`dim`], and now and
+/// then one around the kernels' k block (256), so that partial blocks and several blocks are hit.
+fn kdim(max_random: usize) -> impl Strategy<Value = usize> {
+    prop_oneof![4 => dim(max_random), 1 => prop::sample::select(vec![255usize, 256, 257, 300, 513])]
+}
+
 #[derive(Clone, Debug)]
 struct Case {
     t: usize,
@@ -41,7 +47,7 @@ struct Case {
 
 fn case() -> impl Strategy<Value = Case> {
     (
-        (dim(70), dim(70), dim(70), dim(40)),
+        (dim(70), kdim(70), dim(70), kdim(40)),
         (0usize..5, 0usize..5, 0usize..4, 0usize..4),
         (any::<bool>(), any::<bool>(), any::<u64>()),
     )

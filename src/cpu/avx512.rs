@@ -194,138 +194,213 @@ unsafe fn store_tile<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, c
     }
 }
 
-/// `R x 32` dot products over `k_len`, left broadcast from `left` rows `t0..t0 + R`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-unsafe fn tile<W: Simd16, const R: usize>(left: &Left<'_, f32>, t0: usize, wp: *const W) -> [[__m512; 2]; R] {
-    let mut acc = [[_mm512_setzero_ps(); 2]; R];
-    let lp = left.tile(t0).as_ptr();
-    // SAFETY: the left tile is [k_len][MR] and R <= MR; the panel holds k_len rows of NR weights
-    // (k_len <= k_cap, checked by the caller).
-    unsafe {
-        for k in 0..left.k_len {
-            let w0 = W::load16(wp.add(k * NR));
-            let w1 = W::load16(wp.add(k * NR + 16));
-            let bk = lp.add(k * MR);
-            for (i, a) in acc.iter_mut().enumerate() {
-                let b = _mm512_set1_ps(*bk.add(i));
-                a[0] = _mm512_fmadd_ps(b, w0, a[0]);
-                a[1] = _mm512_fmadd_ps(b, w1, a[1]);
-            }
-        }
-    }
-    acc
+/// Units of k per cache block: a panel's block (`KC x 32` weights, 32 KiB in f32) stays in L1
+/// while every row tile of a group runs over it. For k-pairs a unit is a pair.
+const KC: usize = 256;
+/// Row tiles per group: their partial sums (`GROUP x MR x 32` f32, 8 KiB) stay in L1 between
+/// k blocks.
+const GROUP: usize = 8;
+
+/// Partial sums of one row tile.
+type Acc = [[__m512; 2]; MR];
+
+/// One k block of one row tile: `acc[..R] += left[t0.., k0..k0 + kl] · panel[k0..k0 + kl]`.
+trait ChunkKernel {
+    /// Units of k (elements, or pairs) the left operand and the panels hold.
+    fn k_units(&self) -> usize;
+    /// # Safety
+    /// The tier's features are present; `t0 + R <= rows`, `k0 + kl <= k_units()`; `wp` is a panel
+    /// of at least `k_units()` rows of `NR` weights.
+    unsafe fn run<const R: usize>(
+        &self,
+        t0: usize,
+        wp: *const Self::Weight,
+        k0: usize,
+        kl: usize,
+        last: bool,
+        acc: &mut Acc,
+    );
+    /// The element type of the panels.
+    type Weight;
 }
 
+/// f32 broadcasts against panels of `W`.
+struct Fma<'a, W> {
+    left: Left<'a, f32>,
+    _w: std::marker::PhantomData<W>,
+}
+
+impl<W: Simd16> ChunkKernel for Fma<'_, W> {
+    type Weight = W;
+    fn k_units(&self) -> usize {
+        self.left.k_len
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn run<const R: usize>(&self, t0: usize, wp: *const W, k0: usize, kl: usize, _last: bool, acc: &mut Acc) {
+        let lp = self.left.tile(t0).as_ptr();
+        let mut a: [[__m512; 2]; R] = std::array::from_fn(|i| acc[i]);
+        // SAFETY: the left tile is [k_len][MR] and R <= MR; k0 + kl <= k_len rows of the panel
+        // (this trait method's contract).
+        unsafe {
+            for k in k0..k0 + kl {
+                let w0 = W::load16(wp.add(k * NR));
+                let w1 = W::load16(wp.add(k * NR + 16));
+                let bk = lp.add(k * MR);
+                for (i, ai) in a.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(*bk.add(i));
+                    ai[0] = _mm512_fmadd_ps(b, w0, ai[0]);
+                    ai[1] = _mm512_fmadd_ps(b, w1, ai[1]);
+                }
+            }
+        }
+        acc[..R].copy_from_slice(&a);
+    }
+}
+
+/// bf16 k-pairs (`n` elements) against pair panels, with `vdpbf16ps`.
+struct Pairs<'a> {
+    left: Left<'a, u32>,
+    n: usize,
+}
+
+impl ChunkKernel for Pairs<'_> {
+    type Weight = u32;
+    fn k_units(&self) -> usize {
+        self.left.k_len
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
+    unsafe fn run<const R: usize>(&self, t0: usize, wp: *const u32, k0: usize, kl: usize, last: bool, acc: &mut Acc) {
+        let lp = self.left.tile(t0).as_ptr();
+        let mut a: [[__m512; 2]; R] = std::array::from_fn(|i| acc[i]);
+        let full = self.n / 2;
+        // SAFETY: the left tile is [ceil(n / 2)][MR] pairs and R <= MR; the panel holds at least
+        // ceil(n / 2) pair rows (this trait method's contract).
+        unsafe {
+            for p in k0..(k0 + kl).min(full) {
+                let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wp.add(p * NR).cast()));
+                let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(wp.add(p * NR + 16).cast()));
+                let bp = lp.add(p * MR);
+                for (i, ai) in a.iter_mut().enumerate() {
+                    let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(*bp.add(i) as i32));
+                    ai[0] = _mm512_dpbf16_ps(ai[0], b, w0);
+                    ai[1] = _mm512_dpbf16_ps(ai[1], b, w1);
+                }
+            }
+            if last && self.n % 2 == 1 {
+                // The last k has no partner: one f32 FMA with the low halves of the last pair
+                // row, so the weight past the layer's n is never touched.
+                let lo = |v: __m512i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+                let w0 = lo(_mm512_loadu_si512(wp.add(full * NR).cast()));
+                let w1 = lo(_mm512_loadu_si512(wp.add(full * NR + 16).cast()));
+                let bp = lp.add(full * MR);
+                for (i, ai) in a.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(f32::from_bits((*bp.add(i) & 0xffff) << 16));
+                    ai[0] = _mm512_fmadd_ps(b, w0, ai[0]);
+                    ai[1] = _mm512_fmadd_ps(b, w1, ai[1]);
+                }
+            }
+        }
+        acc[..R].copy_from_slice(&a);
+    }
+}
+
+/// One k block of one row tile of `R` rows; stores the tile through the sink after the last block.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-unsafe fn tile_and_store<W: Simd16, T: Simd16, const R: usize>(
-    left: &Left<'_, f32>,
+unsafe fn chunk<K: ChunkKernel, T: Simd16, const R: usize>(
+    kern: &K,
     t0: usize,
-    wp: *const W,
+    wp: *const K::Weight,
+    k0: usize,
+    kl: usize,
+    last: bool,
+    acc: &mut Acc,
     col0: usize,
     sink: &Sink<'_, T>,
 ) {
-    // SAFETY: forwarded contracts of `tile` and `store_tile`.
+    if k0 == 0 {
+        *acc = [[_mm512_setzero_ps(); 2]; MR];
+    }
+    // SAFETY: forwarded contracts of `ChunkKernel::run` and `store_tile`.
     unsafe {
-        let acc = tile::<W, R>(left, t0, wp);
-        store_tile::<T, R>(sink, t0, col0, &acc);
+        kern.run::<R>(t0, wp, k0, kl, last, acc);
+        if last {
+            let tile: &[[__m512; 2]; R] = acc[..R].try_into().expect("R <= MR");
+            store_tile::<T, R>(sink, t0, col0, tile);
+        }
     }
 }
 
-/// `sink[row, col] <- Σ_k left[row, k] · right[col, k]` for the panels in `range`.
+/// `sink[row, col] <- Σ_k left[row, k] · right[col, k]` for the panels in `range`, blocked over k
+/// so that each panel block is reused from L1 by a group of row tiles. Each accumulator is still
+/// one chain over k in order (partial sums are kept in f32 between blocks, which is exact).
 ///
 /// # Safety
-/// AVX-512F/BW/VL, FMA and F16C are available; `left.k_len <= right.k_cap()`; the sink has
-/// `left.rows` rows owned by this call, and the columns of the panels in `range` are owned too.
+/// The tier's features are present; `kern.k_units() <= right.k_cap()`; the sink has `rows` rows
+/// owned by this call, and the columns of the panels in `range` are owned too.
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-unsafe fn gemm<W: Simd16, T: Simd16>(left: Left<'_, f32>, right: &Panels<W>, range: Range<usize>, sink: &Sink<'_, T>) {
-    debug_assert!(left.k_len <= right.k_cap());
+unsafe fn drive<K: ChunkKernel, T: Simd16>(
+    kern: &K,
+    rows: usize,
+    right: &Panels<K::Weight>,
+    range: Range<usize>,
+    sink: &Sink<'_, T>,
+) {
+    debug_assert!(kern.k_units() <= right.k_cap());
     let cols = sink.cols();
+    let k_units = kern.k_units();
+    let mut partial: [Acc; GROUP] = [[[_mm512_setzero_ps(); 2]; MR]; GROUP];
     for p in range {
         let col0 = p * NR;
         if col0 >= cols {
             break;
         }
         let wp = right.panel(p).as_ptr();
-        for t0 in (0..left.rows).step_by(MR) {
-            // SAFETY: rows t0..t0+R < left.rows; the rest is this function's contract.
-            unsafe {
-                match left.rows - t0 {
-                    1 => tile_and_store::<W, T, 1>(&left, t0, wp, col0, sink),
-                    2 => tile_and_store::<W, T, 2>(&left, t0, wp, col0, sink),
-                    3 => tile_and_store::<W, T, 3>(&left, t0, wp, col0, sink),
-                    4 => tile_and_store::<W, T, 4>(&left, t0, wp, col0, sink),
-                    5 => tile_and_store::<W, T, 5>(&left, t0, wp, col0, sink),
-                    6 => tile_and_store::<W, T, 6>(&left, t0, wp, col0, sink),
-                    7 => tile_and_store::<W, T, 7>(&left, t0, wp, col0, sink),
-                    _ => tile_and_store::<W, T, MR>(&left, t0, wp, col0, sink),
+        for g0 in (0..rows).step_by(MR * GROUP) {
+            let g_end = rows.min(g0 + MR * GROUP);
+            // At least one (possibly empty) block, so that k = 0 still stores its zeros.
+            for k0 in (0..k_units.max(1)).step_by(KC) {
+                let kl = KC.min(k_units.saturating_sub(k0));
+                let last = k0 + KC >= k_units;
+                for (acc, t0) in partial.iter_mut().zip((g0..g_end).step_by(MR)) {
+                    // SAFETY: rows t0..t0+R < rows, k0 + kl <= k_units; the rest is this
+                    // function's contract.
+                    unsafe {
+                        match g_end - t0 {
+                            1 => chunk::<K, T, 1>(kern, t0, wp, k0, kl, last, acc, col0, sink),
+                            2 => chunk::<K, T, 2>(kern, t0, wp, k0, kl, last, acc, col0, sink),
+                            3 => chunk::<K, T, 3>(kern, t0, wp, k0, kl, last, acc, col0, sink),
+                            4 => chunk::<K, T, 4>(kern, t0, wp, k0, kl, last, acc, col0, sink),
+                            5 => chunk::<K, T, 5>(kern, t0, wp, k0, kl, last, acc, col0, sink),
+                            6 => chunk::<K, T, 6>(kern, t0, wp, k0, kl, last, acc, col0, sink),
+                            7 => chunk::<K, T, 7>(kern, t0, wp, k0, kl, last, acc, col0, sink),
+                            _ => chunk::<K, T, MR>(kern, t0, wp, k0, kl, last, acc, col0, sink),
+                        }
+                    }
                 }
             }
         }
     }
 }
 
-/// `R x 32` bf16 dot products with `vdpbf16ps` over `n` elements: `left` holds packed k-pairs,
-/// `wp` the weights' k-pairs.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
-unsafe fn tile_pairs<const R: usize>(left: &Left<'_, u32>, n: usize, t0: usize, wp: *const u32) -> [[__m512; 2]; R] {
-    let mut acc = [[_mm512_setzero_ps(); 2]; R];
-    let lp = left.tile(t0).as_ptr();
-    // SAFETY: the left tile is [ceil(n / 2)][MR] pairs and R <= MR; the panel holds ceil(n / 2)
-    // pair rows of NR weights (checked by the caller).
-    unsafe {
-        for p in 0..n / 2 {
-            let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wp.add(p * NR).cast()));
-            let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(wp.add(p * NR + 16).cast()));
-            let bp = lp.add(p * MR);
-            for (i, a) in acc.iter_mut().enumerate() {
-                let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(*bp.add(i) as i32));
-                a[0] = _mm512_dpbf16_ps(a[0], b, w0);
-                a[1] = _mm512_dpbf16_ps(a[1], b, w1);
-            }
-        }
-        if n % 2 == 1 {
-            // The last k has no partner: one f32 FMA with the low halves of the last pair row, so
-            // the weight past the layer's n is never touched.
-            let p = n / 2;
-            let lo = |v: __m512i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
-            let w0 = lo(_mm512_loadu_si512(wp.add(p * NR).cast()));
-            let w1 = lo(_mm512_loadu_si512(wp.add(p * NR + 16).cast()));
-            let bp = lp.add(p * MR);
-            for (i, a) in acc.iter_mut().enumerate() {
-                let b = _mm512_set1_ps(f32::from_bits((*bp.add(i) & 0xffff) << 16));
-                a[0] = _mm512_fmadd_ps(b, w0, a[0]);
-                a[1] = _mm512_fmadd_ps(b, w1, a[1]);
-            }
-        }
-    }
-    acc
-}
-
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
-unsafe fn tile_pairs_and_store<T: Simd16, const R: usize>(
-    left: &Left<'_, u32>,
-    n: usize,
-    t0: usize,
-    wp: *const u32,
-    col0: usize,
-    sink: &Sink<'_, T>,
-) {
-    // SAFETY: forwarded contracts of `tile_pairs` and `store_tile`.
-    unsafe {
-        let acc = tile_pairs::<R>(left, n, t0, wp);
-        store_tile::<T, R>(sink, t0, col0, &acc);
-    }
-}
-
-/// [`gemm`] for bf16 activations packed in k-pairs (`n` elements) against k-pair panels, with
-/// `vdpbf16ps`.
+/// f32 products against panels of `W` (see [`drive`]).
 ///
 /// # Safety
-/// As [`gemm`], plus AVX512_BF16; `left.k_len == ceil(n / 2) <= right.k_cap()`.
+/// AVX-512F/BW/VL, FMA and F16C are present; otherwise as [`drive`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+unsafe fn gemm<W: Simd16, T: Simd16>(left: Left<'_, f32>, right: &Panels<W>, range: Range<usize>, sink: &Sink<'_, T>) {
+    let rows = left.rows;
+    // SAFETY: forwarded.
+    unsafe { drive(&Fma { left, _w: std::marker::PhantomData::<W> }, rows, right, range, sink) }
+}
+
+/// bf16 products of k-pairs (`n` elements) against pair panels, with `vdpbf16ps` (see [`drive`]).
+///
+/// # Safety
+/// As [`gemm`], plus AVX512_BF16; `left.k_len == ceil(n / 2)`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
 unsafe fn gemm_pairs<T: Simd16>(
     left: Left<'_, u32>,
@@ -334,30 +409,10 @@ unsafe fn gemm_pairs<T: Simd16>(
     range: Range<usize>,
     sink: &Sink<'_, T>,
 ) {
-    debug_assert!(left.k_len == n.div_ceil(2) && left.k_len <= right.k_cap());
-    let cols = sink.cols();
-    for p in range {
-        let col0 = p * NR;
-        if col0 >= cols {
-            break;
-        }
-        let wp = right.panel(p).as_ptr();
-        for t0 in (0..left.rows).step_by(MR) {
-            // SAFETY: rows t0..t0+R < left.rows; the rest is this function's contract.
-            unsafe {
-                match left.rows - t0 {
-                    1 => tile_pairs_and_store::<T, 1>(&left, n, t0, wp, col0, sink),
-                    2 => tile_pairs_and_store::<T, 2>(&left, n, t0, wp, col0, sink),
-                    3 => tile_pairs_and_store::<T, 3>(&left, n, t0, wp, col0, sink),
-                    4 => tile_pairs_and_store::<T, 4>(&left, n, t0, wp, col0, sink),
-                    5 => tile_pairs_and_store::<T, 5>(&left, n, t0, wp, col0, sink),
-                    6 => tile_pairs_and_store::<T, 6>(&left, n, t0, wp, col0, sink),
-                    7 => tile_pairs_and_store::<T, 7>(&left, n, t0, wp, col0, sink),
-                    _ => tile_pairs_and_store::<T, MR>(&left, n, t0, wp, col0, sink),
-                }
-            }
-        }
-    }
+    debug_assert_eq!(left.k_len, n.div_ceil(2));
+    let rows = left.rows;
+    // SAFETY: forwarded.
+    unsafe { drive(&Pairs { left, n }, rows, right, range, sink) }
 }
 
 /// Whether this CPU runs the AVX-512 tier (F, BW, VL, plus FMA and F16C).
