@@ -306,20 +306,36 @@ impl ChunkKernel for Pairs<'_> {
     }
 }
 
+/// Where one call of [`chunk`] works: a k block of a panel.
+struct Block<W> {
+    /// The panel.
+    wp: *const W,
+    /// Its first column.
+    col0: usize,
+    /// The k block: `k0 .. k0 + kl`, and whether it is the last one.
+    k0: usize,
+    kl: usize,
+    last: bool,
+}
+
+impl<W> Clone for Block<W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<W> Copy for Block<W> {}
+
 /// One k block of one row tile of `R` rows; stores the tile through the sink after the last block.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
 unsafe fn chunk<K: ChunkKernel, T: Simd16, const R: usize>(
     kern: &K,
     t0: usize,
-    wp: *const K::Weight,
-    k0: usize,
-    kl: usize,
-    last: bool,
+    blk: Block<K::Weight>,
     acc: &mut Acc,
-    col0: usize,
     sink: &Sink<'_, T>,
 ) {
+    let Block { wp, col0, k0, kl, last } = blk;
     if k0 == 0 {
         *acc = [[_mm512_setzero_ps(); 2]; MR];
     }
@@ -364,20 +380,20 @@ unsafe fn drive<K: ChunkKernel, T: Simd16>(
             // At least one (possibly empty) block, so that k = 0 still stores its zeros.
             for k0 in (0..k_units.max(1)).step_by(KC) {
                 let kl = KC.min(k_units.saturating_sub(k0));
-                let last = k0 + KC >= k_units;
+                let blk = Block { wp, col0, k0, kl, last: k0 + KC >= k_units };
                 for (acc, t0) in partial.iter_mut().zip((g0..g_end).step_by(MR)) {
                     // SAFETY: rows t0..t0+R < rows, k0 + kl <= k_units; the rest is this
                     // function's contract.
                     unsafe {
                         match g_end - t0 {
-                            1 => chunk::<K, T, 1>(kern, t0, wp, k0, kl, last, acc, col0, sink),
-                            2 => chunk::<K, T, 2>(kern, t0, wp, k0, kl, last, acc, col0, sink),
-                            3 => chunk::<K, T, 3>(kern, t0, wp, k0, kl, last, acc, col0, sink),
-                            4 => chunk::<K, T, 4>(kern, t0, wp, k0, kl, last, acc, col0, sink),
-                            5 => chunk::<K, T, 5>(kern, t0, wp, k0, kl, last, acc, col0, sink),
-                            6 => chunk::<K, T, 6>(kern, t0, wp, k0, kl, last, acc, col0, sink),
-                            7 => chunk::<K, T, 7>(kern, t0, wp, k0, kl, last, acc, col0, sink),
-                            _ => chunk::<K, T, MR>(kern, t0, wp, k0, kl, last, acc, col0, sink),
+                            1 => chunk::<K, T, 1>(kern, t0, blk, acc, sink),
+                            2 => chunk::<K, T, 2>(kern, t0, blk, acc, sink),
+                            3 => chunk::<K, T, 3>(kern, t0, blk, acc, sink),
+                            4 => chunk::<K, T, 4>(kern, t0, blk, acc, sink),
+                            5 => chunk::<K, T, 5>(kern, t0, blk, acc, sink),
+                            6 => chunk::<K, T, 6>(kern, t0, blk, acc, sink),
+                            7 => chunk::<K, T, 7>(kern, t0, blk, acc, sink),
+                            _ => chunk::<K, T, MR>(kern, t0, blk, acc, sink),
                         }
                     }
                 }
