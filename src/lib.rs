@@ -55,3 +55,8 @@ pub(crate) mod sealed {
             Self: Sized;
     }
 }
+
+/// The README's code examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
