@@ -421,7 +421,10 @@ impl PeftAdapter {
                         return Err(Error::TensorShape {
                             path: String::new(),
                             key: VERA_A_KEY.to_string(),
-                            expected: format!("[{r}, {}] (r and the n_max given)", s.n_max),
+                            expected: format!(
+                                "[{r}, {}] (r and the n_max given; leave the sizes out for saved projections)",
+                                s.n_max
+                            ),
                             actual: a.shape().to_vec(),
                         });
                     }
@@ -429,7 +432,10 @@ impl PeftAdapter {
                         return Err(Error::TensorShape {
                             path: String::new(),
                             key: VERA_B_KEY.to_string(),
-                            expected: format!("[{}, {r}] (the m_max given and r)", s.m_max),
+                            expected: format!(
+                                "[{}, {r}] (the m_max given and r; leave the sizes out for saved projections)",
+                                s.m_max
+                            ),
                             actual: b.shape().to_vec(),
                         });
                     }

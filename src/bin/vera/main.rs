@@ -2,8 +2,12 @@
 //!
 //! `vera bench` times the fused VeRA forward against the dense baseline (form ΔW, then x·ΔWᵀ) and
 //! the unfused three-pass peer, on a built-in suite of shapes or on the ones given.
+//!
+//! `vera inspect`, `vera forward` and `vera merge` read HuggingFace PEFT VeRA adapters: show one,
+//! run a module's adapter on inputs from a safetensors file, merge its ΔW into a weight.
 
 mod bench;
+mod cmd_peft;
 mod peak;
 mod workload;
 
@@ -26,6 +30,12 @@ struct Cli {
 enum Command {
     /// Time fused vs dense baseline vs unfused on the default suite (or the given shapes).
     Bench(BenchArgs),
+    /// Show a PEFT VeRA adapter directory: config, projections, modules, parameter counts.
+    Inspect(cmd_peft::InspectArgs),
+    /// Run a module's adapter (plus its base layer with --base) on x from a safetensors file.
+    Forward(cmd_peft::ForwardArgs),
+    /// Merge (or --unmerge) a module's ΔW into a weight of a safetensors file.
+    Merge(cmd_peft::MergeArgs),
 }
 
 #[derive(clap::Args)]
@@ -100,9 +110,15 @@ fn bench(args: BenchArgs) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return cmd_peft::usage_error(e),
+    };
     let result = match cli.command {
         Command::Bench(args) => bench(args),
+        Command::Inspect(args) => cmd_peft::inspect(args),
+        Command::Forward(args) => cmd_peft::forward_cmd(args),
+        Command::Merge(args) => cmd_peft::merge_cmd(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
