@@ -7,6 +7,8 @@
 //! block or thread it falls in, so any split across threads gives bitwise identical results.
 
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 mod packed;
 mod portable;
@@ -40,6 +42,8 @@ const W_BLOCK: usize = 32;
 pub enum Isa {
     /// Portable SIMD through the `wide` crate (any CPU: SSE2 on baseline x86-64, NEON on aarch64).
     Portable,
+    /// x86-64 AVX2 + FMA + F16C: 4 x 16 register passes over the same tiles and panels.
+    Avx2,
     /// x86-64 AVX-512 F/BW/VL with FMA and F16C: 32-column f32 tiles, f16/bf16 widened in registers.
     Avx512,
     /// AVX-512 plus AVX512_BF16: bf16 down-projections with `vdpbf16ps` (other dtypes as `Avx512`).
@@ -51,6 +55,7 @@ impl Isa {
     pub fn name(self) -> &'static str {
         match self {
             Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Avx512Bf16 => "avx512bf16",
         }
@@ -68,14 +73,17 @@ impl Isa {
                 if avx512::has_avx512() {
                     return Isa::Avx512;
                 }
+                if avx2::has_avx2() {
+                    return Isa::Avx2;
+                }
             }
             Isa::Portable
         })
     }
 
     /// The tier in use: [`Isa::detected`], capped by the environment variable `VERA_KERNELS_ISA`
-    /// (`avx512bf16`, `avx512`, `avx2` or `portable`) when it is set to one of those names; `avx2`
-    /// caps at `portable` for now (there is no AVX2 tier yet). Read once per process.
+    /// (`avx512bf16`, `avx512`, `avx2` or `portable`) when it is set to one of those names (other
+    /// values are ignored; `vera bench` rejects them). Read once per process.
     pub fn selected() -> Isa {
         static SELECTED: OnceLock<Isa> = OnceLock::new();
         *SELECTED.get_or_init(|| {
@@ -93,7 +101,8 @@ impl std::str::FromStr for Isa {
         match s {
             "avx512bf16" => Ok(Isa::Avx512Bf16),
             "avx512" => Ok(Isa::Avx512),
-            "avx2" | "portable" => Ok(Isa::Portable),
+            "avx2" => Ok(Isa::Avx2),
+            "portable" => Ok(Isa::Portable),
             other => Err(Error::UnknownIsa { name: other.to_string() }),
         }
     }
@@ -176,8 +185,11 @@ pub struct Kernels<T: 'static> {
     pub(crate) gemm_pairs: Option<PairGemmFn<T>>,
 }
 
+/// Element types every tier of this target implements (all three).
 #[cfg(target_arch = "x86_64")]
-use avx512::Simd16 as TierElement;
+trait TierElement: avx512::Simd16 + avx2::Simd8 {}
+#[cfg(target_arch = "x86_64")]
+impl<T: avx512::Simd16 + avx2::Simd8> TierElement for T {}
 /// Element types every tier of this target implements (all three).
 #[cfg(not(target_arch = "x86_64"))]
 trait TierElement {}
@@ -190,6 +202,8 @@ fn select<T: Element + TierElement>() -> Kernels<T> {
         Isa::Avx512Bf16 => avx512::kernels::<T>(true),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => avx512::kernels::<T>(false),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::kernels::<T>(),
         _ => portable::kernels::<T>(),
     }
 }
