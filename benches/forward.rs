@@ -4,7 +4,8 @@
 //! `cargo bench --bench forward` runs all of it; a filter narrows it, e.g.
 //! `cargo bench --bench forward -- 'f32/t512_n768'`. Throughput is reported in "elements"/s where
 //! one element is one FLOP of the fused path (2·T·r·(n + m)), so every method of a case is
-//! compared on the same scale.
+//! compared on the same scale. f32 and f16 also run `gemm_unfused`, the unfused path on the `gemm`
+//! crate.
 
 #[path = "../src/bin/vera/workload.rs"]
 mod workload;
@@ -13,9 +14,93 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use vera_kernels::{bf16, f16, Element};
-use workload::{Workload, DEFAULT_SUITE};
+use workload::{Shape, Workload, DEFAULT_SUITE};
 
-fn bench_dtype<T: Element>(c: &mut Criterion) {
+/// The unfused path on the `gemm` crate (AVX-512 via its `x86-v4` feature): `h = x·Aᵀ`,
+/// `u = lambda_d ⊙ h`, `v = u·Bᵀ`, `y += lambda_b ⊙ v + bias`, with `h`, `v` materialised in `T`.
+/// A general GEMM library packs its operands on every call; this is the peer that shows what
+/// packing the shared projections once buys. (gemm has no bf16.)
+struct GemmPeer<T> {
+    h: Vec<T>,
+    v: Vec<T>,
+}
+
+impl<T: Element> GemmPeer<T> {
+    fn new(s: Shape) -> Self {
+        Self { h: vec![T::default(); s.t * s.r], v: vec![T::default(); s.t * s.m] }
+    }
+
+    fn run(&mut self, w: &mut Workload<T>) {
+        let Shape { t, n, m, r } = w.shape;
+        let (a, b) = w.projections.as_slices();
+        let n_max = w.projections.n_max();
+        let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+        let (zero, one) = (T::from_f32(0.0), T::from_f32(1.0));
+        // SAFETY: every pointer, stride and extent below describes a buffer of the right size:
+        // x [t, n] row-major, A [r, n_max], B [m, r], h [t, r], v [t, m].
+        unsafe {
+            // h[t, j] = Σ_k x[t, k]·A[j, k]: rhs (k, j) = A[j, k].
+            gemm::gemm(
+                t,
+                r,
+                n,
+                self.h.as_mut_ptr(),
+                1,
+                r as isize,
+                false,
+                w.x.as_ptr(),
+                1,
+                n as isize,
+                a.as_ptr(),
+                n_max as isize,
+                1,
+                zero,
+                one,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+        for row in self.h.chunks_mut(r) {
+            for (v, d) in row.iter_mut().zip(w.adapter.lambda_d()) {
+                *v = T::from_f32(v.to_f32() * d);
+            }
+        }
+        // SAFETY: as above; rhs (j, i) = B[i, j].
+        unsafe {
+            gemm::gemm(
+                t,
+                m,
+                r,
+                self.v.as_mut_ptr(),
+                1,
+                m as isize,
+                false,
+                self.h.as_ptr(),
+                1,
+                r as isize,
+                b.as_ptr(),
+                r as isize,
+                1,
+                zero,
+                one,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+        let bias = w.adapter.bias().expect("the workload has a bias");
+        for (yrow, vrow) in w.y.chunks_mut(m).zip(self.v.chunks(m)) {
+            for (i, (y, v)) in yrow.iter_mut().zip(vrow).enumerate() {
+                *y = T::from_f32(y.to_f32() + w.adapter.lambda_b()[i] * v.to_f32() + bias[i]);
+            }
+        }
+    }
+}
+
+fn bench_dtype<T: Element>(c: &mut Criterion, gemm_peer: bool) {
     for shape in DEFAULT_SUITE {
         let mut group = c.benchmark_group(format!("{}/{}", T::DTYPE, shape.name()));
         group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
@@ -24,14 +109,18 @@ fn bench_dtype<T: Element>(c: &mut Criterion) {
         group.bench_function(BenchmarkId::from_parameter("fused"), |b| b.iter(|| w.fused().unwrap()));
         group.bench_function(BenchmarkId::from_parameter("unfused"), |b| b.iter(|| w.unfused().unwrap()));
         group.bench_function(BenchmarkId::from_parameter("dense"), |b| b.iter(|| w.dense().unwrap()));
+        if gemm_peer {
+            let mut peer = GemmPeer::<T>::new(shape);
+            group.bench_function(BenchmarkId::from_parameter("gemm_unfused"), |b| b.iter(|| peer.run(&mut w)));
+        }
         group.finish();
     }
 }
 
 fn benches(c: &mut Criterion) {
-    bench_dtype::<f32>(c);
-    bench_dtype::<f16>(c);
-    bench_dtype::<bf16>(c);
+    bench_dtype::<f32>(c, true);
+    bench_dtype::<f16>(c, true);
+    bench_dtype::<bf16>(c, false);
 }
 
 criterion_group!(forward, benches);

@@ -69,10 +69,10 @@ impl FromStr for Shape {
 /// Inputs and buffers of one case in element type `T`.
 pub struct Workload<T> {
     pub shape: Shape,
-    projections: Projections<T>,
-    adapter: Adapter,
-    x: Vec<T>,
-    y: Vec<T>,
+    pub projections: Projections<T>,
+    pub adapter: Adapter,
+    pub x: Vec<T>,
+    pub y: Vec<T>,
     dense: DenseBuffers<T>,
     h: Vec<f32>,
 }
