@@ -250,28 +250,21 @@ fn overwrite_ignores_nan_in_y_and_nan_in_x_propagates() {
 }
 
 #[test]
-fn large_t_is_bitwise_identical_across_thread_counts() {
-    // Enough rows that the 2-thread run takes the block-parallel path and the 1-thread run does not
-    // split at all; plus a decode-sized call that splits r and m instead.
-    for t in [1usize, 8, 4 * BLOCK_ROWS + 3] {
-        let c = Case {
-            t,
-            n: 300,
-            m: 260,
-            r: 67,
-            n_extra: 3,
-            m_extra: 1,
-            x_pad: 1,
-            y_pad: 2,
-            bias: true,
-            accumulate: true,
-            seed: 9,
-        };
-        let inp = inputs::<bf16>(&c);
-        let y1 = run_forward(&c, &inp, 1);
-        let y2 = run_forward(&c, &inp, 2);
-        let y3 = run_forward(&c, &inp, 3);
-        assert!(y1 == y2 && y1 == y3, "t = {t}");
-        check_forward::<bf16>(&c).unwrap();
+fn parallel_paths_are_bitwise_identical_across_thread_counts() {
+    // Calls big enough to be split across threads (small ones run on the calling thread): decode
+    // shapes whose r and m columns are split, and a prefill shape split by blocks of rows; in every
+    // dtype, against 1 thread, and within the error bound.
+    let shapes = [(1usize, 4096usize, 2048usize, 257usize), (8, 1030, 1000, 256), (4 * BLOCK_ROWS + 3, 300, 260, 67)];
+    for (t, n, m, r) in shapes {
+        let c = Case { t, n, m, r, n_extra: 3, m_extra: 1, x_pad: 1, y_pad: 2, bias: true, accumulate: true, seed: 9 };
+        fn same<T: Element>(c: &Case) {
+            let inp = inputs::<T>(c);
+            let y1 = run_forward(c, &inp, 1);
+            assert!(y1 == run_forward(c, &inp, 2) && y1 == run_forward(c, &inp, 3), "{c:?} {:?}", T::DTYPE);
+            check_forward::<T>(c).unwrap();
+        }
+        same::<f32>(&c);
+        same::<f16>(&c);
+        same::<bf16>(&c);
     }
 }

@@ -292,12 +292,21 @@ fn for_panels(panels: usize, split: bool, f: impl Fn(Range<usize>) + Sync) {
     (0..panels.div_ceil(chunk)).into_par_iter().for_each(|c| f(c * chunk..panels.min((c + 1) * chunk)));
 }
 
-/// Calls `f(t0, rows, split)` for blocks of `block` rows covering `0..rows`: in parallel over
-/// blocks when there are enough to feed every thread (prefill), else one after the other with
-/// `split` set so that `f` spreads each block's columns over the threads (decode).
-fn for_blocks(rows: usize, block: usize, f: impl Fn(usize, usize, bool) + Sync) {
+/// Below this many FLOPs a call runs on the calling thread alone: handing work to rayon costs
+/// more than it saves (measured with `vera bench --threads 1` vs `--threads 2` on small shapes).
+const PARALLEL_MIN_FLOPS: f64 = 4e6;
+
+/// Calls `f(t0, rows, split)` for blocks of `block` rows covering `0..rows`, for work of about
+/// `flops`: on this thread alone for small work; in parallel over blocks when there are enough to
+/// feed every thread (prefill); else one after the other with `split` set so that `f` spreads each
+/// block's columns over the threads (decode).
+fn for_blocks(rows: usize, block: usize, flops: f64, f: impl Fn(usize, usize, bool) + Sync) {
     let blocks = rows.div_ceil(block);
-    if blocks >= rayon::current_num_threads() {
+    if flops < PARALLEL_MIN_FLOPS || rayon::current_num_threads() <= 1 {
+        for b in 0..blocks {
+            f(b * block, block.min(rows - b * block), false);
+        }
+    } else if blocks >= rayon::current_num_threads() {
         (0..blocks).into_par_iter().for_each(|b| f(b * block, block.min(rows - b * block), false));
     } else {
         for b in 0..blocks {
@@ -377,7 +386,8 @@ pub(crate) fn forward<T: Element>(
     let packed = packed_or_owned(&layer, &mut owned);
     let epi = Epilogue { scale: Some(adapter.lambda_b()), bias: adapter.bias(), accumulate: mode == Mode::Accumulate };
     let yp = y.as_ptr_mat();
-    for_blocks(rows, T_BLOCK, |t0, tb, split| {
+    let flops = 2.0 * (rows * r * (n + m)) as f64;
+    for_blocks(rows, T_BLOCK, flops, |t0, tb, split| {
         let packed_u = Left::<f32>::len_for(tb, r);
         with_scratch(tb * r + packed_u + down_scratch(tb, n), |buf| {
             let (u, rest) = buf.split_at_mut(tb * r);
@@ -463,7 +473,7 @@ pub(crate) fn dense<T: Element>(
         slot => slot.insert(Panels::with_shape(m, n)),
     };
     let dwp = dw.as_mut_ptr();
-    for_blocks(n, T_BLOCK, |k0, kb, split| {
+    for_blocks(n, T_BLOCK, 2.0 * (m * n * r) as f64, |k0, kb, split| {
         let sink = Sink::Panels { out: dwp.offset_rows(k0) };
         // SAFETY: k_len = r = k_cap of c; rows k0..k0+kb of the ΔW panels belong to this block,
         // and for_panels hands out disjoint panel ranges.
@@ -472,7 +482,7 @@ pub(crate) fn dense<T: Element>(
     let dw = &*dw;
     let epi = Epilogue { scale: None, bias: adapter.bias(), accumulate: mode == Mode::Accumulate };
     let yp = y.as_ptr_mat();
-    for_blocks(rows, T_BLOCK, |t0, tb, split| {
+    for_blocks(rows, T_BLOCK, 2.0 * (rows * n * m) as f64, |t0, tb, split| {
         with_scratch(Left::<f32>::len_for(tb, n), |xl| {
             let left = pack_rows(x.row_range(t0, tb), xl);
             let sink = Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi };
@@ -496,7 +506,7 @@ pub(crate) fn unfused<T: Element>(
     let mut owned = None;
     let packed = packed_or_owned(&layer, &mut owned);
     let hp = h.as_ptr_mat();
-    for_blocks(rows, T_BLOCK, |t0, tb, split| {
+    for_blocks(rows, T_BLOCK, 2.0 * (rows * n * r) as f64, |t0, tb, split| {
         with_scratch(down_scratch(tb, n), |xl| {
             down(packed, x.row_range(t0, tb), xl, r, &Sink::F32 { out: hp.sub(t0, tb, 0, r), scale: None }, split);
         });
@@ -508,7 +518,7 @@ pub(crate) fn unfused<T: Element>(
     }
     let epi = Epilogue { scale: Some(adapter.lambda_b()), bias: adapter.bias(), accumulate: mode == Mode::Accumulate };
     let (h, yp) = (h.as_ref(), y.as_ptr_mat());
-    for_blocks(rows, T_BLOCK, |t0, tb, split| {
+    for_blocks(rows, T_BLOCK, 2.0 * (rows * r * m) as f64, |t0, tb, split| {
         with_scratch(Left::<f32>::len_for(tb, r), |hl| {
             let left = pack_rows(h.row_range(t0, tb), hl);
             up(packed, left, m, &Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi }, split);
