@@ -25,6 +25,8 @@
 
 mod adapter;
 pub mod baseline;
+#[cfg(feature = "candle")]
+pub mod candle;
 mod cpu;
 mod dtype;
 mod error;
