@@ -15,7 +15,7 @@
 //! - [`forward`]: the fused pass into a caller-owned `y`, accumulating ([`Mode::Accumulate`]) or
 //!   overwriting; [`merge`] / [`unmerge`] / [`delta_weight`] for weight merging.
 //! - [`baseline`]: the dense and unfused peers the fused path is benchmarked against.
-//! - [`reference`]: the naive f64 implementation and the forward-error bounds the kernels are
+//! - [`reference`](mod@reference): the naive f64 implementation and the forward-error bounds the kernels are
 //!   tested against.
 //!
 //! Every misuse returns an [`Error`]; no public function panics on bad input. Results are bitwise
