@@ -396,7 +396,7 @@ fn failures_are_one_line_with_no_output() {
         (fwd(&[("--adapter", seeded), ("--n-max", "40"), ("--m-max", "64")]), "in_features = 48"),
         (fwd(&[("--adapter", saved), ("--n-max", "48"), ("--m-max", "64")]), "base_model.vera_A"),
         (fwd(&[("--module", "layers.7")]), "no module \"layers.7\""),
-        (fwd(&[("--input-key", "nope")]), "no tensor \"nope\""),
+        (fwd(&[("--input-key", "nope")]), "no tensor \"nope\" (it has \"layers.0.adapter_y\", "),
         (fwd(&[("--input", missing_s)]), "missing"),
         (fwd(&[("--input", corrupt_s)]), "not a valid safetensors"),
         (fwd(&[("--input", ints_s), ("--input-key", "x")]), "dtype I64"),

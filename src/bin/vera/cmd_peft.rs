@@ -218,6 +218,19 @@ fn message(e: Error) -> String {
     }
 }
 
+/// A tensor of a file; when it is missing, the message lists the keys the file has.
+fn tensor(file: &TensorFile, key: &str) -> Result<Tensor, String> {
+    file.tensor(key).map_err(|e| match e {
+        Error::MissingTensor { .. } => {
+            let keys: Vec<&str> = file.keys().collect();
+            let shown = keys.iter().take(12).map(|k| format!("{k:?}")).collect::<Vec<_>>().join(", ");
+            let more = if keys.len() > 12 { format!(" and {} more", keys.len() - 12) } else { String::new() };
+            format!("{e} (it has {shown}{more})")
+        }
+        e => e.to_string(),
+    })
+}
+
 /// The module, with its name in the error when it is not there.
 fn module<'a>(adapter: &'a PeftAdapter, name: &str) -> Result<&'a VeraModule, String> {
     adapter.module(name).map_err(|e| e.to_string())
@@ -246,7 +259,7 @@ struct Base {
 fn read_base(args: &ForwardArgs, n: usize, m: usize, fan_in_fan_out: bool) -> Result<Option<Base>, String> {
     let (Some(path), Some(weight_key)) = (&args.base, &args.weight_key) else { return Ok(None) };
     let file = TensorFile::read(path).map_err(|e| e.to_string())?;
-    let w = file.tensor(weight_key).map_err(|e| e.to_string())?;
+    let w = tensor(&file, weight_key)?;
     let (expected, layout) = if fan_in_fan_out {
         ([n, m], "[in_features, out_features], fan_in_fan_out")
     } else {
@@ -274,7 +287,7 @@ fn read_base(args: &ForwardArgs, n: usize, m: usize, fan_in_fan_out: bool) -> Re
     let bias = match &args.bias_key {
         None => None,
         Some(key) => {
-            let b = file.tensor(key).map_err(|e| e.to_string())?;
+            let b = tensor(&file, key)?;
             if b.shape() != [m] {
                 return Err(Error::TensorShape {
                     path: path.display().to_string(),
@@ -328,7 +341,7 @@ pub fn forward_cmd(args: ForwardArgs) -> Result<(), String> {
     let adapter = PeftAdapter::load(&args.adapter).map_err(|e| e.to_string())?;
     let m = module(&adapter, &args.module)?.out_features();
     let input = TensorFile::read(&args.input).map_err(|e| e.to_string())?;
-    let x = input.tensor(&args.input_key).map_err(|e| e.to_string())?;
+    let x = tensor(&input, &args.input_key)?;
     let shape = x.shape().to_vec();
     let Some((&n, lead)) = shape.split_last().filter(|(&n, _)| n > 0) else {
         return Err(Error::TensorShape {
@@ -340,6 +353,9 @@ pub fn forward_cmd(args: ForwardArgs) -> Result<(), String> {
         .to_string());
     };
     let t = lead.iter().product::<usize>();
+    if t.checked_mul(m).is_none() {
+        return Err(format!("the output y [{t}, {m}] does not fit in memory"));
+    }
     let base = read_base(&args, n, m, adapter.config().fan_in_fan_out)?;
     let dtype = args.dtype.unwrap_or(x.dtype());
     let sizes = args.sizes.sizes();
@@ -384,7 +400,7 @@ pub fn merge_cmd(args: MergeArgs) -> Result<(), String> {
     let adapter = PeftAdapter::load(&args.adapter).map_err(|e| e.to_string())?;
     let m = module(&adapter, &args.module)?.out_features();
     let file = TensorFile::read(&args.weights).map_err(|e| e.to_string())?;
-    let w = file.tensor(&args.weight_key).map_err(|e| e.to_string())?;
+    let w = tensor(&file, &args.weight_key)?;
     let fan_in_fan_out = adapter.config().fan_in_fan_out;
     let shape = w.shape().to_vec();
     let n = match (shape.as_slice(), fan_in_fan_out) {
