@@ -3,6 +3,9 @@
 //! Every failure is returned as one line of text (main prints it on stderr and exits non-zero);
 //! outputs are written to a temporary file and renamed, so a failed command leaves no file.
 
+// The argument docs are also the --help text, where shapes read `[T, in_features]`, not links.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
