@@ -23,9 +23,9 @@ fn dim(max_random: usize) -> impl Strategy<Value = usize> {
 }
 
 /// A reduction length (n for the down-projection, r for the up-projection): as [`dim`], and now and
-/// then one around the kernels' k block (256), so that partial blocks and several blocks are hit.
+/// then one around the kernels' k block (64), so that partial blocks and several blocks are hit.
 fn kdim(max_random: usize) -> impl Strategy<Value = usize> {
-    prop_oneof![4 => dim(max_random), 1 => prop::sample::select(vec![255usize, 256, 257, 300, 513])]
+    prop_oneof![4 => dim(max_random), 1 => prop::sample::select(vec![63usize, 64, 65, 129, 255, 256, 257, 513])]
 }
 
 #[derive(Clone, Debug)]

@@ -16,7 +16,7 @@ use super::{Isa, Kernels};
 use crate::dtype::Element;
 
 /// Units of k per cache block (see the AVX-512 kernels).
-const KC: usize = 256;
+const KC: usize = 64;
 /// Rows and columns of one register pass.
 const PR: usize = 4;
 const PC: usize = 16;
