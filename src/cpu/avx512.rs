@@ -206,25 +206,38 @@ const GROUP: usize = 8;
 /// Partial sums of one row tile.
 type Acc = [[__m512; 2]; MR];
 
-/// One k block of one row tile: `acc[..R] += left[t0.., k0..k0 + kl] · panel[k0..k0 + kl]`.
+/// One k block of one row tile: `acc[..R] += left[t0.., k0..k0 + kl] · block[0..kl]`, where the
+/// block is rows `k0..k0 + kl` of a panel, as [`ChunkKernel::stage`] prepared them.
 trait ChunkKernel {
+    /// The element type of the panels.
+    type Weight;
+    /// The element type the micro-kernel reads a staged block in.
+    type Staged;
     /// Units of k (elements, or pairs) the left operand and the panels hold.
     fn k_units(&self) -> usize;
+    /// Rows `k0..k0 + kl` of the panel at `wp`, ready for [`ChunkKernel::run`]: the panel itself, or
+    /// a copy widened into `buf` once for all the row tiles that read it.
+    ///
     /// # Safety
-    /// The tier's features are present; `t0 + R <= rows`, `k0 + kl <= k_units()`; `wp` is a panel
-    /// of at least `k_units()` rows of `NR` weights.
+    /// The tier's features are present; the panel holds at least `k0 + kl <= KC + k0` rows.
+    unsafe fn stage(&self, wp: *const Self::Weight, k0: usize, kl: usize, buf: &mut StageBuf) -> *const Self::Staged;
+    /// # Safety
+    /// The tier's features are present; `t0 + R <= rows`, `k0 + kl <= k_units()`; `sp` is a block
+    /// from [`ChunkKernel::stage`] for the same `k0`, `kl`.
     unsafe fn run<const R: usize>(
         &self,
         t0: usize,
-        wp: *const Self::Weight,
+        sp: *const Self::Staged,
         k0: usize,
         kl: usize,
         last: bool,
         acc: &mut Acc,
     );
-    /// The element type of the panels.
-    type Weight;
 }
+
+/// Room for one staged block of f32 weights (`KC x NR`, 8 KiB), aligned for full-vector loads.
+#[repr(C, align(64))]
+struct StageBuf([f32; KC * NR]);
 
 /// f32 broadcasts against panels of `W`.
 struct Fma<'a, W> {
@@ -234,21 +247,41 @@ struct Fma<'a, W> {
 
 impl<W: Simd16> ChunkKernel for Fma<'_, W> {
     type Weight = W;
+    type Staged = f32;
     fn k_units(&self) -> usize {
         self.left.k_len
     }
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn run<const R: usize>(&self, t0: usize, wp: *const W, k0: usize, kl: usize, _last: bool, acc: &mut Acc) {
+    unsafe fn stage(&self, wp: *const W, k0: usize, kl: usize, buf: &mut StageBuf) -> *const f32 {
+        // SAFETY: rows k0..k0 + kl of the panel exist (this trait method's contract), kl <= KC.
+        unsafe {
+            let src = wp.add(k0 * NR);
+            if W::DTYPE == crate::DType::F32 {
+                return src.cast();
+            }
+            // f16 / bf16: widen the block once here rather than in every row tile's inner loop,
+            // where the conversions would compete with the FMAs for their port.
+            for k in 0..kl {
+                for h in 0..2 {
+                    _mm512_store_ps(buf.0.as_mut_ptr().add(k * NR + 16 * h), W::load16(src.add(k * NR + 16 * h)));
+                }
+            }
+            buf.0.as_ptr()
+        }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn run<const R: usize>(&self, t0: usize, sp: *const f32, k0: usize, kl: usize, _last: bool, acc: &mut Acc) {
         let lp = self.left.tile(t0).as_ptr();
         let mut a: [[__m512; 2]; R] = std::array::from_fn(|i| acc[i]);
-        // SAFETY: the left tile is [k_len][MR] and R <= MR; k0 + kl <= k_len rows of the panel
-        // (this trait method's contract).
+        // SAFETY: the left tile is [k_len][MR] and R <= MR, k0 + kl <= k_len; the staged block
+        // holds kl rows of NR f32 (this trait method's contract).
         unsafe {
-            for k in k0..k0 + kl {
-                let w0 = W::load16(wp.add(k * NR));
-                let w1 = W::load16(wp.add(k * NR + 16));
-                let bk = lp.add(k * MR);
+            for k in 0..kl {
+                let w0 = _mm512_loadu_ps(sp.add(k * NR));
+                let w1 = _mm512_loadu_ps(sp.add(k * NR + 16));
+                let bk = lp.add((k0 + k) * MR);
                 for (i, ai) in a.iter_mut().enumerate() {
                     let b = _mm512_set1_ps(*bk.add(i));
                     ai[0] = _mm512_fmadd_ps(b, w0, ai[0]);
@@ -268,12 +301,21 @@ struct Pairs<'a> {
 
 impl ChunkKernel for Pairs<'_> {
     type Weight = u32;
+    type Staged = u32;
     fn k_units(&self) -> usize {
         self.left.k_len
     }
     #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn stage(&self, wp: *const u32, k0: usize, _kl: usize, _buf: &mut StageBuf) -> *const u32 {
+        // Pairs are read as they are packed. SAFETY: row k0 of the panel exists (contract).
+        unsafe { wp.add(k0 * NR) }
+    }
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
-    unsafe fn run<const R: usize>(&self, t0: usize, wp: *const u32, k0: usize, kl: usize, last: bool, acc: &mut Acc) {
+    unsafe fn run<const R: usize>(&self, t0: usize, sp: *const u32, k0: usize, kl: usize, last: bool, acc: &mut Acc) {
+        // The block starts at pair k0.
+        let wp = sp.wrapping_sub(k0 * NR);
         let lp = self.left.tile(t0).as_ptr();
         let mut a: [[__m512; 2]; R] = std::array::from_fn(|i| acc[i]);
         let full = self.n / 2;
@@ -310,7 +352,7 @@ impl ChunkKernel for Pairs<'_> {
 
 /// Where one call of [`chunk`] works: a k block of a panel.
 struct Block<W> {
-    /// The panel.
+    /// The staged block (rows k0..k0 + kl of the panel).
     wp: *const W,
     /// Its first column.
     col0: usize,
@@ -333,7 +375,7 @@ impl<W> Copy for Block<W> {}
 unsafe fn chunk<K: ChunkKernel, T: Simd16, const R: usize>(
     kern: &K,
     t0: usize,
-    blk: Block<K::Weight>,
+    blk: Block<K::Staged>,
     acc: &mut Acc,
     sink: &Sink<'_, T>,
 ) {
@@ -371,6 +413,7 @@ unsafe fn drive<K: ChunkKernel, T: Simd16>(
     let cols = sink.cols();
     let k_units = kern.k_units();
     let mut partial: [Acc; GROUP] = [[[_mm512_setzero_ps(); 2]; MR]; GROUP];
+    let mut buf = StageBuf([0.0; KC * NR]);
     for p in range {
         let col0 = p * NR;
         if col0 >= cols {
@@ -382,7 +425,9 @@ unsafe fn drive<K: ChunkKernel, T: Simd16>(
             // At least one (possibly empty) block, so that k = 0 still stores its zeros.
             for k0 in (0..k_units.max(1)).step_by(KC) {
                 let kl = KC.min(k_units.saturating_sub(k0));
-                let blk = Block { wp, col0, k0, kl, last: k0 + KC >= k_units };
+                // SAFETY: rows k0..k0 + kl of the panel exist (k_units <= k_cap).
+                let sp = unsafe { kern.stage(wp, k0, kl, &mut buf) };
+                let blk = Block { wp: sp, col0, k0, kl, last: k0 + KC >= k_units };
                 for (acc, t0) in partial.iter_mut().zip((g0..g_end).step_by(MR)) {
                     // SAFETY: rows t0..t0+R < rows, k0 + kl <= k_units; the rest is this
                     // function's contract.
