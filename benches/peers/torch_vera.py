@@ -65,14 +65,14 @@ def main():
             torch.cuda.synchronize()
 
     def medians(fns, budget_s, min_runs):
-        # Round-robin, like vera bench, so machine noise falls on every method alike.
-        for f in fns:
-            f()
-        sync()
+        # Round-robin like vera bench, so machine noise falls on every method alike; each method is
+        # called twice per round and the second call is timed, so each is timed warm.
         times = [[] for _ in fns]
         start = time.perf_counter()
         while len(times[0]) < min_runs or (time.perf_counter() - start < budget_s and len(times[0]) < 1000):
             for f, ts in zip(fns, times):
+                f()
+                sync()
                 t0 = time.perf_counter()
                 f()
                 sync()

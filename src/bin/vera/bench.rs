@@ -48,22 +48,22 @@ impl Row {
 /// One way of computing a case, timed as a whole call.
 type Method<W> = fn(&mut W) -> vera_kernels::Result<()>;
 
-/// Times the methods round-robin (one call of each per round, so that the machine's noise falls
-/// on all of them alike) after one warm-up call each, until every method has at least `min_runs`
-/// samples and `budget` has passed (at most 1000 rounds). Returns each method's median in ms.
+/// Times the methods round-robin, so that the machine's noise falls on all of them alike: each
+/// round calls every method twice and times the second call, so that each is timed warm (the
+/// dense baseline's m x n ΔW would otherwise evict the projections the fused kernel reuses).
+/// Rounds go on until every method has at least `min_runs` samples and `budget` has passed (at
+/// most 1000 rounds). Returns each method's median in ms.
 fn interleaved_medians<W>(
     w: &mut W,
     methods: &[Method<W>],
     budget: Duration,
     min_runs: usize,
 ) -> vera_kernels::Result<Vec<f64>> {
-    for f in methods {
-        f(w)?;
-    }
     let mut times = vec![Vec::new(); methods.len()];
     let start = Instant::now();
     while times[0].len() < min_runs || (start.elapsed() < budget && times[0].len() < 1000) {
         for (f, samples) in methods.iter().zip(&mut times) {
+            f(w)?;
             let t0 = Instant::now();
             f(w)?;
             samples.push(t0.elapsed().as_secs_f64() * 1e3);
