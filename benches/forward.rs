@@ -25,6 +25,48 @@ struct GemmPeer<T> {
     v: Vec<T>,
 }
 
+/// `dst [rows, cols] = lhs [rows, k] · rhsᵀ` on the gemm crate, with `rhs` row `c` at
+/// `rhs[c * rhs_stride..]` (so `rhs` is `[cols, k]` row-major with that stride).
+#[allow(clippy::too_many_arguments)]
+fn nt_product<T: Element>(
+    rows: usize,
+    cols: usize,
+    k: usize,
+    dst: &mut [T],
+    lhs: &[T],
+    rhs: &[T],
+    rhs_stride: usize,
+    par: gemm::Parallelism,
+) {
+    assert!(dst.len() >= rows * cols && lhs.len() >= rows * k);
+    assert!(cols == 0 || k == 0 || rhs.len() >= (cols - 1) * rhs_stride + k);
+    // SAFETY: the asserts above bound every access: dst [rows, cols] and lhs [rows, k] row-major,
+    // rhs element (k', c) = rhs[c * rhs_stride + k'].
+    unsafe {
+        gemm::gemm(
+            rows,
+            cols,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            cols as isize,
+            false,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            rhs_stride as isize,
+            1,
+            T::from_f32(0.0),
+            T::from_f32(1.0),
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
 impl<T: Element> GemmPeer<T> {
     fn new(s: Shape) -> Self {
         Self { h: vec![T::default(); s.t * s.r], v: vec![T::default(); s.t * s.m] }
@@ -35,62 +77,14 @@ impl<T: Element> GemmPeer<T> {
         let (a, b) = w.projections.as_slices();
         let n_max = w.projections.n_max();
         let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
-        let (zero, one) = (T::from_f32(0.0), T::from_f32(1.0));
-        // SAFETY: every pointer, stride and extent below describes a buffer of the right size:
-        // x [t, n] row-major, A [r, n_max], B [m, r], h [t, r], v [t, m].
-        unsafe {
-            // h[t, j] = Σ_k x[t, k]·A[j, k]: rhs (k, j) = A[j, k].
-            gemm::gemm(
-                t,
-                r,
-                n,
-                self.h.as_mut_ptr(),
-                1,
-                r as isize,
-                false,
-                w.x.as_ptr(),
-                1,
-                n as isize,
-                a.as_ptr(),
-                n_max as isize,
-                1,
-                zero,
-                one,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
+        // h[t, j] = Σ_k x[t, k]·A[j, k], then u = lambda_d ⊙ h, then v[t, i] = Σ_j u[t, j]·B[i, j].
+        nt_product(t, r, n, &mut self.h, &w.x, a, n_max, par);
         for row in self.h.chunks_mut(r) {
             for (v, d) in row.iter_mut().zip(w.adapter.lambda_d()) {
                 *v = T::from_f32(v.to_f32() * d);
             }
         }
-        // SAFETY: as above; rhs (j, i) = B[i, j].
-        unsafe {
-            gemm::gemm(
-                t,
-                m,
-                r,
-                self.v.as_mut_ptr(),
-                1,
-                m as isize,
-                false,
-                self.h.as_ptr(),
-                1,
-                r as isize,
-                b.as_ptr(),
-                r as isize,
-                1,
-                zero,
-                one,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
+        nt_product(t, m, r, &mut self.v, &self.h, b, r, par);
         let bias = w.adapter.bias().expect("the workload has a bias");
         for (yrow, vrow) in w.y.chunks_mut(m).zip(self.v.chunks(m)) {
             for (i, (y, v)) in yrow.iter_mut().zip(vrow).enumerate() {

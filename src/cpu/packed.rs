@@ -150,29 +150,41 @@ impl<'a, E> Left<'a, E> {
     }
 }
 
+/// Fills the tiles of a packed `rows x k_len` operand in `out`: `fill(t, tile, i)` writes row `t`
+/// into lane `i` of its tile (element `k` at `tile[k * MR + i]`); rows past the end are zeroed.
+fn pack_tiles<O: Copy + Default>(
+    rows: usize,
+    k_len: usize,
+    out: &mut [O],
+    mut fill: impl FnMut(usize, &mut [O], usize),
+) {
+    for (tile, dst) in out.chunks_mut((MR * k_len).max(1)).enumerate() {
+        for i in 0..MR {
+            let t = tile * MR + i;
+            if t < rows {
+                fill(t, dst, i);
+            } else {
+                for k in 0..k_len {
+                    dst[k * MR + i] = O::default();
+                }
+            }
+        }
+    }
+}
+
 /// Packs `src` (`rows x k_len`, rows are the operand's rows) into `out`, widened to f32.
 pub(crate) fn pack_rows<'o, E: Element>(src: MatRef<'_, E>, out: &'o mut [f32]) -> Left<'o, f32> {
     let (rows, k_len) = (src.rows(), src.cols());
     let out = &mut out[..Left::<f32>::len_for(rows, k_len)];
     let mut buf = [0.0f32; 64];
-    for (tile, dst) in out.chunks_mut((MR * k_len).max(1)).enumerate() {
-        for i in 0..MR {
-            let t = tile * MR + i;
-            if t >= rows {
-                for k in 0..k_len {
-                    dst[k * MR + i] = 0.0;
-                }
-                continue;
-            }
-            let row = src.row_unchecked(t);
-            for (c, chunk) in row.chunks(64).enumerate() {
-                E::widen_slice(chunk, &mut buf[..chunk.len()]);
-                for (kk, &v) in buf[..chunk.len()].iter().enumerate() {
-                    dst[(c * 64 + kk) * MR + i] = v;
-                }
+    pack_tiles(rows, k_len, out, |t, dst, i| {
+        for (c, chunk) in src.row_unchecked(t).chunks(64).enumerate() {
+            E::widen_slice(chunk, &mut buf[..chunk.len()]);
+            for (kk, &v) in buf[..chunk.len()].iter().enumerate() {
+                dst[(c * 64 + kk) * MR + i] = v;
             }
         }
-    }
+    });
     Left { data: out, rows, k_len }
 }
 
@@ -200,22 +212,12 @@ pub(crate) fn pack_pairs<'o>(src: MatRef<'_, u16>, out: &'o mut [u32]) -> Left<'
     let (rows, n) = (src.rows(), src.cols());
     let k_len = n.div_ceil(2);
     let out = &mut out[..Left::<u32>::len_for(rows, k_len)];
-    for (tile, dst) in out.chunks_mut((MR * k_len).max(1)).enumerate() {
-        for i in 0..MR {
-            let t = tile * MR + i;
-            if t >= rows {
-                for p in 0..k_len {
-                    dst[p * MR + i] = 0;
-                }
-                continue;
-            }
-            let row = src.row_unchecked(t);
-            for (p, pair) in row.chunks(2).enumerate() {
-                let hi = pair.get(1).copied().unwrap_or(0);
-                dst[p * MR + i] = u32::from(pair[0]) | (u32::from(hi) << 16);
-            }
+    pack_tiles(rows, k_len, out, |t, dst, i| {
+        for (p, pair) in src.row_unchecked(t).chunks(2).enumerate() {
+            let hi = pair.get(1).copied().unwrap_or(0);
+            dst[p * MR + i] = u32::from(pair[0]) | (u32::from(hi) << 16);
         }
-    }
+    });
     Left { data: out, rows, k_len }
 }
 

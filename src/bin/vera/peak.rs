@@ -40,6 +40,12 @@ mod x86 {
                 *v = _mm512_fmadd_ps(*v, a, b);
             }
         }
+        sum(acc)
+    }
+
+    /// The sum of every lane of every accumulator, so the loops' work is not elided.
+    #[target_feature(enable = "avx512f")]
+    fn sum(acc: [__m512; 16]) -> f32 {
         let mut s = _mm512_setzero_ps();
         for v in acc {
             s = _mm512_add_ps(s, v);
@@ -58,11 +64,7 @@ mod x86 {
                 *v = _mm512_dpbf16_ps(*v, a, a);
             }
         }
-        let mut s = _mm512_setzero_ps();
-        for v in acc {
-            s = _mm512_add_ps(s, v);
-        }
-        _mm512_reduce_add_ps(s)
+        sum(acc)
     }
 }
 
