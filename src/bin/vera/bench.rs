@@ -49,8 +49,7 @@ impl Row {
 type Method<W> = fn(&mut W) -> vera_kernels::Result<()>;
 
 /// Times the methods round-robin, so that the machine's noise falls on all of them alike: each
-/// round calls every method twice and times the second call, so that each is timed warm (the
-/// dense baseline's m x n ΔW would otherwise evict the projections the fused kernel reuses).
+/// round calls every method twice and times the second call, so that each is timed warm.
 /// Rounds go on until every method has at least `min_runs` samples and `budget` has passed (at
 /// most 1000 rounds). Returns each method's median in ms.
 fn interleaved_medians<W>(
@@ -80,18 +79,17 @@ fn interleaved_medians<W>(
 
 fn run_typed<T: Element>(shape: Shape, threads: usize, dense: bool, budget: Duration) -> vera_kernels::Result<Row> {
     let mut w = Workload::<T>::new(shape)?;
-    let mut methods: Vec<Method<Workload<T>>> = vec![Workload::fused, Workload::unfused];
-    if dense {
-        methods.push(Workload::dense);
-    }
-    let ms = interleaved_medians(&mut w, &methods, budget, 5)?;
+    // The fused and unfused paths share the projections and the cache, so they are interleaved;
+    // the dense baseline's m x n ΔW would evict what they reuse, so it is timed on its own after.
+    let ms = interleaved_medians(&mut w, &[Workload::fused, Workload::unfused], budget, 5)?;
+    let dense_ms = if dense { Some(interleaved_medians(&mut w, &[Workload::dense], budget, 3)?[0]) } else { None };
     Ok(Row {
         shape,
         dtype: T::DTYPE,
         threads,
         isa: active_isa::<T>().name().to_string(),
         fused_ms: ms[0],
-        dense_ms: ms.get(2).copied(),
+        dense_ms,
         unfused_ms: ms[1],
     })
 }
@@ -114,14 +112,10 @@ pub fn peak_line(p: &Peak) -> String {
         p.f32_gflops,
         bf16,
         p.cache_gbps,
-        CACHE_BYTES >> 20,
+        crate::peak::CACHE_BYTES_PER_THREAD >> 20,
         p.memory_gbps
     )
 }
-
-/// Weights up to this size are taken to live in cache between calls (the size the cache
-/// bandwidth is measured with).
-const CACHE_BYTES: usize = crate::peak::CACHE_BYTES_PER_THREAD;
 
 impl Row {
     /// Whether the kernel runs this case in its decode regime (fewer row blocks than threads).
@@ -129,19 +123,23 @@ impl Row {
         self.shape.t.div_ceil(vera_kernels::BLOCK_ROWS) < self.threads
     }
 
+    /// Bytes a decode case must move: the layer's slices of A and B, x and y.
+    pub fn decode_bytes(&self) -> Option<usize> {
+        let Shape { t, n, m, r } = self.shape;
+        self.decode().then(|| (r + t) * (n + m) * self.dtype.size_bytes())
+    }
+
     /// The share of the binding roofline the fused kernel reached, in percent, with its name:
     /// compute for prefill (f32 FMA peak; for bf16 on a tier with `vdpbf16ps`, the down-projection
-    /// at the bf16 peak and the up-projection at the f32 peak), bytes moved for decode (the
-    /// projections' bytes at cache or memory bandwidth, by their size).
-    pub fn roofline(&self, p: &Peak) -> (f64, &'static str) {
+    /// at the bf16 peak and the up-projection at the f32 peak), bytes moved for decode, against
+    /// `read_gbps`: the read bandwidth measured on a buffer of the same size, so of the level of
+    /// the memory hierarchy those bytes live in between calls.
+    pub fn roofline(&self, p: &Peak, read_gbps: Option<f64>) -> (f64, String) {
         let Shape { t, n, m, r } = self.shape;
         let secs = self.fused_ms * 1e-3;
-        if self.decode() {
-            let bytes = (r * (n + m) * self.dtype.size_bytes() + (t * (n + m)) * self.dtype.size_bytes()) as f64;
-            let weights = r * (n + m) * self.dtype.size_bytes();
-            let (bw, level) =
-                if weights <= CACHE_BYTES * self.threads { (p.cache_gbps, "cache") } else { (p.memory_gbps, "memory") };
-            (100.0 * bytes / secs / (bw * 1e9), level)
+        if let (Some(bytes), Some(bw)) = (self.decode_bytes(), read_gbps) {
+            let pct = 100.0 * bytes as f64 / secs / (bw * 1e9);
+            (pct, format!("bytes ({:.0} GB/s at {} MiB)", bw, bytes.div_ceil(1 << 20)))
         } else {
             let down = 2.0 * (t * r * n) as f64;
             let up = 2.0 * (t * r * m) as f64;
@@ -149,7 +147,7 @@ impl Row {
                 ("avx512bf16", Some(bf)) => down / (bf * 1e9) + up / (p.f32_gflops * 1e9),
                 _ => (down + up) / (p.f32_gflops * 1e9),
             };
-            (100.0 * best / secs, "compute")
+            (100.0 * best / secs, "compute".to_string())
         }
     }
 }
@@ -167,7 +165,7 @@ pub fn table_header(peak: bool) -> String {
     }
 }
 
-pub fn table_row(row: &Row, peak: Option<&Peak>) -> String {
+pub fn table_row(row: &Row, peak: Option<(&Peak, Option<f64>)>) -> String {
     let dense = row.dense_ms.map_or("-".to_string(), |v| format!("{v:.3}"));
     let ratio = row.dense_ms.map_or("-".to_string(), |v| format!("{:.2}x", v / row.fused_ms));
     let line = format!(
@@ -184,8 +182,8 @@ pub fn table_row(row: &Row, peak: Option<&Peak>) -> String {
         row.unfused_ms / row.fused_ms
     );
     match peak {
-        Some(p) => {
-            let (pct, level) = row.roofline(p);
+        Some((p, read_gbps)) => {
+            let (pct, level) = row.roofline(p, read_gbps);
             format!("{line}  {pct:5.1}% {level}")
         }
         None => line,

@@ -102,7 +102,12 @@ fn bench(args: BenchArgs) -> Result<(), String> {
             if args.json {
                 println!("{}", row.json());
             } else {
-                println!("{}", bench::table_row(&row, peak.as_ref()));
+                // Decode is bound by the bytes it moves: measure the read bandwidth at that size.
+                let read_gbps = match (&peak, row.decode_bytes()) {
+                    (Some(_), Some(bytes)) => Some(pool.install(|| peak::read_gbps_at(threads, bytes))),
+                    _ => None,
+                };
+                println!("{}", bench::table_row(&row, peak.as_ref().map(|p| (p, read_gbps))));
             }
         }
     }

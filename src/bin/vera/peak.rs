@@ -100,6 +100,14 @@ fn read_bandwidth(threads: usize, bytes_per_thread: usize, passes: usize) -> f64
     (threads * len * 4 * passes) as f64 / t0.elapsed().as_secs_f64() / 1e9
 }
 
+/// GB/s of reading `total_bytes` (split over the threads) again and again: the bandwidth of the
+/// level of the memory hierarchy a working set of that size lives in.
+pub fn read_gbps_at(threads: usize, total_bytes: usize) -> f64 {
+    let per_thread = (total_bytes / threads).max(64 << 10);
+    let passes = ((512usize << 20) / (per_thread * threads)).clamp(3, 200);
+    read_bandwidth(threads, per_thread, passes)
+}
+
 /// Measures the peaks on the current rayon pool.
 pub fn measure(threads: usize) -> Peak {
     #[cfg(target_arch = "x86_64")]
