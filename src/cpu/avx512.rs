@@ -293,6 +293,47 @@ impl<W: Simd16> ChunkKernel for Fma<'_, W> {
     }
 }
 
+/// f32 broadcasts against panels of `W` widened in the inner loop: for calls of a single row tile
+/// (decode), where a staged block would be read by one tile only.
+struct FmaDirect<'a, W> {
+    left: Left<'a, f32>,
+    _w: std::marker::PhantomData<W>,
+}
+
+impl<W: Simd16> ChunkKernel for FmaDirect<'_, W> {
+    type Weight = W;
+    type Staged = W;
+    fn k_units(&self) -> usize {
+        self.left.k_len
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn stage(&self, wp: *const W, k0: usize, _kl: usize, _buf: &mut StageBuf) -> *const W {
+        // SAFETY: row k0 of the panel exists (this trait method's contract).
+        unsafe { wp.add(k0 * NR) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn run<const R: usize>(&self, t0: usize, sp: *const W, k0: usize, kl: usize, _last: bool, acc: &mut Acc) {
+        let lp = self.left.tile(t0).as_ptr();
+        let mut a: [[__m512; 2]; R] = std::array::from_fn(|i| acc[i]);
+        // SAFETY: as Fma::run, with the block read in place.
+        unsafe {
+            for k in 0..kl {
+                let w0 = W::load16(sp.add(k * NR));
+                let w1 = W::load16(sp.add(k * NR + 16));
+                let bk = lp.add((k0 + k) * MR);
+                for (i, ai) in a.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(*bk.add(i));
+                    ai[0] = _mm512_fmadd_ps(b, w0, ai[0]);
+                    ai[1] = _mm512_fmadd_ps(b, w1, ai[1]);
+                }
+            }
+        }
+        acc[..R].copy_from_slice(&a);
+    }
+}
+
 /// bf16 k-pairs (`n` elements) against pair panels, with `vdpbf16ps`.
 struct Pairs<'a> {
     left: Left<'a, u32>,
@@ -456,8 +497,15 @@ unsafe fn drive<K: ChunkKernel, T: Simd16>(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
 unsafe fn gemm<W: Simd16, T: Simd16>(left: Left<'_, f32>, right: &Panels<W>, range: Range<usize>, sink: &Sink<'_, T>) {
     let rows = left.rows;
-    // SAFETY: forwarded.
-    unsafe { drive(&Fma { left, _w: std::marker::PhantomData::<W> }, rows, right, range, sink) }
+    // SAFETY: forwarded. A single row tile reads each weight block once: widening it into a
+    // staging buffer first would only add a store and a load.
+    unsafe {
+        if rows <= MR {
+            drive(&FmaDirect { left, _w: std::marker::PhantomData::<W> }, rows, right, range, sink)
+        } else {
+            drive(&Fma { left, _w: std::marker::PhantomData::<W> }, rows, right, range, sink)
+        }
+    }
 }
 
 /// bf16 products of k-pairs (`n` elements) against pair panels, with `vdpbf16ps` (see [`drive`]).
