@@ -239,7 +239,41 @@ trait ChunkKernel {
 #[repr(C, align(64))]
 struct StageBuf([f32; KC * NR]);
 
-/// f32 broadcasts against panels of `W`.
+/// `acc[..R] += left[t0.., k0..k0 + kl] · block[0..kl]` with f32 FMAs, the block's weights (in
+/// `S`) widened as they are loaded.
+///
+/// # Safety
+/// AVX-512F/BW/VL, FMA and F16C are present; the left tile is `[k_len][MR]` with `R <= MR` and
+/// `k0 + kl <= k_len`; `sp` points at `kl` rows of `NR` weights.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+unsafe fn fma_block<S: Simd16, const R: usize>(
+    left: &Left<'_, f32>,
+    t0: usize,
+    sp: *const S,
+    k0: usize,
+    kl: usize,
+    acc: &mut Acc,
+) {
+    let lp = left.tile(t0).as_ptr();
+    let mut a: [[__m512; 2]; R] = std::array::from_fn(|i| acc[i]);
+    // SAFETY: every access is inside the tile and the block (this function's contract).
+    unsafe {
+        for k in 0..kl {
+            let w0 = S::load16(sp.add(k * NR));
+            let w1 = S::load16(sp.add(k * NR + 16));
+            let bk = lp.add((k0 + k) * MR);
+            for (i, ai) in a.iter_mut().enumerate() {
+                let b = _mm512_set1_ps(*bk.add(i));
+                ai[0] = _mm512_fmadd_ps(b, w0, ai[0]);
+                ai[1] = _mm512_fmadd_ps(b, w1, ai[1]);
+            }
+        }
+    }
+    acc[..R].copy_from_slice(&a);
+}
+
+/// f32 broadcasts against panels of `W`, staged into f32 blocks shared by the row tiles.
 struct Fma<'a, W> {
     left: Left<'a, f32>,
     _w: std::marker::PhantomData<W>,
@@ -273,23 +307,8 @@ impl<W: Simd16> ChunkKernel for Fma<'_, W> {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
     unsafe fn run<const R: usize>(&self, t0: usize, sp: *const f32, k0: usize, kl: usize, _last: bool, acc: &mut Acc) {
-        let lp = self.left.tile(t0).as_ptr();
-        let mut a: [[__m512; 2]; R] = std::array::from_fn(|i| acc[i]);
-        // SAFETY: the left tile is [k_len][MR] and R <= MR, k0 + kl <= k_len; the staged block
-        // holds kl rows of NR f32 (this trait method's contract).
-        unsafe {
-            for k in 0..kl {
-                let w0 = _mm512_loadu_ps(sp.add(k * NR));
-                let w1 = _mm512_loadu_ps(sp.add(k * NR + 16));
-                let bk = lp.add((k0 + k) * MR);
-                for (i, ai) in a.iter_mut().enumerate() {
-                    let b = _mm512_set1_ps(*bk.add(i));
-                    ai[0] = _mm512_fmadd_ps(b, w0, ai[0]);
-                    ai[1] = _mm512_fmadd_ps(b, w1, ai[1]);
-                }
-            }
-        }
-        acc[..R].copy_from_slice(&a);
+        // SAFETY: forwarded (the staged block holds kl rows of NR f32).
+        unsafe { fma_block::<f32, R>(&self.left, t0, sp, k0, kl, acc) }
     }
 }
 
@@ -315,22 +334,8 @@ impl<W: Simd16> ChunkKernel for FmaDirect<'_, W> {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
     unsafe fn run<const R: usize>(&self, t0: usize, sp: *const W, k0: usize, kl: usize, _last: bool, acc: &mut Acc) {
-        let lp = self.left.tile(t0).as_ptr();
-        let mut a: [[__m512; 2]; R] = std::array::from_fn(|i| acc[i]);
-        // SAFETY: as Fma::run, with the block read in place.
-        unsafe {
-            for k in 0..kl {
-                let w0 = W::load16(sp.add(k * NR));
-                let w1 = W::load16(sp.add(k * NR + 16));
-                let bk = lp.add((k0 + k) * MR);
-                for (i, ai) in a.iter_mut().enumerate() {
-                    let b = _mm512_set1_ps(*bk.add(i));
-                    ai[0] = _mm512_fmadd_ps(b, w0, ai[0]);
-                    ai[1] = _mm512_fmadd_ps(b, w1, ai[1]);
-                }
-            }
-        }
-        acc[..R].copy_from_slice(&a);
+        // SAFETY: forwarded (the block is read in place).
+        unsafe { fma_block::<W, R>(&self.left, t0, sp, k0, kl, acc) }
     }
 }
 
