@@ -7,7 +7,7 @@ use crate::cpu;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mat::{MatMut, MatRef};
-use crate::ops::{check_forward, Mode};
+use crate::ops::{checked_layer, Mode};
 use crate::projections::Projections;
 
 pub use crate::cpu::DenseBuffers;
@@ -25,8 +25,7 @@ pub fn dense_forward<T: Element>(
     mode: Mode,
     buffers: &mut DenseBuffers<T>,
 ) -> Result<()> {
-    let layer = projections.slice(x.cols(), y.cols())?;
-    check_forward(&layer, adapter, x.rows(), x.cols(), Some([y.rows(), y.cols()]))?;
+    let layer = checked_layer(projections, adapter, &x, [y.rows(), y.cols()])?;
     cpu::dense(layer, adapter, x, y, mode, buffers);
     Ok(())
 }
@@ -43,8 +42,7 @@ pub fn unfused_forward<T: Element>(
     y: MatMut<'_, T>,
     mode: Mode,
 ) -> Result<()> {
-    let layer = projections.slice(x.cols(), y.cols())?;
-    check_forward(&layer, adapter, x.rows(), x.cols(), Some([y.rows(), y.cols()]))?;
+    let layer = checked_layer(projections, adapter, &x, [y.rows(), y.cols()])?;
     if [h.rows(), h.cols()] != [x.rows(), layer.rank()] {
         return Err(Error::ShapeMismatch {
             what: "h (must be [T, r])",

@@ -46,6 +46,19 @@ pub(crate) fn check_forward<T>(
     Ok(())
 }
 
+/// The layer of `projections` that `x [t, n]` and an output of `y_shape` address, with every shape
+/// checked as [`forward`] checks it.
+pub(crate) fn checked_layer<'p, T: Element>(
+    projections: &'p Projections<T>,
+    adapter: &Adapter,
+    x: &MatRef<'_, T>,
+    y_shape: [usize; 2],
+) -> Result<LayerProjections<'p, T>> {
+    let layer = projections.slice(x.cols(), y_shape[1])?;
+    check_forward(&layer, adapter, x.rows(), x.cols(), Some(y_shape))?;
+    Ok(layer)
+}
+
 /// The fused VeRA forward pass for one layer:
 /// `y (+)= lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ) + bias`, with `x [T, n]`, `y [T, m]` and the layer's
 /// projections `A[:, :n]`, `B[:m, :]` sliced from the shared `projections`.

@@ -72,20 +72,11 @@ fn forward_reproduces_peft_outputs() {
             let (n, m) = (SIZES[l], SIZES[l + 1]);
             let (module, x_key) = (format!("layers.{l}"), format!("layers.{l}.x"));
             let out = tmp.path().join(format!("{name}-{l}-adapter.safetensors"));
-            let mut args = vec![
-                "forward",
-                "--adapter",
-                s(&adir),
-                "--module",
-                &module,
-                "--input",
-                s(&rfile),
-                "--input-key",
-                &x_key,
-                "--output",
-                s(&out),
-            ];
-            args.extend(size_args(name));
+            let (adir_s, rfile_s) = (s(&adir), s(&rfile));
+            // The arguments both forward runs share; each adds its output (and the base layer).
+            let common =
+                ["forward", "--adapter", adir_s, "--module", &module, "--input", rfile_s, "--input-key", &x_key];
+            let args = [&common[..], &["--output", s(&out)], &size_args(name)].concat();
             let stdout = ok(&args);
             assert!(stdout.contains(&format!("wrote y [5, {m}] f32 (adapter contribution)")), "{stdout}");
             let y = read_tensor(&out, "y");
@@ -97,26 +88,8 @@ fn forward_reproduces_peft_outputs() {
             // base + adapter, the whole PEFT layer.
             let out = tmp.path().join(format!("{name}-{l}-full.safetensors"));
             let (w_key, b_key) = (format!("layers.{l}.weight"), format!("layers.{l}.bias"));
-            let mut args = vec![
-                "forward",
-                "--adapter",
-                s(&adir),
-                "--module",
-                &module,
-                "--input",
-                s(&rfile),
-                "--input-key",
-                &x_key,
-                "--output",
-                s(&out),
-                "--base",
-                s(&rfile),
-                "--weight-key",
-                &w_key,
-                "--bias-key",
-                &b_key,
-            ];
-            args.extend(size_args(name));
+            let full = ["--output", s(&out), "--base", rfile_s, "--weight-key", &w_key, "--bias-key", &b_key];
+            let args = [&common[..], &full, &size_args(name)].concat();
             assert!(ok(&args).contains("(base + adapter)"));
             let y = read_tensor(&out, "y");
             let e = rel_err(y.data(), &refs[&format!("layers.{l}.y")].1);
