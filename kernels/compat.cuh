@@ -1,0 +1,97 @@
+// compat.cuh — the one header every kernel source includes first: dtype aliases and conversions,
+// architecture guards, the kernel export macro, and the parameter blocks shared with the Rust side
+// (src/cuda/params.rs mirrors them field for field).
+//
+// Compiled two ways: by nvcc for the GPU, and as plain C++ by the host compiler with
+// VERA_EMULATION defined and kernels/emu/cuda_emu.h included first (the CPU emulation that runs the
+// kernels in CI). Everything that differs between the two lives here or in ptx.cuh.
+#pragma once
+
+#include <stdint.h>
+
+#ifdef VERA_EMULATION
+// cuda_emu.h (force-included) provides __half, __nv_bfloat16 and their conversions.
+#define VERA_EXPORT(name) VERA_EMU_REGISTER(name)
+#ifndef __align__
+#define __align__(n) alignas(n)
+#endif
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define VERA_EXPORT(name)
+#endif
+
+// Tensor-core mma.sync for 16-bit inputs needs sm_80; the fatbin carries sm_80 and sm_90 SASS and
+// compute_80 PTX, so every device this crate loads on has it. The guard documents the assumption and
+// makes an older -arch fail at compile time rather than at run time.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "vera-kernels needs compute capability 8.0 or newer (mma.sync m16n8k16, cp.async)"
+#endif
+
+typedef __half f16;
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(f16 v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(bf16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ f16 from_f32<f16>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float v) { return __float2bfloat16_rn(v); }
+
+// Raw 16-bit patterns, for packing two elements into one 32-bit mma operand register.
+__device__ __forceinline__ uint32_t bits16(f16 v) { return __half_as_ushort(v); }
+__device__ __forceinline__ uint32_t bits16(bf16 v) { return __bfloat16_as_ushort(v); }
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    return bits16(from_f32<T>(lo)) | (bits16(from_f32<T>(hi)) << 16);
+}
+
+// Elements per 16-byte load.
+template <typename T> struct Vec16 { static constexpr int N = 16 / sizeof(T); };
+
+// Loads N = 16 / sizeof(T) elements widened to f32: one 16-byte load when `aligned` (the caller has
+// checked the address), else element by element. Elements at or past `valid` read as zero, and are
+// not touched in memory.
+template <typename T>
+__device__ __forceinline__ void load16_f32(const T* p, int valid, bool aligned, float* out) {
+    constexpr int N = Vec16<T>::N;
+    if (aligned && valid >= N) {
+        uint4 raw = *reinterpret_cast<const uint4*>(p);
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int i = 0; i < N; ++i) out[i] = to_f32(e[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) out[i] = i < valid ? to_f32(p[i]) : 0.0f;
+    }
+}
+
+// Parameter blocks, passed by value as the kernels' only argument. Pointers are device addresses
+// (64-bit); all pointer fields come first so that the layout has no padding on either side.
+
+// Down-projection partial sums: part[s][t][j] = sum over split s's k range of x[t][k] * a[j][k],
+// for t < rows, j < r; split s covers k in [s * k_split, min(n, (s + 1) * k_split)).
+struct DownParams {
+    const void* x;     // [rows, n], row stride ldx
+    const void* a;     // [r, n] (the layer's slice of the packed A), row stride lda (multiple of 8)
+    float* part;       // [splits, rows, r], dense
+    int rows, n, r, ldx;
+    int lda, k_split;
+    int x_aligned;     // x and ldx allow 16-byte loads
+    int pad_;
+};
+
+// Up-projection with the epilogue: u[t][j] = lambda_d[j] * sum_s part[s][t][j] (splits summed in
+// order), y[t][i] = (accumulate ? y[t][i] : 0) + lambda_b[i] * sum_j u[t][j] * b[i][j] + bias[i].
+struct UpParams {
+    const float* part;     // [splits, rows, r]
+    const float* lambda_d; // [r]
+    const void* b;         // [m, r] (the layer's slice of the packed B), row stride ldb (multiple of 8)
+    const float* lambda_b; // [m]
+    const float* bias;     // [m] or null
+    void* y;               // [rows, m], row stride ldy
+    int rows, r, m, ldb;
+    int ldy, splits, accumulate;
+    int pad_;
+};

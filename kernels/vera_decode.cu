@@ -1,0 +1,111 @@
+// vera_decode.cu — the decode regime (a few token rows): both products are matrix-vector products
+// that stream the projections once, so they are bound by memory bandwidth. One warp reads one row
+// of A (or B) with 16-byte loads and keeps the TT token rows' sums in registers; TT is a template
+// parameter so that the sums stay in registers (TT = 1, 2, 4, 8; rows past `rows` are skipped).
+//
+//   vera_down_gemv_t<TT>_<dtype>: part[s][t][j] = x[t, ks] · A[j, ks] over split s's k range ks.
+//   vera_up_gemv_t<TT>_<dtype>:   y[t][i] (+)= lambda_b[i] · (u[t] · B[i]) + bias[i], with u from
+//                                 the partials (summed in split order, times lambda_d) kept in
+//                                 shared memory for the whole block.
+#include "common.cuh"
+
+constexpr int GEMV_WARPS = 4;          // warps per block of the down-projection
+constexpr int UP_WARPS = 8;            // warps per block of the up-projection
+constexpr int UP_ROWS = 64;            // rows of B (outputs) per block of the up-projection
+constexpr int UP_SMEM_FLOATS = 8192;   // u in shared memory: TT * r <= 8192 (32 KiB), checked by the host
+
+// Grid: (ceil(r / GEMV_WARPS), splits). Block: 32 * GEMV_WARPS. k_split is a multiple of 32 * N.
+template <typename T, int TT> __device__ void down_gemv(const DownParams& p) {
+    constexpr int N = Vec16<T>::N;
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int j = blockIdx.x * GEMV_WARPS + warp;
+    if (j >= p.r) return;  // the whole warp leaves together; no block barrier follows
+    const T* x = static_cast<const T*>(p.x);
+    const T* a = static_cast<const T*>(p.a) + (size_t)j * p.lda;
+    const int k_begin = blockIdx.y * p.k_split;
+    const int k_end = min(p.n, k_begin + p.k_split);
+
+    float acc[TT];
+#pragma unroll
+    for (int t = 0; t < TT; ++t) acc[t] = 0.0f;
+    for (int k = k_begin + lane * N; k < k_end; k += 32 * N) {
+        float av[N];
+        // A's rows start 16-byte aligned (lda is a multiple of 8 elements) and k is a multiple of N.
+        load16_f32(a + k, k_end - k, true, av);
+#pragma unroll
+        for (int t = 0; t < TT; ++t) {
+            if (t < p.rows) {
+                float xv[N];
+                load16_f32(x + (size_t)t * p.ldx + k, k_end - k, p.x_aligned != 0, xv);
+#pragma unroll
+                for (int e = 0; e < N; ++e) acc[t] = fmaf(xv[e], av[e], acc[t]);
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < TT; ++t) {
+        const float sum = warp_sum(acc[t]);
+        if (lane == 0 && t < p.rows) p.part[((size_t)blockIdx.y * p.rows + t) * p.r + j] = sum;
+    }
+}
+
+// Grid: ceil(m / UP_ROWS). Block: 32 * UP_WARPS.
+template <typename T, int TT> __device__ void up_gemv(const UpParams& p) {
+    constexpr int N = Vec16<T>::N;
+    __shared__ __align__(16) float u[UP_SMEM_FLOATS];
+    const int rows = min(p.rows, TT);
+    for (int idx = threadIdx.x; idx < rows * p.r; idx += blockDim.x) {
+        const int t = idx / p.r, j = idx % p.r;
+        u[t * p.r + j] = u_value(p, t, j);
+    }
+    __syncthreads();
+
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int row_end = min(p.m, (int)(blockIdx.x + 1) * UP_ROWS);
+    for (int i = blockIdx.x * UP_ROWS + warp; i < row_end; i += UP_WARPS) {
+        const T* b = static_cast<const T*>(p.b) + (size_t)i * p.ldb;
+        float acc[TT];
+#pragma unroll
+        for (int t = 0; t < TT; ++t) acc[t] = 0.0f;
+        for (int j = lane * N; j < p.r; j += 32 * N) {
+            float bv[N];
+            load16_f32(b + j, p.r - j, true, bv);
+#pragma unroll
+            for (int t = 0; t < TT; ++t) {
+                if (t < rows) {
+#pragma unroll
+                    for (int e = 0; e < N; ++e) {
+                        if (j + e < p.r) acc[t] = fmaf(u[t * p.r + j + e], bv[e], acc[t]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < TT; ++t) {
+            const float sum = warp_sum(acc[t]);
+            if (lane == 0 && t < rows) store_output<T>(p, t, i, sum);
+        }
+    }
+}
+
+#define VERA_DECODE_KERNELS(TT, T, NAME)                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS) vera_down_gemv_t##TT##_##NAME(DownParams p) { \
+        down_gemv<T, TT>(p);                                                                                 \
+    }                                                                                                        \
+    VERA_EXPORT(vera_down_gemv_t##TT##_##NAME)                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * UP_WARPS) vera_up_gemv_t##TT##_##NAME(UpParams p) {       \
+        up_gemv<T, TT>(p);                                                                                   \
+    }                                                                                                        \
+    VERA_EXPORT(vera_up_gemv_t##TT##_##NAME)
+
+#define VERA_DECODE_DTYPE(T, NAME)    \
+    VERA_DECODE_KERNELS(1, T, NAME)   \
+    VERA_DECODE_KERNELS(2, T, NAME)   \
+    VERA_DECODE_KERNELS(4, T, NAME)   \
+    VERA_DECODE_KERNELS(8, T, NAME)
+
+VERA_DECODE_DTYPE(float, f32)
+VERA_DECODE_DTYPE(f16, f16)
+VERA_DECODE_DTYPE(bf16, bf16)

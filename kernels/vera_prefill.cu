@@ -1,0 +1,239 @@
+// vera_prefill.cu — the prefill regime (many token rows): both products are tiled matrix products.
+// 16-bit types run on tensor cores (mma.sync m16n8k16, f32 accumulators) fed by a 3-stage
+// cp.async pipeline through ldmatrix; f32 runs on CUDA cores (a 64x64 tile, 4x4 outputs per
+// thread). Both products read K-contiguous rows on both sides (x and A for the down-projection,
+// u and B for the up-projection), so one tile loop serves both.
+//
+//   vera_down_tile_<dtype>: part[s][t][j] for a 64x64 tile of (t, j) over split s's k range.
+//   vera_up_tile_<dtype>:   y tile (64 token rows x 64 outputs) with the fused epilogue; u is
+//                           rebuilt from the partials (split order, times lambda_d) as the tile's
+//                           left operand, rounded to the dtype like PEFT's activations are.
+#include "common.cuh"
+#include "ptx.cuh"
+
+constexpr int BM = 64;                 // token rows per tile
+constexpr int BN = 64;                 // output columns per tile (j for down, i for up)
+constexpr int BK = 32;                 // k per pipeline stage (16-bit path)
+constexpr int STAGES = 3;              // cp.async pipeline depth
+constexpr int SK = BK + 8;             // shared row stride: 80-byte rows keep 16-byte alignment and
+                                       // put ldmatrix's 8 row reads in distinct bank groups
+constexpr int MMA_THREADS = 128;       // 4 warps, 2 x 2, each a 32 x 32 sub-tile
+
+// ---------------------------------------------------------------------------------------------
+// Tile loaders (16-bit path). Each fills a [64][SK] stage with rows [row0, row0 + 64) and k in
+// [k0, k0 + BK); anything past `rows` or `k_end` is zero.
+
+// From a K-contiguous global matrix, by cp.async when the rows are 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ void load_rows(T (*dst)[SK], const T* src, int ld, int row0, int rows, int k0, int k_end,
+                                          bool aligned) {
+    constexpr int N = Vec16<T>::N;
+    constexpr int CHUNKS_PER_ROW = BK / N;
+    for (int c = threadIdx.x; c < BM * CHUNKS_PER_ROW; c += MMA_THREADS) {
+        const int rr = c / CHUNKS_PER_ROW, kk = (c % CHUNKS_PER_ROW) * N;
+        const int row = row0 + rr, k = k0 + kk;
+        const int valid = row < rows ? max(0, min(N, k_end - k)) : 0;
+        T* d = &dst[rr][kk];
+        if (aligned) {
+            cp_async_16(d, valid > 0 ? src + (size_t)row * ld + k : src, valid * (int)sizeof(T));
+        } else {
+#pragma unroll
+            for (int e = 0; e < N; ++e) d[e] = e < valid ? src[(size_t)row * ld + k + e] : from_f32<T>(0.0f);
+        }
+    }
+}
+
+// u rows [row0, row0 + 64), columns [k0, k0 + BK) from the partials.
+template <typename T>
+__device__ __forceinline__ void load_u(T (*dst)[SK], const UpParams& p, int row0, int k0) {
+    for (int e = threadIdx.x; e < BM * BK; e += MMA_THREADS) {
+        const int rr = e / BK, kk = e % BK;
+        const int t = row0 + rr, j = k0 + kk;
+        dst[rr][kk] = from_f32<T>(t < p.rows && j < p.r ? u_value(p, t, j) : 0.0f);
+    }
+}
+
+template <typename T> struct MmaSmem {
+    __align__(16) T a[STAGES][BM][SK];
+    __align__(16) T b[STAGES][BN][SK];
+};
+
+// acc[mi][ni][4] += A[warp rows] · B[warp cols]ᵀ over k in [k_begin, k_end). load_a / load_b fill
+// one stage for a given k0.
+template <typename T, typename LoadA, typename LoadB>
+__device__ __forceinline__ void mma_tile(MmaSmem<T>& sm, int k_begin, int k_end, LoadA load_a, LoadB load_b,
+                                         float (&acc)[2][4][4]) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int warp_m = (warp / 2) * 32, warp_n = (warp % 2) * 32;
+    const int ktiles = (k_end - k_begin + BK - 1) / BK;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < ktiles) {
+            load_a(sm.a[s], k_begin + s * BK);
+            load_b(sm.b[s], k_begin + s * BK);
+        }
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < ktiles; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // stage kt is in; every warp is done with the stage refilled below
+        const int next = kt + STAGES - 1;
+        if (next < ktiles) {
+            load_a(sm.a[next % STAGES], k_begin + next * BK);
+            load_b(sm.b[next % STAGES], k_begin + next * BK);
+        }
+        cp_async_commit();
+
+        T (*sa)[SK] = sm.a[kt % STAGES];
+        T (*sb)[SK] = sm.b[kt % STAGES];
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            uint32_t af[2][4], bfrag[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) ldmatrix_x4(af[mi], &sa[warp_m + mi * 16 + lane % 16][kk + (lane / 16) * 8]);
+#pragma unroll
+            for (int np = 0; np < 2; ++np) {
+                const int q = lane / 8;
+                uint32_t r[4];
+                ldmatrix_x4(r, &sb[warp_n + np * 16 + lane % 8 + (q / 2) * 8][kk + (q % 2) * 8]);
+                bfrag[np * 2][0] = r[0];
+                bfrag[np * 2][1] = r[1];
+                bfrag[np * 2 + 1][0] = r[2];
+                bfrag[np * 2 + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) mma_m16n8k16(acc[mi][ni], af[mi], bfrag[ni], acc[mi][ni], T());
+        }
+    }
+    cp_async_wait<0>();
+}
+
+// Calls f(row, col, value) for each accumulator of this thread (the mma C fragment layout).
+template <typename F> __device__ __forceinline__ void for_each_acc(const float (&acc)[2][4][4], F f) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int warp_m = (warp / 2) * 32, warp_n = (warp % 2) * 32;
+    const int gid = lane / 4, tig = lane % 4;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+                f(warp_m + mi * 16 + gid + (c / 2) * 8, warp_n + ni * 8 + tig * 2 + (c % 2), acc[mi][ni][c]);
+}
+
+// Grid: (ceil(rows / BM), ceil(r / BN), splits). Block: MMA_THREADS. k_split is a multiple of BK.
+template <typename T> __device__ void down_mma(const DownParams& p) {
+    __shared__ MmaSmem<T> sm;
+    const int row0 = blockIdx.x * BM, col0 = blockIdx.y * BN;
+    const int k_begin = blockIdx.z * p.k_split, k_end = min(p.n, k_begin + p.k_split);
+    const T* x = static_cast<const T*>(p.x);
+    const T* a = static_cast<const T*>(p.a);
+    float acc[2][4][4] = {};
+    mma_tile<T>(
+        sm, k_begin, k_end,
+        [&](T (*dst)[SK], int k0) { load_rows(dst, x, p.ldx, row0, p.rows, k0, k_end, p.x_aligned != 0); },
+        [&](T (*dst)[SK], int k0) { load_rows(dst, a, p.lda, col0, p.r, k0, k_end, true); }, acc);
+    float* part = p.part + (size_t)blockIdx.z * p.rows * p.r;
+    for_each_acc(acc, [&](int rr, int cc, float v) {
+        const int t = row0 + rr, j = col0 + cc;
+        if (t < p.rows && j < p.r) part[(size_t)t * p.r + j] = v;
+    });
+}
+
+// Grid: (ceil(rows / BM), ceil(m / BN)). Block: MMA_THREADS.
+template <typename T> __device__ void up_mma(const UpParams& p) {
+    __shared__ MmaSmem<T> sm;
+    const int row0 = blockIdx.x * BM, col0 = blockIdx.y * BN;
+    const T* b = static_cast<const T*>(p.b);
+    float acc[2][4][4] = {};
+    mma_tile<T>(
+        sm, 0, p.r, [&](T (*dst)[SK], int k0) { load_u(dst, p, row0, k0); },
+        [&](T (*dst)[SK], int k0) { load_rows(dst, b, p.ldb, col0, p.m, k0, p.r, true); }, acc);
+    for_each_acc(acc, [&](int rr, int cc, float v) {
+        const int t = row0 + rr, i = col0 + cc;
+        if (t < p.rows && i < p.m) store_output<T>(p, t, i, v);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// f32 on CUDA cores: 256 threads as 16 x 16, each 4 x 4 outputs strided by 16 (conflict-free
+// shared reads); k in steps of FBK through shared memory, stored k-major.
+
+constexpr int FBK = 16;
+constexpr int SIMT_THREADS = 256;
+
+// get_a(t, k) / get_b(col, k) return the operands (zero outside); emit(t, col, value) stores.
+template <typename GetA, typename GetB, typename Emit>
+__device__ __forceinline__ void simt_tile(int k_begin, int k_end, GetA get_a, GetB get_b, Emit emit) {
+    __shared__ float sa[FBK][BM + 4];
+    __shared__ float sb[FBK][BN + 4];
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    float acc[4][4] = {};
+    for (int k0 = k_begin; k0 < k_end; k0 += FBK) {
+        for (int e = threadIdx.x; e < BM * FBK; e += SIMT_THREADS) {
+            const int rr = e / FBK, kk = e % FBK;
+            const bool in_k = k0 + kk < k_end;
+            sa[kk][rr] = in_k ? get_a(rr, k0 + kk) : 0.0f;
+            sb[kk][rr] = in_k ? get_b(rr, k0 + kk) : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < FBK; ++kk) {
+            float av[4], bv[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                av[i] = sa[kk][ty + 16 * i];
+                bv[i] = sb[kk][tx + 16 * i];
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int jj = 0; jj < 4; ++jj) acc[i][jj] = fmaf(av[i], bv[jj], acc[i][jj]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) emit(ty + 16 * i, tx + 16 * jj, acc[i][jj]);
+}
+
+__device__ void down_simt(const DownParams& p) {
+    const int row0 = blockIdx.x * BM, col0 = blockIdx.y * BN;
+    const int k_begin = blockIdx.z * p.k_split, k_end = min(p.n, k_begin + p.k_split);
+    const float* x = static_cast<const float*>(p.x);
+    const float* a = static_cast<const float*>(p.a);
+    float* part = p.part + (size_t)blockIdx.z * p.rows * p.r;
+    simt_tile(
+        k_begin, k_end,
+        [&](int rr, int k) { return row0 + rr < p.rows ? x[(size_t)(row0 + rr) * p.ldx + k] : 0.0f; },
+        [&](int cc, int k) { return col0 + cc < p.r ? a[(size_t)(col0 + cc) * p.lda + k] : 0.0f; },
+        [&](int rr, int cc, float v) {
+            if (row0 + rr < p.rows && col0 + cc < p.r) part[(size_t)(row0 + rr) * p.r + col0 + cc] = v;
+        });
+}
+
+__device__ void up_simt(const UpParams& p) {
+    const int row0 = blockIdx.x * BM, col0 = blockIdx.y * BN;
+    const float* b = static_cast<const float*>(p.b);
+    simt_tile(
+        0, p.r, [&](int rr, int j) { return row0 + rr < p.rows ? u_value(p, row0 + rr, j) : 0.0f; },
+        [&](int cc, int j) { return col0 + cc < p.m ? b[(size_t)(col0 + cc) * p.ldb + j] : 0.0f; },
+        [&](int rr, int cc, float v) {
+            if (row0 + rr < p.rows && col0 + cc < p.m) store_output<float>(p, row0 + rr, col0 + cc, v);
+        });
+}
+
+#define VERA_TILE_KERNELS(NAME, THREADS, DOWN, UP)                                                     \
+    extern "C" __global__ void __launch_bounds__(THREADS) vera_down_tile_##NAME(DownParams p) { DOWN(p); } \
+    VERA_EXPORT(vera_down_tile_##NAME)                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS) vera_up_tile_##NAME(UpParams p) { UP(p); }       \
+    VERA_EXPORT(vera_up_tile_##NAME)
+
+VERA_TILE_KERNELS(f32, SIMT_THREADS, down_simt, up_simt)
+VERA_TILE_KERNELS(f16, MMA_THREADS, down_mma<f16>, up_mma<f16>)
+VERA_TILE_KERNELS(bf16, MMA_THREADS, down_mma<bf16>, up_mma<bf16>)
