@@ -177,6 +177,24 @@ pub enum Error {
         /// The adapter's modules.
         available: Vec<String>,
     },
+    /// No CUDA device can be used: the driver library is not installed, it reports no device, or
+    /// the device asked for does not exist. The CPU path works without one.
+    NoCudaDevice {
+        /// Why, in the driver's words where it gave any.
+        reason: String,
+    },
+    /// A CUDA driver call (or the CPU emulation of a kernel) failed.
+    Cuda {
+        /// The operation that failed (e.g. `"launch vera_up_tile_bf16"`).
+        operation: String,
+        /// The driver's (or the emulator's) message.
+        message: String,
+    },
+    /// Device buffers passed to one call live on different CUDA devices (or contexts).
+    DeviceMismatch {
+        /// Which buffer is on another device than the stream.
+        what: &'static str,
+    },
 }
 
 impl fmt::Display for Error {
@@ -248,6 +266,11 @@ impl fmt::Display for Error {
             }
             Error::UnknownModule { module, available } => {
                 write!(f, "the adapter has no module {module:?} (it has: {})", available.join(", "))
+            }
+            Error::NoCudaDevice { reason } => write!(f, "no CUDA device: {reason}"),
+            Error::Cuda { operation, message } => write!(f, "CUDA: {operation} failed: {message}"),
+            Error::DeviceMismatch { what } => {
+                write!(f, "{what} is on another CUDA device (or context) than the stream it was given to")
             }
         }
     }

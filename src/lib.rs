@@ -28,6 +28,8 @@ pub mod baseline;
 #[cfg(feature = "candle")]
 pub mod candle;
 mod cpu;
+#[cfg(any(feature = "cuda", feature = "cuda-emulation"))]
+pub mod cuda;
 mod dtype;
 mod error;
 mod mat;

@@ -140,11 +140,44 @@ pub fn forward_error_bound<T: Element>(
     x: MatRef<'_, T>,
     base: Option<MatRef<'_, T>>,
 ) -> Result<Vec<f64>> {
+    bound(layer, adapter, x, base, U32, 0.0)
+}
+
+/// [`forward_error_bound`] for the CUDA kernels (`vera_kernels::cuda`, feature `cuda`), whose
+/// arithmetic differs from the CPU's in two ways the bound accounts for:
+/// - the f16/bf16 prefill path rounds `u = lambda_d ⊙ h` to the activation dtype before the
+///   tensor-core up-projection, as PEFT does: one more relative error `u_T` on each element of `u`,
+///   which reaches `y` as `u_T · (1 + gamma) · M`;
+/// - tensor cores may accumulate a block of products with truncation instead of round-to-nearest, so
+///   the `gamma` term uses the unit `2^-23` (one ulp) instead of `2^-24`.
+///
+/// Applied to every dtype and path (for f32 the extra terms are negligible), so one bound covers
+/// whatever kernel a shape selects.
+pub fn forward_error_bound_cuda<T: Element>(
+    layer: LayerProjections<'_, T>,
+    adapter: &Adapter,
+    x: MatRef<'_, T>,
+    base: Option<MatRef<'_, T>>,
+) -> Result<Vec<f64>> {
+    bound(layer, adapter, x, base, 2.0 * U32, T::UNIT_ROUNDOFF)
+}
+
+/// The forward-error bound with unit `unit` for the accumulations and a relative error `u_round` on
+/// each element of `u` (0 when `u` stays in f32).
+fn bound<T: Element>(
+    layer: LayerProjections<'_, T>,
+    adapter: &Adapter,
+    x: MatRef<'_, T>,
+    base: Option<MatRef<'_, T>>,
+    unit: f64,
+    u_round: f64,
+) -> Result<Vec<f64>> {
     let y_ref = forward(layer, adapter, x, base)?;
     let mag = adapter_path(&layer, adapter, x, true);
     let ftz = flush_to_zero_term(&layer, adapter, x);
     let m = layer.out_features();
-    let g = gamma(layer.in_features() + layer.rank() + 4);
+    let k = (layer.in_features() + layer.rank() + 4) as f64 * unit;
+    let g = k / (1.0 - k);
     Ok(mag
         .iter()
         .zip(&y_ref)
@@ -153,7 +186,7 @@ pub fn forward_error_bound<T: Element>(
             let (t, i) = (idx / m, idx % m);
             let bias = adapter.bias().map_or(0.0, |b| f64::from(b[i]).abs());
             let base = base.map_or(0.0, |b| b.row_unchecked(t)[i].to_f64().abs());
-            let e32 = g * mg + 2.0 * U32 * (base + bias + mg) + ftz[idx];
+            let e32 = g * mg + u_round * (1.0 + g) * mg + 2.0 * U32 * (base + bias + mg) + ftz[idx];
             e32 + T::UNIT_ROUNDOFF * (yr.abs() + e32) + T::MIN_POSITIVE_SUBNORMAL / 2.0
         })
         .collect())

@@ -186,3 +186,13 @@ fn unknown_isa() {
     assert!(e.to_string().contains("avx512bf16, avx512, avx2, portable"));
     assert_eq!("portable".parse::<Isa>().unwrap(), Isa::Portable);
 }
+
+#[test]
+fn cuda_errors_say_what_failed() {
+    let e = Error::NoCudaDevice { reason: "the CUDA driver library (libcuda) cannot be loaded".into() };
+    assert_eq!(e.to_string(), "no CUDA device: the CUDA driver library (libcuda) cannot be loaded");
+    let e = Error::Cuda { operation: "launch vera_up_tile_bf16".into(), message: "out of memory".into() };
+    assert_eq!(e.to_string(), "CUDA: launch vera_up_tile_bf16 failed: out of memory");
+    let e = Error::DeviceMismatch { what: "x" };
+    assert_eq!(e.to_string(), "x is on another CUDA device (or context) than the stream it was given to");
+}

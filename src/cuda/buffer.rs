@@ -1,0 +1,194 @@
+//! Untyped device memory: a driver allocation on a GPU, or 16-byte aligned host memory for the
+//! emulated device. The typed public wrappers (`DeviceMatrix`, ...) live in `mod.rs`.
+
+use crate::error::{Error, Result};
+
+use super::StreamKind;
+
+/// Host memory standing in for device memory on the emulated device (16-byte aligned, like the
+/// kernels' vector loads need).
+#[cfg(feature = "cuda-emulation")]
+pub(crate) struct HostBytes {
+    words: Vec<u128>,
+    len: usize,
+}
+
+pub(crate) enum Buffer {
+    #[cfg(feature = "cuda")]
+    Driver(cudarc::driver::CudaSlice<u8>),
+    #[cfg(feature = "cuda-emulation")]
+    Host(HostBytes),
+}
+
+impl Buffer {
+    /// `bytes` zero bytes on the stream's device.
+    pub(crate) fn zeros(stream: &StreamKind, bytes: usize) -> Result<Self> {
+        match stream {
+            #[cfg(feature = "cuda")]
+            // A zero-length allocation is an error for the driver; keep one vector's worth.
+            StreamKind::Driver(s) => s.alloc_zeros::<u8>(bytes.max(16)).map(Buffer::Driver).map_err(driver("alloc")),
+            #[cfg(feature = "cuda-emulation")]
+            StreamKind::Emulated => {
+                Ok(Buffer::Host(HostBytes { words: vec![0; bytes.div_ceil(16).max(1)], len: bytes }))
+            }
+        }
+    }
+
+    /// A copy of `data` on the stream's device.
+    pub(crate) fn from_host(stream: &StreamKind, data: &[u8]) -> Result<Self> {
+        let mut buffer = Self::zeros(stream, data.len())?;
+        buffer.write(stream, data)?;
+        Ok(buffer)
+    }
+
+    /// Copies `data` to the start of the buffer (stream-ordered).
+    pub(crate) fn write(&mut self, stream: &StreamKind, data: &[u8]) -> Result<()> {
+        match (self, stream) {
+            #[cfg(feature = "cuda")]
+            (Buffer::Driver(slice), StreamKind::Driver(s)) => {
+                let mut view = slice.slice_mut(0..data.len());
+                s.memcpy_htod(data, &mut view).map_err(driver("copy to device"))
+            }
+            #[cfg(feature = "cuda-emulation")]
+            (Buffer::Host(h), StreamKind::Emulated) => {
+                h.bytes_mut()[..data.len()].copy_from_slice(data);
+                Ok(())
+            }
+            #[allow(unreachable_patterns)]
+            _ => Err(Error::DeviceMismatch { what: "a device buffer" }),
+        }
+    }
+
+    /// Fills `out` from the start of the buffer (waits for the stream).
+    pub(crate) fn read(&self, stream: &StreamKind, out: &mut [u8]) -> Result<()> {
+        match (self, stream) {
+            #[cfg(feature = "cuda")]
+            (Buffer::Driver(slice), StreamKind::Driver(s)) => {
+                s.memcpy_dtoh(&slice.slice(0..out.len()), out).map_err(driver("copy to host"))?;
+                s.synchronize().map_err(driver("synchronize"))
+            }
+            #[cfg(feature = "cuda-emulation")]
+            (Buffer::Host(h), StreamKind::Emulated) => {
+                out.copy_from_slice(&h.bytes()[..out.len()]);
+                Ok(())
+            }
+            #[allow(unreachable_patterns)]
+            _ => Err(Error::DeviceMismatch { what: "a device buffer" }),
+        }
+    }
+
+    /// Whether this buffer can be used on `stream` (same device and context).
+    pub(crate) fn is_on(&self, stream: &StreamKind) -> bool {
+        match (self, stream) {
+            #[cfg(feature = "cuda")]
+            (Buffer::Driver(slice), StreamKind::Driver(s)) => std::sync::Arc::ptr_eq(slice.context(), s.context()),
+            #[cfg(feature = "cuda-emulation")]
+            (Buffer::Host(_), StreamKind::Emulated) => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// Size in bytes.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            #[cfg(feature = "cuda")]
+            Buffer::Driver(slice) => slice.len(),
+            #[cfg(feature = "cuda-emulation")]
+            Buffer::Host(h) => h.len,
+        }
+    }
+}
+
+#[cfg(feature = "cuda-emulation")]
+impl HostBytes {
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.words)[..self.len]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut(&mut self.words)[..self.len]
+    }
+
+    /// The address the emulated kernels read through.
+    pub(crate) fn address(&self) -> u64 {
+        self.words.as_ptr() as u64
+    }
+
+    /// The address the emulated kernels write through.
+    pub(crate) fn address_mut(&mut self) -> u64 {
+        self.words.as_mut_ptr() as u64
+    }
+}
+
+/// Maps a cudarc driver error to [`Error::Cuda`] for `operation`.
+#[cfg(feature = "cuda")]
+pub(crate) fn driver(operation: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+    move |e| Error::Cuda { operation: operation.to_string(), message: e.to_string() }
+}
+
+impl Buffer {
+    /// The driver allocation, or [`Error::DeviceMismatch`] for a buffer of the emulated device.
+    #[cfg(feature = "cuda")]
+    #[cfg_attr(not(feature = "cuda-emulation"), allow(unused_variables))]
+    pub(crate) fn driver(&self, what: &'static str) -> Result<&cudarc::driver::CudaSlice<u8>> {
+        match self {
+            Buffer::Driver(s) => Ok(s),
+            #[cfg(feature = "cuda-emulation")]
+            Buffer::Host(_) => Err(Error::DeviceMismatch { what }),
+        }
+    }
+
+    /// [`Buffer::driver`], for writing.
+    #[cfg(feature = "cuda")]
+    #[cfg_attr(not(feature = "cuda-emulation"), allow(unused_variables))]
+    pub(crate) fn driver_mut(&mut self, what: &'static str) -> Result<&mut cudarc::driver::CudaSlice<u8>> {
+        match self {
+            Buffer::Driver(s) => Ok(s),
+            #[cfg(feature = "cuda-emulation")]
+            Buffer::Host(_) => Err(Error::DeviceMismatch { what }),
+        }
+    }
+
+    /// The host memory of the emulated device, or [`Error::DeviceMismatch`] for a GPU buffer.
+    #[cfg(feature = "cuda-emulation")]
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub(crate) fn host(&self, what: &'static str) -> Result<&HostBytes> {
+        match self {
+            Buffer::Host(h) => Ok(h),
+            #[cfg(feature = "cuda")]
+            Buffer::Driver(_) => Err(Error::DeviceMismatch { what }),
+        }
+    }
+
+    /// [`Buffer::host`], for writing.
+    #[cfg(feature = "cuda-emulation")]
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub(crate) fn host_mut(&mut self, what: &'static str) -> Result<&mut HostBytes> {
+        match self {
+            Buffer::Host(h) => Ok(h),
+            #[cfg(feature = "cuda")]
+            Buffer::Driver(_) => Err(Error::DeviceMismatch { what }),
+        }
+    }
+}
+
+impl Buffer {
+    /// Copies all of `self` into `dst` (at least as long) on the stream.
+    pub(crate) fn copy_to(&self, dst: &mut Buffer, stream: &StreamKind) -> Result<()> {
+        match (self, dst, stream) {
+            #[cfg(feature = "cuda")]
+            (Buffer::Driver(src), Buffer::Driver(dst), StreamKind::Driver(s)) => {
+                let mut view = dst.slice_mut(0..src.len());
+                s.memcpy_dtod(src, &mut view).map_err(driver("copy on device"))
+            }
+            #[cfg(feature = "cuda-emulation")]
+            (Buffer::Host(src), Buffer::Host(dst), StreamKind::Emulated) => {
+                dst.bytes_mut()[..src.len].copy_from_slice(src.bytes());
+                Ok(())
+            }
+            #[allow(unreachable_patterns)]
+            _ => Err(Error::DeviceMismatch { what: "a device buffer" }),
+        }
+    }
+}

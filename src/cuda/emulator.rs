@@ -1,0 +1,67 @@
+//! The CPU emulation of the CUDA kernels (feature `cuda-emulation`): `kernels/*.cu` compiled by the
+//! host C++ compiler against `kernels/emu/cuda_emu.h`, which runs every CUDA thread of a block as a
+//! fiber (shared memory, `__syncthreads`, warp shuffles, and `mma`/`ldmatrix` with the PTX ISA's
+//! fragment layouts). "Device" memory is host memory.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+
+use crate::error::{Error, Result};
+
+extern "C" {
+    fn vera_emu_launch(
+        kernel: *const c_char,
+        grid: *const u32,
+        block: *const u32,
+        params: *mut *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+}
+
+/// Runs `kernel` over `grid` × `block` threads on the CPU, with its one by-value parameter block.
+///
+/// # Safety
+/// Every pointer inside `params` must point to live host memory of the extent the kernel reads or
+/// writes for these shapes; the caller (`CudaStream::forward`) derives them from buffers it has
+/// checked against the shapes.
+pub(crate) unsafe fn launch<P>(kernel: &str, grid: [u32; 3], block: [u32; 3], params: &mut P) -> Result<()> {
+    let name = CString::new(kernel).map_err(|_| Error::Cuda {
+        operation: format!("launch {kernel}"),
+        message: "kernel name contains NUL".into(),
+    })?;
+    let mut err = [0 as c_char; 512];
+    let mut args = [params as *mut P as *mut c_void];
+    // SAFETY: the name, dims and error buffer are live for the call; `args` follows cuLaunchKernel's
+    // convention (one pointer to the by-value parameter block), and the memory the block points to
+    // is the caller's obligation (see above).
+    let rc = unsafe {
+        vera_emu_launch(name.as_ptr(), grid.as_ptr(), block.as_ptr(), args.as_mut_ptr(), err.as_mut_ptr(), err.len())
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    // SAFETY: the emulator writes a NUL-terminated message into `err` (at most err_len bytes) on
+    // failure; the last byte is forced to NUL in case it filled the buffer.
+    err[err.len() - 1] = 0;
+    let message = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+    Err(Error::Cuda { operation: format!("launch {kernel} (emulated)"), message })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emulator_errors_are_cuda_errors_with_the_emulators_message() {
+        let mut params = 0u64;
+        // SAFETY: no kernel of that name exists, so nothing reads the parameter block.
+        let e = unsafe { launch("vera_no_such_kernel", [1, 1, 1], [32, 1, 1], &mut params) }.unwrap_err();
+        let Error::Cuda { operation, message } = e else { panic!("expected Error::Cuda, got {e:?}") };
+        assert_eq!(operation, "launch vera_no_such_kernel (emulated)");
+        assert!(message.contains("unknown kernel 'vera_no_such_kernel'"), "{message}");
+        // A block larger than CUDA allows is refused before any thread runs.
+        // SAFETY: the launch is rejected on its configuration, before the parameters are read.
+        let e = unsafe { launch("vera_up_tile_f32", [1, 1, 1], [2048, 1, 1], &mut params) }.unwrap_err();
+        assert!(matches!(e, Error::Cuda { .. }), "{e:?}");
+    }
+}

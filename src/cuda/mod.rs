@@ -1,0 +1,597 @@
+//! The GPU half of the crate: the fused VeRA forward pass on NVIDIA GPUs, with this crate's own CUDA
+//! kernels (`kernels/*.cu`, compiled by build.rs into one fatbin for sm_80 / sm_90 + compute_80 PTX).
+//!
+//! - [`CudaDevice::new`] opens a GPU through the driver, loaded at run time (cudarc, dynamic
+//!   loading): on a machine without the driver or without a GPU it returns
+//!   [`Error::NoCudaDevice`], never panics. With feature `cuda-emulation`,
+//!   [`CudaDevice::emulated`] gives the same API backed by a CPU emulation of the same kernels (slow;
+//!   for tests on machines without a GPU).
+//! - Work is issued on a [`CudaStream`] (the device's default stream, or [`CudaDevice::new_stream`]).
+//!   Host↔device copies happen only in the calls that say so ([`CudaStream::upload`],
+//!   [`CudaStream::download`], ...); [`CudaStream::forward`] only launches kernels.
+//! - [`DeviceProjections`] holds the shared A and B once per model, packed (rows padded to 16 bytes)
+//!   for the kernels; every layer's forward slices it, like [`Projections::slice`].
+//!   [`DeviceAdapter`] holds one layer's lambdas and bias (f32). [`DeviceMatrix`] holds `x` and `y`
+//!   with any row stride.
+//!
+//! Semantics are those of the CPU [`forward`](crate::forward): `y (+)= lambda_b ⊙ ((lambda_d ⊙
+//! (x·Aᵀ))·Bᵀ) + bias`, [`Mode::Accumulate`] or [`Mode::Overwrite`], the same validation errors, and
+//! deterministic results (no atomics; every sum in a fixed order), so the same call gives the same
+//! bits every time on a given GPU. Numerics: f32 accumulation everywhere; for f16/bf16 the prefill
+//! path (more than 8 token rows) rounds `u = lambda_d ⊙ (x·Aᵀ)` to the activation dtype before the
+//! tensor-core up-projection, as PEFT does; [`reference::forward_error_bound_cuda`] is the bound
+//! the kernels are tested against.
+//!
+//! Kernels: for up to 8 token rows (decode), split-K matrix-vector products with 16-byte loads that
+//! stream A and B once (the down-projection writes per-split partial sums; the up-projection sums
+//! them in order, applies lambda_d, and fuses lambda_b, bias and the base add in its epilogue); for
+//! more rows (prefill), 64×64 tiles on tensor cores (`mma.sync` m16n8k16, bf16/f16 → f32, fed by a
+//! 3-stage `cp.async` pipeline and `ldmatrix`) or on CUDA cores for f32.
+//!
+//! [`reference::forward_error_bound_cuda`]: crate::reference::forward_error_bound_cuda
+
+mod buffer;
+#[cfg(feature = "cuda")]
+mod driver;
+#[cfg(feature = "cuda-emulation")]
+mod emulator;
+mod params;
+mod plan;
+
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+
+use crate::adapter::Adapter;
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::mat::{MatMut, MatRef};
+use crate::ops::Mode;
+use crate::projections::Projections;
+
+use buffer::Buffer;
+use params::{DownParams, UpParams};
+
+/// Streaming multiprocessors assumed by the emulated device when it plans launches (an H100/H200's
+/// count, so that the emulator runs the same split-K plans a real GPU gets).
+#[cfg(feature = "cuda-emulation")]
+const EMULATED_SMS: usize = 132;
+
+/// A CUDA device: a GPU opened through the driver, or (feature `cuda-emulation`) the CPU emulation
+/// of one. Cheap to clone; clones share the device.
+#[derive(Clone)]
+pub struct CudaDevice {
+    inner: Arc<DeviceKind>,
+}
+
+enum DeviceKind {
+    #[cfg(feature = "cuda")]
+    Driver(driver::Gpu),
+    #[cfg(feature = "cuda-emulation")]
+    Emulated,
+}
+
+/// Where a stream's work runs.
+pub(crate) enum StreamKind {
+    #[cfg(feature = "cuda")]
+    Driver(Arc<cudarc::driver::CudaStream>),
+    #[cfg(feature = "cuda-emulation")]
+    Emulated,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice").field("name", &self.name()).finish()
+    }
+}
+
+impl CudaDevice {
+    /// Opens GPU number `ordinal` and loads this crate's kernels into it.
+    ///
+    /// Errors: [`Error::NoCudaDevice`] when the CUDA driver library cannot be loaded, reports no
+    /// device, or has no device `ordinal`; [`Error::Cuda`] when the kernels cannot be loaded (e.g. a
+    /// driver older than CUDA 13.0 for a GPU without matching SASS). Without feature `cuda` (only
+    /// `cuda-emulation`) this always returns [`Error::NoCudaDevice`].
+    pub fn new(ordinal: usize) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        {
+            driver::Gpu::open(ordinal).map(|gpu| CudaDevice { inner: Arc::new(DeviceKind::Driver(gpu)) })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = ordinal;
+            Err(Error::NoCudaDevice { reason: "this build of vera-kernels has no `cuda` feature".into() })
+        }
+    }
+
+    /// The CPU emulation of a CUDA device: the same kernels, compiled for the host and run one CUDA
+    /// thread at a time. Orders of magnitude slower than a GPU; for testing on machines without one.
+    #[cfg(feature = "cuda-emulation")]
+    pub fn emulated() -> Self {
+        CudaDevice { inner: Arc::new(DeviceKind::Emulated) }
+    }
+
+    /// Whether this is the CPU emulation rather than a GPU.
+    pub fn is_emulated(&self) -> bool {
+        match &*self.inner {
+            #[cfg(feature = "cuda")]
+            DeviceKind::Driver(_) => false,
+            #[cfg(feature = "cuda-emulation")]
+            DeviceKind::Emulated => true,
+        }
+    }
+
+    /// The device's name as the driver reports it (`"CPU emulation"` for the emulated device).
+    pub fn name(&self) -> String {
+        match &*self.inner {
+            #[cfg(feature = "cuda")]
+            DeviceKind::Driver(gpu) => gpu.name(),
+            #[cfg(feature = "cuda-emulation")]
+            DeviceKind::Emulated => "CPU emulation".into(),
+        }
+    }
+
+    /// The device's default stream.
+    pub fn stream(&self) -> CudaStream {
+        let kind = match &*self.inner {
+            #[cfg(feature = "cuda")]
+            DeviceKind::Driver(gpu) => StreamKind::Driver(gpu.default_stream()),
+            #[cfg(feature = "cuda-emulation")]
+            DeviceKind::Emulated => StreamKind::Emulated,
+        };
+        CudaStream { device: self.clone(), kind, workspace: Mutex::new(None) }
+    }
+
+    /// A new stream on this device (work on different streams may overlap).
+    pub fn new_stream(&self) -> Result<CudaStream> {
+        let kind = match &*self.inner {
+            #[cfg(feature = "cuda")]
+            DeviceKind::Driver(gpu) => StreamKind::Driver(gpu.new_stream()?),
+            #[cfg(feature = "cuda-emulation")]
+            DeviceKind::Emulated => StreamKind::Emulated,
+        };
+        Ok(CudaStream { device: self.clone(), kind, workspace: Mutex::new(None) })
+    }
+
+    fn multiprocessors(&self) -> usize {
+        match &*self.inner {
+            #[cfg(feature = "cuda")]
+            DeviceKind::Driver(gpu) => gpu.multiprocessors(),
+            #[cfg(feature = "cuda-emulation")]
+            DeviceKind::Emulated => EMULATED_SMS,
+        }
+    }
+}
+
+/// A stream of work on a [`CudaDevice`]. Calls on one stream run in order; results are ready on the
+/// host after [`CudaStream::synchronize`] or any download.
+///
+/// Each stream keeps one reusable workspace for the down-projection's partial sums
+/// (`splits · T · r` f32, grown on demand), so forward calls do not allocate once it is large
+/// enough.
+pub struct CudaStream {
+    device: CudaDevice,
+    kind: StreamKind,
+    workspace: Mutex<Option<Buffer>>,
+}
+
+impl std::fmt::Debug for CudaStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaStream").field("device", &self.device).finish()
+    }
+}
+
+/// A matrix in device memory: `rows × cols` elements of `T`, row `i` starting at element
+/// `i · row_stride`.
+pub struct DeviceMatrix<T> {
+    buf: Buffer,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    _t: PhantomData<T>,
+}
+
+impl<T: Element> DeviceMatrix<T> {
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Elements from the start of one row to the start of the next.
+    pub fn row_stride(&self) -> usize {
+        self.row_stride
+    }
+
+    fn span(&self) -> usize {
+        if self.rows == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.row_stride + self.cols
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for DeviceMatrix<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceMatrix")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("row_stride", &self.row_stride)
+            .finish()
+    }
+}
+
+/// The shared projections A `[r, n_max]` and B `[m_max, r]` in device memory, packed once for the
+/// kernels (each row padded with zeros to a multiple of 16 bytes) and shared by every layer.
+pub struct DeviceProjections<T> {
+    a: Buffer,
+    b: Buffer,
+    r: usize,
+    n_max: usize,
+    m_max: usize,
+    lda: usize,
+    ldb: usize,
+    _t: PhantomData<T>,
+}
+
+impl<T> DeviceProjections<T> {
+    /// The rank `r`.
+    pub fn rank(&self) -> usize {
+        self.r
+    }
+
+    /// The largest `in_features` a layer may have.
+    pub fn n_max(&self) -> usize {
+        self.n_max
+    }
+
+    /// The largest `out_features` a layer may have.
+    pub fn m_max(&self) -> usize {
+        self.m_max
+    }
+}
+
+impl<T> std::fmt::Debug for DeviceProjections<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceProjections")
+            .field("r", &self.r)
+            .field("n_max", &self.n_max)
+            .field("m_max", &self.m_max)
+            .finish()
+    }
+}
+
+/// One layer's `lambda_d [r]`, `lambda_b [m]` and optional bias `[m]` in device memory (f32).
+pub struct DeviceAdapter {
+    lambda_d: Buffer,
+    lambda_b: Buffer,
+    bias: Option<Buffer>,
+    r: usize,
+    m: usize,
+}
+
+impl DeviceAdapter {
+    /// The rank `r` (length of `lambda_d`).
+    pub fn rank(&self) -> usize {
+        self.r
+    }
+
+    /// The layer's `out_features` (length of `lambda_b`).
+    pub fn out_features(&self) -> usize {
+        self.m
+    }
+
+    /// Whether the adapter has a bias.
+    pub fn has_bias(&self) -> bool {
+        self.bias.is_some()
+    }
+}
+
+impl std::fmt::Debug for DeviceAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceAdapter").field("r", &self.r).field("m", &self.m).field("bias", &self.has_bias()).finish()
+    }
+}
+
+/// Whether rows at `addr`, `stride_bytes` apart, allow the kernels' 16-byte vector loads (1) or need
+/// their element-by-element path (0).
+fn vector_aligned(addr: u64, stride_bytes: usize) -> i32 {
+    i32::from(addr.is_multiple_of(16) && stride_bytes.is_multiple_of(16))
+}
+
+/// Kernel parameters are 32-bit: every size and stride must fit in an `i32`.
+fn to_i32(v: usize, what: &'static str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::SizeOverflow { what })
+}
+
+/// Rounds a row length up to a multiple of 8 elements (16 bytes for 16-bit types, 32 for f32).
+fn padded(len: usize) -> Result<usize> {
+    len.checked_next_multiple_of(8).ok_or(Error::SizeOverflow { what: "padded projection row" })
+}
+
+fn byte_len<T>(elements: usize, what: &'static str) -> Result<usize> {
+    elements.checked_mul(std::mem::size_of::<T>()).ok_or(Error::SizeOverflow { what })
+}
+
+impl CudaStream {
+    /// The device this stream belongs to.
+    pub fn device(&self) -> &CudaDevice {
+        &self.device
+    }
+
+    /// Waits until all work issued on this stream has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        match &self.kind {
+            #[cfg(feature = "cuda")]
+            StreamKind::Driver(s) => s.synchronize().map_err(buffer::driver("synchronize")),
+            #[cfg(feature = "cuda-emulation")]
+            StreamKind::Emulated => Ok(()),
+        }
+    }
+
+    /// Copies a host matrix to the device, keeping its row stride (the copy covers the rows' span).
+    pub fn upload<T: Element>(&self, m: MatRef<'_, T>) -> Result<DeviceMatrix<T>> {
+        let span = if m.rows() == 0 { 0 } else { (m.rows() - 1) * m.row_stride() + m.cols() };
+        let mut host = vec![T::default(); span];
+        for i in 0..m.rows() {
+            let start = i * m.row_stride();
+            host[start..start + m.cols()].copy_from_slice(m.row_unchecked(i));
+        }
+        let buf = Buffer::from_host(&self.kind, bytemuck::cast_slice(&host))?;
+        Ok(DeviceMatrix { buf, rows: m.rows(), cols: m.cols(), row_stride: m.row_stride(), _t: PhantomData })
+    }
+
+    /// A zero `rows × cols` matrix with rows `row_stride` elements apart (`row_stride >= cols`).
+    pub fn zeros<T: Element>(&self, rows: usize, cols: usize, row_stride: usize) -> Result<DeviceMatrix<T>> {
+        if row_stride < cols {
+            return Err(Error::StrideTooSmall { what: "device matrix", cols, row_stride });
+        }
+        let span = if rows == 0 {
+            0
+        } else {
+            (rows - 1)
+                .checked_mul(row_stride)
+                .and_then(|v| v.checked_add(cols))
+                .ok_or(Error::SizeOverflow { what: "device matrix extent" })?
+        };
+        let buf = Buffer::zeros(&self.kind, byte_len::<T>(span, "device matrix bytes")?)?;
+        Ok(DeviceMatrix { buf, rows, cols, row_stride, _t: PhantomData })
+    }
+
+    /// Copies a device matrix into a host matrix of the same shape (waits for the stream).
+    pub fn download<T: Element>(&self, m: &DeviceMatrix<T>, mut out: MatMut<'_, T>) -> Result<()> {
+        if [out.rows(), out.cols()] != [m.rows, m.cols] {
+            return Err(Error::ShapeMismatch {
+                what: "download destination (must match the device matrix)",
+                expected: [m.rows, m.cols],
+                actual: [out.rows(), out.cols()],
+            });
+        }
+        let mut host = vec![T::default(); m.span()];
+        m.buf.read(&self.kind, bytemuck::cast_slice_mut(&mut host))?;
+        for i in 0..m.rows {
+            let start = i * m.row_stride;
+            out.row_mut(i).expect("row < rows").copy_from_slice(&host[start..start + m.cols]);
+        }
+        Ok(())
+    }
+
+    /// A device matrix copied to a new dense host vector (`rows · cols`, row-major).
+    pub fn to_host<T: Element>(&self, m: &DeviceMatrix<T>) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); m.rows * m.cols];
+        self.download(m, MatMut::from_slice(&mut out, m.rows, m.cols)?)?;
+        Ok(out)
+    }
+
+    /// Copies and packs the shared projections to the device, once per model.
+    pub fn upload_projections<T: Element>(&self, p: &Projections<T>) -> Result<DeviceProjections<T>> {
+        let (r, n_max, m_max) = (p.rank(), p.n_max(), p.m_max());
+        let (lda, ldb) = (padded(n_max)?, padded(r)?);
+        for (v, what) in [(r, "rank"), (lda, "n_max"), (m_max, "m_max")] {
+            to_i32(v, what)?;
+        }
+        let pack = |src: MatRef<'_, T>, ld: usize| -> Result<Buffer> {
+            let mut host = vec![T::default(); src.rows() * ld];
+            for i in 0..src.rows() {
+                host[i * ld..i * ld + src.cols()].copy_from_slice(src.row_unchecked(i));
+            }
+            Buffer::from_host(&self.kind, bytemuck::cast_slice(&host))
+        };
+        Ok(DeviceProjections { a: pack(p.a(), lda)?, b: pack(p.b(), ldb)?, r, n_max, m_max, lda, ldb, _t: PhantomData })
+    }
+
+    /// Copies one layer's adapter (lambdas and bias, f32) to the device.
+    pub fn upload_adapter(&self, adapter: &Adapter) -> Result<DeviceAdapter> {
+        let up = |v: &[f32]| Buffer::from_host(&self.kind, bytemuck::cast_slice(v));
+        Ok(DeviceAdapter {
+            lambda_d: up(adapter.lambda_d())?,
+            lambda_b: up(adapter.lambda_b())?,
+            bias: adapter.bias().map(up).transpose()?,
+            r: adapter.rank(),
+            m: adapter.out_features(),
+        })
+    }
+
+    /// The fused VeRA forward pass on this stream: `y (+)= lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ) +
+    /// bias` with `x [T, n]`, `y [T, m]` and the layer's `A[:, :n]`, `B[:m, :]` sliced from
+    /// `projections`, as the CPU [`forward`](crate::forward) computes it. Asynchronous: the result is
+    /// in `y` once the stream has reached this point (see [`CudaStream::synchronize`]).
+    ///
+    /// Errors (checked before anything is launched): [`Error::LayerExceedsProjections`],
+    /// [`Error::RankMismatch`], [`Error::LengthMismatch`] and [`Error::ShapeMismatch`] as on the CPU;
+    /// [`Error::DeviceMismatch`] when a buffer belongs to another device; [`Error::SizeOverflow`]
+    /// when a size or stride does not fit the kernels' 32-bit indices; [`Error::Cuda`] when a launch
+    /// fails.
+    pub fn forward<T: Element>(
+        &self,
+        projections: &DeviceProjections<T>,
+        adapter: &DeviceAdapter,
+        x: &DeviceMatrix<T>,
+        y: &mut DeviceMatrix<T>,
+        mode: Mode,
+    ) -> Result<()> {
+        let (rows, n, m, r) = (x.rows, x.cols, y.cols, projections.r);
+        if n > projections.n_max {
+            return Err(Error::LayerExceedsProjections { what: "in_features", layer: n, max: projections.n_max });
+        }
+        if m > projections.m_max {
+            return Err(Error::LayerExceedsProjections { what: "out_features", layer: m, max: projections.m_max });
+        }
+        if adapter.r != r {
+            return Err(Error::RankMismatch { what: "lambda_d", expected: r, actual: adapter.r });
+        }
+        if adapter.m != m {
+            return Err(Error::LengthMismatch {
+                what: "lambda_b (must equal the layer's out_features)",
+                expected: m,
+                actual: adapter.m,
+            });
+        }
+        if y.rows != rows {
+            return Err(Error::ShapeMismatch {
+                what: "y (must be [T, out_features])",
+                expected: [rows, m],
+                actual: [y.rows, m],
+            });
+        }
+        let buffers: [(&Buffer, &'static str); 5] = [
+            (&projections.a, "projections"),
+            (&adapter.lambda_d, "adapter"),
+            (&x.buf, "x"),
+            (&y.buf, "y"),
+            (adapter.bias.as_ref().unwrap_or(&adapter.lambda_b), "adapter"),
+        ];
+        if let Some((_, what)) = buffers.iter().find(|(b, _)| !b.is_on(&self.kind)) {
+            return Err(Error::DeviceMismatch { what });
+        }
+        for (v, what) in [(rows, "rows of x"), (x.row_stride, "row stride of x"), (y.row_stride, "row stride of y")] {
+            to_i32(v, what)?;
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+
+        let plan = plan::plan(T::DTYPE, rows, n, r, m, self.device.multiprocessors());
+        let part_bytes = plan
+            .splits
+            .checked_mul(rows)
+            .and_then(|v| v.checked_mul(r))
+            .and_then(|v| v.checked_mul(4))
+            .ok_or(Error::SizeOverflow { what: "partial sums workspace" })?;
+        to_i32(part_bytes / 4, "partial sums workspace")?;
+        let mut workspace = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
+        if workspace.as_ref().is_none_or(|w| w.len() < part_bytes) {
+            *workspace = Some(Buffer::zeros(&self.kind, part_bytes)?);
+        }
+        let part = workspace.as_mut().expect("workspace allocated above");
+
+        let elem = std::mem::size_of::<T>();
+        let mut down = DownParams {
+            rows: rows as i32,
+            n: n as i32,
+            r: r as i32,
+            ldx: x.row_stride as i32,
+            lda: projections.lda as i32,
+            k_split: plan.k_split as i32,
+            x_aligned: 0,
+            ..Default::default()
+        };
+        let mut up = UpParams {
+            rows: rows as i32,
+            r: r as i32,
+            m: m as i32,
+            ldb: projections.ldb as i32,
+            ldy: y.row_stride as i32,
+            splits: plan.splits as i32,
+            accumulate: i32::from(mode == Mode::Accumulate),
+            ..Default::default()
+        };
+        match &self.kind {
+            #[cfg(feature = "cuda")]
+            StreamKind::Driver(stream) => {
+                // Refutable only when the emulated device is compiled in too.
+                #[allow(clippy::infallible_destructuring_match)]
+                let gpu = match &*self.device.inner {
+                    DeviceKind::Driver(gpu) => gpu,
+                    #[cfg(feature = "cuda-emulation")]
+                    DeviceKind::Emulated => return Err(Error::DeviceMismatch { what: "stream" }),
+                };
+                let bias = match &adapter.bias {
+                    Some(b) => Some(b.driver("adapter")?),
+                    None => None,
+                };
+                driver::forward(
+                    gpu,
+                    stream,
+                    &plan,
+                    &mut down,
+                    &mut up,
+                    driver::Operands {
+                        x: x.buf.driver("x")?,
+                        a: projections.a.driver("projections")?,
+                        b: projections.b.driver("projections")?,
+                        lambda_d: adapter.lambda_d.driver("adapter")?,
+                        lambda_b: adapter.lambda_b.driver("adapter")?,
+                        bias,
+                        part: part.driver_mut("workspace")?,
+                        y: y.buf.driver_mut("y")?,
+                    },
+                    elem,
+                )
+            }
+            #[cfg(feature = "cuda-emulation")]
+            StreamKind::Emulated => {
+                down.x = x.buf.host("x")?.address();
+                down.a = projections.a.host("projections")?.address();
+                down.x_aligned = vector_aligned(down.x, x.row_stride * elem);
+                up.b = projections.b.host("projections")?.address();
+                up.lambda_d = adapter.lambda_d.host("adapter")?.address();
+                up.lambda_b = adapter.lambda_b.host("adapter")?.address();
+                up.bias = match &adapter.bias {
+                    Some(b) => b.host("adapter")?.address(),
+                    None => 0,
+                };
+                down.part = part.host_mut("workspace")?.address_mut();
+                up.part = down.part;
+                up.y = y.buf.host_mut("y")?.address_mut();
+                // SAFETY: every address above comes from a buffer checked to be on this (host)
+                // device; x spans (rows-1)·ldx + n elements (built by `upload`/`zeros`), A and B
+                // hold r·lda and m_max·ldb elements with n ≤ n_max ≤ lda and m ≤ m_max (checked
+                // above), lambdas/bias hold r and m f32 (checked above), the workspace holds
+                // splits·rows·r f32 (grown above) and y spans (rows-1)·ldy + m elements.
+                unsafe {
+                    emulator::launch(&plan.down.kernel, plan.down.grid, plan.down.block, &mut down)?;
+                    emulator::launch(&plan.up.kernel, plan.up.grid, plan.up.block, &mut up)
+                }
+            }
+        }
+    }
+}
+
+impl CudaStream {
+    /// Measures this device's memory bandwidth with device-to-device copies of `bytes` bytes:
+    /// `2 · bytes` (read and write) per copy over the median copy time, in GB/s. The roofline that
+    /// `vera bench --device cuda --peak` holds decode cases against.
+    pub fn measure_copy_gbps(&self, bytes: usize) -> Result<f64> {
+        let bytes = bytes.max(1 << 20);
+        let src = Buffer::zeros(&self.kind, bytes)?;
+        let mut dst = Buffer::zeros(&self.kind, bytes)?;
+        let mut times = Vec::new();
+        for round in 0..12 {
+            self.synchronize()?;
+            let start = std::time::Instant::now();
+            src.copy_to(&mut dst, &self.kind)?;
+            self.synchronize()?;
+            // The first rounds warm the allocation and the clocks up.
+            if round >= 2 {
+                times.push(start.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(2.0 * bytes as f64 / times[times.len() / 2] / 1e9)
+    }
+}

@@ -1,0 +1,136 @@
+//! Which kernels a forward call launches, with what grid, and how the down-projection's k range is
+//! split: a pure function of the shapes, so that it is tested without a device.
+
+use crate::dtype::DType;
+
+/// Token rows up to which the decode (matrix-vector) kernels are used.
+pub(crate) const DECODE_MAX_ROWS: usize = 8;
+/// `u` rows × r that the decode up-projection keeps in shared memory (`UP_SMEM_FLOATS`).
+const DECODE_U_FLOATS: usize = 8192;
+/// Warps per block of the decode down-projection (`GEMV_WARPS`), one row of A each.
+const GEMV_WARPS: usize = 4;
+/// Warps and outputs per block of the decode up-projection (`UP_WARPS`, `UP_ROWS`).
+const UP_WARPS: usize = 8;
+const UP_ROWS: usize = 64;
+/// Tile of the prefill kernels (`BM` = `BN`) and the k granule of a split (`BK`).
+const TILE: usize = 64;
+const TILE_K: usize = 32;
+/// Down-projection warps (decode) or tiles (prefill) to aim for, per streaming multiprocessor, before
+/// the k range is split further.
+const WARPS_PER_SM: usize = 8;
+const TILES_PER_SM: usize = 2;
+
+/// One kernel launch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Launch {
+    pub kernel: String,
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+}
+
+/// The two launches of a forward call and the split of the down-projection's k range.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub down: Launch,
+    pub up: Launch,
+    /// Number of k splits (partial sums per u element).
+    pub splits: usize,
+    /// k elements per split.
+    pub k_split: usize,
+}
+
+fn grid_dim(v: usize) -> u32 {
+    // Shapes were checked to fit in i32 before planning, so every grid dimension fits in u32.
+    u32::try_from(v).expect("grid dimension checked by the caller")
+}
+
+/// `(splits, k_split)`: at least `want` splits' worth of parallelism over `n`, each split a multiple
+/// of `granule` and at least `min_len` long.
+fn split_k(n: usize, want: usize, granule: usize, min_len: usize) -> (usize, usize) {
+    let max_splits = n.div_ceil(min_len).max(1);
+    let splits = want.clamp(1, max_splits);
+    let k_split = n.div_ceil(splits).div_ceil(granule).max(1) * granule;
+    (n.div_ceil(k_split).max(1), k_split)
+}
+
+/// The plan for `rows` token rows of a layer `n → m` at rank `r` on a device with `sms`
+/// multiprocessors.
+pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms: usize) -> Plan {
+    let name = dtype.name();
+    let decode_tt = [1usize, 2, 4, 8].into_iter().find(|&tt| tt >= rows);
+    if let Some(tt) = decode_tt.filter(|&tt| rows <= DECODE_MAX_ROWS && tt * r <= DECODE_U_FLOATS) {
+        let lane_k = 32 * 16 / dtype.size_bytes();
+        let rows_of_a = r.div_ceil(GEMV_WARPS);
+        let want = (sms * WARPS_PER_SM).div_ceil(r);
+        let (splits, k_split) = split_k(n, want, lane_k, 2 * lane_k);
+        return Plan {
+            down: Launch {
+                kernel: format!("vera_down_gemv_t{tt}_{name}"),
+                grid: [grid_dim(rows_of_a), grid_dim(splits), 1],
+                block: [32 * GEMV_WARPS as u32, 1, 1],
+            },
+            up: Launch {
+                kernel: format!("vera_up_gemv_t{tt}_{name}"),
+                grid: [grid_dim(m.div_ceil(UP_ROWS)), 1, 1],
+                block: [32 * UP_WARPS as u32, 1, 1],
+            },
+            splits,
+            k_split,
+        };
+    }
+    let threads = if dtype == DType::F32 { 256 } else { 128 };
+    let tiles = rows.div_ceil(TILE) * r.div_ceil(TILE);
+    let want = (sms * TILES_PER_SM).div_ceil(tiles);
+    let (splits, k_split) = split_k(n, want, TILE_K, 8 * TILE_K);
+    Plan {
+        down: Launch {
+            kernel: format!("vera_down_tile_{name}"),
+            grid: [grid_dim(rows.div_ceil(TILE)), grid_dim(r.div_ceil(TILE)), grid_dim(splits)],
+            block: [threads, 1, 1],
+        },
+        up: Launch {
+            kernel: format!("vera_up_tile_{name}"),
+            grid: [grid_dim(rows.div_ceil(TILE)), grid_dim(m.div_ceil(TILE)), 1],
+            block: [threads, 1, 1],
+        },
+        splits,
+        k_split,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_cover_k_exactly_once() {
+        for n in [0, 1, 7, 255, 256, 257, 4096, 11008] {
+            for want in [1, 2, 3, 64, 1000] {
+                let (splits, k_split) = split_k(n, want, 32, 256);
+                assert!(splits >= 1 && k_split % 32 == 0 && k_split >= 32, "n {n} want {want}");
+                assert!(splits * k_split >= n, "splits must cover k: n {n} want {want}");
+                assert!((splits - 1) * k_split < n.max(1), "no empty split: n {n} want {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn decode_and_prefill_are_chosen_by_rows_and_shared_memory() {
+        let p = plan(DType::BF16, 1, 4096, 256, 4096, 132);
+        assert_eq!(p.down.kernel, "vera_down_gemv_t1_bf16");
+        assert_eq!(p.up.kernel, "vera_up_gemv_t1_bf16");
+        // 256 rows of A over 4 warps per block. 8 warps per SM want ⌈1056 / 256⌉ = 5 splits of
+        // 820; rounded up to the 256-element lane step that is 4 splits of 1024.
+        assert_eq!(p.down.grid, [64, 4, 1]);
+        assert_eq!((p.splits, p.k_split), (4, 1024));
+        let p = plan(DType::F16, 5, 100, 40, 70, 132);
+        assert_eq!(p.down.kernel, "vera_down_gemv_t8_f16");
+        // u would not fit in shared memory: 8 rows x 1025 > 8192.
+        assert_eq!(plan(DType::F32, 8, 64, 1025, 64, 132).down.kernel, "vera_down_tile_f32");
+        let p = plan(DType::BF16, 512, 4096, 256, 4096, 132);
+        assert_eq!(p.down.kernel, "vera_down_tile_bf16");
+        assert_eq!(p.up.grid, [8, 64, 1]);
+        assert_eq!(p.down.grid, [8, 4, p.splits as u32]);
+        assert!(p.splits > 1 && p.k_split * p.splits >= 4096);
+    }
+}
