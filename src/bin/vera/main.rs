@@ -7,6 +7,8 @@
 //! run a module's adapter on inputs from a safetensors file, merge its ΔW into a weight.
 
 mod bench;
+#[cfg(feature = "cuda")]
+mod bench_cuda;
 mod cmd_peft;
 mod peak;
 mod workload;
@@ -63,6 +65,9 @@ struct BenchArgs {
     /// Minimum time spent measuring each method of each case, in milliseconds.
     #[arg(long, default_value_t = 300)]
     budget_ms: u64,
+    /// Where to run: `cpu` (default), or `cuda` (GPU 0; needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -70,6 +75,9 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
 }
 
 fn bench(args: BenchArgs) -> Result<(), String> {
+    if args.device == "cuda" {
+        return bench_cuda(args);
+    }
     if let Ok(v) = std::env::var("VERA_KERNELS_ISA") {
         v.parse::<vera_kernels::Isa>().map_err(|e| format!("VERA_KERNELS_ISA: {e}"))?;
     }
@@ -112,6 +120,49 @@ fn bench(args: BenchArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `vera bench --device cuda`: the fused forward on GPU 0 (no dense or unfused peer there; compare
+/// with `benches/peers/torch_vera.py --device cuda`).
+#[cfg(feature = "cuda")]
+fn bench_cuda(args: BenchArgs) -> Result<(), String> {
+    let device = vera_kernels::cuda::CudaDevice::new(0).map_err(|e| e.to_string())?;
+    let shapes = if args.shapes.is_empty() { DEFAULT_SUITE.to_vec() } else { args.shapes };
+    let dtypes = if args.dtypes.is_empty() { vec![DType::F32, DType::F16, DType::BF16] } else { args.dtypes };
+    let budget = Duration::from_millis(args.budget_ms);
+    let copy_gbps = if args.peak {
+        let gbps = device.stream().measure_copy_gbps(1 << 30).map_err(|e| e.to_string())?;
+        let line = format!("peak ({}): device-to-device copy {gbps:.0} GB/s (1 GiB, read + write)", device.name());
+        if args.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+        Some(gbps)
+    } else {
+        None
+    };
+    if !args.json {
+        println!("device: {}", device.name());
+        println!("{}", bench_cuda::table_header());
+    }
+    for dtype in dtypes {
+        for &shape in &shapes {
+            let row =
+                bench_cuda::run(&device, shape, dtype, budget).map_err(|e| format!("case {shape} ({dtype}): {e}"))?;
+            if args.json {
+                println!("{}", row.json());
+            } else {
+                println!("{}", row.table_row(copy_gbps));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_cuda(_args: BenchArgs) -> Result<(), String> {
+    Err("--device cuda: this vera was built without the `cuda` feature (cargo build --release --features cuda)".into())
 }
 
 fn main() -> ExitCode {
