@@ -70,28 +70,33 @@ __device__ __forceinline__ void load16_f32(const T* p, int valid, bool aligned, 
 // Parameter blocks, passed by value as the kernels' only argument. Pointers are device addresses
 // (64-bit); all pointer fields come first so that the layout has no padding on either side.
 
-// Down-projection partial sums: part[s][t][j] = sum over split s's k range of x[t][k] * a[j][k],
-// for t < rows, j < r; split s covers k in [s * k_split, min(n, (s + 1) * k_split)).
+// The down-projection and lambda_d: u[t][j] = lambda_d[j] * sum_k x[t][k] * a[j][k], for t < rows,
+// j < r. With splits > 1 the k range is split over blocks (split s covers
+// [s * k_split, min(n, (s + 1) * k_split))): each block writes its partial sums to part[s][t][j],
+// and the last block of a group of outputs to finish (counted in counters[group], which it resets
+// to zero) sums the splits in split order, so u does not depend on which block finished last.
 struct DownParams {
-    const void* x;     // [rows, n], row stride ldx
-    const void* a;     // [r, n] (the layer's slice of the packed A), row stride lda (multiple of 8)
-    float* part;       // [splits, rows, r], dense
+    const void* x;         // [rows, n], row stride ldx
+    const void* a;         // [r, n] (the layer's slice of the packed A), row stride lda (multiple of 8)
+    const float* lambda_d; // [r]
+    void* u;               // [rows, r], row stride ldu: f32 from the GEMV kernels, the dtype from the tile kernels
+    float* part;           // [splits, rows, r], dense (unused when splits == 1)
+    unsigned* counters;    // one per output group, zero between calls (unused when splits == 1)
     int rows, n, r, ldx;
-    int lda, k_split;
-    int x_aligned;     // x and ldx allow 16-byte loads
+    int lda, k_split, splits, ldu;
+    int x_aligned;         // x and ldx allow 16-byte loads
     int pad_;
 };
 
-// Up-projection with the epilogue: u[t][j] = lambda_d[j] * sum_s part[s][t][j] (splits summed in
-// order), y[t][i] = (accumulate ? y[t][i] : 0) + lambda_b[i] * sum_j u[t][j] * b[i][j] + bias[i].
+// The up-projection with the epilogue fused:
+// y[t][i] = (accumulate ? y[t][i] : 0) + lambda_b[i] * sum_j u[t][j] * b[i][j] + bias[i].
 struct UpParams {
-    const float* part;     // [splits, rows, r]
-    const float* lambda_d; // [r]
+    const void* u;         // [rows, r], row stride ldu (as DownParams::u)
     const void* b;         // [m, r] (the layer's slice of the packed B), row stride ldb (multiple of 8)
     const float* lambda_b; // [m]
     const float* bias;     // [m] or null
     void* y;               // [rows, m], row stride ldy
     int rows, r, m, ldb;
-    int ldy, splits, accumulate;
+    int ldu, ldy, accumulate;
     int pad_;
 };

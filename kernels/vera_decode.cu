@@ -3,9 +3,10 @@
 // of A (or B) with 16-byte loads and keeps the TT token rows' sums in registers; TT is a template
 // parameter so that the sums stay in registers (TT = 1, 2, 4, 8; rows past `rows` are skipped).
 //
-//   vera_down_gemv_t<TT>_<dtype>: part[s][t][j] = x[t, ks] · A[j, ks] over split s's k range ks.
-//   vera_up_gemv_t<TT>_<dtype>:   y[t][i] (+)= lambda_b[i] · (u[t] · B[i]) + bias[i], with u from
-//                                 the partials (summed in split order, times lambda_d) kept in
+//   vera_down_gemv_t<TT>_<dtype>: u[t][j] = lambda_d[j] · (x[t] · A[j]) in f32, the k range split
+//                                 over blocks when A has too few rows to fill the GPU (the last
+//                                 block of a row group sums the splits, in order).
+//   vera_up_gemv_t<TT>_<dtype>:   y[t][i] (+)= lambda_b[i] · (u[t] · B[i]) + bias[i], with u in
 //                                 shared memory for the whole block.
 #include "common.cuh"
 
@@ -15,49 +16,68 @@ constexpr int UP_ROWS = 64;            // rows of B (outputs) per block of the u
 constexpr int UP_SMEM_FLOATS = 8192;   // u in shared memory: TT * r <= 8192 (32 KiB), checked by the host
 
 // Grid: (ceil(r / GEMV_WARPS), splits). Block: 32 * GEMV_WARPS. k_split is a multiple of 32 * N.
+// u is f32. A block's GEMV_WARPS rows of A are one counter group.
 template <typename T, int TT> __device__ void down_gemv(const DownParams& p) {
     constexpr int N = Vec16<T>::N;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int j = blockIdx.x * GEMV_WARPS + warp;
-    if (j >= p.r) return;  // the whole warp leaves together; no block barrier follows
-    const T* x = static_cast<const T*>(p.x);
-    const T* a = static_cast<const T*>(p.a) + (size_t)j * p.lda;
-    const int k_begin = blockIdx.y * p.k_split;
-    const int k_end = min(p.n, k_begin + p.k_split);
-
-    float acc[TT];
+    const int rows = min(p.rows, TT);
+    float* u = static_cast<float*>(p.u);
+    float sum[TT] = {};
+    if (j < p.r) {  // warp-uniform: the block's barriers below are reached by every thread
+        const T* x = static_cast<const T*>(p.x);
+        const T* a = static_cast<const T*>(p.a) + (size_t)j * p.lda;
+        const int k_begin = blockIdx.y * p.k_split;
+        const int k_end = min(p.n, k_begin + p.k_split);
+        float acc[TT];
 #pragma unroll
-    for (int t = 0; t < TT; ++t) acc[t] = 0.0f;
-    for (int k = k_begin + lane * N; k < k_end; k += 32 * N) {
-        float av[N];
-        // A's rows start 16-byte aligned (lda is a multiple of 8 elements) and k is a multiple of N.
-        load16_f32(a + k, k_end - k, true, av);
+        for (int t = 0; t < TT; ++t) acc[t] = 0.0f;
+        for (int k = k_begin + lane * N; k < k_end; k += 32 * N) {
+            float av[N];
+            // A's rows start 16-byte aligned (lda is a multiple of 8 elements), k is a multiple of N.
+            load16_f32(a + k, k_end - k, true, av);
 #pragma unroll
-        for (int t = 0; t < TT; ++t) {
-            if (t < p.rows) {
-                float xv[N];
-                load16_f32(x + (size_t)t * p.ldx + k, k_end - k, p.x_aligned != 0, xv);
+            for (int t = 0; t < TT; ++t) {
+                if (t < rows) {
+                    float xv[N];
+                    load16_f32(x + (size_t)t * p.ldx + k, k_end - k, p.x_aligned != 0, xv);
 #pragma unroll
-                for (int e = 0; e < N; ++e) acc[t] = fmaf(xv[e], av[e], acc[t]);
+                    for (int e = 0; e < N; ++e) acc[t] = fmaf(xv[e], av[e], acc[t]);
+                }
             }
         }
-    }
 #pragma unroll
-    for (int t = 0; t < TT; ++t) {
-        const float sum = warp_sum(acc[t]);
-        if (lane == 0 && t < p.rows) p.part[((size_t)blockIdx.y * p.rows + t) * p.r + j] = sum;
+        for (int t = 0; t < TT; ++t) sum[t] = warp_sum(acc[t]);
+    }
+    if (p.splits == 1) {
+        if (j < p.r && lane == 0)
+#pragma unroll
+            for (int t = 0; t < TT; ++t)
+                if (t < rows) u[(size_t)t * p.ldu + j] = p.lambda_d[j] * (0.0f + sum[t]);
+        return;
+    }
+    if (j < p.r && lane == 0)
+#pragma unroll
+        for (int t = 0; t < TT; ++t)
+            if (t < rows) p.part[((size_t)blockIdx.y * p.rows + t) * p.r + j] = sum[t];
+    if (completes_group(p, blockIdx.x)) {
+        for (int e = threadIdx.x; e < GEMV_WARPS * rows; e += blockDim.x) {
+            const int jj = blockIdx.x * GEMV_WARPS + e % GEMV_WARPS, t = e / GEMV_WARPS;
+            if (jj < p.r) u[(size_t)t * p.ldu + jj] = reduce_splits(p, t, jj);
+        }
     }
 }
 
-// Grid: ceil(m / UP_ROWS). Block: 32 * UP_WARPS.
+// Grid: ceil(m / UP_ROWS). Block: 32 * UP_WARPS. u is f32.
 template <typename T, int TT> __device__ void up_gemv(const UpParams& p) {
     constexpr int N = Vec16<T>::N;
     __shared__ __align__(16) float u[UP_SMEM_FLOATS];
     const int rows = min(p.rows, TT);
+    const float* u_global = static_cast<const float*>(p.u);
     for (int idx = threadIdx.x; idx < rows * p.r; idx += blockDim.x) {
         const int t = idx / p.r, j = idx % p.r;
-        u[t * p.r + j] = u_value(p, t, j);
+        u[t * p.r + j] = u_global[(size_t)t * p.ldu + j];
     }
     __syncthreads();
 

@@ -4,10 +4,11 @@
 // thread). Both products read K-contiguous rows on both sides (x and A for the down-projection,
 // u and B for the up-projection), so one tile loop serves both.
 //
-//   vera_down_tile_<dtype>: part[s][t][j] for a 64x64 tile of (t, j) over split s's k range.
-//   vera_up_tile_<dtype>:   y tile (64 token rows x 64 outputs) with the fused epilogue; u is
-//                           rebuilt from the partials (split order, times lambda_d) as the tile's
-//                           left operand, rounded to the dtype like PEFT's activations are.
+//   vera_down_tile_<dtype>: a 64x64 tile of u = lambda_d ⊙ (x·Aᵀ), stored in the dtype (rounded
+//                           like PEFT's activations); the k range is split over blocks when there
+//                           are too few tiles to fill the GPU (the last block of a tile sums the
+//                           splits, in order).
+//   vera_up_tile_<dtype>:   a 64x64 tile of y = u·Bᵀ with lambda_b, bias and the base add fused.
 #include "common.cuh"
 #include "ptx.cuh"
 
@@ -40,16 +41,6 @@ __device__ __forceinline__ void load_rows(T (*dst)[SK], const T* src, int ld, in
 #pragma unroll
             for (int e = 0; e < N; ++e) d[e] = e < valid ? src[(size_t)row * ld + k + e] : from_f32<T>(0.0f);
         }
-    }
-}
-
-// u rows [row0, row0 + 64), columns [k0, k0 + BK) from the partials.
-template <typename T>
-__device__ __forceinline__ void load_u(T (*dst)[SK], const UpParams& p, int row0, int k0) {
-    for (int e = threadIdx.x; e < BM * BK; e += MMA_THREADS) {
-        const int rr = e / BK, kk = e % BK;
-        const int t = row0 + rr, j = k0 + kk;
-        dst[rr][kk] = from_f32<T>(t < p.rows && j < p.r ? u_value(p, t, j) : 0.0f);
     }
 }
 
@@ -125,6 +116,32 @@ template <typename F> __device__ __forceinline__ void for_each_acc(const float (
                 f(warp_m + mi * 16 + gid + (c / 2) * 8, warp_n + ni * 8 + tig * 2 + (c % 2), acc[mi][ni][c]);
 }
 
+// Stores a finished tile of u: directly when k is not split, else as this split's partials, and
+// the block that completes the tile sums all splits. `each(f)` calls f(row, col, value) for this
+// thread's accumulators (tile coordinates).
+template <typename TU, typename Each>
+__device__ __forceinline__ void store_u_tile(const DownParams& p, int row0, int col0, Each each) {
+    TU* u = static_cast<TU*>(p.u);
+    if (p.splits == 1) {
+        each([&](int rr, int cc, float v) {
+            const int t = row0 + rr, j = col0 + cc;
+            if (t < p.rows && j < p.r) u[(size_t)t * p.ldu + j] = from_f32<TU>(p.lambda_d[j] * (0.0f + v));
+        });
+        return;
+    }
+    float* part = p.part + (size_t)blockIdx.z * p.rows * p.r;
+    each([&](int rr, int cc, float v) {
+        const int t = row0 + rr, j = col0 + cc;
+        if (t < p.rows && j < p.r) part[(size_t)t * p.r + j] = v;
+    });
+    if (completes_group(p, blockIdx.x + gridDim.x * blockIdx.y)) {
+        for (int e = threadIdx.x; e < BM * BN; e += blockDim.x) {
+            const int t = row0 + e / BN, j = col0 + e % BN;
+            if (t < p.rows && j < p.r) u[(size_t)t * p.ldu + j] = from_f32<TU>(reduce_splits(p, t, j));
+        }
+    }
+}
+
 // Grid: (ceil(rows / BM), ceil(r / BN), splits). Block: MMA_THREADS. k_split is a multiple of BK.
 template <typename T> __device__ void down_mma(const DownParams& p) {
     __shared__ MmaSmem<T> sm;
@@ -137,11 +154,7 @@ template <typename T> __device__ void down_mma(const DownParams& p) {
         sm, k_begin, k_end,
         [&](T (*dst)[SK], int k0) { load_rows(dst, x, p.ldx, row0, p.rows, k0, k_end, p.x_aligned != 0); },
         [&](T (*dst)[SK], int k0) { load_rows(dst, a, p.lda, col0, p.r, k0, k_end, true); }, acc);
-    float* part = p.part + (size_t)blockIdx.z * p.rows * p.r;
-    for_each_acc(acc, [&](int rr, int cc, float v) {
-        const int t = row0 + rr, j = col0 + cc;
-        if (t < p.rows && j < p.r) part[(size_t)t * p.r + j] = v;
-    });
+    store_u_tile<T>(p, row0, col0, [&](auto f) { for_each_acc(acc, f); });
 }
 
 // Grid: (ceil(rows / BM), ceil(m / BN)). Block: MMA_THREADS.
@@ -150,8 +163,9 @@ template <typename T> __device__ void up_mma(const UpParams& p) {
     const int row0 = blockIdx.x * BM, col0 = blockIdx.y * BN;
     const T* b = static_cast<const T*>(p.b);
     float acc[2][4][4] = {};
+    const T* u = static_cast<const T*>(p.u);
     mma_tile<T>(
-        sm, 0, p.r, [&](T (*dst)[SK], int k0) { load_u(dst, p, row0, k0); },
+        sm, 0, p.r, [&](T (*dst)[SK], int k0) { load_rows(dst, u, p.ldu, row0, p.rows, k0, p.r, true); },
         [&](T (*dst)[SK], int k0) { load_rows(dst, b, p.ldb, col0, p.m, k0, p.r, true); }, acc);
     for_each_acc(acc, [&](int rr, int cc, float v) {
         const int t = row0 + rr, i = col0 + cc;
@@ -166,13 +180,13 @@ template <typename T> __device__ void up_mma(const UpParams& p) {
 constexpr int FBK = 16;
 constexpr int SIMT_THREADS = 256;
 
-// get_a(t, k) / get_b(col, k) return the operands (zero outside); emit(t, col, value) stores.
-template <typename GetA, typename GetB, typename Emit>
-__device__ __forceinline__ void simt_tile(int k_begin, int k_end, GetA get_a, GetB get_b, Emit emit) {
+// get_a(t, k) / get_b(col, k) return the operands (zero outside); calls emit(t, col, value) for
+// each of this thread's 16 outputs.
+template <typename GetA, typename GetB>
+__device__ __forceinline__ void simt_tile(int k_begin, int k_end, GetA get_a, GetB get_b, float (&acc)[4][4]) {
     __shared__ float sa[FBK][BM + 4];
     __shared__ float sb[FBK][BN + 4];
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    float acc[4][4] = {};
     for (int k0 = k_begin; k0 < k_end; k0 += FBK) {
         for (int e = threadIdx.x; e < BM * FBK; e += SIMT_THREADS) {
             const int rr = e / FBK, kk = e % FBK;
@@ -196,10 +210,15 @@ __device__ __forceinline__ void simt_tile(int k_begin, int k_end, GetA get_a, Ge
         }
         __syncthreads();
     }
+}
+
+// Calls f(row, col, value) for each of this thread's SIMT accumulators (tile coordinates).
+template <typename F> __device__ __forceinline__ void for_each_simt_acc(const float (&acc)[4][4], F f) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int jj = 0; jj < 4; ++jj) emit(ty + 16 * i, tx + 16 * jj, acc[i][jj]);
+        for (int jj = 0; jj < 4; ++jj) f(ty + 16 * i, tx + 16 * jj, acc[i][jj]);
 }
 
 __device__ void down_simt(const DownParams& p) {
@@ -207,25 +226,25 @@ __device__ void down_simt(const DownParams& p) {
     const int k_begin = blockIdx.z * p.k_split, k_end = min(p.n, k_begin + p.k_split);
     const float* x = static_cast<const float*>(p.x);
     const float* a = static_cast<const float*>(p.a);
-    float* part = p.part + (size_t)blockIdx.z * p.rows * p.r;
+    float acc[4][4] = {};
     simt_tile(
         k_begin, k_end,
         [&](int rr, int k) { return row0 + rr < p.rows ? x[(size_t)(row0 + rr) * p.ldx + k] : 0.0f; },
-        [&](int cc, int k) { return col0 + cc < p.r ? a[(size_t)(col0 + cc) * p.lda + k] : 0.0f; },
-        [&](int rr, int cc, float v) {
-            if (row0 + rr < p.rows && col0 + cc < p.r) part[(size_t)(row0 + rr) * p.r + col0 + cc] = v;
-        });
+        [&](int cc, int k) { return col0 + cc < p.r ? a[(size_t)(col0 + cc) * p.lda + k] : 0.0f; }, acc);
+    store_u_tile<float>(p, row0, col0, [&](auto f) { for_each_simt_acc(acc, f); });
 }
 
 __device__ void up_simt(const UpParams& p) {
     const int row0 = blockIdx.x * BM, col0 = blockIdx.y * BN;
+    const float* u = static_cast<const float*>(p.u);
     const float* b = static_cast<const float*>(p.b);
+    float acc[4][4] = {};
     simt_tile(
-        0, p.r, [&](int rr, int j) { return row0 + rr < p.rows ? u_value(p, row0 + rr, j) : 0.0f; },
-        [&](int cc, int j) { return col0 + cc < p.m ? b[(size_t)(col0 + cc) * p.ldb + j] : 0.0f; },
-        [&](int rr, int cc, float v) {
-            if (row0 + rr < p.rows && col0 + cc < p.m) store_output<float>(p, row0 + rr, col0 + cc, v);
-        });
+        0, p.r, [&](int rr, int j) { return row0 + rr < p.rows ? u[(size_t)(row0 + rr) * p.ldu + j] : 0.0f; },
+        [&](int cc, int j) { return col0 + cc < p.m ? b[(size_t)(col0 + cc) * p.ldb + j] : 0.0f; }, acc);
+    for_each_simt_acc(acc, [&](int rr, int cc, float v) {
+        if (row0 + rr < p.rows && col0 + cc < p.m) store_output<float>(p, row0 + rr, col0 + cc, v);
+    });
 }
 
 #define VERA_TILE_KERNELS(NAME, THREADS, DOWN, UP)                                                     \

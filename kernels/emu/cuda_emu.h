@@ -490,6 +490,11 @@ template <typename T>
 inline T __ldg(const T* p) {
     return *p;
 }
+// Loads that bypass L1 (for data other blocks wrote): one level of memory here.
+template <typename T>
+inline T __ldcg(const T* p) {
+    return *p;
+}
 inline float __fmaf_rn(float a, float b, float c) { return ::fmaf(a, b, c); }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }

@@ -112,6 +112,8 @@ pub(crate) struct Operands<'a> {
     pub lambda_b: &'a CudaSlice<u8>,
     pub bias: Option<&'a CudaSlice<u8>>,
     pub part: &'a mut CudaSlice<u8>,
+    pub u: &'a mut CudaSlice<u8>,
+    pub counters: &'a mut CudaSlice<u8>,
     pub y: &'a mut CudaSlice<u8>,
 }
 
@@ -134,13 +136,17 @@ pub(crate) fn forward(
     let (lambda_b, _gl) = ops.lambda_b.device_ptr(stream);
     let bias = ops.bias.map(|s| s.device_ptr(stream));
     let (part, _gp) = ops.part.device_ptr_mut(stream);
+    let (u, _gu) = ops.u.device_ptr_mut(stream);
+    let (counters, _gc) = ops.counters.device_ptr_mut(stream);
     let (y, _gy) = ops.y.device_ptr_mut(stream);
     down.x = x;
     down.a = a;
+    down.lambda_d = lambda_d;
+    down.u = u;
     down.part = part;
+    down.counters = counters;
     down.x_aligned = super::vector_aligned(x, down.ldx as usize * elem);
-    up.part = part;
-    up.lambda_d = lambda_d;
+    up.u = u;
     up.b = b;
     up.lambda_b = lambda_b;
     up.bias = bias.as_ref().map_or(0, |(p, _)| *p);

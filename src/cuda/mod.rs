@@ -138,7 +138,7 @@ impl CudaDevice {
             #[cfg(feature = "cuda-emulation")]
             DeviceKind::Emulated => StreamKind::Emulated,
         };
-        CudaStream { device: self.clone(), kind, workspace: Mutex::new(None) }
+        CudaStream { device: self.clone(), kind, workspace: Mutex::new(Workspace::default()) }
     }
 
     /// A new stream on this device (work on different streams may overlap).
@@ -149,7 +149,7 @@ impl CudaDevice {
             #[cfg(feature = "cuda-emulation")]
             DeviceKind::Emulated => StreamKind::Emulated,
         };
-        Ok(CudaStream { device: self.clone(), kind, workspace: Mutex::new(None) })
+        Ok(CudaStream { device: self.clone(), kind, workspace: Mutex::new(Workspace::default()) })
     }
 
     fn multiprocessors(&self) -> usize {
@@ -165,13 +165,13 @@ impl CudaDevice {
 /// A stream of work on a [`CudaDevice`]. Calls on one stream run in order; results are ready on the
 /// host after [`CudaStream::synchronize`] or any download.
 ///
-/// Each stream keeps one reusable workspace for the down-projection's partial sums
-/// (`splits · T · r` f32, grown on demand), so forward calls do not allocate once it is large
-/// enough.
+/// Each stream keeps one reusable workspace (`u`, `T · r` elements; the down-projection's split
+/// partial sums, `splits · T · r` f32; a few counters), grown on demand, so forward calls do not
+/// allocate once it is large enough.
 pub struct CudaStream {
     device: CudaDevice,
     kind: StreamKind,
-    workspace: Mutex<Option<Buffer>>,
+    workspace: Mutex<Workspace>,
 }
 
 impl std::fmt::Debug for CudaStream {
@@ -476,20 +476,22 @@ impl CudaStream {
         }
 
         let plan = plan::plan(T::DTYPE, rows, n, r, m, self.device.multiprocessors());
-        let part_bytes = plan
-            .splits
-            .checked_mul(rows)
-            .and_then(|v| v.checked_mul(r))
-            .and_then(|v| v.checked_mul(4))
-            .ok_or(Error::SizeOverflow { what: "partial sums workspace" })?;
-        to_i32(part_bytes / 4, "partial sums workspace")?;
-        let mut workspace = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
-        if workspace.as_ref().is_none_or(|w| w.len() < part_bytes) {
-            *workspace = Some(Buffer::zeros(&self.kind, part_bytes)?);
-        }
-        let part = workspace.as_mut().expect("workspace allocated above");
-
         let elem = std::mem::size_of::<T>();
+        let bytes = |elements: Option<usize>, size: usize, what: &'static str| -> Result<usize> {
+            let elements = elements.ok_or(Error::SizeOverflow { what })?;
+            to_i32(elements, what)?;
+            elements.checked_mul(size).ok_or(Error::SizeOverflow { what })
+        };
+        let part_bytes = bytes(plan.splits.checked_mul(rows).and_then(|v| v.checked_mul(r)), 4, "partial sums")?;
+        let u_bytes = bytes(rows.checked_mul(plan.ldu), if plan.u_f32 { 4 } else { elem }, "u")?;
+        let counter_bytes = bytes(Some(plan.groups), 4, "split counters")?;
+
+        let mut workspace = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
+        let Workspace { part, u, counters } = &mut *workspace;
+        let part = Workspace::grow(part, &self.kind, part_bytes)?;
+        let u = Workspace::grow(u, &self.kind, u_bytes)?;
+        let counter_buf = Workspace::grow(counters, &self.kind, counter_bytes)?;
+
         let mut down = DownParams {
             rows: rows as i32,
             n: n as i32,
@@ -497,7 +499,8 @@ impl CudaStream {
             ldx: x.row_stride as i32,
             lda: projections.lda as i32,
             k_split: plan.k_split as i32,
-            x_aligned: 0,
+            splits: plan.splits as i32,
+            ldu: plan.ldu as i32,
             ..Default::default()
         };
         let mut up = UpParams {
@@ -505,12 +508,12 @@ impl CudaStream {
             r: r as i32,
             m: m as i32,
             ldb: projections.ldb as i32,
+            ldu: plan.ldu as i32,
             ldy: y.row_stride as i32,
-            splits: plan.splits as i32,
             accumulate: i32::from(mode == Mode::Accumulate),
             ..Default::default()
         };
-        match &self.kind {
+        let launched = match &self.kind {
             #[cfg(feature = "cuda")]
             StreamKind::Driver(stream) => {
                 // Refutable only when the emulated device is compiled in too.
@@ -538,6 +541,8 @@ impl CudaStream {
                         lambda_b: adapter.lambda_b.driver("adapter")?,
                         bias,
                         part: part.driver_mut("workspace")?,
+                        u: u.driver_mut("workspace")?,
+                        counters: counter_buf.driver_mut("workspace")?,
                         y: y.buf.driver_mut("y")?,
                     },
                     elem,
@@ -547,28 +552,54 @@ impl CudaStream {
             StreamKind::Emulated => {
                 down.x = x.buf.host("x")?.address();
                 down.a = projections.a.host("projections")?.address();
+                down.lambda_d = adapter.lambda_d.host("adapter")?.address();
                 down.x_aligned = vector_aligned(down.x, x.row_stride * elem);
+                down.part = part.host_mut("workspace")?.address_mut();
+                down.u = u.host_mut("workspace")?.address_mut();
+                down.counters = counter_buf.host_mut("workspace")?.address_mut();
+                up.u = down.u;
                 up.b = projections.b.host("projections")?.address();
-                up.lambda_d = adapter.lambda_d.host("adapter")?.address();
                 up.lambda_b = adapter.lambda_b.host("adapter")?.address();
                 up.bias = match &adapter.bias {
                     Some(b) => b.host("adapter")?.address(),
                     None => 0,
                 };
-                down.part = part.host_mut("workspace")?.address_mut();
-                up.part = down.part;
                 up.y = y.buf.host_mut("y")?.address_mut();
                 // SAFETY: every address above comes from a buffer checked to be on this (host)
                 // device; x spans (rows-1)·ldx + n elements (built by `upload`/`zeros`), A and B
                 // hold r·lda and m_max·ldb elements with n ≤ n_max ≤ lda and m ≤ m_max (checked
                 // above), lambdas/bias hold r and m f32 (checked above), the workspace holds
-                // splits·rows·r f32 (grown above) and y spans (rows-1)·ldy + m elements.
+                // splits·rows·r f32 partials, rows·ldu elements of u and one counter per group
+                // (grown above), and y spans (rows-1)·ldy + m elements.
                 unsafe {
-                    emulator::launch(&plan.down.kernel, plan.down.grid, plan.down.block, &mut down)?;
-                    emulator::launch(&plan.up.kernel, plan.up.grid, plan.up.block, &mut up)
+                    emulator::launch(&plan.down.kernel, plan.down.grid, plan.down.block, &mut down)
+                        .and_then(|()| emulator::launch(&plan.up.kernel, plan.up.grid, plan.up.block, &mut up))
                 }
             }
+        };
+        if launched.is_err() {
+            // A failed launch may leave split counters mid-count: start the next call from zeros.
+            *counters = None;
         }
+        launched
+    }
+}
+
+/// A stream's reusable scratch: the down-projection's split partial sums, u, and the split
+/// counters (zero between calls). Each grows on demand and is then reused.
+#[derive(Default)]
+struct Workspace {
+    part: Option<Buffer>,
+    u: Option<Buffer>,
+    counters: Option<Buffer>,
+}
+
+impl Workspace {
+    fn grow<'a>(slot: &'a mut Option<Buffer>, kind: &StreamKind, bytes: usize) -> Result<&'a mut Buffer> {
+        if slot.as_ref().is_none_or(|b| b.len() < bytes) {
+            *slot = Some(Buffer::zeros(kind, bytes)?);
+        }
+        Ok(slot.as_mut().expect("allocated above"))
     }
 }
 

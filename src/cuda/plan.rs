@@ -37,6 +37,13 @@ pub(crate) struct Plan {
     pub splits: usize,
     /// k elements per split.
     pub k_split: usize,
+    /// Counter groups of the down-projection (blocks that share outputs across splits).
+    pub groups: usize,
+    /// Whether u is kept in f32 (the decode kernels) rather than in the dtype (the tile kernels).
+    pub u_f32: bool,
+    /// Row stride of u, in elements: r, or r rounded up to 8 so that the tile kernels' 16-byte
+    /// loads of u rows stay aligned.
+    pub ldu: usize,
 }
 
 fn grid_dim(v: usize) -> u32 {
@@ -76,6 +83,9 @@ pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms:
             },
             splits,
             k_split,
+            groups: rows_of_a,
+            u_f32: true,
+            ldu: r,
         };
     }
     let threads = if dtype == DType::F32 { 256 } else { 128 };
@@ -95,6 +105,9 @@ pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms:
         },
         splits,
         k_split,
+        groups: rows.div_ceil(TILE) * r.div_ceil(TILE),
+        u_f32: dtype == DType::F32,
+        ldu: r.next_multiple_of(8),
     }
 }
 
