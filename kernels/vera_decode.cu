@@ -12,7 +12,7 @@
 
 constexpr int GEMV_WARPS = 4;          // warps per block of the down-projection
 constexpr int UP_WARPS = 8;            // warps per block of the up-projection
-constexpr int UP_ROWS = 64;            // rows of B (outputs) per block of the up-projection
+constexpr int UP_ROWS = 32;            // rows of B (outputs) per block of the up-projection
 constexpr int UP_SMEM_FLOATS = 8192;   // u in shared memory: TT * r <= 8192 (32 KiB), checked by the host
 
 // Grid: (ceil(r / GEMV_WARPS), splits). Block: 32 * GEMV_WARPS. k_split is a multiple of 32 * N.

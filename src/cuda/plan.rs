@@ -11,13 +11,14 @@ const DECODE_U_FLOATS: usize = 8192;
 const GEMV_WARPS: usize = 4;
 /// Warps and outputs per block of the decode up-projection (`UP_WARPS`, `UP_ROWS`).
 const UP_WARPS: usize = 8;
-const UP_ROWS: usize = 64;
+const UP_ROWS: usize = 32;
 /// Tile of the prefill kernels (`BM` = `BN`) and the k granule of a split (`BK`).
 const TILE: usize = 64;
 const TILE_K: usize = 32;
 /// Down-projection warps (decode) or tiles (prefill) to aim for, per streaming multiprocessor, before
-/// the k range is split further.
-const WARPS_PER_SM: usize = 8;
+/// the k range is split further. Decode is bound by memory latency × bandwidth: it needs many
+/// 16-byte loads in flight, so half an SM's 64 warp slots.
+const WARPS_PER_SM: usize = 32;
 const TILES_PER_SM: usize = 2;
 
 /// One kernel launch.
@@ -69,7 +70,7 @@ pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms:
         let lane_k = 32 * 16 / dtype.size_bytes();
         let rows_of_a = r.div_ceil(GEMV_WARPS);
         let want = (sms * WARPS_PER_SM).div_ceil(r);
-        let (splits, k_split) = split_k(n, want, lane_k, 2 * lane_k);
+        let (splits, k_split) = split_k(n, want, lane_k, lane_k);
         return Plan {
             down: Launch {
                 kernel: format!("vera_down_gemv_t{tt}_{name}"),
@@ -115,6 +116,25 @@ pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms:
 mod tests {
     use super::*;
 
+    /// The launch shapes here must match the kernels' compile-time constants.
+    #[test]
+    fn constants_match_the_kernel_sources() {
+        let decode = include_str!("../../kernels/vera_decode.cu");
+        let prefill = include_str!("../../kernels/vera_prefill.cu");
+        for (source, name, value) in [
+            (decode, "GEMV_WARPS", GEMV_WARPS),
+            (decode, "UP_WARPS", UP_WARPS),
+            (decode, "UP_ROWS", UP_ROWS),
+            (decode, "UP_SMEM_FLOATS", DECODE_U_FLOATS),
+            (prefill, "BM", TILE),
+            (prefill, "BN", TILE),
+            (prefill, "BK", TILE_K),
+        ] {
+            let decl = format!("constexpr int {name} = {value};");
+            assert!(source.contains(&decl), "kernels do not declare `{decl}`");
+        }
+    }
+
     #[test]
     fn splits_cover_k_exactly_once() {
         for n in [0, 1, 7, 255, 256, 257, 4096, 11008] {
@@ -132,10 +152,11 @@ mod tests {
         let p = plan(DType::BF16, 1, 4096, 256, 4096, 132);
         assert_eq!(p.down.kernel, "vera_down_gemv_t1_bf16");
         assert_eq!(p.up.kernel, "vera_up_gemv_t1_bf16");
-        // 256 rows of A over 4 warps per block. 8 warps per SM want ⌈1056 / 256⌉ = 5 splits of
-        // 820; rounded up to the 256-element lane step that is 4 splits of 1024.
-        assert_eq!(p.down.grid, [64, 4, 1]);
-        assert_eq!((p.splits, p.k_split), (4, 1024));
+        // 256 rows of A over 4 warps per block. 32 warps per SM want ⌈4224 / 256⌉ = 17 splits; a
+        // split is at least the 256-element lane step, so 16 splits of 256.
+        assert_eq!(p.down.grid, [64, 16, 1]);
+        assert_eq!((p.splits, p.k_split), (16, 256));
+        assert_eq!(p.up.grid, [128, 1, 1]);
         let p = plan(DType::F16, 5, 100, 40, 70, 132);
         assert_eq!(p.down.kernel, "vera_down_gemv_t8_f16");
         // u would not fit in shared memory: 8 rows x 1025 > 8192.
