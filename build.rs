@@ -16,8 +16,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "build/ptxas.rs"]
+mod ptxas;
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=build");
     println!("cargo:rerun-if-changed=kernels");
     for var in
         ["NVCC", "CUDA_HOME", "CUDA_PATH", "CUDA_COMPUTE_CAP", "VERA_KERNELS_ALLOW_SPILLS", "VERA_KERNELS_PTXAS_REPORT"]
@@ -88,9 +92,16 @@ fn unity(out: &Path, name: &str, prelude: &[String], sources: &[PathBuf]) -> Pat
     path
 }
 
+const INSTALL_HINT: &str = "Install one without a GPU with `bash scripts/install-nvcc.sh` (pinned CUDA 13.0 \
+     packages from the Python package index), then set NVCC to the path it prints.";
+
 fn find_nvcc() -> Option<PathBuf> {
     if let Some(nvcc) = env::var_os("NVCC") {
-        return Some(PathBuf::from(nvcc));
+        let nvcc = PathBuf::from(nvcc);
+        if !nvcc.is_file() {
+            panic!("NVCC={} is not a file. {INSTALL_HINT}", nvcc.display());
+        }
+        return Some(nvcc);
     }
     for var in ["CUDA_HOME", "CUDA_PATH"] {
         if let Some(home) = env::var_os(var) {
@@ -133,11 +144,7 @@ fn gencode_flags() -> Vec<String> {
 
 fn build_fatbin(kernels: &Path, sources: &[PathBuf], out: &Path) {
     let Some(nvcc) = find_nvcc() else {
-        panic!(
-            "feature `cuda` needs nvcc (CUDA 13.0) and none was found (NVCC, CUDA_HOME/bin, PATH). \
-             Install one without a GPU with `bash scripts/install-nvcc.sh` (pinned CUDA 13.0 packages \
-             from the Python package index), then set NVCC to the path it prints."
-        );
+        panic!("feature `cuda` needs nvcc (CUDA 13.0) and none was found (NVCC, CUDA_HOME/bin, PATH). {INSTALL_HINT}");
     };
     let unity = unity(out, "vera_kernels.cu", &[], sources);
     let fatbin = out.join("vera_kernels.fatbin");
@@ -159,7 +166,7 @@ fn build_fatbin(kernels: &Path, sources: &[PathBuf], out: &Path) {
     if let Some(path) = env::var_os("VERA_KERNELS_PTXAS_REPORT") {
         fs::write(&path, &report).unwrap_or_else(|e| panic!("cannot write {}: {e}", Path::new(&path).display()));
     }
-    let spills = spilling_kernels(&report);
+    let spills = ptxas::spilling_kernels(&report);
     if !spills.is_empty() {
         let message = format!("kernels spill registers to local memory: {}", spills.join("; "));
         if env::var_os("VERA_KERNELS_ALLOW_SPILLS").is_some_and(|v| v == "1") {
@@ -169,27 +176,6 @@ fn build_fatbin(kernels: &Path, sources: &[PathBuf], out: &Path) {
         }
     }
     println!("cargo:rustc-env=VERA_KERNELS_FATBIN={}", fatbin.display());
-}
-
-/// The kernels (with their architecture) whose ptxas report shows spill stores or loads.
-fn spilling_kernels(report: &str) -> Vec<String> {
-    let mut current = String::new();
-    let mut spills = Vec::new();
-    for line in report.lines() {
-        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
-            current = rest.replace('\'', "");
-        }
-        let spilled = ["bytes spill stores", "bytes spill loads"].iter().any(|key| {
-            line.split(',').any(|part| {
-                part.trim().ends_with(key)
-                    && part.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n > 0)
-            })
-        });
-        if spilled {
-            spills.push(current.clone());
-        }
-    }
-    spills
 }
 
 fn build_emulation(kernels: &Path, sources: &[PathBuf], out: &Path) {
