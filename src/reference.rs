@@ -4,7 +4,8 @@
 //! error is negligible next to the f32 kernels'. Results are row-major `Vec<f64>`.
 
 use crate::adapter::Adapter;
-use crate::dtype::Element;
+use crate::cpu::Isa;
+use crate::dtype::{DType, Element};
 use crate::error::Result;
 use crate::mat::MatRef;
 use crate::ops::check_forward;
@@ -126,21 +127,26 @@ fn flush_to_zero_term<T: Element>(layer: &LayerProjections<'_, T>, adapter: &Ada
 /// A rigorous per-element bound on `|y_kernel - y_ref|` for this crate's CPU kernels, `[T, m]`.
 ///
 /// The kernels compute in f32 (unit roundoff `u`): `h = x·Aᵀ` is `n` rounded multiply-adds,
-/// `u = lambda_d ⊙ h` one rounding (kept in f32: PEFT rounds it to the activation dtype in f16/bf16,
-/// keeping f32 is more accurate), `v = u·Bᵀ` `r` more, `lambda_b ⊙ v` one, and the bias and base
+/// `u = lambda_d ⊙ h` one rounding, `v = u·Bᵀ` `r` more, `lambda_b ⊙ v` one, and the bias and base
 /// additions two. With `M = |lambda_b| ⊙ ((|lambda_d| ⊙ (|x|·|A|ᵀ))·|B|ᵀ)`, standard forward-error
 /// analysis (Higham, ch. 3) gives for the f32 result
 /// `e32 = gamma(n + r + 4) · M + 2u · (|base| + |bias| + M)`, and the final rounding to the output
 /// dtype (unit roundoff `u_T`, smallest subnormal `s_T`) adds `u_T · (|y_ref| + e32) + s_T / 2`.
-/// On the `avx512bf16` tier the bf16 down-projection flushes subnormals; `e32` then also holds a
-/// term of order 2^-126 for that (see the source), negligible unless inputs are subnormal.
+///
+/// `u` stays in f32 on every tier except for bf16 on the `avx512bf16` tier, whose up-projection
+/// runs on `vdpbf16ps` and so rounds `u` to bf16 first (as PEFT rounds it to the activation
+/// dtype): one more relative error `u_T` per element of `u`, `u_T · (1 + gamma) · M` in `y`, which
+/// the bound then includes (it asks [`crate::active_isa`]). That tier also flushes subnormals;
+/// `e32` holds a term of order 2^-126 for that (see the source), negligible unless inputs are
+/// subnormal.
 pub fn forward_error_bound<T: Element>(
     layer: LayerProjections<'_, T>,
     adapter: &Adapter,
     x: MatRef<'_, T>,
     base: Option<MatRef<'_, T>>,
 ) -> Result<Vec<f64>> {
-    bound(layer, adapter, x, base, U32, 0.0)
+    let u_rounded = T::DTYPE == DType::BF16 && crate::active_isa::<T>() == Isa::Avx512Bf16;
+    bound(layer, adapter, x, base, U32, if u_rounded { T::UNIT_ROUNDOFF } else { 0.0 })
 }
 
 /// [`forward_error_bound`] for the CUDA kernels (`vera_kernels::cuda`, feature `cuda`), whose

@@ -27,7 +27,7 @@ use crate::mat::{MatMut, MatRef};
 use crate::ops::Mode;
 use crate::projections::LayerProjections;
 pub use packed::Panels;
-use packed::{pack_cols, pack_pairs, pack_rows, Left, Sink, NR};
+use packed::{pack_cols, pack_pairs, pack_pairs_rounded, pack_rows, Left, Sink, NR};
 
 /// Rows of `x` per block: the unit of parallel work for large `T`. Scratch per thread is
 /// `T_BLOCK · (r + n)` f32 at most.
@@ -252,47 +252,57 @@ macro_rules! kernel_table {
 }
 kernel_table!(f32, f16, bf16);
 
-/// The down-projection weights in the layout of the tier that packed them.
+/// Projection weights in the layout of the tier that packed them.
 #[derive(Clone, Debug, PartialEq)]
-enum DownPanels<T> {
-    /// A `[r, n_max]` as `r`-column panels over k = n (f32 FMA on widened weights).
+enum WeightPanels<T> {
+    /// A `[r, n_max]` as `r`-column panels over k = n, or B `[m_max, r]` as `m`-column panels over
+    /// k = r (f32 FMA on widened weights).
     Wide(Panels<T>),
-    /// bf16 A as panels over k-pairs, each u32 = (A[j][2p], A[j][2p + 1]) (`vdpbf16ps`).
+    /// bf16 weights as panels over k-pairs, each u32 = (W[j][2p], W[j][2p + 1]) (`vdpbf16ps`).
     Pairs(Panels<u32>),
+}
+
+impl<T> WeightPanels<T> {
+    fn bytes(&self) -> usize {
+        match self {
+            WeightPanels::Wide(p) => p.num_panels() * p.k_cap() * NR * std::mem::size_of::<T>(),
+            WeightPanels::Pairs(p) => p.num_panels() * p.k_cap() * NR * 4,
+        }
+    }
 }
 
 /// The shared projections packed for the active tier: built once per model, used by every layer
 /// and thread.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PackedProjections<T> {
-    down: DownPanels<T>,
+    /// A `[r, n_max]` as `r`-column panels over k = n.
+    down: WeightPanels<T>,
     /// B `[m_max, r]` as `m_max`-column panels over k = r.
-    up: Panels<T>,
+    up: WeightPanels<T>,
 }
 
 impl<T> PackedProjections<T> {
     /// Bytes the packed weights take.
     pub(crate) fn bytes(&self) -> usize {
-        let down = match &self.down {
-            DownPanels::Wide(p) => p.num_panels() * p.k_cap() * NR * std::mem::size_of::<T>(),
-            DownPanels::Pairs(p) => p.num_panels() * p.k_cap() * NR * 4,
-        };
-        down + self.up.num_panels() * self.up.k_cap() * NR * std::mem::size_of::<T>()
+        self.down.bytes() + self.up.bytes()
     }
 }
 
 /// Packs A `[r, n]` and B `[m, r]` for the kernels of `T`.
 pub(crate) fn pack_projections<T: Element>(a: MatRef<'_, T>, b: MatRef<'_, T>) -> PackedProjections<T> {
-    let (r, n) = (a.rows(), a.cols());
-    let down = if T::kernels().gemm_pairs.is_some() {
-        // Only bf16 has pair kernels: its bits are the top half of its f32 value.
-        let bits = |j: usize, k: usize| if k < n { a.row_unchecked(j)[k].to_f32().to_bits() >> 16 } else { 0 };
-        DownPanels::Pairs(Panels::from_fn(r, n.div_ceil(2), |j, p| bits(j, 2 * p) | (bits(j, 2 * p + 1) << 16)))
-    } else {
-        DownPanels::Wide(Panels::from_fn(r, n, |j, k| a.row_unchecked(j)[k]))
+    let pack = |w: MatRef<'_, T>| {
+        let k = w.cols();
+        if T::kernels().gemm_pairs.is_some() {
+            // Only bf16 has pair kernels: its bits are the top half of its f32 value.
+            let bits = |j: usize, c: usize| if c < k { w.row_unchecked(j)[c].to_f32().to_bits() >> 16 } else { 0 };
+            WeightPanels::Pairs(Panels::from_fn(w.rows(), k.div_ceil(2), |j, p| {
+                bits(j, 2 * p) | (bits(j, 2 * p + 1) << 16)
+            }))
+        } else {
+            WeightPanels::Wide(Panels::from_fn(w.rows(), k, |j, c| w.row_unchecked(j)[c]))
+        }
     };
-    let up = Panels::from_fn(b.rows(), r, |i, j| b.row_unchecked(i)[j]);
-    PackedProjections { down, up }
+    PackedProjections { down: pack(a), up: pack(b) }
 }
 
 /// Runs `f` with this thread's reusable f32 scratch of at least `len` elements.
@@ -366,7 +376,7 @@ fn down<T: Element>(
     let k = T::kernels();
     let panels = r.div_ceil(NR);
     match (&packed.down, k.gemm_pairs) {
-        (DownPanels::Pairs(p), Some(gemm_pairs)) => {
+        (WeightPanels::Pairs(p), Some(gemm_pairs)) => {
             let bits: &[u16] = bytemuck::cast_slice(x.as_slice());
             let bits = MatRef::new(bits, x.rows(), x.cols(), x.row_stride()).expect("same extent as x");
             let left = pack_pairs(bits, bytemuck::cast_slice_mut(scratch));
@@ -375,21 +385,50 @@ fn down<T: Element>(
             // the sink's rows, and for_panels hands out disjoint panel ranges.
             for_panels(panels, split, |range| unsafe { gemm_pairs(left, n, p, range, sink) });
         }
-        (DownPanels::Wide(p), _) => {
+        (WeightPanels::Wide(p), _) => {
             let left = pack_rows(x, scratch);
             // SAFETY: as above, with k_len = n <= n_max = k_cap.
             for_panels(panels, split, |range| unsafe { (k.gemm)(left, p, range, sink) });
         }
-        (DownPanels::Pairs(_), None) => unreachable!("pair panels are only packed for tiers with pair kernels"),
+        (WeightPanels::Pairs(_), None) => unreachable!("pair panels are only packed for tiers with pair kernels"),
     }
 }
 
-/// `y (op)= epilogue(u·Bᵀ)` for the rows of `u` (the up-projection).
-fn up<T: Element>(packed: &PackedProjections<T>, u: Left<'_, f32>, m: usize, sink: &Sink<'_, T>, split: bool) {
+/// Scratch (f32 elements) [`up`] needs to pack `rows x r` of `u`.
+fn up_scratch(rows: usize, r: usize) -> usize {
+    // k-pairs (u32) take no more room than f32 elements.
+    Left::<f32>::len_for(rows, r)
+}
+
+/// `y (op)= epilogue(u·Bᵀ)` for the rows of `u` (the up-projection), packing `u` into `scratch`
+/// first: as f32 rows, or on a tier with pair kernels rounded to bf16 k-pairs (as PEFT rounds `u`
+/// to the activation dtype).
+fn up<T: Element>(
+    packed: &PackedProjections<T>,
+    u: MatRef<'_, f32>,
+    scratch: &mut [f32],
+    m: usize,
+    sink: &Sink<'_, T>,
+    split: bool,
+) {
     let k = T::kernels();
-    // SAFETY: k_len = r = k_cap of the B panels; the caller owns the sink's rows, and
-    // for_panels hands out disjoint panel ranges.
-    for_panels(m.div_ceil(NR), split, |range| unsafe { (k.gemm)(u, &packed.up, range, sink) });
+    let panels = m.div_ceil(NR);
+    match (&packed.up, k.gemm_pairs) {
+        (WeightPanels::Pairs(p), Some(gemm_pairs)) => {
+            let left = pack_pairs_rounded(u, bytemuck::cast_slice_mut(scratch));
+            let r = u.cols();
+            // SAFETY: the panels hold ceil(r / 2) pair rows; the caller owns the sink's rows, and
+            // for_panels hands out disjoint panel ranges.
+            for_panels(panels, split, |range| unsafe { gemm_pairs(left, r, p, range, sink) });
+        }
+        (WeightPanels::Wide(p), _) => {
+            let left = pack_rows(u, scratch);
+            // SAFETY: k_len = r = k_cap of the B panels; the caller owns the sink's rows, and
+            // for_panels hands out disjoint panel ranges.
+            for_panels(panels, split, |range| unsafe { (k.gemm)(left, p, range, sink) });
+        }
+        (WeightPanels::Pairs(_), None) => unreachable!("pair panels are only packed for tiers with pair kernels"),
+    }
 }
 
 fn packed_or_owned<'p, T: Element>(
@@ -420,7 +459,7 @@ pub(crate) fn forward<T: Element>(
     let yp = y.as_ptr_mat();
     let flops = 2.0 * (rows * r * (n + m)) as f64;
     for_blocks(rows, T_BLOCK, flops, |t0, tb, split| {
-        let packed_u = Left::<f32>::len_for(tb, r);
+        let packed_u = up_scratch(tb, r);
         with_scratch(tb * r + packed_u + down_scratch(tb, n), |buf| {
             let (u, rest) = buf.split_at_mut(tb * r);
             let (ul, xl) = rest.split_at_mut(packed_u);
@@ -429,8 +468,7 @@ pub(crate) fn forward<T: Element>(
             let sink = Sink::F32 { out: u.as_ptr_mat(), scale: Some(adapter.lambda_d()) };
             down(packed, x.row_range(t0, tb), xl, r, &sink, split);
             // ... then up-projected at once, while it is in cache.
-            let left = pack_rows(u.as_ref(), ul);
-            up(packed, left, m, &Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi }, split);
+            up(packed, u.as_ref(), ul, m, &Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi }, split);
         });
     });
 }
@@ -551,9 +589,8 @@ pub(crate) fn unfused<T: Element>(
     let epi = Epilogue { scale: Some(adapter.lambda_b()), bias: adapter.bias(), accumulate: mode == Mode::Accumulate };
     let (h, yp) = (h.as_ref(), y.as_ptr_mat());
     for_blocks(rows, T_BLOCK, 2.0 * (rows * r * m) as f64, |t0, tb, split| {
-        with_scratch(Left::<f32>::len_for(tb, r), |hl| {
-            let left = pack_rows(h.row_range(t0, tb), hl);
-            up(packed, left, m, &Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi }, split);
+        with_scratch(up_scratch(tb, r), |hl| {
+            up(packed, h.row_range(t0, tb), hl, m, &Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi }, split);
         });
     });
 }

@@ -221,6 +221,22 @@ pub(crate) fn pack_pairs<'o>(src: MatRef<'_, u16>, out: &'o mut [u32]) -> Left<'
     Left { data: out, rows, k_len }
 }
 
+/// `src` (f32) rounded to bf16 (to nearest, ties to even) and packed as k-pairs like
+/// [`pack_pairs`]: the bf16 up-projection's left operand.
+pub(crate) fn pack_pairs_rounded<'o>(src: MatRef<'_, f32>, out: &'o mut [u32]) -> Left<'o, u32> {
+    let (rows, n) = (src.rows(), src.cols());
+    let k_len = n.div_ceil(2);
+    let out = &mut out[..Left::<u32>::len_for(rows, k_len)];
+    let bits = |v: f32| u32::from(half::bf16::from_f32(v).to_bits());
+    pack_tiles(rows, k_len, out, |t, dst, i| {
+        for (p, pair) in src.row_unchecked(t).chunks(2).enumerate() {
+            let hi = pair.get(1).map_or(0, |&v| bits(v));
+            dst[p * MR + i] = bits(pair[0]) | (hi << 16);
+        }
+    });
+    Left { data: out, rows, k_len }
+}
+
 /// Where a product's results go. Rows are local to the call; columns are absolute panel columns,
 /// and columns at or past the sink's width are dropped.
 pub(crate) enum Sink<'a, T> {

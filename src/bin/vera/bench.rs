@@ -130,8 +130,8 @@ impl Row {
     }
 
     /// The share of the binding roofline the fused kernel reached, in percent, with its name:
-    /// compute for prefill (f32 FMA peak; for bf16 on a tier with `vdpbf16ps`, the down-projection
-    /// at the bf16 peak and the up-projection at the f32 peak), bytes moved for decode, against
+    /// compute for prefill (f32 FMA peak; for bf16 on a tier with `vdpbf16ps`, which runs both
+    /// products, the bf16 dot-product peak), bytes moved for decode, against
     /// `read_gbps`: the read bandwidth measured on a buffer of the same size, so of the level of
     /// the memory hierarchy those bytes live in between calls.
     pub fn roofline(&self, p: &Peak, read_gbps: Option<f64>) -> (f64, String) {
@@ -144,7 +144,7 @@ impl Row {
             let down = 2.0 * (t * r * n) as f64;
             let up = 2.0 * (t * r * m) as f64;
             let best = match (self.isa.as_str(), p.bf16_gflops) {
-                ("avx512bf16", Some(bf)) => down / (bf * 1e9) + up / (p.f32_gflops * 1e9),
+                ("avx512bf16", Some(bf)) => (down + up) / (bf * 1e9),
                 _ => (down + up) / (p.f32_gflops * 1e9),
             };
             (100.0 * best / secs, "compute".to_string())
