@@ -7,6 +7,9 @@
 //! every dtype. The tolerance is `reference::forward_error_bound_cuda`, derived in its docs.
 #![cfg(any(feature = "cuda", feature = "cuda-emulation"))]
 
+mod common;
+
+use common::{to, values};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use vera_kernels::cuda::{CudaDevice, CudaStream};
@@ -102,16 +105,6 @@ fn case() -> impl Strategy<Value = Case> {
             accumulate,
             seed,
         })
-}
-
-fn values(g: &mut TorchCpuGenerator, len: usize, scale: f64) -> Vec<f32> {
-    let mut v = vec![0.0f32; len];
-    g.fill_uniform_f32(&mut v, -scale, scale);
-    v
-}
-
-fn to<T: Element>(v: &[f32]) -> Vec<T> {
-    v.iter().map(|&x| T::from_f32(x)).collect()
 }
 
 fn check<T: Element>(stream: &CudaStream, c: &Case) -> Result<(), TestCaseError> {

@@ -3,6 +3,9 @@
 //! tuned), over random shapes (1, primes, and sizes just above every block and tile size), random
 //! strides, both modes, with and without bias, every dtype; and bitwise equality of 1 vs 2 threads.
 
+mod common;
+
+use common::{to, values};
 use proptest::prelude::*;
 use vera_kernels::rng::TorchCpuGenerator;
 use vera_kernels::{
@@ -64,16 +67,6 @@ fn case() -> impl Strategy<Value = Case> {
             accumulate,
             seed,
         })
-}
-
-fn values(g: &mut TorchCpuGenerator, len: usize, scale: f64) -> Vec<f32> {
-    let mut v = vec![0.0f32; len];
-    g.fill_uniform_f32(&mut v, -scale, scale);
-    v
-}
-
-fn to<T: Element>(v: &[f32]) -> Vec<T> {
-    v.iter().map(|&x| T::from_f32(x)).collect()
 }
 
 struct Inputs<T> {

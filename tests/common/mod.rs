@@ -1,4 +1,4 @@
-//! Helpers shared by the integration tests: reading the PEFT fixtures.
+//! Helpers shared by the integration tests: reading the PEFT fixtures, random test values.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -35,4 +35,16 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     } else {
         err / scale
     }
+}
+
+/// `len` values uniform in `[-scale, scale)` from torch's CPU generator (reproducible per seed).
+pub fn values(g: &mut vera_kernels::rng::TorchCpuGenerator, len: usize, scale: f64) -> Vec<f32> {
+    let mut v = vec![0.0f32; len];
+    g.fill_uniform_f32(&mut v, -scale, scale);
+    v
+}
+
+/// `v` rounded to the element type `T`.
+pub fn to<T: vera_kernels::Element>(v: &[f32]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f32(x)).collect()
 }

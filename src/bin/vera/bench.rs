@@ -25,24 +25,38 @@ impl Row {
 
     /// One JSON object with exactly the documented keys.
     pub fn json(&self) -> String {
-        let ms = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.6}"));
-        format!(
-            "{{\"case\":\"{}\",\"t\":{},\"n\":{},\"m\":{},\"r\":{},\"dtype\":\"{}\",\"threads\":{},\"isa\":\"{}\",\
-             \"fused_ms\":{},\"dense_ms\":{},\"unfused_ms\":{},\"fused_gflops\":{:.3}}}",
-            self.shape.name(),
-            self.shape.t,
-            self.shape.n,
-            self.shape.m,
-            self.shape.r,
-            self.dtype,
-            self.threads,
-            self.isa,
-            ms(Some(self.fused_ms)),
-            ms(self.dense_ms),
-            ms(Some(self.unfused_ms)),
-            self.fused_gflops()
-        )
+        json_line(self.shape, self.dtype, self.threads, &self.isa, self.fused_ms, self.dense_ms, Some(self.unfused_ms))
     }
+}
+
+/// One case as a JSON object with the keys `vera bench --json` documents (shared by the CPU and
+/// the GPU bench, and matched by `benches/peers/torch_vera.py`).
+pub fn json_line(
+    shape: Shape,
+    dtype: DType,
+    threads: usize,
+    isa: &str,
+    fused_ms: f64,
+    dense_ms: Option<f64>,
+    unfused_ms: Option<f64>,
+) -> String {
+    let ms = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.6}"));
+    format!(
+        "{{\"case\":\"{}\",\"t\":{},\"n\":{},\"m\":{},\"r\":{},\"dtype\":\"{}\",\"threads\":{},\"isa\":\"{}\",\
+         \"fused_ms\":{},\"dense_ms\":{},\"unfused_ms\":{},\"fused_gflops\":{:.3}}}",
+        shape.name(),
+        shape.t,
+        shape.n,
+        shape.m,
+        shape.r,
+        dtype,
+        threads,
+        isa,
+        ms(Some(fused_ms)),
+        ms(dense_ms),
+        ms(unfused_ms),
+        shape.fused_flops() / (fused_ms * 1e-3) / 1e9
+    )
 }
 
 /// One way of computing a case, timed as a whole call.

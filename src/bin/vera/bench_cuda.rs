@@ -28,19 +28,8 @@ impl Row {
 
     /// The same keys as `vera bench --json` on the CPU (no dense or unfused peer on the GPU: null).
     pub fn json(&self) -> String {
-        format!(
-            "{{\"case\":\"{}\",\"t\":{},\"n\":{},\"m\":{},\"r\":{},\"dtype\":\"{}\",\"threads\":1,\"isa\":\"cuda-{}\",\
-             \"fused_ms\":{:.6},\"dense_ms\":null,\"unfused_ms\":null,\"fused_gflops\":{:.3}}}",
-            self.shape.name(),
-            self.shape.t,
-            self.shape.n,
-            self.shape.m,
-            self.shape.r,
-            self.dtype,
-            self.device.replace(' ', "_"),
-            self.fused_ms,
-            self.gflops()
-        )
+        let isa = format!("cuda-{}", self.device.replace(' ', "_"));
+        crate::bench::json_line(self.shape, self.dtype, 1, &isa, self.fused_ms, None, None)
     }
 
     /// A table line; with the device's copy bandwidth, the share of the bytes roofline reached.
