@@ -159,15 +159,14 @@ fn pack_tiles<O: Copy + Default>(
     mut fill: impl FnMut(usize, &mut [O], usize),
 ) {
     for (tile, dst) in out.chunks_mut((MR * k_len).max(1)).enumerate() {
-        for i in 0..MR {
-            let t = tile * MR + i;
-            if t < rows {
-                fill(t, dst, i);
-            } else {
-                for k in 0..k_len {
-                    dst[k * MR + i] = O::default();
-                }
-            }
+        let real = rows.saturating_sub(tile * MR).min(MR);
+        if real < MR {
+            // One contiguous clear instead of a strided pass per missing row: a decode call
+            // (one row) otherwise spends most of its packing writing the other seven rows' zeros.
+            dst.fill(O::default());
+        }
+        for i in 0..real {
+            fill(tile * MR + i, dst, i);
         }
     }
 }
