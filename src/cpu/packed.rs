@@ -226,14 +226,31 @@ pub(crate) fn pack_pairs_rounded<'o>(src: MatRef<'_, f32>, out: &'o mut [u32]) -
     let (rows, n) = (src.rows(), src.cols());
     let k_len = n.div_ceil(2);
     let out = &mut out[..Left::<u32>::len_for(rows, k_len)];
-    let bits = |v: f32| u32::from(half::bf16::from_f32(v).to_bits());
     pack_tiles(rows, k_len, out, |t, dst, i| {
-        for (p, pair) in src.row_unchecked(t).chunks(2).enumerate() {
-            let hi = pair.get(1).map_or(0, |&v| bits(v));
-            dst[p * MR + i] = bits(pair[0]) | (hi << 16);
+        let (pairs, rest) = src.row_unchecked(t).as_chunks::<2>();
+        for (p, &[lo, hi]) in pairs.iter().enumerate() {
+            dst[p * MR + i] = bf16_bits(lo) | (bf16_bits(hi) << 16);
+        }
+        if let [last] = rest {
+            dst[pairs.len() * MR + i] = bf16_bits(*last);
         }
     });
     Left { data: out, rows, k_len }
+}
+
+/// `v` rounded to bf16 (to nearest, ties to even; NaN stays a quiet NaN), as its 16 bits: the same
+/// result as `half::bf16::from_f32`, without a branch on the value for finite inputs, so that the
+/// packing loop stays cheap (it was 12% of a bf16 prefill call through `half`).
+#[inline]
+pub(crate) fn bf16_bits(v: f32) -> u32 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        (b >> 16) | 0x40
+    } else {
+        // Adding 0x7fff plus the kept part's lowest bit carries into bit 16 exactly when RNE rounds
+        // up; it cannot overflow for non-NaN bit patterns (all below 0xff80_0001).
+        (b + 0x7fff + ((b >> 16) & 1)) >> 16
+    }
 }
 
 /// Where a product's results go. Rows are local to the call; columns are absolute panel columns,
@@ -294,6 +311,44 @@ impl<T: crate::dtype::Element> Sink<'_, T> {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod bf16_tests {
+    use super::bf16_bits;
+
+    #[test]
+    fn bf16_rounding_matches_half_bit_for_bit() {
+        let specials = [
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            1e-45,
+            -1e-45,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0xffff_ffff),
+        ];
+        // Every tie and near-tie around the rounding point, over a spread of exponents, and an LCG walk
+        // through all bit patterns.
+        let mut x: u32 = 0x1234_5678;
+        let walk = (0..200_000).map(|_| {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            f32::from_bits(x)
+        });
+        let ties = (0u32..512)
+            .flat_map(|e| [0x7fffu32, 0x8000, 0x8001, 0x1_8000].map(move |low| f32::from_bits((e << 23) | low)));
+        for v in specials.into_iter().chain(walk).chain(ties) {
+            let want = u32::from(half::bf16::from_f32(v).to_bits());
+            assert_eq!(bf16_bits(v), want, "{v:e} ({:#010x})", v.to_bits());
         }
     }
 }
