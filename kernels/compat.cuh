@@ -40,13 +40,6 @@ template <> __device__ __forceinline__ float from_f32<float>(float v) { return v
 template <> __device__ __forceinline__ f16 from_f32<f16>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ bf16 from_f32<bf16>(float v) { return __float2bfloat16_rn(v); }
 
-// Raw 16-bit patterns, for packing two elements into one 32-bit mma operand register.
-__device__ __forceinline__ uint32_t bits16(f16 v) { return __half_as_ushort(v); }
-__device__ __forceinline__ uint32_t bits16(bf16 v) { return __bfloat16_as_ushort(v); }
-template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-    return bits16(from_f32<T>(lo)) | (bits16(from_f32<T>(hi)) << 16);
-}
-
 // Elements per 16-byte load.
 template <typename T> struct Vec16 { static constexpr int N = 16 / sizeof(T); };
 

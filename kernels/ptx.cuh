@@ -43,12 +43,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row) {
                  : "r"(smem_addr(row)));
 }
 
-__device__ __forceinline__ void ldmatrix_x2(uint32_t r[2], const void* row) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1])
-                 : "r"(smem_addr(row)));
-}
-
 // 16 bytes global -> shared without passing through registers; bytes past src_bytes are zero-filled
 // (src_bytes = 0 reads nothing), which is how the tile loaders mask the matrices' edges.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {

@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 
 /// Elements a `rows x cols` view with `row_stride` spans, checking every step for overflow.
-fn span(what: &'static str, rows: usize, cols: usize, row_stride: usize) -> Result<usize> {
+pub(crate) fn span(what: &'static str, rows: usize, cols: usize, row_stride: usize) -> Result<usize> {
     if row_stride < cols {
         return Err(Error::StrideTooSmall { what, cols, row_stride });
     }

@@ -14,9 +14,10 @@ use crate::projections::LayerProjections;
 /// Unit roundoff of f32, the arithmetic the CPU kernels accumulate in.
 const U32: f64 = 5.960_464_477_539_063e-8;
 
-/// `gamma(k) = k u / (1 - k u)`: the classic bound on the relative error of k rounded operations.
-fn gamma(k: usize) -> f64 {
-    let ku = k as f64 * U32;
+/// `gamma(k) = k u / (1 - k u)`: the classic bound on the relative error of k rounded operations
+/// with unit roundoff `u`.
+fn gamma(k: usize, u: f64) -> f64 {
+    let ku = k as f64 * u;
     ku / (1.0 - ku)
 }
 
@@ -182,8 +183,7 @@ fn bound<T: Element>(
     let mag = adapter_path(&layer, adapter, x, true);
     let ftz = flush_to_zero_term(&layer, adapter, x);
     let m = layer.out_features();
-    let k = (layer.in_features() + layer.rank() + 4) as f64 * unit;
-    let g = k / (1.0 - k);
+    let g = gamma(layer.in_features() + layer.rank() + 4, unit);
     Ok(mag
         .iter()
         .zip(&y_ref)
@@ -210,7 +210,7 @@ pub fn delta_error_bound<T: Element>(
     adapter.check(layer.rank(), layer.out_features())?;
     let (a, b) = layer_matrices(&layer, true);
     let n = layer.in_features();
-    let g = gamma(layer.rank() + 3);
+    let g = gamma(layer.rank() + 3, U32);
     let dw = delta_weight(layer, adapter)?;
     let mut out = Vec::with_capacity(dw.len());
     for i in 0..layer.out_features() {

@@ -9,11 +9,10 @@
 
 mod common;
 
-use common::{to, values};
+use common::{inputs, Case, Inputs};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use vera_kernels::cuda::{CudaDevice, CudaStream};
-use vera_kernels::rng::TorchCpuGenerator;
 use vera_kernels::{bf16, f16, reference, Adapter, Element, Error, MatMut, MatRef, Mode, Projections};
 
 /// Set by scripts/gpu-check.sh on a machine with a GPU: the GPU must then be found and tested.
@@ -47,21 +46,6 @@ fn device_constructor_reports_a_missing_gpu_as_an_error() {
     }
     // No machine has this many GPUs: always the no-device error, never a panic.
     assert!(matches!(CudaDevice::new(1 << 20), Err(Error::NoCudaDevice { .. })));
-}
-
-#[derive(Clone, Debug)]
-struct Case {
-    t: usize,
-    n: usize,
-    m: usize,
-    r: usize,
-    n_extra: usize,
-    m_extra: usize,
-    x_pad: usize,
-    y_pad: usize,
-    bias: bool,
-    accumulate: bool,
-    seed: u64,
 }
 
 fn rows() -> impl Strategy<Value = usize> {
@@ -108,18 +92,8 @@ fn case() -> impl Strategy<Value = Case> {
 }
 
 fn check<T: Element>(stream: &CudaStream, c: &Case) -> Result<(), TestCaseError> {
-    let mut g = TorchCpuGenerator::manual_seed(c.seed);
-    let (n_max, m_max) = (c.n + c.n_extra, c.m + c.m_extra);
-    let a = to::<T>(&values(&mut g, c.r * n_max, 1.0));
-    let b = to::<T>(&values(&mut g, m_max * c.r, 1.0));
-    let projections = Projections::from_arrays(a, b, c.r, n_max, m_max).unwrap();
-    let mut adapter = Adapter::new(values(&mut g, c.r, 1.0), values(&mut g, c.m, 1.0)).unwrap();
-    if c.bias {
-        adapter = adapter.with_bias(values(&mut g, c.m, 1.0)).unwrap();
-    }
+    let Inputs { projections, adapter, x, y0 } = inputs::<T>(c);
     let (ldx, ldy) = (c.n + c.x_pad, c.m + c.y_pad);
-    let x = to::<T>(&values(&mut g, c.t * ldx, 2.0));
-    let y0 = to::<T>(&values(&mut g, c.t * ldy, 2.0));
 
     let layer = projections.slice(c.n, c.m).unwrap();
     let x_ref = MatRef::new(&x, c.t, c.n, ldx).unwrap();
@@ -253,6 +227,12 @@ fn overwrite_ignores_nan_in_y_and_zero_rows_is_a_no_op() {
         let mut d_y = stream.zeros::<bf16>(0, 24, 24).unwrap();
         stream.forward(&d_proj, &d_adapter, &d_x, &mut d_y, Mode::Accumulate).unwrap();
         assert!(stream.to_host(&d_y).unwrap().is_empty());
+        // A layer with no outputs is a no-op too (as on the CPU), not a launch of an empty grid.
+        let no_outputs = stream.upload_adapter(&Adapter::new(vec![0.5; 8], vec![]).unwrap()).unwrap();
+        let x: Vec<bf16> = vec![bf16::ONE; 3 * 40];
+        let d_x = stream.upload(MatRef::from_slice(&x, 3, 40).unwrap()).unwrap();
+        let mut d_y = stream.zeros::<bf16>(3, 0, 0).unwrap();
+        assert_eq!(stream.forward(&d_proj, &no_outputs, &d_x, &mut d_y, Mode::Overwrite), Ok(()));
     }
 }
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{to, values};
+use common::{inputs, to, values, Case, Inputs};
 use proptest::prelude::*;
 use vera_kernels::rng::TorchCpuGenerator;
 use vera_kernels::{
@@ -31,23 +31,6 @@ fn kdim(max_random: usize) -> impl Strategy<Value = usize> {
     prop_oneof![4 => dim(max_random), 1 => prop::sample::select(vec![63usize, 64, 65, 129, 255, 256, 257, 513])]
 }
 
-#[derive(Clone, Debug)]
-struct Case {
-    t: usize,
-    n: usize,
-    m: usize,
-    r: usize,
-    /// Extra columns of the projections beyond the layer (n_max - n, m_max - m).
-    n_extra: usize,
-    m_extra: usize,
-    /// Extra row stride of x and y.
-    x_pad: usize,
-    y_pad: usize,
-    bias: bool,
-    accumulate: bool,
-    seed: u64,
-}
-
 fn case() -> impl Strategy<Value = Case> {
     (
         (dim(70), kdim(70), dim(70), kdim(40)),
@@ -67,28 +50,6 @@ fn case() -> impl Strategy<Value = Case> {
             accumulate,
             seed,
         })
-}
-
-struct Inputs<T> {
-    projections: Projections<T>,
-    adapter: Adapter,
-    x: Vec<T>,
-    y0: Vec<T>,
-}
-
-fn inputs<T: Element>(c: &Case) -> Inputs<T> {
-    let mut g = TorchCpuGenerator::manual_seed(c.seed);
-    let (n_max, m_max) = (c.n + c.n_extra, c.m + c.m_extra);
-    let a = to::<T>(&values(&mut g, c.r * n_max, 1.0));
-    let b = to::<T>(&values(&mut g, m_max * c.r, 1.0));
-    let projections = Projections::from_arrays(a, b, c.r, n_max, m_max).unwrap();
-    let mut adapter = Adapter::new(values(&mut g, c.r, 1.0), values(&mut g, c.m, 1.0)).unwrap();
-    if c.bias {
-        adapter = adapter.with_bias(values(&mut g, c.m, 1.0)).unwrap();
-    }
-    let x = to::<T>(&values(&mut g, c.t * (c.n + c.x_pad), 2.0));
-    let y0 = to::<T>(&values(&mut g, c.t * (c.m + c.y_pad), 2.0));
-    Inputs { projections, adapter, x, y0 }
 }
 
 fn run_forward<T: Element>(c: &Case, inp: &Inputs<T>, threads: usize) -> Vec<T> {

@@ -207,11 +207,8 @@ impl<T: Element> DeviceMatrix<T> {
     }
 
     fn span(&self) -> usize {
-        if self.rows == 0 {
-            0
-        } else {
-            (self.rows - 1) * self.row_stride + self.cols
-        }
+        // Checked when the matrix was made (`upload` / `zeros`), so it cannot fail here.
+        crate::mat::span("device matrix", self.rows, self.cols, self.row_stride).expect("checked at construction")
     }
 }
 
@@ -335,7 +332,7 @@ impl CudaStream {
 
     /// Copies a host matrix to the device, keeping its row stride (the copy covers the rows' span).
     pub fn upload<T: Element>(&self, m: MatRef<'_, T>) -> Result<DeviceMatrix<T>> {
-        let span = if m.rows() == 0 { 0 } else { (m.rows() - 1) * m.row_stride() + m.cols() };
+        let span = crate::mat::span("device matrix", m.rows(), m.cols(), m.row_stride())?;
         let mut host = vec![T::default(); span];
         for i in 0..m.rows() {
             let start = i * m.row_stride();
@@ -347,17 +344,7 @@ impl CudaStream {
 
     /// A zero `rows × cols` matrix with rows `row_stride` elements apart (`row_stride >= cols`).
     pub fn zeros<T: Element>(&self, rows: usize, cols: usize, row_stride: usize) -> Result<DeviceMatrix<T>> {
-        if row_stride < cols {
-            return Err(Error::StrideTooSmall { what: "device matrix", cols, row_stride });
-        }
-        let span = if rows == 0 {
-            0
-        } else {
-            (rows - 1)
-                .checked_mul(row_stride)
-                .and_then(|v| v.checked_add(cols))
-                .ok_or(Error::SizeOverflow { what: "device matrix extent" })?
-        };
+        let span = crate::mat::span("device matrix", rows, cols, row_stride)?;
         let buf = Buffer::zeros(&self.kind, byte_len::<T>(span, "device matrix bytes")?)?;
         Ok(DeviceMatrix { buf, rows, cols, row_stride, _t: PhantomData })
     }
@@ -471,7 +458,7 @@ impl CudaStream {
         for (v, what) in [(rows, "rows of x"), (x.row_stride, "row stride of x"), (y.row_stride, "row stride of y")] {
             to_i32(v, what)?;
         }
-        if rows == 0 {
+        if rows == 0 || m == 0 {
             return Ok(());
         }
 

@@ -48,3 +48,45 @@ pub fn values(g: &mut vera_kernels::rng::TorchCpuGenerator, len: usize, scale: f
 pub fn to<T: vera_kernels::Element>(v: &[f32]) -> Vec<T> {
     v.iter().map(|&x| T::from_f32(x)).collect()
 }
+
+/// One random forward case (the property tests of the CPU and GPU paths draw these).
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub t: usize,
+    pub n: usize,
+    pub m: usize,
+    pub r: usize,
+    /// Extra columns of the projections beyond the layer (n_max - n, m_max - m).
+    pub n_extra: usize,
+    pub m_extra: usize,
+    /// Extra row stride of x and y.
+    pub x_pad: usize,
+    pub y_pad: usize,
+    pub bias: bool,
+    pub accumulate: bool,
+    pub seed: u64,
+}
+
+/// The inputs of a [`Case`]: projections, adapter, `x [t, n + x_pad]` and `y0 [t, m + y_pad]`.
+pub struct Inputs<T> {
+    pub projections: vera_kernels::Projections<T>,
+    pub adapter: vera_kernels::Adapter,
+    pub x: Vec<T>,
+    pub y0: Vec<T>,
+}
+
+/// Draws a case's inputs from its seed.
+pub fn inputs<T: vera_kernels::Element>(c: &Case) -> Inputs<T> {
+    let mut g = vera_kernels::rng::TorchCpuGenerator::manual_seed(c.seed);
+    let (n_max, m_max) = (c.n + c.n_extra, c.m + c.m_extra);
+    let a = to::<T>(&values(&mut g, c.r * n_max, 1.0));
+    let b = to::<T>(&values(&mut g, m_max * c.r, 1.0));
+    let projections = vera_kernels::Projections::from_arrays(a, b, c.r, n_max, m_max).unwrap();
+    let mut adapter = vera_kernels::Adapter::new(values(&mut g, c.r, 1.0), values(&mut g, c.m, 1.0)).unwrap();
+    if c.bias {
+        adapter = adapter.with_bias(values(&mut g, c.m, 1.0)).unwrap();
+    }
+    let x = to::<T>(&values(&mut g, c.t * (c.n + c.x_pad), 2.0));
+    let y0 = to::<T>(&values(&mut g, c.t * (c.m + c.y_pad), 2.0));
+    Inputs { projections, adapter, x, y0 }
+}
