@@ -150,23 +150,55 @@ impl<'a, E> Left<'a, E> {
     }
 }
 
-/// Fills the tiles of a packed `rows x k_len` operand in `out`: `fill(t, tile, i)` writes row `t`
-/// into lane `i` of its tile (element `k` at `tile[k * MR + i]`); rows past the end are zeroed.
+/// Elements of k per packing step: each row of a tile is converted into one row of a small
+/// `MR x PACK_KB` block, which is then written out transposed (`MR` consecutive values per k). Writing
+/// row by row instead scatters every element `MR` apart, which measured 6.5 GB/s and cost 3–7% of
+/// a bf16 prefill call.
+const PACK_KB: usize = 64;
+
+/// Fills the tiles of a packed `rows x k_len` operand in `out`: `fill(t, k0, row)` writes elements
+/// `k0 .. k0 + row.len()` of row `t` into `row`; element `k` of lane `i` of a tile lands at
+/// `tile[k * MR + i]`, and lanes past the last row are zero.
 fn pack_tiles<O: Copy + Default>(
     rows: usize,
     k_len: usize,
     out: &mut [O],
-    mut fill: impl FnMut(usize, &mut [O], usize),
+    mut fill: impl FnMut(usize, usize, &mut [O]),
 ) {
     for (tile, dst) in out.chunks_mut((MR * k_len).max(1)).enumerate() {
         let real = rows.saturating_sub(tile * MR).min(MR);
         if real < MR {
-            // One contiguous clear instead of a strided pass per missing row: a decode call
-            // (one row) otherwise spends most of its packing writing the other seven rows' zeros.
+            // One contiguous clear, then only the real lanes: a decode call (one row) would
+            // otherwise spend most of its packing on the other seven lanes' zeros.
             dst.fill(O::default());
         }
-        for i in 0..real {
-            fill(tile * MR + i, dst, i);
+        let mut block = [[O::default(); PACK_KB]; MR];
+        for k0 in (0..k_len).step_by(PACK_KB) {
+            let kb = PACK_KB.min(k_len - k0);
+            for (i, row) in block.iter_mut().enumerate().take(real) {
+                fill(tile * MR + i, k0, &mut row[..kb]);
+            }
+            let dst = &mut dst[k0 * MR..(k0 + kb) * MR];
+            if real == MR {
+                transpose_block(&block, dst);
+            } else {
+                for (i, row) in block.iter().enumerate().take(real) {
+                    for (k, &v) in row[..kb].iter().enumerate() {
+                        dst[k * MR + i] = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst[k * MR + i] = block[i][k]` for the `dst.len() / MR` first k (a full tile: the fixed lane
+/// count lets the compiler unroll each k's `MR` moves).
+#[inline(always)]
+fn transpose_block<O: Copy>(block: &[[O; PACK_KB]; MR], dst: &mut [O]) {
+    for (k, lanes) in dst.chunks_exact_mut(MR).enumerate() {
+        for (i, v) in lanes.iter_mut().enumerate() {
+            *v = block[i][k];
         }
     }
 }
@@ -175,15 +207,7 @@ fn pack_tiles<O: Copy + Default>(
 pub(crate) fn pack_rows<'o, E: Element>(src: MatRef<'_, E>, out: &'o mut [f32]) -> Left<'o, f32> {
     let (rows, k_len) = (src.rows(), src.cols());
     let out = &mut out[..Left::<f32>::len_for(rows, k_len)];
-    let mut buf = [0.0f32; 64];
-    pack_tiles(rows, k_len, out, |t, dst, i| {
-        for (c, chunk) in src.row_unchecked(t).chunks(64).enumerate() {
-            E::widen_slice(chunk, &mut buf[..chunk.len()]);
-            for (kk, &v) in buf[..chunk.len()].iter().enumerate() {
-                dst[(c * 64 + kk) * MR + i] = v;
-            }
-        }
-    });
+    pack_tiles(rows, k_len, out, |t, k0, dst| E::widen_slice(&src.row_unchecked(t)[k0..k0 + dst.len()], dst));
     Left { data: out, rows, k_len }
 }
 
@@ -211,10 +235,14 @@ pub(crate) fn pack_pairs<'o>(src: MatRef<'_, u16>, out: &'o mut [u32]) -> Left<'
     let (rows, n) = (src.rows(), src.cols());
     let k_len = n.div_ceil(2);
     let out = &mut out[..Left::<u32>::len_for(rows, k_len)];
-    pack_tiles(rows, k_len, out, |t, dst, i| {
-        for (p, pair) in src.row_unchecked(t).chunks(2).enumerate() {
-            let hi = pair.get(1).copied().unwrap_or(0);
-            dst[p * MR + i] = u32::from(pair[0]) | (u32::from(hi) << 16);
+    pack_tiles(rows, k_len, out, |t, p0, dst| {
+        let row = &src.row_unchecked(t)[2 * p0..n.min(2 * (p0 + dst.len()))];
+        let (pairs, rest) = row.as_chunks::<2>();
+        for (d, &[lo, hi]) in dst.iter_mut().zip(pairs) {
+            *d = u32::from(lo) | (u32::from(hi) << 16);
+        }
+        if let [last] = rest {
+            dst[pairs.len()] = u32::from(*last);
         }
     });
     Left { data: out, rows, k_len }
@@ -226,13 +254,14 @@ pub(crate) fn pack_pairs_rounded<'o>(src: MatRef<'_, f32>, out: &'o mut [u32]) -
     let (rows, n) = (src.rows(), src.cols());
     let k_len = n.div_ceil(2);
     let out = &mut out[..Left::<u32>::len_for(rows, k_len)];
-    pack_tiles(rows, k_len, out, |t, dst, i| {
-        let (pairs, rest) = src.row_unchecked(t).as_chunks::<2>();
-        for (p, &[lo, hi]) in pairs.iter().enumerate() {
-            dst[p * MR + i] = bf16_bits(lo) | (bf16_bits(hi) << 16);
+    pack_tiles(rows, k_len, out, |t, p0, dst| {
+        let row = &src.row_unchecked(t)[2 * p0..n.min(2 * (p0 + dst.len()))];
+        let (pairs, rest) = row.as_chunks::<2>();
+        for (d, &[lo, hi]) in dst.iter_mut().zip(pairs) {
+            *d = bf16_bits(lo) | (bf16_bits(hi) << 16);
         }
         if let [last] = rest {
-            dst[pairs.len() * MR + i] = bf16_bits(*last);
+            dst[pairs.len()] = bf16_bits(*last);
         }
     });
     Left { data: out, rows, k_len }
