@@ -31,9 +31,15 @@ fn kdim(max_random: usize) -> impl Strategy<Value = usize> {
     prop_oneof![4 => dim(max_random), 1 => prop::sample::select(vec![63usize, 64, 65, 129, 255, 256, 257, 513])]
 }
 
+/// An output width (m): as [`dim`], and now and then one of four or more 32-column panels (with and
+/// without a remainder), so that decode tiles' groups of several panels per call are hit whole.
+fn wdim(max_random: usize) -> impl Strategy<Value = usize> {
+    prop_oneof![4 => dim(max_random), 1 => prop::sample::select(vec![127usize, 128, 129, 161, 257])]
+}
+
 fn case() -> impl Strategy<Value = Case> {
     (
-        (dim(70), kdim(70), dim(70), kdim(40)),
+        (dim(70), kdim(70), wdim(70), kdim(40)),
         (0usize..5, 0usize..5, 0usize..4, 0usize..4),
         (any::<bool>(), any::<bool>(), any::<u64>()),
     )

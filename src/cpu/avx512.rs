@@ -7,6 +7,7 @@
 //! changes its result. Column tails are handled with masked loads and stores.
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use half::{bf16, f16};
@@ -213,6 +214,9 @@ trait ChunkKernel {
     type Weight;
     /// The element type the micro-kernel reads a staged block in.
     type Staged;
+    /// Whether [`ChunkKernel::stage`] returns the panel itself (never writes the buffer), so that
+    /// one call can run over the whole k range.
+    const IN_PLACE: bool;
     /// Units of k (elements, or pairs) the left operand and the panels hold.
     fn k_units(&self) -> usize;
     /// Rows `k0..k0 + kl` of the panel at `wp`, ready for [`ChunkKernel::run`]: the panel itself, or
@@ -220,18 +224,27 @@ trait ChunkKernel {
     ///
     /// # Safety
     /// The tier's features are present; the panel holds at least `k0 + kl <= KC + k0` rows.
-    unsafe fn stage(&self, wp: *const Self::Weight, k0: usize, kl: usize, buf: &mut StageBuf) -> *const Self::Staged;
+    unsafe fn stage(
+        &self,
+        wp: *const Self::Weight,
+        k0: usize,
+        kl: usize,
+        buf: &mut MaybeUninit<StageBuf>,
+    ) -> *const Self::Staged;
+    /// `acc[q][..R] += left[t0.., k0..k0 + kl] · block q` for `P` panels at once (more independent
+    /// accumulator chains for tiles of few rows; each chain is the same as with `P = 1`).
+    ///
     /// # Safety
-    /// The tier's features are present; `t0 + R <= rows`, `k0 + kl <= k_units()`; `sp` is a block
-    /// from [`ChunkKernel::stage`] for the same `k0`, `kl`.
-    unsafe fn run<const R: usize>(
+    /// The tier's features are present; `t0 + R <= rows`, `k0 + kl <= k_units()`; each `sp[q]` is
+    /// a block from [`ChunkKernel::stage`] for the same `k0`, `kl`, and all `P` are alive.
+    unsafe fn run<const R: usize, const P: usize>(
         &self,
         t0: usize,
-        sp: *const Self::Staged,
+        sp: [*const Self::Staged; P],
         k0: usize,
         kl: usize,
         last: bool,
-        acc: &mut Acc,
+        acc: &mut [Acc; P],
     );
 }
 
@@ -239,38 +252,42 @@ trait ChunkKernel {
 #[repr(C, align(64))]
 struct StageBuf([f32; KC * NR]);
 
-/// `acc[..R] += left[t0.., k0..k0 + kl] · block[0..kl]` with f32 FMAs, the block's weights (in
+/// `acc[q][..R] += left[t0.., k0..k0 + kl] · block q` with f32 FMAs, the blocks' weights (in
 /// `S`) widened as they are loaded.
 ///
 /// # Safety
 /// AVX-512F/BW/VL, FMA and F16C are present; the left tile is `[k_len][MR]` with `R <= MR` and
-/// `k0 + kl <= k_len`; `sp` points at `kl` rows of `NR` weights.
+/// `k0 + kl <= k_len`; each `sp[q]` points at `kl` rows of `NR` weights.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-unsafe fn fma_block<S: Simd16, const R: usize>(
+unsafe fn fma_block<S: Simd16, const R: usize, const P: usize>(
     left: &Left<'_, f32>,
     t0: usize,
-    sp: *const S,
+    sp: [*const S; P],
     k0: usize,
     kl: usize,
-    acc: &mut Acc,
+    acc: &mut [Acc; P],
 ) {
     let lp = left.tile(t0).as_ptr();
-    let mut a: [[__m512; 2]; R] = std::array::from_fn(|i| acc[i]);
-    // SAFETY: every access is inside the tile and the block (this function's contract).
+    let mut a: [[[__m512; 2]; R]; P] = std::array::from_fn(|q| std::array::from_fn(|i| acc[q][i]));
+    // SAFETY: every access is inside the tile and the blocks (this function's contract).
     unsafe {
         for k in 0..kl {
-            let w0 = S::load16(sp.add(k * NR));
-            let w1 = S::load16(sp.add(k * NR + 16));
             let bk = lp.add((k0 + k) * MR);
-            for (i, ai) in a.iter_mut().enumerate() {
-                let b = _mm512_set1_ps(*bk.add(i));
-                ai[0] = _mm512_fmadd_ps(b, w0, ai[0]);
-                ai[1] = _mm512_fmadd_ps(b, w1, ai[1]);
+            for (aq, &spq) in a.iter_mut().zip(&sp) {
+                let w0 = S::load16(spq.add(k * NR));
+                let w1 = S::load16(spq.add(k * NR + 16));
+                for (i, ai) in aq.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(*bk.add(i));
+                    ai[0] = _mm512_fmadd_ps(b, w0, ai[0]);
+                    ai[1] = _mm512_fmadd_ps(b, w1, ai[1]);
+                }
             }
         }
     }
-    acc[..R].copy_from_slice(&a);
+    for (accq, aq) in acc.iter_mut().zip(&a) {
+        accq[..R].copy_from_slice(aq);
+    }
 }
 
 /// f32 broadcasts against panels of `W`, staged into f32 blocks shared by the row tiles.
@@ -282,12 +299,13 @@ struct Fma<'a, W> {
 impl<W: Simd16> ChunkKernel for Fma<'_, W> {
     type Weight = W;
     type Staged = f32;
+    const IN_PLACE: bool = false;
     fn k_units(&self) -> usize {
         self.left.k_len
     }
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn stage(&self, wp: *const W, k0: usize, kl: usize, buf: &mut StageBuf) -> *const f32 {
+    unsafe fn stage(&self, wp: *const W, k0: usize, kl: usize, buf: &mut MaybeUninit<StageBuf>) -> *const f32 {
         // SAFETY: rows k0..k0 + kl of the panel exist (this trait method's contract), kl <= KC.
         unsafe {
             let src = wp.add(k0 * NR);
@@ -295,20 +313,30 @@ impl<W: Simd16> ChunkKernel for Fma<'_, W> {
                 return src.cast();
             }
             // f16 / bf16: widen the block once here rather than in every row tile's inner loop,
-            // where the conversions would compete with the FMAs for their port.
+            // where the conversions would compete with the FMAs for their port. The first kl rows
+            // of the buffer are written here, before the kernel reads them.
+            let dst = buf.as_mut_ptr().cast::<f32>();
             for k in 0..kl {
                 for h in 0..2 {
-                    _mm512_store_ps(buf.0.as_mut_ptr().add(k * NR + 16 * h), W::load16(src.add(k * NR + 16 * h)));
+                    _mm512_store_ps(dst.add(k * NR + 16 * h), W::load16(src.add(k * NR + 16 * h)));
                 }
             }
-            buf.0.as_ptr()
+            dst
         }
     }
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn run<const R: usize>(&self, t0: usize, sp: *const f32, k0: usize, kl: usize, _last: bool, acc: &mut Acc) {
-        // SAFETY: forwarded (the staged block holds kl rows of NR f32).
-        unsafe { fma_block::<f32, R>(&self.left, t0, sp, k0, kl, acc) }
+    unsafe fn run<const R: usize, const P: usize>(
+        &self,
+        t0: usize,
+        sp: [*const f32; P],
+        k0: usize,
+        kl: usize,
+        _last: bool,
+        acc: &mut [Acc; P],
+    ) {
+        // SAFETY: forwarded (each staged block holds kl rows of NR f32).
+        unsafe { fma_block::<f32, R, P>(&self.left, t0, sp, k0, kl, acc) }
     }
 }
 
@@ -322,20 +350,29 @@ struct FmaDirect<'a, W> {
 impl<W: Simd16> ChunkKernel for FmaDirect<'_, W> {
     type Weight = W;
     type Staged = W;
+    const IN_PLACE: bool = true;
     fn k_units(&self) -> usize {
         self.left.k_len
     }
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn stage(&self, wp: *const W, k0: usize, _kl: usize, _buf: &mut StageBuf) -> *const W {
+    unsafe fn stage(&self, wp: *const W, k0: usize, _kl: usize, _buf: &mut MaybeUninit<StageBuf>) -> *const W {
         // SAFETY: row k0 of the panel exists (this trait method's contract).
         unsafe { wp.add(k0 * NR) }
     }
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn run<const R: usize>(&self, t0: usize, sp: *const W, k0: usize, kl: usize, _last: bool, acc: &mut Acc) {
-        // SAFETY: forwarded (the block is read in place).
-        unsafe { fma_block::<W, R>(&self.left, t0, sp, k0, kl, acc) }
+    unsafe fn run<const R: usize, const P: usize>(
+        &self,
+        t0: usize,
+        sp: [*const W; P],
+        k0: usize,
+        kl: usize,
+        _last: bool,
+        acc: &mut [Acc; P],
+    ) {
+        // SAFETY: forwarded (the blocks are read in place).
+        unsafe { fma_block::<W, R, P>(&self.left, t0, sp, k0, kl, acc) }
     }
 }
 
@@ -348,51 +385,66 @@ struct Pairs<'a> {
 impl ChunkKernel for Pairs<'_> {
     type Weight = u32;
     type Staged = u32;
+    const IN_PLACE: bool = true;
     fn k_units(&self) -> usize {
         self.left.k_len
     }
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn stage(&self, wp: *const u32, k0: usize, _kl: usize, _buf: &mut StageBuf) -> *const u32 {
+    unsafe fn stage(&self, wp: *const u32, k0: usize, _kl: usize, _buf: &mut MaybeUninit<StageBuf>) -> *const u32 {
         // Pairs are read as they are packed. SAFETY: row k0 of the panel exists (contract).
         unsafe { wp.add(k0 * NR) }
     }
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
-    unsafe fn run<const R: usize>(&self, t0: usize, sp: *const u32, k0: usize, kl: usize, last: bool, acc: &mut Acc) {
-        // The block starts at pair k0.
-        let wp = sp.wrapping_sub(k0 * NR);
+    unsafe fn run<const R: usize, const P: usize>(
+        &self,
+        t0: usize,
+        sp: [*const u32; P],
+        k0: usize,
+        kl: usize,
+        last: bool,
+        acc: &mut [Acc; P],
+    ) {
+        // The blocks start at pair k0.
+        let wp = sp.map(|s| s.wrapping_sub(k0 * NR));
         let lp = self.left.tile(t0).as_ptr();
-        let mut a: [[__m512; 2]; R] = std::array::from_fn(|i| acc[i]);
+        let mut a: [[[__m512; 2]; R]; P] = std::array::from_fn(|q| std::array::from_fn(|i| acc[q][i]));
         let full = self.n / 2;
-        // SAFETY: the left tile is [ceil(n / 2)][MR] pairs and R <= MR; the panel holds at least
+        // SAFETY: the left tile is [ceil(n / 2)][MR] pairs and R <= MR; each panel holds at least
         // ceil(n / 2) pair rows (this trait method's contract).
         unsafe {
             for p in k0..(k0 + kl).min(full) {
-                let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wp.add(p * NR).cast()));
-                let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(wp.add(p * NR + 16).cast()));
                 let bp = lp.add(p * MR);
-                for (i, ai) in a.iter_mut().enumerate() {
-                    let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(*bp.add(i) as i32));
-                    ai[0] = _mm512_dpbf16_ps(ai[0], b, w0);
-                    ai[1] = _mm512_dpbf16_ps(ai[1], b, w1);
+                for (aq, &wq) in a.iter_mut().zip(&wp) {
+                    let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wq.add(p * NR).cast()));
+                    let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(wq.add(p * NR + 16).cast()));
+                    for (i, ai) in aq.iter_mut().enumerate() {
+                        let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(*bp.add(i) as i32));
+                        ai[0] = _mm512_dpbf16_ps(ai[0], b, w0);
+                        ai[1] = _mm512_dpbf16_ps(ai[1], b, w1);
+                    }
                 }
             }
             if last && self.n % 2 == 1 {
                 // The last k has no partner: one f32 FMA with the low halves of the last pair
                 // row, so the weight past the layer's n is never touched.
                 let lo = |v: __m512i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
-                let w0 = lo(_mm512_loadu_si512(wp.add(full * NR).cast()));
-                let w1 = lo(_mm512_loadu_si512(wp.add(full * NR + 16).cast()));
                 let bp = lp.add(full * MR);
-                for (i, ai) in a.iter_mut().enumerate() {
-                    let b = _mm512_set1_ps(f32::from_bits((*bp.add(i) & 0xffff) << 16));
-                    ai[0] = _mm512_fmadd_ps(b, w0, ai[0]);
-                    ai[1] = _mm512_fmadd_ps(b, w1, ai[1]);
+                for (aq, &wq) in a.iter_mut().zip(&wp) {
+                    let w0 = lo(_mm512_loadu_si512(wq.add(full * NR).cast()));
+                    let w1 = lo(_mm512_loadu_si512(wq.add(full * NR + 16).cast()));
+                    for (i, ai) in aq.iter_mut().enumerate() {
+                        let b = _mm512_set1_ps(f32::from_bits((*bp.add(i) & 0xffff) << 16));
+                        ai[0] = _mm512_fmadd_ps(b, w0, ai[0]);
+                        ai[1] = _mm512_fmadd_ps(b, w1, ai[1]);
+                    }
                 }
             }
         }
-        acc[..R].copy_from_slice(&a);
+        for (accq, aq) in acc.iter_mut().zip(&a) {
+            accq[..R].copy_from_slice(aq);
+        }
     }
 }
 
@@ -462,7 +514,7 @@ unsafe fn chunk<K: ChunkKernel, T: Simd16, const R: usize>(
     }
     // SAFETY: forwarded contracts of `ChunkKernel::run` and `store_tile`.
     unsafe {
-        kern.run::<R>(t0, wp, k0, kl, last, acc);
+        kern.run::<R, 1>(t0, [wp], k0, kl, last, std::array::from_mut(acc));
         if last {
             let tile: &[[__m512; 2]; R] = acc[..R].try_into().expect("R <= MR");
             store_tile::<T, R>(sink, t0, col0, tile);
@@ -487,10 +539,22 @@ unsafe fn drive<K: ChunkKernel, T: Simd16>(
     sink: &Sink<'_, T>,
 ) {
     debug_assert!(kern.k_units() <= right.k_cap());
+    if K::IN_PLACE {
+        // SAFETY: forwarded.
+        unsafe {
+            match rows {
+                1 => return drive_few::<K, T, 1, 4>(kern, right, range, sink),
+                2 => return drive_few::<K, T, 2, 4>(kern, right, range, sink),
+                3 => return drive_few::<K, T, 3, 2>(kern, right, range, sink),
+                4 => return drive_few::<K, T, 4, 2>(kern, right, range, sink),
+                _ => {}
+            }
+        }
+    }
     let cols = sink.cols();
     let k_units = kern.k_units();
     let mut partial: [Acc; GROUP] = [[[_mm512_setzero_ps(); 2]; MR]; GROUP];
-    let mut buf = StageBuf([0.0; KC * NR]);
+    let mut buf = MaybeUninit::<StageBuf>::uninit();
     for p in range {
         let col0 = p * NR;
         if col0 >= cols {
@@ -522,6 +586,68 @@ unsafe fn drive<K: ChunkKernel, T: Simd16>(
                     }
                 }
             }
+        }
+    }
+}
+
+/// [`drive`] for a tile of `R <= 4` rows (decode), `P` panels per micro-kernel call over the whole
+/// k range. One panel gives such a tile only `2·R` independent accumulator chains, fewer than the
+/// FMA / `vdpbf16ps` latency times their throughput, and a one-row call then waited on the chain
+/// rather than on its weights; `P` panels give `2·R·P` chains (each the same as with one panel).
+///
+/// # Safety
+/// As [`drive`], with `rows == R` and `K::IN_PLACE`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+unsafe fn drive_few<K: ChunkKernel, T: Simd16, const R: usize, const P: usize>(
+    kern: &K,
+    right: &Panels<K::Weight>,
+    range: Range<usize>,
+    sink: &Sink<'_, T>,
+) {
+    let end = range.end.min(sink.cols().div_ceil(NR));
+    let mut p = range.start;
+    while p < end {
+        // SAFETY: panels p.. are in range and below end; the rest is forwarded.
+        unsafe {
+            if end - p >= P {
+                few_panels::<K, T, R, P>(kern, right, p, sink);
+                p += P;
+            } else {
+                few_panels::<K, T, R, 1>(kern, right, p, sink);
+                p += 1;
+            }
+        }
+    }
+}
+
+/// Panels `p .. p + P` of [`drive_few`], stored through the sink.
+///
+/// # Safety
+/// As [`drive_few`]; panels `p .. p + P` exist and have columns in the sink.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+unsafe fn few_panels<K: ChunkKernel, T: Simd16, const R: usize, const P: usize>(
+    kern: &K,
+    right: &Panels<K::Weight>,
+    p: usize,
+    sink: &Sink<'_, T>,
+) {
+    let k_units = kern.k_units();
+    let mut acc: [Acc; P] = [[[_mm512_setzero_ps(); 2]; MR]; P];
+    let mut buf = MaybeUninit::<StageBuf>::uninit();
+    // SAFETY: IN_PLACE kernels stage by pointer arithmetic over the whole k range (k_units <=
+    // k_cap) and never touch the buffer; rows 0..R are the sink's; forwarded otherwise.
+    unsafe {
+        let sp: [*const K::Staged; P] =
+            std::array::from_fn(|q| kern.stage(right.panel(p + q).as_ptr(), 0, k_units, &mut buf));
+        for q in 0..P {
+            prefetch_old::<T, R>(sink, 0, (p + q) * NR);
+        }
+        kern.run::<R, P>(0, sp, 0, k_units, true, &mut acc);
+        for (q, a) in acc.iter().enumerate() {
+            let tile: &[[__m512; 2]; R] = a[..R].try_into().expect("R <= MR");
+            store_tile::<T, R>(sink, 0, (p + q) * NR, tile);
         }
     }
 }
