@@ -195,11 +195,17 @@ unsafe fn store_tile<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, c
     }
 }
 
-/// Units of k per cache block: a panel's block (`KC x 32` weights, 8 KiB in f32) stays in L1
-/// while every row tile of a group runs over it. For k-pairs a unit is a pair. Measured here (one
-/// thread, n = 4096): 256 reached about 50% of the FMA peak, 128 about 55%, 64 and 48 about 70%,
-/// 32 no better than 64; larger blocks let the left tiles evict the panel block from L1.
+/// Units of k per cache block of the f32-FMA kernels: a panel's block (`KC x 32` weights, 8 KiB in
+/// f32) stays in L1 while every row tile of a group runs over it. Measured on an Intel CPU with a
+/// 48 KiB L1 (one thread, n = 4096): 256 reached about 50% of the FMA peak, 128 about 55%, 64 and
+/// 48 about 70%, 32 no better than 64; larger blocks let the left tiles evict the panel block
+/// from L1. (On the AMD Zen 4 VM of the README's table 128 was 2-4% faster for f32 and mixed for
+/// f16, so the Intel figure stands.)
 const KC: usize = 64;
+/// Units of k (pairs) per cache block of the `vdpbf16ps` kernel, which only the AMD tier runs: 128
+/// pairs (16 KiB of panel) halve the per-block reload of a tile's accumulators against 64 and
+/// measured 1-3% faster on the bf16 prefill shapes (Zen 4, one thread, interleaved runs).
+const KC_PAIRS: usize = 128;
 /// Row tiles per group: their partial sums (`GROUP x MR x 32` f32, 8 KiB) stay in L1 between
 /// k blocks.
 const GROUP: usize = 8;
@@ -214,6 +220,8 @@ trait ChunkKernel {
     type Weight;
     /// The element type the micro-kernel reads a staged block in.
     type Staged;
+    /// Units of k per cache block (see [`KC`]); at most [`KC`] for kernels that stage.
+    const KC: usize;
     /// Whether [`ChunkKernel::stage`] returns the panel itself (never writes the buffer), so that
     /// one call can run over the whole k range.
     const IN_PLACE: bool;
@@ -223,7 +231,7 @@ trait ChunkKernel {
     /// a copy widened into `buf` once for all the row tiles that read it.
     ///
     /// # Safety
-    /// The tier's features are present; the panel holds at least `k0 + kl <= KC + k0` rows.
+    /// The tier's features are present; the panel holds at least `k0 + kl` rows, `kl <= Self::KC`.
     unsafe fn stage(
         &self,
         wp: *const Self::Weight,
@@ -299,6 +307,7 @@ struct Fma<'a, W> {
 impl<W: Simd16> ChunkKernel for Fma<'_, W> {
     type Weight = W;
     type Staged = f32;
+    const KC: usize = KC;
     const IN_PLACE: bool = false;
     fn k_units(&self) -> usize {
         self.left.k_len
@@ -350,6 +359,7 @@ struct FmaDirect<'a, W> {
 impl<W: Simd16> ChunkKernel for FmaDirect<'_, W> {
     type Weight = W;
     type Staged = W;
+    const KC: usize = KC;
     const IN_PLACE: bool = true;
     fn k_units(&self) -> usize {
         self.left.k_len
@@ -385,6 +395,7 @@ struct Pairs<'a> {
 impl ChunkKernel for Pairs<'_> {
     type Weight = u32;
     type Staged = u32;
+    const KC: usize = KC_PAIRS;
     const IN_PLACE: bool = true;
     fn k_units(&self) -> usize {
         self.left.k_len
@@ -564,11 +575,11 @@ unsafe fn drive<K: ChunkKernel, T: Simd16>(
         for g0 in (0..rows).step_by(MR * GROUP) {
             let g_end = rows.min(g0 + MR * GROUP);
             // At least one (possibly empty) block, so that k = 0 still stores its zeros.
-            for k0 in (0..k_units.max(1)).step_by(KC) {
-                let kl = KC.min(k_units.saturating_sub(k0));
+            for k0 in (0..k_units.max(1)).step_by(K::KC) {
+                let kl = K::KC.min(k_units.saturating_sub(k0));
                 // SAFETY: rows k0..k0 + kl of the panel exist (k_units <= k_cap).
                 let sp = unsafe { kern.stage(wp, k0, kl, &mut buf) };
-                let blk = Block { wp: sp, col0, k0, kl, last: k0 + KC >= k_units };
+                let blk = Block { wp: sp, col0, k0, kl, last: k0 + K::KC >= k_units };
                 for (acc, t0) in partial.iter_mut().zip((g0..g_end).step_by(MR)) {
                     // SAFETY: rows t0..t0+R < rows, k0 + kl <= k_units; the rest is this
                     // function's contract.
