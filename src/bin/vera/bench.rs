@@ -143,25 +143,34 @@ impl Row {
         self.decode().then(|| (r + t) * (n + m) * self.dtype.size_bytes())
     }
 
-    /// The share of the binding roofline the fused kernel reached, in percent, with its name:
-    /// compute for prefill (f32 FMA peak; for bf16 on a tier with `vdpbf16ps`, which runs both
-    /// products, the bf16 dot-product peak), bytes moved for decode, against
-    /// `read_gbps`: the read bandwidth measured on a buffer of the same size, so of the level of
-    /// the memory hierarchy those bytes live in between calls.
+    /// The share of the binding roofline the fused kernel reached, in percent, with its name.
+    ///
+    /// The compute bound is the FLOPs at the f32 FMA peak (for bf16 on a tier with `vdpbf16ps`,
+    /// which runs both products, the bf16 dot-product peak). For decode, the bytes bound is the
+    /// bytes moved at `read_gbps`: the read bandwidth measured on a buffer of the same size, so of
+    /// the level of the memory hierarchy those bytes live in between calls. The roofline that binds
+    /// is the larger of the two times: a decode case with a large enough rank and T is
+    /// compute-bound, and then the share of the bytes bound is printed after it.
     pub fn roofline(&self, p: &Peak, read_gbps: Option<f64>) -> (f64, String) {
-        let Shape { t, n, m, r } = self.shape;
         let secs = self.fused_ms * 1e-3;
-        if let (Some(bytes), Some(bw)) = (self.decode_bytes(), read_gbps) {
-            let pct = 100.0 * bytes as f64 / secs / (bw * 1e9);
-            (pct, format!("bytes ({:.0} GB/s at {} MiB)", bw, bytes.div_ceil(1 << 20)))
-        } else {
-            let down = 2.0 * (t * r * n) as f64;
-            let up = 2.0 * (t * r * m) as f64;
-            let best = match (self.isa.as_str(), p.bf16_gflops) {
-                ("avx512bf16", Some(bf)) => (down + up) / (bf * 1e9),
-                _ => (down + up) / (p.f32_gflops * 1e9),
-            };
-            (100.0 * best / secs, "compute".to_string())
+        let rate = match (self.isa.as_str(), p.bf16_gflops) {
+            ("avx512bf16", Some(bf)) => bf,
+            _ => p.f32_gflops,
+        };
+        let compute_s = self.shape.fused_flops() / (rate * 1e9);
+        let compute_pct = 100.0 * compute_s / secs;
+        match (self.decode_bytes(), read_gbps) {
+            (Some(bytes), Some(bw)) => {
+                let bytes_s = bytes as f64 / (bw * 1e9);
+                let bytes_pct = 100.0 * bytes_s / secs;
+                let level = format!("bytes ({:.0} GB/s at {} MiB)", bw, bytes.div_ceil(1 << 20));
+                if compute_s > bytes_s {
+                    (compute_pct, format!("compute; {bytes_pct:.1}% of {level}"))
+                } else {
+                    (bytes_pct, level)
+                }
+            }
+            _ => (compute_pct, "compute".to_string()),
         }
     }
 }
@@ -201,5 +210,40 @@ pub fn table_row(row: &Row, peak: Option<(&Peak, Option<f64>)>) -> String {
             format!("{line}  {pct:5.1}% {level}")
         }
         None => line,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(shape: Shape, dtype: DType, isa: &str, fused_ms: f64) -> Row {
+        Row { shape, dtype, threads: 2, isa: isa.to_string(), fused_ms, dense_ms: None, unfused_ms: fused_ms }
+    }
+
+    const PEAK: Peak =
+        Peak { threads: 2, f32_gflops: 200.0, bf16_gflops: Some(400.0), cache_gbps: 100.0, memory_gbps: 40.0 };
+
+    #[test]
+    fn the_larger_bound_binds() {
+        // T = 1: 2·(n + m)·r = 4.19 MFLOP take 21 us at 200 GFLOP/s; (r + 1)·(n + m)·4 bytes
+        // = 8.42 MB take 84 us at 100 GB/s, so bytes bind: 84 / 100 us.
+        let t1 = row(Shape { t: 1, n: 4096, m: 4096, r: 256 }, DType::F32, "avx512", 0.1);
+        let (pct, level) = t1.roofline(&PEAK, Some(100.0));
+        assert!((pct - 84.21).abs() < 0.01, "{pct}");
+        assert!(level.starts_with("bytes (100 GB/s at 9 MiB)"), "{level}");
+        // T = 8, r = 1024, f16 on FMA: 134.2 MFLOP take 671 us; 16.9 MB take 169 us: compute binds.
+        let t8 = row(Shape { t: 8, n: 4096, m: 4096, r: 1024 }, DType::F16, "avx512", 1.0);
+        let (pct, level) = t8.roofline(&PEAK, Some(100.0));
+        assert!((pct - 67.11).abs() < 0.01, "{pct}");
+        assert!(level.starts_with("compute; 16.9% of bytes"), "{level}");
+        // The same case in bf16 on vdpbf16ps: twice the rate halves the compute bound.
+        let bf = row(Shape { t: 8, n: 4096, m: 4096, r: 1024 }, DType::BF16, "avx512bf16", 1.0);
+        assert!((bf.roofline(&PEAK, Some(100.0)).0 - 33.55).abs() < 0.01);
+        // Prefill: compute only.
+        let pre = row(Shape { t: 512, n: 768, m: 768, r: 1024 }, DType::F32, "avx512", 10.0);
+        let (pct, level) = pre.roofline(&PEAK, None);
+        assert!((pct - 80.53).abs() < 0.01, "{pct}");
+        assert_eq!(level, "compute");
     }
 }
