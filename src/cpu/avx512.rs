@@ -601,10 +601,11 @@ unsafe fn drive<K: ChunkKernel, T: Simd16>(
     }
 }
 
-/// [`drive`] for a tile of `R <= 4` rows (decode), `P` panels per micro-kernel call over the whole
-/// k range. One panel gives such a tile only `2·R` independent accumulator chains, fewer than the
-/// FMA / `vdpbf16ps` latency times their throughput, and a one-row call then waited on the chain
-/// rather than on its weights; `P` panels give `2·R·P` chains (each the same as with one panel).
+/// [`drive`] for a tile of `R <= 4` rows (decode): up to `P` panels per micro-kernel call, over the
+/// whole k range. One panel gives such a tile only `2·R` independent accumulator chains, fewer than
+/// the FMA / `vdpbf16ps` latency times their throughput, and a one-row call then waited on the
+/// chain rather than on its weights; `P` panels give `2·R·P` chains (each the same as with one
+/// panel). A range of fewer panels (a thread's share of a small layer) takes them all at once.
 ///
 /// # Safety
 /// As [`drive`], with `rows == R` and `K::IN_PLACE`.
@@ -619,16 +620,17 @@ unsafe fn drive_few<K: ChunkKernel, T: Simd16, const R: usize, const P: usize>(
     let end = range.end.min(sink.cols().div_ceil(NR));
     let mut p = range.start;
     while p < end {
-        // SAFETY: panels p.. are in range and below end; the rest is forwarded.
+        let step = P.min(end - p);
+        // SAFETY: panels p..p + step are in range and below end; the rest is forwarded.
         unsafe {
-            if end - p >= P {
-                few_panels::<K, T, R, P>(kern, right, p, sink);
-                p += P;
-            } else {
-                few_panels::<K, T, R, 1>(kern, right, p, sink);
-                p += 1;
+            match step {
+                1 => few_panels::<K, T, R, 1>(kern, right, p, sink),
+                2 => few_panels::<K, T, R, 2>(kern, right, p, sink),
+                3 => few_panels::<K, T, R, 3>(kern, right, p, sink),
+                _ => few_panels::<K, T, R, P>(kern, right, p, sink),
             }
         }
+        p += step;
     }
 }
 
