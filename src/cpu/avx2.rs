@@ -57,16 +57,16 @@ impl Simd8 for bf16 {
     }
 }
 
-/// One register pass: rows `r0..r0 + R` of the tile at `lp`, columns `c0..c0 + 16` of the panel at
+/// One register pass: rows `r0..r0 + R` of the tile at `lp` (`lanes` per k), columns `c0..c0 + 16` of the panel at
 /// `wp`, over `k0..k0 + kl`, accumulating into `acc` (row-major `[MR][NR]` f32 partial sums).
 ///
 /// # Safety
-/// AVX2, FMA and F16C are available; the tile is `[k_len][MR]`, the panel `[k_cap][NR]`, with
-/// `k0 + kl` within both; `r0 + R <= MR`, `c0 + 16 <= NR`.
+/// AVX2, FMA and F16C are available; the tile is `[k_len][lanes]`, the panel `[k_cap][NR]`, with
+/// `k0 + kl` within both; `r0 + R <= lanes`, `c0 + 16 <= NR`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn pass<W: Simd8, const R: usize>(
-    lp: *const f32,
+    (lp, lanes): (*const f32, usize),
     wp: *const W,
     k0: usize,
     kl: usize,
@@ -81,7 +81,7 @@ unsafe fn pass<W: Simd8, const R: usize>(
         for k in k0..k0 + kl {
             let w0 = W::load8(wp.add(k * NR + c0));
             let w1 = W::load8(wp.add(k * NR + c0 + 8));
-            let bk = lp.add(k * MR + r0);
+            let bk = lp.add(k * lanes + r0);
             for (i, ai) in a.iter_mut().enumerate() {
                 let b = _mm256_broadcast_ss(&*bk.add(i));
                 ai[0] = _mm256_fmadd_ps(b, w0, ai[0]);
@@ -96,11 +96,12 @@ unsafe fn pass<W: Simd8, const R: usize>(
     }
 }
 
-/// One k block of a whole row tile of `rows` (<= MR) rows: the four register passes.
+/// One k block of a whole row tile of `rows` (<= lanes <= MR) rows: the four register passes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_block<W: Simd8>(
     lp: *const f32,
+    lanes: usize,
     wp: *const W,
     k0: usize,
     kl: usize,
@@ -109,13 +110,13 @@ unsafe fn tile_block<W: Simd8>(
 ) {
     for c0 in (0..NR).step_by(PC) {
         for r0 in (0..rows).step_by(PR) {
-            // SAFETY: r0 + R <= rows <= MR, c0 + 16 <= NR; the rest is the caller's contract.
+            // SAFETY: r0 + R <= rows <= lanes, c0 + 16 <= NR; the rest is the caller's contract.
             unsafe {
                 match rows - r0 {
-                    1 => pass::<W, 1>(lp, wp, k0, kl, r0, c0, acc),
-                    2 => pass::<W, 2>(lp, wp, k0, kl, r0, c0, acc),
-                    3 => pass::<W, 3>(lp, wp, k0, kl, r0, c0, acc),
-                    _ => pass::<W, PR>(lp, wp, k0, kl, r0, c0, acc),
+                    1 => pass::<W, 1>((lp, lanes), wp, k0, kl, r0, c0, acc),
+                    2 => pass::<W, 2>((lp, lanes), wp, k0, kl, r0, c0, acc),
+                    3 => pass::<W, 3>((lp, lanes), wp, k0, kl, r0, c0, acc),
+                    _ => pass::<W, PR>((lp, lanes), wp, k0, kl, r0, c0, acc),
                 }
             }
         }
@@ -151,7 +152,7 @@ unsafe fn gemm<W: Simd8, T: Element>(left: Left<'_, f32>, right: &Panels<W>, ran
                 for (acc, t0) in partial.iter_mut().zip((g0..g_end).step_by(MR)) {
                     let lp = left.tile(t0).as_ptr();
                     // SAFETY: the tile holds k_len rows, the panel k_cap >= k_len; rows clipped.
-                    unsafe { tile_block(lp, wp, k0, kl, MR.min(g_end - t0), acc) };
+                    unsafe { tile_block(lp, left.lanes, wp, k0, kl, MR.min(g_end - t0), acc) };
                 }
             }
             for (acc, t0) in partial.iter().zip((g0..g_end).step_by(MR)) {

@@ -264,7 +264,7 @@ struct StageBuf([f32; KC * NR]);
 /// `S`) widened as they are loaded.
 ///
 /// # Safety
-/// AVX-512F/BW/VL, FMA and F16C are present; the left tile is `[k_len][MR]` with `R <= MR` and
+/// AVX-512F/BW/VL, FMA and F16C are present; the left tile is `[k_len][lanes]` with `R <= lanes` and
 /// `k0 + kl <= k_len`; each `sp[q]` points at `kl` rows of `NR` weights.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
@@ -276,12 +276,12 @@ unsafe fn fma_block<S: Simd16, const R: usize, const P: usize>(
     kl: usize,
     acc: &mut [Acc; P],
 ) {
-    let lp = left.tile(t0).as_ptr();
+    let (lp, lanes) = (left.tile(t0).as_ptr(), left.lanes);
     let mut a: [[[__m512; 2]; R]; P] = std::array::from_fn(|q| std::array::from_fn(|i| acc[q][i]));
     // SAFETY: every access is inside the tile and the blocks (this function's contract).
     unsafe {
         for k in 0..kl {
-            let bk = lp.add((k0 + k) * MR);
+            let bk = lp.add((k0 + k) * lanes);
             for (aq, &spq) in a.iter_mut().zip(&sp) {
                 let w0 = S::load16(spq.add(k * NR));
                 let w1 = S::load16(spq.add(k * NR + 16));
@@ -419,14 +419,14 @@ impl ChunkKernel for Pairs<'_> {
     ) {
         // The blocks start at pair k0.
         let wp = sp.map(|s| s.wrapping_sub(k0 * NR));
-        let lp = self.left.tile(t0).as_ptr();
+        let (lp, lanes) = (self.left.tile(t0).as_ptr(), self.left.lanes);
         let mut a: [[[__m512; 2]; R]; P] = std::array::from_fn(|q| std::array::from_fn(|i| acc[q][i]));
         let full = self.n / 2;
-        // SAFETY: the left tile is [ceil(n / 2)][MR] pairs and R <= MR; each panel holds at least
+        // SAFETY: the left tile is [ceil(n / 2)][lanes] pairs and R <= lanes; each panel holds at least
         // ceil(n / 2) pair rows (this trait method's contract).
         unsafe {
             for p in k0..(k0 + kl).min(full) {
-                let bp = lp.add(p * MR);
+                let bp = lp.add(p * lanes);
                 for (aq, &wq) in a.iter_mut().zip(&wp) {
                     let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wq.add(p * NR).cast()));
                     let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(wq.add(p * NR + 16).cast()));
@@ -441,7 +441,7 @@ impl ChunkKernel for Pairs<'_> {
                 // The last k has no partner: one f32 FMA with the low halves of the last pair
                 // row, so the weight past the layer's n is never touched.
                 let lo = |v: __m512i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
-                let bp = lp.add(full * MR);
+                let bp = lp.add(full * lanes);
                 for (aq, &wq) in a.iter_mut().zip(&wp) {
                     let w0 = lo(_mm512_loadu_si512(wq.add(full * NR).cast()));
                     let w1 = lo(_mm512_loadu_si512(wq.add(full * NR + 16).cast()));

@@ -113,13 +113,17 @@ impl<W> PanelsPtr<W> {
 }
 
 /// The left operand of a product (activations, `u`, ...), packed per call into tiles of `MR` rows:
-/// tile `t / MR` is `[k_len][MR]`, so that a micro-kernel broadcasts all of its rows for one k
-/// from one cache line. Rows past the end of the last tile are zero.
+/// tile `t / MR` is `[k_len][lanes]`, so that a micro-kernel broadcasts all of its rows for one k
+/// from one cache line. `lanes` is `MR`, and lanes past the last row are zero; except that an
+/// operand of fewer than `MR` rows (decode) is one tile of exactly `rows` lanes, so that a one-row
+/// call neither writes nor reads seven lanes of zeros per k.
 #[derive(Debug)]
 pub(crate) struct Left<'a, E> {
     data: &'a [E],
     pub(crate) rows: usize,
     pub(crate) k_len: usize,
+    /// Elements per k in a tile: the stride between one k and the next.
+    pub(crate) lanes: usize,
 }
 
 impl<E> Clone for Left<'_, E> {
@@ -138,15 +142,25 @@ impl<'a, E> Left<'a, E> {
     /// Rows `r0 .. r0 + n` (`r0` a multiple of `MR`; asserted).
     pub(crate) fn rows(&self, r0: usize, n: usize) -> Self {
         assert!(r0.is_multiple_of(MR) && r0 + n <= self.rows, "Left::rows out of range");
-        let start = (r0 / MR) * MR * self.k_len;
-        Self { data: &self.data[start..], rows: n, k_len: self.k_len }
+        let start = (r0 / MR) * self.lanes * self.k_len;
+        Self { data: &self.data[start..], rows: n, k_len: self.k_len, lanes: self.lanes }
     }
 
-    /// The tile holding rows `t0 .. t0 + MR` (`t0` a multiple of `MR`, `t0 < rows`), as `[k_len][MR]`.
+    /// The tile holding rows `t0 .. t0 + MR` (`t0` a multiple of `MR`, `t0 < rows`), as
+    /// `[k_len][lanes]`.
     #[inline(always)]
     pub(crate) fn tile(&self, t0: usize) -> &'a [E] {
-        let start = (t0 / MR) * MR * self.k_len;
-        &self.data[start..start + MR * self.k_len]
+        let start = (t0 / MR) * self.lanes * self.k_len;
+        &self.data[start..start + self.lanes * self.k_len]
+    }
+
+    /// The number of lanes [`pack_tiles`] uses for `rows` rows.
+    fn lanes_for(rows: usize) -> usize {
+        if rows < MR {
+            rows
+        } else {
+            MR
+        }
     }
 }
 
@@ -156,20 +170,23 @@ impl<'a, E> Left<'a, E> {
 /// a bf16 prefill call.
 const PACK_KB: usize = 64;
 
-/// Fills the tiles of a packed `rows x k_len` operand in `out`: `fill(t, k0, row)` writes elements
-/// `k0 .. k0 + row.len()` of row `t` into `row`; element `k` of lane `i` of a tile lands at
-/// `tile[k * MR + i]`, and lanes past the last row are zero.
+/// Fills the tiles of a packed `rows x k_len` operand in `out` and returns its lane count (see
+/// [`Left`]): `fill(t, k0, row)` writes elements `k0 .. k0 + row.len()` of row `t` into `row`;
+/// element `k` of lane `i` of a tile lands at `tile[k * lanes + i]`.
 fn pack_tiles<O: Copy + Default>(
     rows: usize,
     k_len: usize,
     out: &mut [O],
     mut fill: impl FnMut(usize, usize, &mut [O]),
-) {
-    for (tile, dst) in out.chunks_mut((MR * k_len).max(1)).enumerate() {
+) -> usize {
+    let lanes = Left::<O>::lanes_for(rows);
+    for (tile, dst) in out.chunks_mut((lanes * k_len).max(1)).enumerate() {
         let real = rows.saturating_sub(tile * MR).min(MR);
-        if real < MR {
-            // One contiguous clear, then only the real lanes: a decode call (one row) would
-            // otherwise spend most of its packing on the other seven lanes' zeros.
+        if real == 0 {
+            break;
+        }
+        if real < lanes {
+            // Only the last of several tiles: its lanes past the last row must read as zero.
             dst.fill(O::default());
         }
         let mut block = [[O::default(); PACK_KB]; MR];
@@ -178,18 +195,19 @@ fn pack_tiles<O: Copy + Default>(
             for (i, row) in block.iter_mut().enumerate().take(real) {
                 fill(tile * MR + i, k0, &mut row[..kb]);
             }
-            let dst = &mut dst[k0 * MR..(k0 + kb) * MR];
-            if real == MR {
+            let dst = &mut dst[k0 * lanes..(k0 + kb) * lanes];
+            if lanes == MR && real == MR {
                 transpose_block(&block, dst);
             } else {
                 for (i, row) in block.iter().enumerate().take(real) {
                     for (k, &v) in row[..kb].iter().enumerate() {
-                        dst[k * MR + i] = v;
+                        dst[k * lanes + i] = v;
                     }
                 }
             }
         }
     }
+    lanes
 }
 
 /// `dst[k * MR + i] = block[i][k]` for the `dst.len() / MR` first k (a full tile: the fixed lane
@@ -207,8 +225,9 @@ fn transpose_block<O: Copy>(block: &[[O; PACK_KB]; MR], dst: &mut [O]) {
 pub(crate) fn pack_rows<'o, E: Element>(src: MatRef<'_, E>, out: &'o mut [f32]) -> Left<'o, f32> {
     let (rows, k_len) = (src.rows(), src.cols());
     let out = &mut out[..Left::<f32>::len_for(rows, k_len)];
-    pack_tiles(rows, k_len, out, |t, k0, dst| E::widen_slice(&src.row_unchecked(t)[k0..k0 + dst.len()], dst));
-    Left { data: out, rows, k_len }
+    let lanes =
+        pack_tiles(rows, k_len, out, |t, k0, dst| E::widen_slice(&src.row_unchecked(t)[k0..k0 + dst.len()], dst));
+    Left { data: out, rows, k_len, lanes }
 }
 
 /// Packs the transpose of `src` (`k_len x rows`: the operand's rows are `src`'s columns) into
@@ -226,7 +245,7 @@ pub(crate) fn pack_cols<'o, E: Element>(src: MatRef<'_, E>, out: &'o mut [f32]) 
             out[at..at + chunk.len()].copy_from_slice(&buf[..chunk.len()]);
         }
     }
-    Left { data: out, rows, k_len }
+    Left { data: out, rows, k_len, lanes: MR }
 }
 
 /// Packs bf16 rows (`rows x n`, as bits) into k-pairs: each u32 holds elements `2p` (low half)
@@ -235,7 +254,7 @@ pub(crate) fn pack_pairs<'o>(src: MatRef<'_, u16>, out: &'o mut [u32]) -> Left<'
     let (rows, n) = (src.rows(), src.cols());
     let k_len = n.div_ceil(2);
     let out = &mut out[..Left::<u32>::len_for(rows, k_len)];
-    pack_tiles(rows, k_len, out, |t, p0, dst| {
+    let lanes = pack_tiles(rows, k_len, out, |t, p0, dst| {
         let row = &src.row_unchecked(t)[2 * p0..n.min(2 * (p0 + dst.len()))];
         let (pairs, rest) = row.as_chunks::<2>();
         for (d, &[lo, hi]) in dst.iter_mut().zip(pairs) {
@@ -245,7 +264,7 @@ pub(crate) fn pack_pairs<'o>(src: MatRef<'_, u16>, out: &'o mut [u32]) -> Left<'
             dst[pairs.len()] = u32::from(*last);
         }
     });
-    Left { data: out, rows, k_len }
+    Left { data: out, rows, k_len, lanes }
 }
 
 /// `src` (f32) rounded to bf16 (to nearest, ties to even) and packed as k-pairs like
@@ -254,7 +273,7 @@ pub(crate) fn pack_pairs_rounded<'o>(src: MatRef<'_, f32>, out: &'o mut [u32]) -
     let (rows, n) = (src.rows(), src.cols());
     let k_len = n.div_ceil(2);
     let out = &mut out[..Left::<u32>::len_for(rows, k_len)];
-    pack_tiles(rows, k_len, out, |t, p0, dst| {
+    let lanes = pack_tiles(rows, k_len, out, |t, p0, dst| {
         let row = &src.row_unchecked(t)[2 * p0..n.min(2 * (p0 + dst.len()))];
         let (pairs, rest) = row.as_chunks::<2>();
         for (d, &[lo, hi]) in dst.iter_mut().zip(pairs) {
@@ -264,7 +283,7 @@ pub(crate) fn pack_pairs_rounded<'o>(src: MatRef<'_, f32>, out: &'o mut [u32]) -
             dst[pairs.len()] = bf16_bits(*last);
         }
     });
-    Left { data: out, rows, k_len }
+    Left { data: out, rows, k_len, lanes }
 }
 
 /// `v` rounded to bf16 (to nearest, ties to even; NaN stays a quiet NaN), as its 16 bits: the same

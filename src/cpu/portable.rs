@@ -54,7 +54,7 @@ unsafe fn gemm<W: Element, T: Element>(
                 for k in 0..left.k_len {
                     let w = load8(&panel[k * NR + c..]);
                     for (i, a) in acc.iter_mut().enumerate().take(rows) {
-                        *a = f32x8::splat(lt[k * MR + i]).mul_add(w, *a);
+                        *a = f32x8::splat(lt[k * left.lanes + i]).mul_add(w, *a);
                     }
                 }
                 let n = LANES.min(width - c);
