@@ -131,6 +131,15 @@ unsafe fn tile_block<W: Simd8>(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn gemm<W: Simd8, T: Element>(left: Left<'_, f32>, right: &Panels<W>, range: Range<usize>, sink: &Sink<'_, T>) {
     debug_assert!(left.k_len <= right.k_cap());
+    if left.rows <= 2 {
+        // SAFETY: forwarded.
+        unsafe {
+            return match left.rows {
+                1 => gemm_few::<W, T, 1, 2>(left, right, range, sink),
+                _ => gemm_few::<W, T, 2, 1>(left, right, range, sink),
+            };
+        }
+    }
     const GROUP: usize = 8;
     let cols = sink.cols();
     let k_len = left.k_len;
@@ -161,6 +170,84 @@ unsafe fn gemm<W: Simd8, T: Element>(left: Left<'_, f32>, right: &Panels<W>, ran
                     unsafe { sink.store_row(t0 + i, col0, &row[..width]) };
                 }
             }
+        }
+    }
+}
+
+/// [`gemm`] for 1 or 2 rows (decode): all 32 columns of up to `P` panels per pass, over the whole
+/// k range. A 16-column pass of one row has two accumulator chains, and a one-row call waited on
+/// the FMA latency instead of its weights; this gives `4·R·P` chains, each the same FMA chain over
+/// k in order as in [`pass`].
+///
+/// # Safety
+/// As [`gemm`], with `left.rows == R`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm_few<W: Simd8, T: Element, const R: usize, const P: usize>(
+    left: Left<'_, f32>,
+    right: &Panels<W>,
+    range: Range<usize>,
+    sink: &Sink<'_, T>,
+) {
+    let cols = sink.cols();
+    let end = range.end.min(cols.div_ceil(NR));
+    let (lp, lanes) = (left.tile(0).as_ptr(), left.lanes);
+    let mut p = range.start;
+    while p < end {
+        let step = P.min(end - p);
+        // SAFETY: panels p..p + step exist and have columns in the sink; the tile holds R <= lanes
+        // rows of k_len <= k_cap elements; the rows and columns are this call's.
+        unsafe {
+            if step == P {
+                few_panels::<W, T, R, P>((lp, lanes), left.k_len, right, p, sink);
+            } else {
+                few_panels::<W, T, R, 1>((lp, lanes), left.k_len, right, p, sink);
+            }
+        }
+        p += step;
+    }
+}
+
+/// Panels `p .. p + P` of [`gemm_few`], stored through the sink.
+///
+/// # Safety
+/// As [`gemm_few`]; panels `p .. p + P` exist and have columns in the sink.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn few_panels<W: Simd8, T: Element, const R: usize, const P: usize>(
+    (lp, lanes): (*const f32, usize),
+    k_len: usize,
+    right: &Panels<W>,
+    p: usize,
+    sink: &Sink<'_, T>,
+) {
+    let wp: [*const W; P] = std::array::from_fn(|q| right.panel(p + q).as_ptr());
+    let mut a = [[[_mm256_setzero_ps(); 4]; R]; P];
+    // SAFETY: every access is inside the tile and the panels (this function's contract).
+    unsafe {
+        for k in 0..k_len {
+            let bk = lp.add(k * lanes);
+            for (aq, &wq) in a.iter_mut().zip(&wp) {
+                let w: [__m256; 4] = std::array::from_fn(|h| W::load8(wq.add(k * NR + 8 * h)));
+                for (i, ai) in aq.iter_mut().enumerate() {
+                    let b = _mm256_broadcast_ss(&*bk.add(i));
+                    for (v, wh) in ai.iter_mut().zip(&w) {
+                        *v = _mm256_fmadd_ps(b, *wh, *v);
+                    }
+                }
+            }
+        }
+    }
+    let mut row = [0.0f32; NR];
+    for (q, aq) in a.iter().enumerate() {
+        let col0 = (p + q) * NR;
+        let width = NR.min(sink.cols() - col0);
+        for (i, ai) in aq.iter().enumerate() {
+            for (h, v) in ai.iter().enumerate() {
+                // SAFETY: 8 f32 fit at 8·h < NR.
+                unsafe { _mm256_storeu_ps(row.as_mut_ptr().add(8 * h), *v) };
+            }
+            // SAFETY: the row and the panel's columns are this call's (contract).
+            unsafe { sink.store_row(i, col0, &row[..width]) };
         }
     }
 }
