@@ -54,6 +54,26 @@ mod x86 {
     }
 
     /// 16 independent `vdpbf16ps` chains.
+    /// Sums `buf` with 512-bit loads into 8 independent accumulators: one load and one add per
+    /// 64 bytes, so the loop is bound by the memory level the buffer lives in, not by the adds.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn read_sum(buf: &[f32]) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 8];
+        let blocks = buf.chunks_exact(128);
+        let tail: f32 = blocks.remainder().iter().sum();
+        for b in blocks {
+            for (j, a) in acc.iter_mut().enumerate() {
+                // SAFETY: 16 f32 at 16·j < 128 are in the block.
+                *a = _mm512_add_ps(*a, unsafe { _mm512_loadu_ps(b.as_ptr().add(16 * j)) });
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for a in acc {
+            s = _mm512_add_ps(s, a);
+        }
+        _mm512_reduce_add_ps(s) + tail
+    }
+
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn dp_loop(iters: usize) -> f32 {
         let mut acc = [_mm512_set1_ps(0.0); 16];
@@ -79,29 +99,36 @@ fn throughput(threads: usize, flops_per_iter: f64, f: impl Fn(usize) -> f32 + Sy
 }
 
 /// GB/s of summing `bytes_per_thread` of f32 per thread, repeatedly, on every thread.
+/// Sums `buf` as fast as this CPU can read it (AVX-512 where there is, else whatever the
+/// compiler makes of 16 independent sums).
+fn read_sum(buf: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present (checked just above).
+        return unsafe { x86::read_sum(buf) };
+    }
+    let mut acc = [0.0f32; 16];
+    for chunk in buf.chunks_exact(16) {
+        for (a, v) in acc.iter_mut().zip(chunk) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>()
+}
+
+/// Read bandwidth of `threads` threads, each summing its own buffer `passes` times inside one
+/// parallel region (a region per pass would add rayon's hand-off to every pass, which for a
+/// cache-sized buffer is a large part of a pass).
 fn read_bandwidth(threads: usize, bytes_per_thread: usize, passes: usize) -> f64 {
     let len = bytes_per_thread / 4;
     let bufs: Vec<Vec<f32>> = (0..threads).map(|i| vec![i as f32 + 1.0; len]).collect();
-    let sum = |b: &Vec<f32>| {
-        // Eight independent partial sums so the adds do not chain on one register.
-        let mut acc = [0.0f32; 16];
-        for chunk in b.chunks_exact(16) {
-            for (a, v) in acc.iter_mut().zip(chunk) {
-                *a += v;
-            }
-        }
-        acc.iter().sum::<f32>()
-    };
-    black_box(bufs.par_iter().map(sum).sum::<f32>()); // warm up, fault pages in
+    black_box(bufs.par_iter().map(|b| read_sum(b)).sum::<f32>()); // warm up, fault pages in
     let t0 = Instant::now();
-    for _ in 0..passes {
-        black_box(bufs.par_iter().map(sum).sum::<f32>());
-    }
+    let sums = bufs.par_iter().map(|b| (0..passes).map(|_| black_box(read_sum(black_box(b)))).sum::<f32>());
+    black_box(sums.sum::<f32>());
     (threads * len * 4 * passes) as f64 / t0.elapsed().as_secs_f64() / 1e9
 }
 
-/// GB/s of reading `total_bytes` (split over the threads) again and again: the bandwidth of the
-/// level of the memory hierarchy a working set of that size lives in.
 pub fn read_gbps_at(threads: usize, total_bytes: usize) -> f64 {
     let per_thread = (total_bytes / threads).max(64 << 10);
     let passes = ((512usize << 20) / (per_thread * threads)).clamp(3, 200);
