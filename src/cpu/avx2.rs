@@ -129,7 +129,12 @@ unsafe fn tile_block<W: Simd8>(
 /// AVX2, FMA and F16C are available; `left.k_len <= right.k_cap()`; the sink has `left.rows` rows
 /// owned by this call, and the columns of the panels in `range` are owned too.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemm<W: Simd8, T: Element>(left: Left<'_, f32>, right: &Panels<W>, range: Range<usize>, sink: &Sink<'_, T>) {
+pub(super) unsafe fn gemm<W: Simd8, T: Element>(
+    left: Left<'_, f32>,
+    right: &Panels<W>,
+    range: Range<usize>,
+    sink: &Sink<'_, T>,
+) {
     debug_assert!(left.k_len <= right.k_cap());
     if left.rows <= 2 {
         // SAFETY: forwarded.

@@ -12,6 +12,7 @@ use std::ops::Range;
 
 use half::{bf16, f16};
 
+use super::avx2::Simd8;
 use super::packed::{Left, Panels, Sink, MR, NR};
 use super::{Isa, Kernels, Update};
 use crate::dtype::Element;
@@ -701,9 +702,11 @@ unsafe fn gemm_pairs<T: Simd16>(
     unsafe { drive(&Pairs { left, n }, rows, right, range, sink) }
 }
 
-/// Whether this CPU runs the AVX-512 tier (F, BW, VL, plus FMA and F16C).
+/// Whether this CPU runs the AVX-512 tier (F, BW, VL, plus FMA and F16C, and AVX2, whose decode
+/// kernel this tier borrows for f16 on AMD).
 pub(crate) fn has_avx512() -> bool {
-    is_x86_feature_detected!("avx512f")
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("fma")
@@ -715,13 +718,41 @@ pub(crate) fn has_avx512_bf16() -> bool {
     has_avx512() && is_x86_feature_detected!("avx512bf16")
 }
 
+/// [`gemm`], except that a call of one row (T = 1 decode) runs the AVX2 tier's decode kernel: for
+/// f16 weights on AMD. f16 decode is bound by widening the weights (`vcvtph2ps`), and on the
+/// AMD Zen 4 CPU of the README's table the 256-bit kernel moved f16 weights 19-26% faster than
+/// this tier's 512-bit one (T = 1, 4096x4096 and 4096x11008, r = 256, min of 5 interleaved runs)
+/// for reasons the profile does not show (both loops are clean); at T = 2 the two were even. Each
+/// output is the same FMA chain over k in order either way, so results are bitwise the same.
+///
+/// # Safety
+/// As [`gemm`], plus AVX2 (part of [`has_avx512`]).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma,avx2")]
+unsafe fn gemm_narrow_ymm<W: Simd16 + Simd8, T: Simd16>(
+    left: Left<'_, f32>,
+    right: &Panels<W>,
+    range: Range<usize>,
+    sink: &Sink<'_, T>,
+) {
+    // SAFETY: forwarded; AVX2, FMA and F16C are present.
+    unsafe {
+        if left.rows == 1 {
+            super::avx2::gemm::<W, T>(left, right, range, sink)
+        } else {
+            gemm::<W, T>(left, right, range, sink)
+        }
+    }
+}
+
 /// The AVX-512 kernel table for `T`; `bf16_pairs` adds the `vdpbf16ps` down-projection (only
-/// meaningful for bf16, and only when [`has_avx512_bf16`]).
-pub(super) fn kernels<T: Simd16>(bf16_pairs: bool) -> Kernels<T> {
+/// meaningful for bf16, and only when [`has_avx512_bf16`]); `amd` routes f16 decode to the 256-bit
+/// kernel (see [`gemm_narrow_ymm`]).
+pub(super) fn kernels<T: Simd16 + Simd8>(bf16_pairs: bool, amd: bool) -> Kernels<T> {
     let pairs = bf16_pairs && T::DTYPE == crate::DType::BF16;
+    let f16_ymm = amd && T::DTYPE == crate::DType::F16;
     Kernels {
         isa: if pairs { Isa::Avx512Bf16 } else { Isa::Avx512 },
-        gemm: gemm::<T, T>,
+        gemm: if f16_ymm { gemm_narrow_ymm::<T, T> } else { gemm::<T, T> },
         gemm_f32: gemm::<f32, T>,
         gemm_pairs: if pairs { Some(gemm_pairs::<T>) } else { None },
     }

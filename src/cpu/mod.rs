@@ -231,9 +231,9 @@ impl<T: Element> TierElement for T {}
 fn select<T: Element + TierElement>() -> Kernels<T> {
     match Isa::selected() {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Bf16 => avx512::kernels::<T>(true),
+        Isa::Avx512Bf16 => avx512::kernels::<T>(true, cpu_is_amd()),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::kernels::<T>(false),
+        Isa::Avx512 => avx512::kernels::<T>(false, cpu_is_amd()),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => avx2::kernels::<T>(),
         _ => portable::kernels::<T>(),
