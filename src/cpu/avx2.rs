@@ -3,8 +3,10 @@
 //! The 16 ymm registers hold a quarter of an `MR x NR` tile at a time: 4 rows x 16 columns, 8
 //! accumulators, one broadcast per row and two 8-lane weight loads per k; a tile is four such
 //! passes over the same k block (left and panel blocks are re-read from L1). k is blocked as in
-//! the AVX-512 kernels, and each accumulator is one FMA chain over k in order. Results go out
-//! through the sink's element-wise store (the same arithmetic as the portable tier's epilogue).
+//! the AVX-512 kernels, and each accumulator is one FMA chain over k in order. One or two rows
+//! (decode) instead run all 32 columns of up to 2 panels per pass over the whole k range. Results
+//! go out through the sink's element-wise store (the same arithmetic as the portable tier's
+//! epilogue).
 
 use std::arch::x86_64::*;
 use std::ops::Range;

@@ -2,9 +2,11 @@
 //!
 //! Tile: `R <= MR` rows x `NR = 32` columns, 2·R zmm accumulators, one broadcast of the left operand
 //! per row and k, two 16-lane weight loads per k (f16 / bf16 weights widened in registers, never in
-//! memory). bf16 down-projections on CPUs with AVX512_BF16 use `vdpbf16ps` on k-pairs instead.
-//! Each accumulator is one chain over k in order, whatever R is, so the tile a row falls in never
-//! changes its result. Column tails are handled with masked loads and stores.
+//! memory). bf16 products on CPUs with AVX512_BF16 use `vdpbf16ps` on k-pairs instead. Tiles of at
+//! most 4 rows (decode) run over 2-4 panels per call, for enough independent accumulator chains.
+//! Each accumulator is one chain over k in order, whatever R (or the number of panels) is, so the
+//! tile a row falls in never changes its result. Column tails are handled with masked loads and
+//! stores.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
