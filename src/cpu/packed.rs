@@ -251,25 +251,18 @@ pub(crate) fn pack_cols<'o, E: Element>(src: MatRef<'_, E>, out: &'o mut [f32]) 
 /// Packs bf16 rows (`rows x n`, as bits) into k-pairs: each u32 holds elements `2p` (low half)
 /// and `2p + 1` (high half, 0 past `n`), `k_len = ceil(n / 2)`.
 pub(crate) fn pack_pairs<'o>(src: MatRef<'_, u16>, out: &'o mut [u32]) -> Left<'o, u32> {
-    let (rows, n) = (src.rows(), src.cols());
-    let k_len = n.div_ceil(2);
-    let out = &mut out[..Left::<u32>::len_for(rows, k_len)];
-    let lanes = pack_tiles(rows, k_len, out, |t, p0, dst| {
-        let row = &src.row_unchecked(t)[2 * p0..n.min(2 * (p0 + dst.len()))];
-        let (pairs, rest) = row.as_chunks::<2>();
-        for (d, &[lo, hi]) in dst.iter_mut().zip(pairs) {
-            *d = u32::from(lo) | (u32::from(hi) << 16);
-        }
-        if let [last] = rest {
-            dst[pairs.len()] = u32::from(*last);
-        }
-    });
-    Left { data: out, rows, k_len, lanes }
+    pack_pairs_with(src, out, u32::from)
 }
 
 /// `src` (f32) rounded to bf16 (to nearest, ties to even) and packed as k-pairs like
 /// [`pack_pairs`]: the bf16 up-projection's left operand.
 pub(crate) fn pack_pairs_rounded<'o>(src: MatRef<'_, f32>, out: &'o mut [u32]) -> Left<'o, u32> {
+    pack_pairs_with(src, out, bf16_bits)
+}
+
+/// Packs `src` into k-pairs of the 16 bits `bits` gives each element (see [`pack_pairs`]).
+#[inline(always)]
+fn pack_pairs_with<'o, E: Copy>(src: MatRef<'_, E>, out: &'o mut [u32], bits: impl Fn(E) -> u32) -> Left<'o, u32> {
     let (rows, n) = (src.rows(), src.cols());
     let k_len = n.div_ceil(2);
     let out = &mut out[..Left::<u32>::len_for(rows, k_len)];
@@ -277,10 +270,10 @@ pub(crate) fn pack_pairs_rounded<'o>(src: MatRef<'_, f32>, out: &'o mut [u32]) -
         let row = &src.row_unchecked(t)[2 * p0..n.min(2 * (p0 + dst.len()))];
         let (pairs, rest) = row.as_chunks::<2>();
         for (d, &[lo, hi]) in dst.iter_mut().zip(pairs) {
-            *d = bf16_bits(lo) | (bf16_bits(hi) << 16);
+            *d = bits(lo) | (bits(hi) << 16);
         }
         if let [last] = rest {
-            dst[pairs.len()] = bf16_bits(*last);
+            dst[pairs.len()] = bits(*last);
         }
     });
     Left { data: out, rows, k_len, lanes }
