@@ -234,7 +234,8 @@ trait ChunkKernel {
     /// a copy widened into `buf` once for all the row tiles that read it.
     ///
     /// # Safety
-    /// The tier's features are present; the panel holds at least `k0 + kl` rows, `kl <= Self::KC`.
+    /// The tier's features are present; the panel holds at least `k0 + kl` rows; `kl <= Self::KC`
+    /// unless `Self::IN_PLACE` (an in-place block may span the whole k range).
     unsafe fn stage(
         &self,
         wp: *const Self::Weight,
