@@ -76,19 +76,7 @@ fn case() -> impl Strategy<Value = Case> {
         (0usize..9, 0usize..5, prop_oneof![Just(0usize), 0usize..9], 0usize..4),
         (any::<bool>(), any::<bool>(), any::<u64>()),
     )
-        .prop_map(|((t, n, m, r), (n_extra, m_extra, x_pad, y_pad), (bias, accumulate, seed))| Case {
-            t,
-            n,
-            m,
-            r,
-            n_extra,
-            m_extra,
-            x_pad,
-            y_pad,
-            bias,
-            accumulate,
-            seed,
-        })
+        .prop_map(Case::from_draw)
 }
 
 fn check<T: Element>(stream: &CudaStream, c: &Case) -> Result<(), TestCaseError> {

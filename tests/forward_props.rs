@@ -43,19 +43,7 @@ fn case() -> impl Strategy<Value = Case> {
         (0usize..5, 0usize..5, 0usize..4, 0usize..4),
         (any::<bool>(), any::<bool>(), any::<u64>()),
     )
-        .prop_map(|((t, n, m, r), (n_extra, m_extra, x_pad, y_pad), (bias, accumulate, seed))| Case {
-            t,
-            n,
-            m,
-            r,
-            n_extra,
-            m_extra,
-            x_pad,
-            y_pad,
-            bias,
-            accumulate,
-            seed,
-        })
+        .prop_map(Case::from_draw)
 }
 
 fn run_forward<T: Element>(c: &Case, inp: &Inputs<T>, threads: usize) -> Vec<T> {

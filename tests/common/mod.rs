@@ -67,6 +67,17 @@ pub struct Case {
     pub seed: u64,
 }
 
+/// What a case strategy draws: `((t, n, m, r), (n_extra, m_extra, x_pad, y_pad), (bias,
+/// accumulate, seed))`.
+pub type CaseDraw = ((usize, usize, usize, usize), (usize, usize, usize, usize), (bool, bool, u64));
+
+impl Case {
+    /// The case a strategy drew (each test file has its own ranges, the same fields).
+    pub fn from_draw(((t, n, m, r), (n_extra, m_extra, x_pad, y_pad), (bias, accumulate, seed)): CaseDraw) -> Case {
+        Case { t, n, m, r, n_extra, m_extra, x_pad, y_pad, bias, accumulate, seed }
+    }
+}
+
 /// The inputs of a [`Case`]: projections, adapter, `x [t, n + x_pad]` and `y0 [t, m + y_pad]`.
 pub struct Inputs<T> {
     pub projections: vera_kernels::Projections<T>,
