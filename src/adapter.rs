@@ -73,18 +73,13 @@ impl Adapter {
         self.bias.as_deref()
     }
 
+    /// The lengths of this adapter's vectors, for the shared shape checks.
+    pub(crate) fn dims(&self) -> crate::types::AdapterDims {
+        crate::types::AdapterDims { r: self.rank(), m: self.out_features() }
+    }
+
     /// Checks this adapter against a layer of rank `r` with `m` outputs.
     pub(crate) fn check(&self, r: usize, m: usize) -> Result<()> {
-        if self.rank() != r {
-            return Err(Error::RankMismatch { what: "lambda_d", expected: r, actual: self.rank() });
-        }
-        if self.out_features() != m {
-            return Err(Error::LengthMismatch {
-                what: "lambda_b (must equal the layer's out_features)",
-                expected: m,
-                actual: self.out_features(),
-            });
-        }
-        Ok(())
+        crate::types::check_adapter(self.dims(), r, m)
     }
 }

@@ -7,8 +7,9 @@ use crate::cpu;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mat::{MatMut, MatRef};
-use crate::ops::{checked_layer, Mode};
+use crate::ops::checked_layer;
 use crate::projections::Projections;
+use crate::types::Mode;
 
 pub use crate::cpu::DenseBuffers;
 

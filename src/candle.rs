@@ -38,9 +38,10 @@ use crate::adapter::Adapter;
 use crate::dtype::Element;
 use crate::error::Error;
 use crate::mat::{MatMut, MatRef};
-use crate::ops::{forward, Mode};
+use crate::ops::forward;
 use crate::peft::{PeftAdapter, ProjectionSizes};
 use crate::projections::Projections;
+use crate::types::Mode;
 use half::{bf16, f16};
 
 /// A candle error carrying this crate's [`Error`] (its message is the error's).

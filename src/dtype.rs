@@ -54,6 +54,40 @@ impl std::str::FromStr for DType {
     }
 }
 
+/// Runs an expression with a type name bound to the element type of a [`DType`] value: the one
+/// place where a run-time dtype becomes a compile-time type (as candle's `Map1` does for its
+/// storage), instead of a `match` at every call site.
+///
+/// ```
+/// use vera_kernels::{with_element_type, DType, Element};
+///
+/// fn size<T: Element>() -> usize {
+///     std::mem::size_of::<T>()
+/// }
+/// let dtype: DType = "bf16".parse()?;
+/// assert_eq!(with_element_type!(dtype, T => size::<T>()), 2);
+/// # Ok::<(), vera_kernels::Error>(())
+/// ```
+#[macro_export]
+macro_rules! with_element_type {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            $crate::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            $crate::DType::F16 => {
+                type $t = $crate::f16;
+                $body
+            }
+            $crate::DType::BF16 => {
+                type $t = $crate::bf16;
+                $body
+            }
+        }
+    };
+}
+
 /// A floating-point element the kernels read and write.
 ///
 /// Implemented for `f32`, [`half::f16`] and [`half::bf16`] only (the trait is sealed). Every kernel

@@ -38,14 +38,16 @@ pub mod peft;
 mod projections;
 pub mod reference;
 pub mod rng;
+mod types;
 
 pub use adapter::Adapter;
 pub use cpu::{active_isa, Isa};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use mat::{MatMut, MatRef};
-pub use ops::{delta_weight, forward, forward_layer, merge, unmerge, Mode, BLOCK_ROWS};
+pub use ops::{delta_weight, forward, forward_layer, merge, unmerge, BLOCK_ROWS};
 pub use projections::{LayerProjections, Projections};
+pub use types::Mode;
 
 /// Re-exported so that users name the same `f16` / `bf16` types as the kernels.
 pub use half::{bf16, f16};

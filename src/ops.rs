@@ -4,20 +4,13 @@
 use crate::adapter::Adapter;
 use crate::cpu;
 use crate::dtype::Element;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::mat::{MatMut, MatRef};
 use crate::projections::{LayerProjections, Projections};
+use crate::types::{self, Mode};
 
-/// How the forward pass treats the output buffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Mode {
-    /// `y += adapter(x)`: `y` already holds the frozen layer's output (the common case).
-    Accumulate,
-    /// `y = adapter(x)`: `y`'s previous contents are ignored (they may even be NaN).
-    Overwrite,
-}
-
-/// Checks the shapes of one forward call: `x [t, n]`, `y [t, m]` against the layer and adapter.
+/// Checks the shapes of one forward call, `x [t, n]` and `y` (when given) against the layer and
+/// the adapter: the one check every backend runs (see `types::check_forward`).
 pub(crate) fn check_forward<T>(
     layer: &LayerProjections<'_, T>,
     adapter: &Adapter,
@@ -25,25 +18,7 @@ pub(crate) fn check_forward<T>(
     n: usize,
     y_shape: Option<[usize; 2]>,
 ) -> Result<()> {
-    let m = layer.out_features();
-    adapter.check(layer.rank(), m)?;
-    if n != layer.in_features() {
-        return Err(Error::ShapeMismatch {
-            what: "x (must be [T, in_features])",
-            expected: [t, layer.in_features()],
-            actual: [t, n],
-        });
-    }
-    if let Some(shape) = y_shape {
-        if shape != [t, m] {
-            return Err(Error::ShapeMismatch {
-                what: "y (must be [T, out_features])",
-                expected: [t, m],
-                actual: shape,
-            });
-        }
-    }
-    Ok(())
+    types::check_forward(layer.dims(), adapter.dims(), [t, n], y_shape)
 }
 
 /// The layer of `projections` that `x [t, n]` and an output of `y_shape` address, with every shape

@@ -133,12 +133,7 @@ impl<T: Element> Projections<T> {
     ///
     /// Errors: [`Error::LayerExceedsProjections`] when `n > n_max` or `m > m_max`.
     pub fn slice(&self, n: usize, m: usize) -> Result<LayerProjections<'_, T>> {
-        if n > self.n_max {
-            return Err(Error::LayerExceedsProjections { what: "in_features", layer: n, max: self.n_max });
-        }
-        if m > self.m_max {
-            return Err(Error::LayerExceedsProjections { what: "out_features", layer: m, max: self.m_max });
-        }
+        crate::types::check_fits(n, m, self.n_max, self.m_max)?;
         let full = self.slice_unchecked(self.n_max, self.m_max);
         let packed = self.packed.get_or_init(|| pack_projections(full.a, full.b));
         Ok(LayerProjections { packed: Some(packed), ..self.slice_unchecked(n, m) })
@@ -225,6 +220,11 @@ impl<'a, T> LayerProjections<'a, T> {
     /// The rank `r`.
     pub fn rank(&self) -> usize {
         self.a.rows()
+    }
+
+    /// The layer's sizes, for the shared shape checks.
+    pub(crate) fn dims(&self) -> crate::types::LayerDims {
+        crate::types::LayerDims { r: self.rank(), n: self.in_features(), m: self.out_features() }
     }
 
     /// The layer's in_features `n`.

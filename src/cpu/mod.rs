@@ -24,8 +24,8 @@ use crate::adapter::Adapter;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mat::{MatMut, MatRef};
-use crate::ops::Mode;
 use crate::projections::LayerProjections;
+use crate::types::Mode;
 pub use packed::Panels;
 use packed::{pack_cols, pack_pairs, pack_pairs_rounded, pack_rows, Left, Sink, NR};
 

@@ -45,8 +45,8 @@ use crate::adapter::Adapter;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mat::{MatMut, MatRef};
-use crate::ops::Mode;
 use crate::projections::Projections;
+use crate::types::{self, Mode};
 
 use buffer::Buffer;
 use params::{DownParams, UpParams};
@@ -422,29 +422,9 @@ impl CudaStream {
         mode: Mode,
     ) -> Result<()> {
         let (rows, n, m, r) = (x.rows, x.cols, y.cols, projections.r);
-        if n > projections.n_max {
-            return Err(Error::LayerExceedsProjections { what: "in_features", layer: n, max: projections.n_max });
-        }
-        if m > projections.m_max {
-            return Err(Error::LayerExceedsProjections { what: "out_features", layer: m, max: projections.m_max });
-        }
-        if adapter.r != r {
-            return Err(Error::RankMismatch { what: "lambda_d", expected: r, actual: adapter.r });
-        }
-        if adapter.m != m {
-            return Err(Error::LengthMismatch {
-                what: "lambda_b (must equal the layer's out_features)",
-                expected: m,
-                actual: adapter.m,
-            });
-        }
-        if y.rows != rows {
-            return Err(Error::ShapeMismatch {
-                what: "y (must be [T, out_features])",
-                expected: [rows, m],
-                actual: [y.rows, m],
-            });
-        }
+        types::check_fits(n, m, projections.n_max, projections.m_max)?;
+        let adapter_dims = types::AdapterDims { r: adapter.r, m: adapter.m };
+        types::check_forward(types::LayerDims { r, n, m }, adapter_dims, [rows, n], Some([y.rows, m]))?;
         let buffers: [(&Buffer, &'static str); 5] = [
             (&projections.a, "projections"),
             (&adapter.lambda_d, "adapter"),
