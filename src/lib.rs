@@ -41,22 +41,26 @@ pub mod rng;
 mod types;
 
 pub use adapter::Adapter;
-pub use cpu::{active_isa, Isa};
+pub use cpu::{active_isa, set_parallel_min_flops, tier_facts, with_isa, Isa, Layout, PeakInstruction, TierFacts};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use mat::{MatMut, MatRef};
 pub use ops::{delta_weight, forward, forward_layer, merge, unmerge, BLOCK_ROWS};
 pub use projections::{LayerProjections, Projections};
-pub use types::Mode;
+pub use types::{Mode, Numerics};
 
 /// Re-exported so that users name the same `f16` / `bf16` types as the kernels.
 pub use half::{bf16, f16};
 
 pub(crate) mod sealed {
-    /// Seals [`crate::Element`] and carries each type's CPU kernel table.
+    /// Seals [`crate::Element`] and carries each type's CPU kernel tables.
     pub trait Sealed {
-        /// The CPU kernels for this element type, selected once per process.
-        fn kernels() -> &'static crate::cpu::Kernels<Self>
+        /// The CPU kernel tables of this element type, one slot per tier, each built on first use.
+        fn kernel_tables() -> &'static crate::cpu::kernels::Tables<Self>
+        where
+            Self: Sized;
+        /// Builds this type's kernel table for a tier this CPU has.
+        fn build_kernels(isa: crate::cpu::Isa) -> crate::cpu::kernels::Kernels<Self>
         where
             Self: Sized;
     }

@@ -1,8 +1,11 @@
-//! The public operations: fused forward, merge / unmerge, ΔW. Validation lives here; the work is
-//! done by the CPU drivers in `cpu`.
+//! The public operations: fused forward, merge / unmerge, ΔW. Validation lives here (the shared
+//! check of `types`); the work is done by the CPU drivers in `cpu::drivers`, with the kernel table
+//! of the calling thread's tier.
 
 use crate::adapter::Adapter;
-use crate::cpu;
+use crate::cpu::drivers::{self, Scales, Weights};
+use crate::cpu::kernels;
+use crate::cpu::sink::Update;
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::mat::{MatMut, MatRef};
@@ -92,22 +95,30 @@ pub fn forward_layer<T: Element>(
     mode: Mode,
 ) -> Result<()> {
     check_forward(&layer, adapter, x.rows(), x.cols(), Some([y.rows(), y.cols()]))?;
-    cpu::forward(layer, adapter, x, y, mode);
+    let kern = kernels::current::<T>();
+    drivers::forward::forward(kern, layer.weights(kern.facts().layout), scales(adapter), x, y, mode);
     Ok(())
 }
 
 /// Rows per block of the forward pass: the unit of work split across threads.
-pub const BLOCK_ROWS: usize = cpu::T_BLOCK;
+pub const BLOCK_ROWS: usize = drivers::forward::BLOCK_ROWS;
+
+/// An adapter's vectors as the CPU drivers take them.
+pub(crate) fn scales(adapter: &Adapter) -> Scales<'_> {
+    Scales { lambda_d: adapter.lambda_d(), lambda_b: adapter.lambda_b(), bias: adapter.bias() }
+}
 
 fn apply_delta<T: Element>(
     projections: &Projections<T>,
     adapter: &Adapter,
     w: MatMut<'_, T>,
-    update: cpu::Update,
+    update: Update,
 ) -> Result<()> {
     let layer = projections.slice(w.cols(), w.rows())?;
     adapter.check(layer.rank(), layer.out_features())?;
-    cpu::apply_delta(layer, adapter, w, update);
+    // Merge reads A and B as they are (in T), not the packed projections.
+    let weights = Weights { a: layer.a(), b: layer.b(), packed: None };
+    drivers::delta::apply_delta(kernels::current::<T>(), weights, scales(adapter), w, update);
     Ok(())
 }
 
@@ -117,15 +128,15 @@ fn apply_delta<T: Element>(
 ///
 /// Errors: as [`forward`], with the layer's shape taken from `W`.
 pub fn merge<T: Element>(projections: &Projections<T>, adapter: &Adapter, w: MatMut<'_, T>) -> Result<()> {
-    apply_delta(projections, adapter, w, cpu::Update::Add)
+    apply_delta(projections, adapter, w, Update::Add)
 }
 
 /// `W -= ΔW` in place: the inverse of [`merge`] up to rounding.
 pub fn unmerge<T: Element>(projections: &Projections<T>, adapter: &Adapter, w: MatMut<'_, T>) -> Result<()> {
-    apply_delta(projections, adapter, w, cpu::Update::Sub)
+    apply_delta(projections, adapter, w, Update::Sub)
 }
 
 /// Writes `ΔW [m, n]` into `out` (PEFT's `get_delta_weight`), the layer's shape taken from `out`.
 pub fn delta_weight<T: Element>(projections: &Projections<T>, adapter: &Adapter, out: MatMut<'_, T>) -> Result<()> {
-    apply_delta(projections, adapter, out, cpu::Update::Overwrite)
+    apply_delta(projections, adapter, out, Update::Overwrite)
 }

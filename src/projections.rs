@@ -1,8 +1,8 @@
 //! The frozen projections A `[r, n_max]` and B `[m_max, r]` shared by every layer of a model.
 
-use std::sync::OnceLock;
-
-use crate::cpu::{pack_projections, PackedProjections};
+use crate::cpu::drivers::Weights;
+use crate::cpu::pack::PackCache;
+use crate::cpu::Layout;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mat::MatRef;
@@ -13,8 +13,9 @@ use crate::rng::TorchCpuGenerator;
 /// A layer with `n` inputs and `m` outputs uses `A[:, :n]` and `B[:m, :]` ([`Projections::slice`]);
 /// the slices are strided views, never copies.
 ///
-/// The first [`Projections::slice`] also packs A and B into the CPU kernels' panel layout, once
-/// for the whole model: every layer and every thread then reads the same packed copy.
+/// The first CPU call on a layer of these projections packs A and B into the kernels' panel layout,
+/// once for the whole model (and once per layout, when several tiers run in one process): every
+/// layer and every thread then reads the same packed copy.
 #[derive(Clone)]
 pub struct Projections<T> {
     a: Vec<T>,
@@ -22,7 +23,7 @@ pub struct Projections<T> {
     r: usize,
     n_max: usize,
     m_max: usize,
-    packed: OnceLock<PackedProjections<T>>,
+    packed: PackCache<T>,
 }
 
 impl<T: Element> PartialEq for Projections<T> {
@@ -41,7 +42,7 @@ impl<T: Element> std::fmt::Debug for Projections<T> {
             .field("r", &self.r)
             .field("n_max", &self.n_max)
             .field("m_max", &self.m_max)
-            .field("packed_bytes", &self.packed.get().map(PackedProjections::bytes))
+            .field("packed_bytes", &self.packed.bytes())
             .finish()
     }
 }
@@ -76,7 +77,7 @@ impl<T: Element> Projections<T> {
             r,
             n_max,
             m_max,
-            packed: OnceLock::new(),
+            packed: PackCache::default(),
         })
     }
 
@@ -96,7 +97,7 @@ impl<T: Element> Projections<T> {
         if b.len() != b_len {
             return Err(Error::LengthMismatch { what: "B = [m_max, r]", expected: b_len, actual: b.len() });
         }
-        Ok(Self { a, b, r, n_max, m_max, packed: OnceLock::new() })
+        Ok(Self { a, b, r, n_max, m_max, packed: PackCache::default() })
     }
 
     /// The rank `r`.
@@ -135,15 +136,14 @@ impl<T: Element> Projections<T> {
     pub fn slice(&self, n: usize, m: usize) -> Result<LayerProjections<'_, T>> {
         crate::types::check_fits(n, m, self.n_max, self.m_max)?;
         let full = self.slice_unchecked(self.n_max, self.m_max);
-        let packed = self.packed.get_or_init(|| pack_projections(full.a, full.b));
-        Ok(LayerProjections { packed: Some(packed), ..self.slice_unchecked(n, m) })
+        Ok(LayerProjections { cache: Some((&self.packed, full.a, full.b)), ..self.slice_unchecked(n, m) })
     }
 
     fn slice_unchecked(&self, n: usize, m: usize) -> LayerProjections<'_, T> {
         // The lengths were validated at construction, so these views cannot fail.
         let a = MatRef::new(&self.a, self.r, n, self.n_max).expect("A extent validated at construction");
         let b = MatRef::new(&self.b, m, self.r, self.r).expect("B extent validated at construction");
-        LayerProjections { a, b, packed: None }
+        LayerProjections { a, b, cache: None }
     }
 
     /// The same projections rounded to another element type.
@@ -155,18 +155,18 @@ impl<T: Element> Projections<T> {
             r: self.r,
             n_max: self.n_max,
             m_max: self.m_max,
-            packed: OnceLock::new(),
+            packed: PackCache::default(),
         }
     }
 }
 
-/// One layer's view of the projections: A `[r, n]` and B `[m, r]`, with the model's packed copy
-/// when it comes from [`Projections::slice`] (views made with [`LayerProjections::new`] are packed
-/// per call instead).
+/// One layer's view of the projections: A `[r, n]` and B `[m, r]`, with the model's packing cache
+/// (and its whole A and B) when it comes from [`Projections::slice`] (views made with
+/// [`LayerProjections::new`] are packed per call instead).
 pub struct LayerProjections<'a, T> {
     a: MatRef<'a, T>,
     b: MatRef<'a, T>,
-    packed: Option<&'a PackedProjections<T>>,
+    cache: Option<(&'a PackCache<T>, MatRef<'a, T>, MatRef<'a, T>)>,
 }
 
 impl<T> std::fmt::Debug for LayerProjections<'_, T> {
@@ -175,7 +175,7 @@ impl<T> std::fmt::Debug for LayerProjections<'_, T> {
             .field("r", &self.a.rows())
             .field("n", &self.a.cols())
             .field("m", &self.b.rows())
-            .field("packed", &self.packed.is_some())
+            .field("model_packing", &self.cache.is_some())
             .finish()
     }
 }
@@ -199,12 +199,17 @@ impl<'a, T> LayerProjections<'a, T> {
         if b.cols() != a.rows() {
             return Err(Error::RankMismatch { what: "B's columns", expected: a.rows(), actual: b.cols() });
         }
-        Ok(Self { a, b, packed: None })
+        Ok(Self { a, b, cache: None })
     }
 
-    /// The packed copy of the model's projections, when there is one.
-    pub(crate) fn packed(&self) -> Option<&'a PackedProjections<T>> {
-        self.packed
+    /// The layer's weights as the CPU drivers take them, with the model's copy packed in `layout`
+    /// (packed now on first use) when there is a model.
+    pub(crate) fn weights(&self, layout: Layout) -> Weights<'a, T>
+    where
+        T: Element,
+    {
+        let packed = self.cache.map(|(cache, a, b)| cache.get(layout, a, b));
+        Weights { a: self.a, b: self.b, packed }
     }
 
     /// A `[r, n]`.

@@ -4,12 +4,11 @@
 //! error is negligible next to the f32 kernels'. Results are row-major `Vec<f64>`.
 
 use crate::adapter::Adapter;
-use crate::cpu::Isa;
-use crate::dtype::{DType, Element};
+use crate::dtype::Element;
 use crate::error::Result;
 use crate::mat::MatRef;
-use crate::ops::check_forward;
 use crate::projections::LayerProjections;
+use crate::types::{check_forward, Numerics};
 
 /// Unit roundoff of f32, the arithmetic the CPU kernels accumulate in.
 const U32: f64 = 5.960_464_477_539_063e-8;
@@ -70,7 +69,7 @@ pub fn forward<T: Element>(
     x: MatRef<'_, T>,
     base: Option<MatRef<'_, T>>,
 ) -> Result<Vec<f64>> {
-    check_forward(&layer, adapter, x.rows(), x.cols(), base.map(|b| [b.rows(), b.cols()]))?;
+    check_forward(layer.dims(), adapter.dims(), [x.rows(), x.cols()], base.map(|b| [b.rows(), b.cols()]))?;
     let m = layer.out_features();
     let mut y = adapter_path(&layer, adapter, x, false);
     for (t, row) in y.chunks_mut(m.max(1)).enumerate().take(x.rows()) {
@@ -125,7 +124,9 @@ fn flush_to_zero_term<T: Element>(layer: &LayerProjections<'_, T>, adapter: &Ada
     out
 }
 
-/// A rigorous per-element bound on `|y_kernel - y_ref|` for this crate's CPU kernels, `[T, m]`.
+/// A rigorous per-element bound on `|y_kernel - y_ref|` for this crate's CPU kernels, `[T, m]`,
+/// for kernels whose arithmetic `numerics` describes (a tier's, from
+/// [`crate::tier_facts`]`::<T>().numerics()`).
 ///
 /// The kernels compute in f32 (unit roundoff `u`): `h = x·Aᵀ` is `n` rounded multiply-adds,
 /// `u = lambda_d ⊙ h` one rounding, `v = u·Bᵀ` `r` more, `lambda_b ⊙ v` one, and the bias and base
@@ -134,20 +135,19 @@ fn flush_to_zero_term<T: Element>(layer: &LayerProjections<'_, T>, adapter: &Ada
 /// `e32 = gamma(n + r + 4) · M + 2u · (|base| + |bias| + M)`, and the final rounding to the output
 /// dtype (unit roundoff `u_T`, smallest subnormal `s_T`) adds `u_T · (|y_ref| + e32) + s_T / 2`.
 ///
-/// `u` stays in f32 on every tier except for bf16 on the `avx512bf16` tier, whose up-projection
-/// runs on `vdpbf16ps` and so rounds `u` to bf16 first (as PEFT rounds it to the activation
-/// dtype): one more relative error `u_T` per element of `u`, `u_T · (1 + gamma) · M` in `y`, which
-/// the bound then includes (it asks [`crate::active_isa`]). That tier also flushes subnormals;
-/// `e32` holds a term of order 2^-126 for that (see the source), negligible unless inputs are
-/// subnormal.
+/// When `numerics.rounds_u` (bf16 on the `avx512bf16` tier, whose up-projection runs on
+/// `vdpbf16ps`, as PEFT rounds `u` to the activation dtype), each element of `u` carries one more
+/// relative error `u_T`: `u_T · (1 + gamma) · M` in `y`. When `numerics.flushes_subnormals`, `e32`
+/// holds a term of order 2^-126 for that (see the source), negligible unless inputs are subnormal.
 pub fn forward_error_bound<T: Element>(
     layer: LayerProjections<'_, T>,
     adapter: &Adapter,
     x: MatRef<'_, T>,
     base: Option<MatRef<'_, T>>,
+    numerics: Numerics,
 ) -> Result<Vec<f64>> {
-    let u_rounded = T::DTYPE == DType::BF16 && crate::active_isa::<T>() == Isa::Avx512Bf16;
-    bound(layer, adapter, x, base, U32, if u_rounded { T::UNIT_ROUNDOFF } else { 0.0 })
+    let u_round = if numerics.rounds_u { T::UNIT_ROUNDOFF } else { 0.0 };
+    bound(layer, adapter, x, base, U32, u_round, numerics.flushes_subnormals)
 }
 
 /// [`forward_error_bound`] for the CUDA kernels (`vera_kernels::cuda`, feature `cuda`), whose
@@ -166,11 +166,11 @@ pub fn forward_error_bound_cuda<T: Element>(
     x: MatRef<'_, T>,
     base: Option<MatRef<'_, T>>,
 ) -> Result<Vec<f64>> {
-    bound(layer, adapter, x, base, 2.0 * U32, T::UNIT_ROUNDOFF)
+    bound(layer, adapter, x, base, 2.0 * U32, T::UNIT_ROUNDOFF, true)
 }
 
-/// The forward-error bound with unit `unit` for the accumulations and a relative error `u_round` on
-/// each element of `u` (0 when `u` stays in f32).
+/// The forward-error bound with unit `unit` for the accumulations, a relative error `u_round` on
+/// each element of `u` (0 when `u` stays in f32), and the flush-to-zero term when `ftz`.
 fn bound<T: Element>(
     layer: LayerProjections<'_, T>,
     adapter: &Adapter,
@@ -178,10 +178,11 @@ fn bound<T: Element>(
     base: Option<MatRef<'_, T>>,
     unit: f64,
     u_round: f64,
+    ftz: bool,
 ) -> Result<Vec<f64>> {
     let y_ref = forward(layer, adapter, x, base)?;
     let mag = adapter_path(&layer, adapter, x, true);
-    let ftz = flush_to_zero_term(&layer, adapter, x);
+    let ftz = if ftz { flush_to_zero_term(&layer, adapter, x) } else { vec![0.0; mag.len()] };
     let m = layer.out_features();
     let g = gamma(layer.in_features() + layer.rank() + 4, unit);
     Ok(mag

@@ -13,6 +13,17 @@ pub enum Mode {
     Overwrite,
 }
 
+/// What a kernel's arithmetic does beyond f32 accumulation, as the error bounds of
+/// [`crate::reference`] take it (a tier's facts, see [`crate::TierFacts::numerics`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Numerics {
+    /// `u = lambda_d ⊙ h` is rounded to the activation dtype before the up-projection (as PEFT
+    /// does), instead of staying in f32.
+    pub rounds_u: bool,
+    /// Subnormal inputs and results are flushed to zero (`vdpbf16ps`).
+    pub flushes_subnormals: bool,
+}
+
 /// The sizes of one layer's projections: A `[r, n]` sliced from `[r, n_max]`, B `[m, r]` sliced
 /// from `[m_max, r]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,7 +1,9 @@
 //! Property tests: every kernel against the f64 reference, within the forward-error bound of
 //! `reference::forward_error_bound` / `reference::delta_error_bound` (derived in their docs, not
 //! tuned), over random shapes (1, primes, and sizes just above every block and tile size), random
-//! strides, both modes, with and without bias, every dtype; and bitwise equality of 1 vs 2 threads.
+//! strides, both modes, with and without bias, every dtype, on every CPU tier this machine has (in
+//! one process, through `with_isa`); and bitwise equality of 1 vs 2 threads, with the parallel
+//! threshold lowered so that even small calls really run split.
 
 mod common;
 
@@ -9,8 +11,8 @@ use common::{inputs, to, values, Case, Inputs};
 use proptest::prelude::*;
 use vera_kernels::rng::TorchCpuGenerator;
 use vera_kernels::{
-    bf16, f16, forward_layer, merge, reference, unmerge, Adapter, Element, LayerProjections, MatMut, MatRef, Mode,
-    Projections, BLOCK_ROWS,
+    bf16, f16, forward_layer, merge, reference, set_parallel_min_flops, tier_facts, unmerge, with_isa, Adapter,
+    Element, Isa, LayerProjections, MatMut, MatRef, Mode, Projections, BLOCK_ROWS,
 };
 
 /// A dimension: small random sizes, 1, primes, and one past every block / tile / vector width the
@@ -46,38 +48,55 @@ fn case() -> impl Strategy<Value = Case> {
         .prop_map(Case::from_draw)
 }
 
-fn run_forward<T: Element>(c: &Case, inp: &Inputs<T>, threads: usize) -> Vec<T> {
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+/// A rayon pool of `threads` threads, with the parallel threshold at 0 so that every call splits.
+fn pool(threads: usize) -> rayon::ThreadPool {
+    set_parallel_min_flops(Some(0.0));
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap()
+}
+
+/// The forward pass of case `c` on tier `isa` with `threads` threads.
+fn run_forward<T: Element>(c: &Case, inp: &Inputs<T>, isa: Isa, threads: usize) -> Vec<T> {
     let mut y = inp.y0.clone();
     let layer = inp.projections.slice(c.n, c.m).unwrap();
     let x = MatRef::new(&inp.x, c.t, c.n, c.n + c.x_pad).unwrap();
     let mode = if c.accumulate { Mode::Accumulate } else { Mode::Overwrite };
-    pool.install(|| {
-        forward_layer(layer, &inp.adapter, x, MatMut::new(&mut y, c.t, c.m, c.m + c.y_pad).unwrap(), mode).unwrap()
+    // with_isa holds on the thread that makes the call: inside the pool.
+    pool(threads).install(|| {
+        with_isa(isa, || {
+            forward_layer(layer, &inp.adapter, x, MatMut::new(&mut y, c.t, c.m, c.m + c.y_pad).unwrap(), mode).unwrap()
+        })
     });
     y
 }
 
 fn check_forward<T: Element>(c: &Case) -> Result<(), TestCaseError> {
+    for isa in Isa::available() {
+        check_forward_on::<T>(c, isa)?;
+    }
+    Ok(())
+}
+
+fn check_forward_on<T: Element>(c: &Case, isa: Isa) -> Result<(), TestCaseError> {
     let inp = inputs::<T>(c);
     let layer: LayerProjections<'_, T> = inp.projections.slice(c.n, c.m).unwrap();
     let x = MatRef::new(&inp.x, c.t, c.n, c.n + c.x_pad).unwrap();
     let base = MatRef::new(&inp.y0, c.t, c.m, c.m + c.y_pad).unwrap();
     let base = c.accumulate.then_some(base);
     let want = reference::forward(layer, &inp.adapter, x, base).unwrap();
-    let bound = reference::forward_error_bound(layer, &inp.adapter, x, base).unwrap();
+    let numerics = with_isa(isa, tier_facts::<T>).numerics();
+    let bound = reference::forward_error_bound(layer, &inp.adapter, x, base, numerics).unwrap();
 
-    let y1 = run_forward(c, &inp, 1);
-    let y2 = run_forward(c, &inp, 2);
+    let y1 = run_forward(c, &inp, isa, 1);
+    let y2 = run_forward(c, &inp, isa, 2);
     let bits = |v: &[T]| v.iter().map(|e| e.to_f64().to_bits()).collect::<Vec<_>>();
-    prop_assert_eq!(bits(&y1), bits(&y2), "1 and 2 threads differ");
+    prop_assert_eq!(bits(&y1), bits(&y2), "1 and 2 threads differ on {}", isa);
 
     let stride = c.m + c.y_pad;
     for t in 0..c.t {
         for i in 0..c.m {
             let got = y1[t * stride + i].to_f64();
             let (w, b) = (want[t * c.m + i], bound[t * c.m + i]);
-            prop_assert!((got - w).abs() <= b, "y[{t},{i}] = {got}, reference {w}, bound {b}");
+            prop_assert!((got - w).abs() <= b, "{isa}: y[{t},{i}] = {got}, reference {w}, bound {b}");
         }
         // Padding between rows is never touched.
         for i in c.m..stride {
@@ -88,6 +107,13 @@ fn check_forward<T: Element>(c: &Case) -> Result<(), TestCaseError> {
 }
 
 fn check_merge<T: Element>(c: &Case) -> Result<(), TestCaseError> {
+    for isa in Isa::available() {
+        check_merge_on::<T>(c, isa)?;
+    }
+    Ok(())
+}
+
+fn check_merge_on<T: Element>(c: &Case, isa: Isa) -> Result<(), TestCaseError> {
     let inp = inputs::<T>(c);
     let layer = inp.projections.slice(c.n, c.m).unwrap();
     let mut g = TorchCpuGenerator::manual_seed(c.seed ^ 0x5eed);
@@ -97,9 +123,11 @@ fn check_merge<T: Element>(c: &Case) -> Result<(), TestCaseError> {
     let bound = reference::delta_error_bound(layer, &inp.adapter, Some(w_ref)).unwrap();
 
     let merged_with = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         let mut w = w0.clone();
-        pool.install(|| merge(&inp.projections, &inp.adapter, MatMut::from_slice(&mut w, c.m, c.n).unwrap()).unwrap());
+        pool(threads).install(|| {
+            with_isa(isa, || merge(&inp.projections, &inp.adapter, MatMut::from_slice(&mut w, c.m, c.n).unwrap()))
+                .unwrap()
+        });
         w
     };
     let w1 = merged_with(1);
@@ -109,21 +137,21 @@ fn check_merge<T: Element>(c: &Case) -> Result<(), TestCaseError> {
         let want = w0[idx].to_f64() + dw[idx];
         prop_assert!(
             (got.to_f64() - want).abs() <= bound[idx],
-            "W[{idx}] = {got:?}, want {want}, bound {}",
+            "{isa}: W[{idx}] = {got:?}, want {want}, bound {}",
             bound[idx]
         );
     }
 
     // Unmerging subtracts the same ΔW: back to W0 within the same bound around the merged weight.
     let mut w = w1.clone();
-    unmerge(&inp.projections, &inp.adapter, MatMut::from_slice(&mut w, c.m, c.n).unwrap()).unwrap();
+    with_isa(isa, || unmerge(&inp.projections, &inp.adapter, MatMut::from_slice(&mut w, c.m, c.n).unwrap())).unwrap();
     let merged_ref = MatRef::from_slice(&w1, c.m, c.n).unwrap();
     let back_bound = reference::delta_error_bound(layer, &inp.adapter, Some(merged_ref)).unwrap();
     for (idx, got) in w.iter().enumerate() {
         let want = w1[idx].to_f64() - dw[idx];
         prop_assert!(
             (got.to_f64() - want).abs() <= back_bound[idx],
-            "unmerged W[{idx}] = {got:?}, want {want}, bound {}, merged {:?}, dw {}",
+            "{isa}: unmerged W[{idx}] = {got:?}, want {want}, bound {}, merged {:?}, dw {}",
             back_bound[idx],
             w1[idx],
             dw[idx]
@@ -207,8 +235,11 @@ fn parallel_paths_are_bitwise_identical_across_thread_counts() {
         let c = Case { t, n, m, r, n_extra: 3, m_extra: 1, x_pad: 1, y_pad: 2, bias: true, accumulate: true, seed: 9 };
         fn same<T: Element>(c: &Case) {
             let inp = inputs::<T>(c);
-            let y1 = run_forward(c, &inp, 1);
-            assert!(y1 == run_forward(c, &inp, 2) && y1 == run_forward(c, &inp, 3), "{c:?} {:?}", T::DTYPE);
+            for isa in Isa::available() {
+                let y1 = run_forward(c, &inp, isa, 1);
+                let same = y1 == run_forward(c, &inp, isa, 2) && y1 == run_forward(c, &inp, isa, 3);
+                assert!(same, "{c:?} {:?} {isa}", T::DTYPE);
+            }
             check_forward::<T>(c).unwrap();
         }
         same::<f32>(&c);

@@ -1,4 +1,4 @@
-//! Operand layouts shared by every ISA tier.
+//! Operand layouts and packing, shared by every ISA tier.
 //!
 //! All products here are `out[row, col] = Σ_k left[row, k] · right[col, k]`, computed by micro-kernels
 //! that broadcast one `left` element per row and multiply it with `NR` consecutive columns of
@@ -6,9 +6,11 @@
 //! `p·NR .. p·NR + NR` as `[k][NR]`, zero-padded past the last column. `left` (activations, `u`,
 //! ...) is packed per call into [`Left`] tiles of `MR` rows, `[k][MR]` each.
 
-use super::{Epilogue, Update};
+use std::sync::OnceLock;
+
+use super::kernels::Layout;
 use crate::dtype::Element;
-use crate::mat::{MatPtr, MatRef};
+use crate::mat::MatRef;
 
 /// Columns per weight panel (two 512-bit vectors of f32).
 pub(crate) const NR: usize = 32;
@@ -94,6 +96,11 @@ unsafe impl<W: Send> Send for PanelsPtr<W> {}
 unsafe impl<W: Send> Sync for PanelsPtr<W> {}
 
 impl<W> PanelsPtr<W> {
+    /// Number of real (unpadded) columns.
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// The same panels with local row 0 at row `row0` (asserted in range).
     pub(crate) fn offset_rows(&self, row0: usize) -> Self {
         assert!(self.row0 + row0 <= self.k_cap, "PanelsPtr::offset_rows out of range");
@@ -294,65 +301,92 @@ pub(crate) fn bf16_bits(v: f32) -> u32 {
     }
 }
 
-/// Where a product's results go. Rows are local to the call; columns are absolute panel columns,
-/// and columns at or past the sink's width are dropped.
-pub(crate) enum Sink<'a, T> {
-    /// `out[row, col] = scale[col]·acc` (or `acc`), f32.
-    F32 { out: MatPtr<f32>, scale: Option<&'a [f32]> },
-    /// `out[row, col] = epi(acc, out[row, col])`, in `T`.
-    Epilogue { out: MatPtr<T>, epi: Epilogue<'a> },
-    /// `out[row, col] = op(out[row, col], acc)`, in `T`.
-    Update { out: MatPtr<T>, op: Update },
-    /// Weight panels in `T` (the dense baseline's ΔW): row `row` of the panel holding `col`.
-    Panels { out: PanelsPtr<T> },
+/// Projection weights in one layout.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum WeightPanels<T> {
+    /// [`Layout::Wide`]: A `[r, n_max]` as `r`-column panels over k = n, or B `[m_max, r]` as
+    /// `m`-column panels over k = r.
+    Wide(Panels<T>),
+    /// [`Layout::Pairs`]: bf16 weights as panels over k-pairs, each u32 = (W[j][2p], W[j][2p + 1]).
+    Pairs(Panels<u32>),
 }
 
-impl<T: crate::dtype::Element> Sink<'_, T> {
-    /// Columns the sink accepts.
-    pub(crate) fn cols(&self) -> usize {
+impl<T> WeightPanels<T> {
+    fn bytes(&self) -> usize {
         match self {
-            Sink::F32 { out, .. } => out.cols(),
-            Sink::Epilogue { out, .. } | Sink::Update { out, .. } => out.cols(),
-            Sink::Panels { out } => out.cols,
+            WeightPanels::Wide(p) => p.num_panels() * p.k_cap() * NR * std::mem::size_of::<T>(),
+            WeightPanels::Pairs(p) => p.num_panels() * p.k_cap() * NR * 4,
         }
     }
 
-    /// Stores `vals` as columns `col0 .. col0 + vals.len()` of local row `row` (element by element:
-    /// the portable kernels' path; the SIMD tiers have vector versions of the same arithmetic).
-    ///
-    /// # Safety
-    /// The row is in range and this thread owns those columns of it; `col0 + vals.len() <= cols()`.
-    #[inline(always)]
-    pub(crate) unsafe fn store_row(&self, row: usize, col0: usize, vals: &[f32]) {
-        // SAFETY (all arms): row and columns in range and owned, by the caller's contract.
-        unsafe {
-            match self {
-                Sink::F32 { out, scale } => {
-                    let dst = &mut out.row_mut(row)[col0..col0 + vals.len()];
-                    for (c, (d, &v)) in dst.iter_mut().zip(vals).enumerate() {
-                        *d = scale.map_or(v, |s| s[col0 + c] * v);
-                    }
-                }
-                Sink::Epilogue { out, epi } => {
-                    let dst = &mut out.row_mut(row)[col0..col0 + vals.len()];
-                    for (c, (d, &v)) in dst.iter_mut().zip(vals).enumerate() {
-                        *d = T::from_f32(epi.apply(col0 + c, v, d.to_f32()));
-                    }
-                }
-                Sink::Update { out, op } => {
-                    let dst = &mut out.row_mut(row)[col0..col0 + vals.len()];
-                    for (d, &v) in dst.iter_mut().zip(vals) {
-                        *d = T::from_f32(op.apply(d.to_f32(), v));
-                    }
-                }
-                Sink::Panels { out } => {
-                    let p = out.row_ptr(row, col0);
-                    for (c, &v) in vals.iter().enumerate() {
-                        *p.add(col0 % NR + c) = T::from_f32(v);
-                    }
-                }
-            }
+    /// The [`Layout::Wide`] panels (drivers ask for the layout they packed).
+    pub(crate) fn wide(&self) -> &Panels<T> {
+        match self {
+            WeightPanels::Wide(p) => p,
+            WeightPanels::Pairs(_) => unreachable!("weights are packed in the layout of the kernels that read them"),
         }
+    }
+
+    /// The [`Layout::Pairs`] panels (drivers ask for the layout they packed).
+    pub(crate) fn pairs(&self) -> &Panels<u32> {
+        match self {
+            WeightPanels::Pairs(p) => p,
+            WeightPanels::Wide(_) => unreachable!("weights are packed in the layout of the kernels that read them"),
+        }
+    }
+}
+
+/// The shared projections packed in one layout: built once per model and layout, used by every
+/// layer and thread.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedProjections<T> {
+    /// A `[r, n_max]` as `r`-column panels over k = n.
+    pub(crate) down: WeightPanels<T>,
+    /// B `[m_max, r]` as `m_max`-column panels over k = r.
+    pub(crate) up: WeightPanels<T>,
+}
+
+impl<T> PackedProjections<T> {
+    /// Bytes the packed weights take.
+    pub(crate) fn bytes(&self) -> usize {
+        self.down.bytes() + self.up.bytes()
+    }
+}
+
+/// Packs A `[r, n]` and B `[m, r]` in `layout`.
+pub(crate) fn pack_projections<T: Element>(a: MatRef<'_, T>, b: MatRef<'_, T>, layout: Layout) -> PackedProjections<T> {
+    let pack = |w: MatRef<'_, T>| {
+        let k = w.cols();
+        match layout {
+            Layout::Pairs => {
+                // Only bf16 has pair kernels: its bits are the top half of its f32 value.
+                let bits = |j: usize, c: usize| if c < k { w.row_unchecked(j)[c].to_f32().to_bits() >> 16 } else { 0 };
+                WeightPanels::Pairs(Panels::from_fn(w.rows(), k.div_ceil(2), |j, p| {
+                    bits(j, 2 * p) | (bits(j, 2 * p + 1) << 16)
+                }))
+            }
+            Layout::Wide => WeightPanels::Wide(Panels::from_fn(w.rows(), k, |j, c| w.row_unchecked(j)[c])),
+        }
+    };
+    PackedProjections { down: pack(a), up: pack(b) }
+}
+
+/// A model's packed projections, one slot per layout, each packed on first use (a process may run
+/// kernels of several tiers, see `kernels::with_isa`).
+#[derive(Clone, Debug, Default)]
+pub struct PackCache<T> {
+    slots: [OnceLock<PackedProjections<T>>; Layout::ALL.len()],
+}
+
+impl<T: Element> PackCache<T> {
+    /// The projections A `[r, n_max]` and B `[m_max, r]` packed in `layout`, packed now if needed.
+    pub(crate) fn get(&self, layout: Layout, a: MatRef<'_, T>, b: MatRef<'_, T>) -> &PackedProjections<T> {
+        self.slots[layout.index()].get_or_init(|| pack_projections(a, b, layout))
+    }
+
+    /// Bytes of every layout packed so far.
+    pub(crate) fn bytes(&self) -> usize {
+        self.slots.iter().filter_map(OnceLock::get).map(PackedProjections::bytes).sum()
     }
 }
 

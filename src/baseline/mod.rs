@@ -2,16 +2,19 @@
 //! comparison measures the algorithm, not the code quality: the dense baseline (form ΔW, then
 //! `x·ΔWᵀ`) and the unfused three-pass path (with `h = x·Aᵀ` materialised).
 
+mod dense;
+mod unfused;
+
+pub use dense::DenseBuffers;
+
 use crate::adapter::Adapter;
-use crate::cpu;
+use crate::cpu::kernels;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mat::{MatMut, MatRef};
-use crate::ops::checked_layer;
+use crate::ops::{checked_layer, scales};
 use crate::projections::Projections;
 use crate::types::Mode;
-
-pub use crate::cpu::DenseBuffers;
 
 /// Forms `ΔW [m, n]` (rounded to `T`, as a materialised merge would be), then computes
 /// `y (+)= x·ΔWᵀ + bias`. `buffers` keeps ΔW's storage between calls (allocated when the shape
@@ -27,7 +30,7 @@ pub fn dense_forward<T: Element>(
     buffers: &mut DenseBuffers<T>,
 ) -> Result<()> {
     let layer = checked_layer(projections, adapter, &x, [y.rows(), y.cols()])?;
-    cpu::dense(layer, adapter, x, y, mode, buffers);
+    dense::dense(kernels::current::<T>(), layer, scales(adapter), x, y, mode, buffers);
     Ok(())
 }
 
@@ -51,6 +54,7 @@ pub fn unfused_forward<T: Element>(
             actual: [h.rows(), h.cols()],
         });
     }
-    cpu::unfused(layer, adapter, x, h, y, mode);
+    let kern = kernels::current::<T>();
+    unfused::unfused(kern, layer.weights(kern.facts().layout), scales(adapter), x, h, y, mode);
     Ok(())
 }

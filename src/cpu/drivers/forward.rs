@@ -1,0 +1,140 @@
+//! The fused forward pass: per block of rows, `u = lambda_d ⊙ (x·Aᵀ)` into the block's scratch,
+//! then at once `y (+)= lambda_b ⊙ (u·Bᵀ) + bias` while `u` is in cache. The two products are also
+//! the building blocks of the unfused benchmark peer (`baseline`).
+
+use super::{Scales, Weights};
+use crate::cpu::kernels::{Kernels, Layout};
+use crate::cpu::pack::{pack_pairs, pack_pairs_rounded, pack_projections, pack_rows, Left, PackedProjections, NR};
+use crate::cpu::parallel::{for_blocks, for_panels, with_scratch};
+use crate::cpu::sink::{Epilogue, Sink};
+use crate::dtype::Element;
+use crate::mat::{MatMut, MatRef};
+use crate::types::Mode;
+
+/// Rows of `x` per block: the unit of parallel work for large `T`. Scratch per thread is
+/// `BLOCK_ROWS · (2r + n)` f32 at most (see [`forward`]).
+pub(crate) const BLOCK_ROWS: usize = 64;
+
+/// Scratch (f32 elements) [`down`] needs to pack `rows x n` activations.
+pub(crate) fn down_scratch(rows: usize, n: usize) -> usize {
+    // k-pairs (u32) take no more room than f32 elements.
+    Left::<f32>::len_for(rows, n)
+}
+
+/// Scratch (f32 elements) [`up`] needs to pack `rows x r` of `u`.
+pub(crate) fn up_scratch(rows: usize, r: usize) -> usize {
+    // k-pairs (u32) take no more room than f32 elements.
+    Left::<f32>::len_for(rows, r)
+}
+
+/// The model's packed projections, or a copy packed for this call into `owned`.
+pub(crate) fn packed_or_owned<'p, T: Element>(
+    kern: &Kernels<T>,
+    w: &Weights<'p, T>,
+    owned: &'p mut Option<PackedProjections<T>>,
+) -> &'p PackedProjections<T> {
+    match w.packed {
+        Some(p) => p,
+        None => owned.insert(pack_projections(w.a, w.b, kern.facts().layout)),
+    }
+}
+
+/// `sink[t, j] <- Σ_k x[t, k]·A[j, k]` for the rows of `x` (the down-projection), packing `x`
+/// into `scratch` first, in the layout of the kernels.
+pub(crate) fn down<T: Element>(
+    kern: &Kernels<T>,
+    packed: &PackedProjections<T>,
+    x: MatRef<'_, T>,
+    scratch: &mut [f32],
+    r: usize,
+    sink: &Sink<'_, T>,
+    split: bool,
+) {
+    let panels = r.div_ceil(NR);
+    match (kern.facts().layout, kern.gemm_pairs) {
+        (Layout::Pairs, Some(gemm_pairs)) => {
+            let p = packed.down.pairs();
+            let bits: &[u16] = bytemuck::cast_slice(x.as_slice());
+            let bits = MatRef::new(bits, x.rows(), x.cols(), x.row_stride()).expect("same extent as x");
+            let left = pack_pairs(bits, bytemuck::cast_slice_mut(scratch));
+            let n = x.cols();
+            // SAFETY: the panels hold ceil(n_max / 2) >= ceil(n / 2) pair rows; the caller owns
+            // the sink's rows, and for_panels hands out disjoint panel ranges.
+            for_panels(panels, split, |range| unsafe { gemm_pairs(left, n, p, range, sink) });
+        }
+        _ => {
+            let p = packed.down.wide();
+            let left = pack_rows(x, scratch);
+            // SAFETY: as above, with k_len = n <= n_max = k_cap.
+            for_panels(panels, split, |range| unsafe { (kern.gemm)(left, p, range, sink) });
+        }
+    }
+}
+
+/// `y (op)= epilogue(u·Bᵀ)` for the rows of `u` (the up-projection), packing `u` into `scratch`
+/// first: as f32 rows, or for pair kernels rounded to bf16 k-pairs (as PEFT rounds `u` to the
+/// activation dtype).
+pub(crate) fn up<T: Element>(
+    kern: &Kernels<T>,
+    packed: &PackedProjections<T>,
+    u: MatRef<'_, f32>,
+    scratch: &mut [f32],
+    m: usize,
+    sink: &Sink<'_, T>,
+    split: bool,
+) {
+    let panels = m.div_ceil(NR);
+    match (kern.facts().layout, kern.gemm_pairs) {
+        (Layout::Pairs, Some(gemm_pairs)) => {
+            let p = packed.up.pairs();
+            let left = pack_pairs_rounded(u, bytemuck::cast_slice_mut(scratch));
+            let r = u.cols();
+            // SAFETY: the panels hold ceil(r / 2) pair rows; the caller owns the sink's rows, and
+            // for_panels hands out disjoint panel ranges.
+            for_panels(panels, split, |range| unsafe { gemm_pairs(left, r, p, range, sink) });
+        }
+        _ => {
+            let p = packed.up.wide();
+            let left = pack_rows(u, scratch);
+            // SAFETY: k_len = r = k_cap of the B panels; the caller owns the sink's rows, and
+            // for_panels hands out disjoint panel ranges.
+            for_panels(panels, split, |range| unsafe { (kern.gemm)(left, p, range, sink) });
+        }
+    }
+}
+
+/// The fused forward pass `y (+)= lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ) + bias`.
+///
+/// Scratch: each block of [`BLOCK_ROWS`] rows holds its `u` (`rows · r` f32), `u` packed for the
+/// up-projection (`rows · r`) and `x` packed for the down-projection (`rows · n`).
+pub(crate) fn forward<T: Element>(
+    kern: &Kernels<T>,
+    w: Weights<'_, T>,
+    s: Scales<'_>,
+    x: MatRef<'_, T>,
+    mut y: MatMut<'_, T>,
+    mode: Mode,
+) {
+    let (rows, n, r, m) = (x.rows(), x.cols(), w.a.rows(), w.b.rows());
+    if rows == 0 || m == 0 {
+        return;
+    }
+    let mut owned = None;
+    let packed = packed_or_owned(kern, &w, &mut owned);
+    let epi = Epilogue { scale: Some(s.lambda_b), bias: s.bias, accumulate: mode == Mode::Accumulate };
+    let yp = y.as_ptr_mat();
+    let flops = 2.0 * (rows * r * (n + m)) as f64;
+    for_blocks(rows, BLOCK_ROWS, flops, |t0, tb, split| {
+        let packed_u = up_scratch(tb, r);
+        with_scratch(tb * r + packed_u + down_scratch(tb, n), |buf| {
+            let (u, rest) = buf.split_at_mut(tb * r);
+            let (ul, xl) = rest.split_at_mut(packed_u);
+            let mut u = MatMut::from_slice(u, tb, r).expect("scratch sized tb * r");
+            // u = lambda_d ⊙ (x·Aᵀ), into this block's scratch ...
+            let sink = Sink::F32 { out: u.as_ptr_mat(), scale: Some(s.lambda_d) };
+            down(kern, packed, x.row_range(t0, tb), xl, r, &sink, split);
+            // ... then up-projected at once, while it is in cache.
+            up(kern, packed, u.as_ref(), ul, m, &Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi }, split);
+        });
+    });
+}

@@ -1,0 +1,27 @@
+//! One driver per operation, each built from the kernel table, packing, sinks and the thread split:
+//! `forward` (the fused pass, and its two products for the benchmark peers) and `delta` (merge,
+//! unmerge, ΔW). Drivers take plain views and slices (see [`Weights`] and [`Scales`]), never the
+//! front end's types, and shapes already validated by the front end.
+
+pub(crate) mod delta;
+pub(crate) mod forward;
+
+use super::pack::PackedProjections;
+use crate::mat::MatRef;
+
+/// One layer's projections as the drivers take them: A `[r, n]`, B `[m, r]`, and the model's
+/// copy packed in the kernels' layout, when there is one (else the driver packs per call).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Weights<'a, T> {
+    pub a: MatRef<'a, T>,
+    pub b: MatRef<'a, T>,
+    pub packed: Option<&'a PackedProjections<T>>,
+}
+
+/// One layer's adapter vectors: `lambda_d [r]`, `lambda_b [m]`, and the optional bias `[m]`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Scales<'a> {
+    pub lambda_d: &'a [f32],
+    pub lambda_b: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+}

@@ -1,0 +1,201 @@
+//! The kernel table: for each element type and tier, its micro-kernels **and** the facts the rest of
+//! the crate needs about them (register block, cache blocks, operand layout, rounding, the
+//! instruction whose peak bounds it). Drivers, packing, the error bounds and `vera bench` read the
+//! facts from here; nothing else names a tier.
+//!
+//! Each tier's table is built once per process, on first use. The tier in use is
+//! [`Isa::selected`], or, on the calling thread only, the one [`with_isa`] sets (so that one test
+//! process can run every kernel on every tier this CPU has).
+
+use std::cell::Cell;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use half::{bf16, f16};
+
+use super::isa::Isa;
+use super::pack::{Left, Panels};
+use super::sink::Sink;
+use super::tiers::portable;
+#[cfg(target_arch = "x86_64")]
+use super::tiers::{avx2, avx512, avx512bf16};
+use crate::dtype::Element;
+use crate::types::Numerics;
+
+/// `sink[row, col] <- Σ_k left[row, k]·right[col, k]` over the panels in the range.
+pub(crate) type GemmFn<W, T> = unsafe fn(Left<'_, f32>, &Panels<W>, Range<usize>, &Sink<'_, T>);
+/// The same with bf16 activations (as bits) against k-pair panels (`vdpbf16ps`), `n` elements.
+pub(crate) type PairGemmFn<T> = unsafe fn(Left<'_, u32>, usize, &Panels<u32>, Range<usize>, &Sink<'_, T>);
+
+/// How the projections and the left operands are laid out for a tier's products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// Weights in their own type in 32-column panels; left operands widened to f32 (f32 FMAs).
+    Wide,
+    /// bf16 weights and left operands as k-pairs, each u32 = (element 2p, element 2p + 1)
+    /// (`vdpbf16ps`).
+    Pairs,
+}
+
+impl Layout {
+    /// Every layout (the index of each is its slot in a packing cache).
+    pub(crate) const ALL: [Layout; 2] = [Layout::Wide, Layout::Pairs];
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The instruction whose throughput bounds a tier's products (what `vera bench --peak` measures).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PeakInstruction {
+    /// f32 fused multiply-add (or multiply and add).
+    F32Fma,
+    /// bf16 pair dot product into f32 (`vdpbf16ps`).
+    Bf16Dot,
+}
+
+/// What a tier's kernels for one element type are and do: the facts drivers, error bounds and
+/// benchmarks need, kept with the kernels so that a new tier is one table entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TierFacts {
+    /// The tier (`avx512` for f32 and f16 on an `avx512bf16` CPU: they have no bf16 products).
+    pub isa: Isa,
+    /// Rows of the left operand per micro-kernel tile.
+    pub mr: usize,
+    /// Columns per weight panel.
+    pub nr: usize,
+    /// Units of k (elements, or pairs) per cache block of a panel.
+    pub kc: usize,
+    /// Row tiles per group that share a panel's k block from L1.
+    pub group: usize,
+    /// Panels per micro-kernel call for a call of 1, 2, 3, 4 rows (decode); 0: the blocked path.
+    pub decode_panels: [usize; 4],
+    /// How operands are packed.
+    pub layout: Layout,
+    /// Whether `u = lambda_d ⊙ h` is rounded to the element type before the up-projection.
+    pub rounds_u: bool,
+    /// Whether subnormal inputs and results are flushed to zero.
+    pub flushes_subnormals: bool,
+    /// The instruction whose peak bounds the products.
+    pub peak: PeakInstruction,
+}
+
+impl TierFacts {
+    /// The numerics of these kernels, as the error bounds of [`crate::reference`] take them.
+    pub fn numerics(&self) -> Numerics {
+        Numerics { rounds_u: self.rounds_u, flushes_subnormals: self.flushes_subnormals }
+    }
+}
+
+/// The micro-kernels of one element type on one tier, with their facts. Each kernel writes through
+/// the sink; the caller guarantees that the rows and panel columns it passes are its own while the
+/// call runs.
+pub struct Kernels<T: 'static> {
+    pub(crate) facts: TierFacts,
+    /// Weights in `T` (projections, the dense baseline's ΔW), [`Layout::Wide`].
+    pub(crate) gemm: GemmFn<T, T>,
+    /// Weights in f32 (merge's Aᵀ is in `T`; the dense baseline's `diag(lambda_b)·B·diag(lambda_d)`).
+    pub(crate) gemm_f32: GemmFn<f32, T>,
+    /// bf16 k-pair products, for [`Layout::Pairs`].
+    pub(crate) gemm_pairs: Option<PairGemmFn<T>>,
+}
+
+impl<T> Kernels<T> {
+    /// The facts of these kernels.
+    pub(crate) fn facts(&self) -> &TierFacts {
+        &self.facts
+    }
+}
+
+/// Element types every tier of this target implements (all three).
+#[cfg(target_arch = "x86_64")]
+pub(crate) trait TierElement: avx512::Simd16 + avx2::Simd8 {}
+#[cfg(target_arch = "x86_64")]
+impl<T: avx512::Simd16 + avx2::Simd8> TierElement for T {}
+/// Element types every tier of this target implements (all three).
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) trait TierElement: Element {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: Element> TierElement for T {}
+
+/// The table of `isa` for `T` (`isa` is one this CPU has).
+fn build<T: Element + TierElement>(isa: Isa) -> Kernels<T> {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Bf16 => avx512bf16::kernels::<T>(super::isa::vendor()),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::kernels::<T>(super::isa::vendor()),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::kernels::<T>(),
+        _ => portable::kernels::<T>(),
+    }
+}
+
+/// The lazily built tables of one element type, one slot per tier.
+pub(crate) type Tables<T> = [OnceLock<Kernels<T>>; Isa::ALL.len()];
+
+macro_rules! kernel_tables {
+    ($($t:ty),*) => {$(
+        impl crate::sealed::Sealed for $t {
+            fn kernel_tables() -> &'static Tables<$t> {
+                static TABLES: Tables<$t> = [const { OnceLock::new() }; Isa::ALL.len()];
+                &TABLES
+            }
+            fn build_kernels(isa: Isa) -> Kernels<$t> {
+                build::<$t>(isa)
+            }
+        }
+    )*};
+}
+kernel_tables!(f32, f16, bf16);
+
+thread_local! {
+    /// The tier [`with_isa`] set for this thread, if any.
+    static OVERRIDE: Cell<Option<Isa>> = const { Cell::new(None) };
+}
+
+/// The kernels of `T` on `isa` (lowered to what this CPU has).
+pub(crate) fn kernels_on<T: Element>(isa: Isa) -> &'static Kernels<T> {
+    let isa = isa.min(Isa::detected());
+    T::kernel_tables()[isa as usize].get_or_init(|| T::build_kernels(isa))
+}
+
+/// The kernels of `T` in use on this thread: [`with_isa`]'s tier inside it, else [`Isa::selected`].
+/// Drivers fetch the table once on the calling thread and hand it to their workers.
+pub(crate) fn current<T: Element>() -> &'static Kernels<T> {
+    kernels_on::<T>(OVERRIDE.with(Cell::get).unwrap_or_else(Isa::selected))
+}
+
+/// Runs `f` with the CPU kernels of every call made from this thread on `isa` (lowered to the best
+/// tier this CPU has), whatever `VERA_KERNELS_ISA` says: a test can check every kernel on every
+/// tier in one process, and a benchmark can compare tiers side by side. Calls made from other
+/// threads are not affected; work a call hands to rayon's threads uses the calling thread's tier.
+///
+/// ```
+/// use vera_kernels::{active_isa, with_isa, Isa};
+///
+/// with_isa(Isa::Portable, || assert_eq!(active_isa::<f32>(), Isa::Portable));
+/// ```
+pub fn with_isa<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Isa>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OVERRIDE.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(OVERRIDE.with(|o| o.replace(Some(isa))));
+    f()
+}
+
+/// The tier the kernels for `T` run on in this thread (f32 and f16 never use the bf16 tier's
+/// dot-product instruction, so they report `avx512` on an `avx512bf16` machine).
+pub fn active_isa<T: Element>() -> Isa {
+    current::<T>().facts.isa
+}
+
+/// The facts of the kernels for `T` in use on this thread (see [`TierFacts`]).
+pub fn tier_facts<T: Element>() -> TierFacts {
+    current::<T>().facts
+}

@@ -1,0 +1,167 @@
+//! How work is spread over rayon's threads, and the per-thread scratch it runs in.
+//!
+//! Every split here changes which thread computes an output, never how: each output element (or,
+//! for reductions, each partial sum) is one fixed chain of f32 operations, and partial sums are
+//! combined in a fixed order ([`reduce_in_order`]), so results are bitwise identical for any
+//! number of threads.
+
+use std::cell::Cell;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rayon::prelude::*;
+
+/// Below this many FLOPs a call runs on the calling thread alone: handing work to rayon costs
+/// more than it saves (measured with `vera bench --threads 1` vs `--threads 2` on small shapes).
+const PARALLEL_MIN_FLOPS: f64 = 4e6;
+
+/// [`PARALLEL_MIN_FLOPS`], or the threshold [`set_parallel_min_flops`] set (as f64 bits; 0 bits =
+/// the default).
+static MIN_FLOPS_OVERRIDE: AtomicU64 = AtomicU64::new(0);
+
+fn parallel_min_flops() -> f64 {
+    match MIN_FLOPS_OVERRIDE.load(Ordering::Relaxed) {
+        0 => PARALLEL_MIN_FLOPS,
+        bits => f64::from_bits(bits),
+    }
+}
+
+/// Sets the work (in FLOPs) below which a call runs on the calling thread alone, for the whole
+/// process; `None` restores the default (4 MFLOP). Results never depend on it, only speed: tests
+/// set it to 0 so that small random shapes really run split across threads, which is what the
+/// thread-count equality properties are about.
+pub fn set_parallel_min_flops(flops: Option<f64>) {
+    MIN_FLOPS_OVERRIDE.store(flops.map_or(0, |f| f.max(f64::MIN_POSITIVE).to_bits()), Ordering::Relaxed);
+}
+
+/// Runs `f` with this thread's reusable f32 scratch of at least `len` elements.
+///
+/// The buffer is taken out of the thread-local while `f` runs, so a nested call (rayon may run
+/// another task on this thread while `f` waits) gets a fresh buffer instead of a borrow conflict.
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    thread_local! {
+        static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    }
+    let mut buf = SCRATCH.with(Cell::take);
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let out = f(&mut buf[..len]);
+    SCRATCH.with(|s| s.set(buf));
+    out
+}
+
+/// Calls `f` on ranges of panels covering `0..panels`: across threads when `split` (the decode
+/// regime), else all at once. The split changes which thread computes a column, never how.
+pub(crate) fn for_panels(panels: usize, split: bool, f: impl Fn(Range<usize>) + Sync) {
+    let threads = rayon::current_num_threads();
+    if !split || threads <= 1 || panels <= 1 {
+        f(0..panels);
+        return;
+    }
+    let chunk = panels.div_ceil(threads * 2).max(1);
+    (0..panels.div_ceil(chunk)).into_par_iter().for_each(|c| f(c * chunk..panels.min((c + 1) * chunk)));
+}
+
+/// Calls `f(t0, rows, split)` for blocks of `block` rows covering `0..rows`, for work of about
+/// `flops`: on this thread alone for small work; in parallel over blocks when there are enough to
+/// feed every thread (prefill); else one after the other with `split` set so that `f` spreads each
+/// block's columns over the threads (decode).
+pub(crate) fn for_blocks(rows: usize, block: usize, flops: f64, f: impl Fn(usize, usize, bool) + Sync) {
+    let blocks = rows.div_ceil(block);
+    if flops < parallel_min_flops() || rayon::current_num_threads() <= 1 {
+        for b in 0..blocks {
+            f(b * block, block.min(rows - b * block), false);
+        }
+    } else if blocks >= rayon::current_num_threads() {
+        (0..blocks).into_par_iter().for_each(|b| f(b * block, block.min(rows - b * block), false));
+    } else {
+        for b in 0..blocks {
+            f(b * block, block.min(rows - b * block), true);
+        }
+    }
+}
+
+/// `out = Σ_b partial(b)` over blocks `0..blocks`, element by element, added in block order
+/// whatever thread computed each block: the reduction of per-block partial sums (column sums over
+/// rows, such as the gradients of `lambda_d` and `lambda_b`) that keeps results bitwise identical
+/// for any number of threads. `partial(b, buf)` writes block `b`'s partial sums into `buf`
+/// (`out.len()` elements); blocks are computed in parallel, `par_width` at a time, so at most
+/// `par_width · out.len()` f32 are held at once.
+// The gradients of the backward pass are its first users; until then only its test calls it.
+#[allow(dead_code)]
+pub(crate) fn reduce_in_order(
+    blocks: usize,
+    par_width: usize,
+    out: &mut [f32],
+    partial: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    out.fill(0.0);
+    let width = par_width.max(1);
+    let len = out.len();
+    let mut bufs = vec![0.0f32; width * len];
+    for b0 in (0..blocks).step_by(width) {
+        let n = width.min(blocks - b0);
+        bufs[..n * len].par_chunks_mut(len.max(1)).enumerate().for_each(|(i, buf)| partial(b0 + i, buf));
+        for buf in bufs[..n * len].chunks(len.max(1)) {
+            for (o, v) in out.iter_mut().zip(buf) {
+                *o += v;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Column sums of a `rows x cols` matrix in blocks of 3 rows, with `threads` threads and `width`
+    /// blocks in flight.
+    fn column_sums(threads: usize, width: usize) -> Vec<f32> {
+        let (rows, cols): (usize, usize) = (50, 7);
+        let value = |t: usize, c: usize| ((t * 31 + c * 17) % 23) as f32 * 0.37 - 3.1 + (t as f32).powi(3) * 1e-3;
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mut out = vec![0.0; cols];
+        pool.install(|| {
+            reduce_in_order(rows.div_ceil(3), width, &mut out, |b, buf| {
+                buf.fill(0.0);
+                for t in 3 * b..rows.min(3 * b + 3) {
+                    for (c, v) in buf.iter_mut().enumerate() {
+                        *v += value(t, c);
+                    }
+                }
+            })
+        });
+        out
+    }
+
+    #[test]
+    fn reductions_are_bitwise_identical_for_any_thread_count_and_width() {
+        let want = column_sums(1, 1);
+        for (threads, width) in [(1, 4), (2, 1), (2, 2), (3, 5), (4, 17)] {
+            let got = column_sums(threads, width);
+            assert_eq!(got.map_bits(), want.map_bits(), "{threads} threads, {width} wide");
+        }
+        // And they are the sums: against f64.
+        let exact: f64 =
+            (0..50).map(|t| f64::from(((t * 31) % 23) as f32 * 0.37 - 3.1 + (t as f32).powi(3) * 1e-3)).sum();
+        assert!((f64::from(want[0]) - exact).abs() < 1e-3 * exact.abs().max(1.0), "{} vs {exact}", want[0]);
+    }
+
+    trait Bits {
+        fn map_bits(&self) -> Vec<u32>;
+    }
+    impl Bits for Vec<f32> {
+        fn map_bits(&self) -> Vec<u32> {
+            self.iter().map(|v| v.to_bits()).collect()
+        }
+    }
+
+    #[test]
+    fn the_threshold_override_round_trips() {
+        set_parallel_min_flops(Some(0.0));
+        assert!(parallel_min_flops() <= f64::MIN_POSITIVE);
+        set_parallel_min_flops(None);
+        assert_eq!(parallel_min_flops(), PARALLEL_MIN_FLOPS);
+    }
+}

@@ -1,0 +1,123 @@
+//! Sinks: where a micro-kernel's accumulators go, and the arithmetic applied on the way (the
+//! forward's epilogue, merge's update, a plain or scaled f32 store, packed weight panels).
+//!
+//! A sink is chosen by the driver and applied by the tier: the portable and AVX2 tiers store through
+//! [`Sink::store_row`] (element by element), the AVX-512 tiers have vector stores of the same
+//! arithmetic, in the same order (`tests` in `cpu` checks every tier against `store_row`, bit for
+//! bit, including the rounding to f16 / bf16 against `half`).
+
+use super::pack::{PanelsPtr, NR};
+use crate::dtype::Element;
+use crate::mat::MatPtr;
+
+/// What the up-projection's epilogue does with each dot product `d` of output column `i`:
+/// `y = (accumulate ? y : 0) + scale[i]·d + bias[i]`, in that order.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Epilogue<'a> {
+    pub(crate) scale: Option<&'a [f32]>,
+    pub(crate) bias: Option<&'a [f32]>,
+    pub(crate) accumulate: bool,
+}
+
+impl Epilogue<'_> {
+    /// The epilogue of one element: `scale[i]·dot`, then `+ bias[i]`, then `+ old` (the order every
+    /// tier's store keeps, so that all tiers round alike).
+    #[inline(always)]
+    pub(crate) fn apply(&self, i: usize, dot: f32, old: f32) -> f32 {
+        let mut v = match self.scale {
+            Some(s) => s[i] * dot,
+            None => dot,
+        };
+        if let Some(b) = self.bias {
+            v += b[i];
+        }
+        if self.accumulate {
+            v += old;
+        }
+        v
+    }
+}
+
+/// How a ΔW tile is combined with the weight it is written to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Update {
+    /// `W + ΔW` (merge).
+    Add,
+    /// `W - ΔW` (unmerge).
+    Sub,
+    /// `ΔW` (the old contents are ignored).
+    Overwrite,
+}
+
+impl Update {
+    #[inline(always)]
+    pub(crate) fn apply(self, old: f32, delta: f32) -> f32 {
+        match self {
+            Update::Add => old + delta,
+            Update::Sub => old - delta,
+            Update::Overwrite => delta,
+        }
+    }
+}
+
+/// Where a product's results go. Rows are local to the call; columns are absolute panel columns,
+/// and columns at or past the sink's width are dropped.
+pub(crate) enum Sink<'a, T> {
+    /// `out[row, col] = scale[col]·acc` (or `acc`), f32.
+    F32 { out: MatPtr<f32>, scale: Option<&'a [f32]> },
+    /// `out[row, col] = epi(acc, out[row, col])`, in `T`.
+    Epilogue { out: MatPtr<T>, epi: Epilogue<'a> },
+    /// `out[row, col] = op(out[row, col], acc)`, in `T`.
+    Update { out: MatPtr<T>, op: Update },
+    /// Weight panels in `T` (the dense baseline's ΔW): row `row` of the panel holding `col`.
+    Panels { out: PanelsPtr<T> },
+}
+
+impl<T: Element> Sink<'_, T> {
+    /// Columns the sink accepts.
+    pub(crate) fn cols(&self) -> usize {
+        match self {
+            Sink::F32 { out, .. } => out.cols(),
+            Sink::Epilogue { out, .. } | Sink::Update { out, .. } => out.cols(),
+            Sink::Panels { out } => out.cols(),
+        }
+    }
+
+    /// Stores `vals` as columns `col0 .. col0 + vals.len()` of local row `row` (element by element:
+    /// the portable kernels' path; the SIMD tiers have vector versions of the same arithmetic).
+    ///
+    /// # Safety
+    /// The row is in range and this thread owns those columns of it; `col0 + vals.len() <= cols()`.
+    #[inline(always)]
+    pub(crate) unsafe fn store_row(&self, row: usize, col0: usize, vals: &[f32]) {
+        // SAFETY (all arms): row and columns in range and owned, by the caller's contract.
+        unsafe {
+            match self {
+                Sink::F32 { out, scale } => {
+                    let dst = &mut out.row_mut(row)[col0..col0 + vals.len()];
+                    for (c, (d, &v)) in dst.iter_mut().zip(vals).enumerate() {
+                        *d = scale.map_or(v, |s| s[col0 + c] * v);
+                    }
+                }
+                Sink::Epilogue { out, epi } => {
+                    let dst = &mut out.row_mut(row)[col0..col0 + vals.len()];
+                    for (c, (d, &v)) in dst.iter_mut().zip(vals).enumerate() {
+                        *d = T::from_f32(epi.apply(col0 + c, v, d.to_f32()));
+                    }
+                }
+                Sink::Update { out, op } => {
+                    let dst = &mut out.row_mut(row)[col0..col0 + vals.len()];
+                    for (d, &v) in dst.iter_mut().zip(vals) {
+                        *d = T::from_f32(op.apply(d.to_f32(), v));
+                    }
+                }
+                Sink::Panels { out } => {
+                    let p = out.row_ptr(row, col0);
+                    for (c, &v) in vals.iter().enumerate() {
+                        *p.add(col0 % NR + c) = T::from_f32(v);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Every tier's stores against the scalar definition, bit for bit: a product with an identity matrix
+//! hands each sink exact values (a sum of one product `v·1` and zeros), so whatever a tier's
+//! vector store computes must equal [`Epilogue::apply`] / [`Update::apply`] followed by `half`'s
+//! rounding (`Element::from_f32`), for every sink and element type.
+
+use super::isa::Isa;
+use super::kernels::{kernels_on, Kernels};
+use super::pack::{pack_pairs, pack_rows, Panels, NR};
+use super::sink::{Epilogue, Sink, Update};
+use crate::dtype::Element;
+use crate::mat::{MatMut, MatRef};
+use half::{bf16, f16};
+
+/// Finite f32 values far from overflow in f32 arithmetic (so no NaN is ever made), with every
+/// rounding case of f16 and bf16: ties to even both ways, near-ties, f16 subnormals and underflow,
+/// f16 overflow to infinity, zeros of both signs, and an LCG walk over bit patterns.
+fn values(len: usize, seed: u32) -> Vec<f32> {
+    let specials = [
+        0.0f32,
+        -0.0,
+        1.0,
+        -1.0,
+        1.0 + f32::powi(2.0, -11),
+        1.0 + 3.0 * f32::powi(2.0, -11),
+        1.0 + f32::powi(2.0, -8),
+        1.0 + 3.0 * f32::powi(2.0, -8),
+        f32::from_bits(0x3f80_8000),
+        f32::from_bits(0x3f80_8001),
+        f32::from_bits(0x3f80_7fff),
+        65504.0,
+        65519.0,
+        65520.0,
+        -70000.0,
+        6.0e-8,
+        3.0e-8,
+        2.9e-8,
+        1.0e-5,
+        -6.1e-5,
+        1.0e-30,
+        1.0e20,
+    ];
+    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+    let mut walk = std::iter::from_fn(move || {
+        x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        let v = f32::from_bits(x);
+        Some(if v.is_finite() && v.abs() < 1e20 { v } else { v.to_bits() as f32 * 1e-9 })
+    });
+    (0..len).map(|i| if i < specials.len() && seed == 0 { specials[i] } else { walk.next().unwrap() }).collect()
+}
+
+/// The sinks under test, over `out` (the scales and biases are drawn per column).
+#[allow(clippy::type_complexity)]
+fn sinks<'a, T: Element>(
+    scale: &'a [f32],
+    bias: &'a [f32],
+) -> Vec<(&'static str, Box<dyn Fn(MatMut<'_, T>) -> Sink<'a, T> + 'a>)> {
+    let epi =
+        |scale: Option<&'a [f32]>, bias: Option<&'a [f32]>, accumulate: bool| Epilogue { scale, bias, accumulate };
+    vec![
+        (
+            "plain rounding",
+            Box::new(move |mut y: MatMut<'_, T>| Sink::Epilogue { out: y.as_ptr_mat(), epi: epi(None, None, false) }),
+        ),
+        (
+            "epilogue, accumulate",
+            Box::new(move |mut y: MatMut<'_, T>| Sink::Epilogue {
+                out: y.as_ptr_mat(),
+                epi: epi(Some(scale), Some(bias), true),
+            }),
+        ),
+        (
+            "epilogue, overwrite",
+            Box::new(move |mut y: MatMut<'_, T>| Sink::Epilogue {
+                out: y.as_ptr_mat(),
+                epi: epi(Some(scale), None, false),
+            }),
+        ),
+        ("update add", Box::new(|mut y: MatMut<'_, T>| Sink::Update { out: y.as_ptr_mat(), op: Update::Add })),
+        ("update sub", Box::new(|mut y: MatMut<'_, T>| Sink::Update { out: y.as_ptr_mat(), op: Update::Sub })),
+        (
+            "update overwrite",
+            Box::new(|mut y: MatMut<'_, T>| Sink::Update { out: y.as_ptr_mat(), op: Update::Overwrite }),
+        ),
+    ]
+}
+
+/// What a sink must write for the exact product `dot` over the old value `old` (scalar definition).
+fn expected<T: Element>(what: &str, scale: &[f32], bias: &[f32], col: usize, dot: f32, old: T) -> T {
+    let old = old.to_f32();
+    let v = match what {
+        "plain rounding" => Epilogue { scale: None, bias: None, accumulate: false }.apply(col, dot, old),
+        "epilogue, accumulate" => {
+            Epilogue { scale: Some(scale), bias: Some(bias), accumulate: true }.apply(col, dot, old)
+        }
+        "epilogue, overwrite" => Epilogue { scale: Some(scale), bias: None, accumulate: false }.apply(col, dot, old),
+        "update add" => Update::Add.apply(old, dot),
+        "update sub" => Update::Sub.apply(old, dot),
+        _ => Update::Overwrite.apply(old, dot),
+    };
+    T::from_f32(v)
+}
+
+/// `y[row, col] <- sink(x[row, col])` through `kern`'s products with the identity, on `rows` rows
+/// and `m` columns (k = m), for every sink; each element checked against [`expected`].
+fn check_tier<T: Element>(kern: &Kernels<T>, rows: usize, m: usize, seed: u32) {
+    let k = m;
+    let x = values(rows * k, seed);
+    let scale = values(m, seed + 1).iter().map(|v| v.clamp(-4.0, 4.0)).collect::<Vec<_>>();
+    let bias = values(m, seed + 2).iter().map(|v| v.clamp(-1e6, 1e6)).collect::<Vec<_>>();
+    let old: Vec<T> = values(rows * m, seed + 3).into_iter().map(T::from_f32).collect();
+    let identity = Panels::from_fn(m, k, |c, kk| T::from_f32(if c == kk { 1.0 } else { 0.0 }));
+    for (what, make) in sinks::<T>(&scale, &bias) {
+        let mut y = old.clone();
+        let sink = make(MatMut::from_slice(&mut y, rows, m).unwrap());
+        let mut scratch = vec![0.0f32; rows.div_ceil(8) * 8 * k];
+        let left = pack_rows(MatRef::from_slice(&x, rows, k).unwrap(), &mut scratch);
+        // SAFETY: k_len = k = k_cap of the panels; the sink covers rows x m, all this call's.
+        unsafe { (kern.gemm)(left, &identity, 0..m.div_ceil(NR), &sink) };
+        for (idx, got) in y.iter().enumerate() {
+            let (row, col) = (idx / m, idx % m);
+            // The chain starts at +0, so a -0 input comes out as +0: the dot is `x + 0`.
+            let want = expected(what, &scale, &bias, col, x[row * k + col] + 0.0, old[idx]);
+            assert_eq!(
+                got.to_f64().to_bits(),
+                want.to_f64().to_bits(),
+                "{} {:?} {what}: y[{row},{col}] = {got:?}, want {want:?} (x = {:e}, rows {rows}, m {m})",
+                kern.facts().isa,
+                T::DTYPE,
+                x[row * k + col],
+            );
+        }
+    }
+}
+
+fn check_all_tiers<T: Element>() {
+    for isa in Isa::available() {
+        let kern = kernels_on::<T>(isa);
+        // One row (decode, several panels per call), 3 and 5 rows (decode / blocked remainders),
+        // 13 rows (a full tile and a remainder); widths with masked tails and whole panels.
+        for (i, (rows, m)) in [(1, 61), (3, 33), (5, 64), (13, 70), (2, 1), (9, 31)].into_iter().enumerate() {
+            check_tier(kern, rows, m, i as u32);
+        }
+    }
+}
+
+#[test]
+fn every_tier_stores_f32_exactly_as_the_scalar_sink() {
+    check_all_tiers::<f32>();
+}
+
+#[test]
+fn every_tier_rounds_f16_stores_bit_for_bit_as_half() {
+    check_all_tiers::<f16>();
+}
+
+#[test]
+fn every_tier_rounds_bf16_stores_bit_for_bit_as_half() {
+    check_all_tiers::<bf16>();
+}
+
+#[test]
+fn the_pair_kernels_store_through_the_same_sinks() {
+    for isa in Isa::available() {
+        let kern = kernels_on::<bf16>(isa);
+        let Some(gemm_pairs) = kern.gemm_pairs else { continue };
+        let (rows, m) = (11, 45);
+        // bf16 inputs of normal magnitude (vdpbf16ps flushes subnormals), and the identity as pairs.
+        let x: Vec<bf16> = values(rows * m, 7).into_iter().map(|v| bf16::from_f32(v.clamp(-1e20, 1e20))).collect();
+        let x: Vec<bf16> = x.into_iter().map(|v| if v.to_f32().abs() < 1e-30 { bf16::ONE } else { v }).collect();
+        let one = u32::from(bf16::ONE.to_bits());
+        let identity = Panels::from_fn(m, m.div_ceil(2), |c, p| match c.checked_sub(2 * p) {
+            Some(0) => one,
+            Some(1) => one << 16,
+            _ => 0,
+        });
+        let old: Vec<bf16> = values(rows * m, 8).into_iter().map(bf16::from_f32).collect();
+        let scale = values(m, 9).iter().map(|v| v.clamp(-4.0, 4.0)).collect::<Vec<_>>();
+        let bias = values(m, 10).iter().map(|v| v.clamp(-1e6, 1e6)).collect::<Vec<_>>();
+        for (what, make) in sinks::<bf16>(&scale, &bias) {
+            let mut y = old.clone();
+            let sink = make(MatMut::from_slice(&mut y, rows, m).unwrap());
+            let bits: Vec<u16> = x.iter().map(|v| v.to_bits()).collect();
+            let mut scratch = vec![0u32; rows.div_ceil(8) * 8 * m.div_ceil(2)];
+            let left = pack_pairs(MatRef::from_slice(&bits, rows, m).unwrap(), &mut scratch);
+            // SAFETY: the pair panels hold ceil(m / 2) pair rows; the sink covers rows x m.
+            unsafe { gemm_pairs(left, m, &identity, 0..m.div_ceil(NR), &sink) };
+            for (idx, got) in y.iter().enumerate() {
+                let (row, col) = (idx / m, idx % m);
+                let want = expected(what, &scale, &bias, col, x[row * m + col].to_f32() + 0.0, old[idx]);
+                assert_eq!(got.to_bits(), want.to_bits(), "{isa} {what}: y[{row},{col}] = {got:?}, want {want:?}");
+            }
+        }
+    }
+}

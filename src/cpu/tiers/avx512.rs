@@ -1,0 +1,508 @@
+//! AVX-512 micro-kernels (x86-64), chosen at run time.
+//!
+//! Tile: `R <= MR` rows x `NR = 32` columns, 2·R zmm accumulators, one broadcast of the left operand
+//! per row and k, two 16-lane weight loads per k (f16 / bf16 weights widened in registers, never in
+//! memory). Calls of more than one row tile stage each panel's k block widened to f32 once for all
+//! the tiles of a group. Tiles of at most 4 rows (decode) run over 2-4 panels per call, for enough
+//! independent accumulator chains. Each accumulator is one chain over k in order, whatever R (or
+//! the number of panels) is, so the tile a row falls in never changes its result. Column tails are
+//! handled with masked loads and stores. The loop nest around these kernels is
+//! `cpu::macro_kernel`; the bf16 `vdpbf16ps` kernel, which shares this file's stores, is in
+//! `avx512bf16`.
+
+use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use half::{bf16, f16};
+
+use super::avx2::Simd8;
+use crate::cpu::isa::{Isa, Vendor};
+use crate::cpu::kernels::{Kernels, Layout, PeakInstruction, TierFacts};
+use crate::cpu::macro_kernel::{self, MicroKernel};
+use crate::cpu::pack::{Left, Panels, MR, NR};
+use crate::cpu::sink::{Sink, Update};
+use crate::dtype::Element;
+
+/// Element types the AVX-512 kernels load and store.
+pub trait Simd16: Element {
+    /// Widens 16 consecutive elements at `p` to f32.
+    ///
+    /// # Safety
+    /// 16 elements are readable at `p`; AVX-512F/BW/VL and F16C are available.
+    unsafe fn load16(p: *const Self) -> __m512;
+    /// Widens the elements of `p` selected by `mask` (others read as 0, never touched).
+    ///
+    /// # Safety
+    /// The selected elements are readable; AVX-512F/BW/VL and F16C are available.
+    unsafe fn load16_masked(p: *const Self, mask: __mmask16) -> __m512;
+    /// Rounds `v` to this type (to nearest, ties to even) and stores the lanes selected by `mask`.
+    ///
+    /// # Safety
+    /// The selected elements are writable; AVX-512F/BW/VL and F16C are available.
+    unsafe fn store16_masked(p: *mut Self, mask: __mmask16, v: __m512);
+}
+
+impl Simd16 for f32 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn load16(p: *const f32) -> __m512 {
+        // SAFETY: 16 readable f32 at p (caller).
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn load16_masked(p: *const f32, mask: __mmask16) -> __m512 {
+        // SAFETY: masked-off lanes are not accessed; selected ones are readable (caller).
+        unsafe { _mm512_maskz_loadu_ps(mask, p) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn store16_masked(p: *mut f32, mask: __mmask16, v: __m512) {
+        // SAFETY: selected lanes are writable (caller).
+        unsafe { _mm512_mask_storeu_ps(p, mask, v) }
+    }
+}
+
+impl Simd16 for f16 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn load16(p: *const f16) -> __m512 {
+        // SAFETY: 16 readable f16 (32 bytes) at p (caller).
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn load16_masked(p: *const f16, mask: __mmask16) -> __m512 {
+        // SAFETY: masked-off lanes are not accessed (caller guarantees the selected ones).
+        unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p.cast())) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn store16_masked(p: *mut f16, mask: __mmask16, v: __m512) {
+        // SAFETY: selected lanes are writable (caller).
+        unsafe {
+            let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+            _mm256_mask_storeu_epi16(p.cast(), mask, h)
+        }
+    }
+}
+
+/// bf16 bits in the low 16 of each 32-bit lane, widened to f32 (exact).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+fn bf16_bits_to_f32(bits: __m256i) -> __m512 {
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
+}
+
+impl Simd16 for bf16 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn load16(p: *const bf16) -> __m512 {
+        // SAFETY: 16 readable bf16 (32 bytes) at p (caller).
+        bf16_bits_to_f32(unsafe { _mm256_loadu_si256(p.cast()) })
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn load16_masked(p: *const bf16, mask: __mmask16) -> __m512 {
+        // SAFETY: masked-off lanes are not accessed (caller guarantees the selected ones).
+        bf16_bits_to_f32(unsafe { _mm256_maskz_loadu_epi16(mask, p.cast()) })
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn store16_masked(p: *mut bf16, mask: __mmask16, v: __m512) {
+        // Round to nearest even in integer arithmetic, NaN kept quiet: the same rule as
+        // half::bf16::from_f32, so every tier rounds outputs identically.
+        let bits = _mm512_castps_si512(v);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))));
+        let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        let out = _mm512_mask_blend_epi32(nan, rounded, quiet);
+        // SAFETY: selected lanes are writable (caller).
+        unsafe { _mm256_mask_storeu_epi16(p.cast(), mask, _mm512_cvtepi32_epi16(out)) }
+    }
+}
+
+/// The mask of the first `n` (<= 16) lanes.
+#[inline(always)]
+fn lanes(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        ((1u32 << n) - 1) as __mmask16
+    }
+}
+
+/// Stores an `R x 32` tile at local rows `t0..t0 + R`, columns `col0..col0 + 32` (clipped).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+unsafe fn store_tile<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, col0: usize, acc: &[[__m512; 2]; R]) {
+    let n = NR.min(sink.cols() - col0);
+    let m = [lanes(n), lanes(n.saturating_sub(16))];
+    // SAFETY (whole body): rows t0..t0+R are in the sink and owned by this thread, columns are
+    // clipped to the sink's width by the masks (the kernel's contract, see `gemm`).
+    unsafe {
+        match sink {
+            Sink::F32 { out, scale } => {
+                let sc = scale.map(|s| [0, 1].map(|h| f32::load16_masked(s.as_ptr().add(col0 + 16 * h), m[h])));
+                for (i, a) in acc.iter().enumerate() {
+                    let p = out.row_mut(t0 + i).as_mut_ptr().add(col0);
+                    for h in 0..2 {
+                        let v = match sc {
+                            Some(s) => _mm512_mul_ps(s[h], a[h]),
+                            None => a[h],
+                        };
+                        f32::store16_masked(p.add(16 * h), m[h], v);
+                    }
+                }
+            }
+            Sink::Epilogue { out, epi } => {
+                let sc = epi.scale.map(|s| [0, 1].map(|h| f32::load16_masked(s.as_ptr().add(col0 + 16 * h), m[h])));
+                let bi = epi.bias.map(|b| [0, 1].map(|h| f32::load16_masked(b.as_ptr().add(col0 + 16 * h), m[h])));
+                for (i, a) in acc.iter().enumerate() {
+                    let p = out.row_mut(t0 + i).as_mut_ptr().add(col0);
+                    for h in 0..2 {
+                        // Same operation order as Epilogue::apply: scale, bias, then the old value.
+                        let mut v = match sc {
+                            Some(s) => _mm512_mul_ps(s[h], a[h]),
+                            None => a[h],
+                        };
+                        if let Some(b) = bi {
+                            v = _mm512_add_ps(v, b[h]);
+                        }
+                        if epi.accumulate {
+                            v = _mm512_add_ps(v, T::load16_masked(p.add(16 * h), m[h]));
+                        }
+                        T::store16_masked(p.add(16 * h), m[h], v);
+                    }
+                }
+            }
+            Sink::Update { out, op } => {
+                for (i, a) in acc.iter().enumerate() {
+                    let p = out.row_mut(t0 + i).as_mut_ptr().add(col0);
+                    for h in 0..2 {
+                        let v = match op {
+                            Update::Add => _mm512_add_ps(T::load16_masked(p.add(16 * h), m[h]), a[h]),
+                            Update::Sub => _mm512_sub_ps(T::load16_masked(p.add(16 * h), m[h]), a[h]),
+                            Update::Overwrite => a[h],
+                        };
+                        T::store16_masked(p.add(16 * h), m[h], v);
+                    }
+                }
+            }
+            Sink::Panels { out } => {
+                for (i, a) in acc.iter().enumerate() {
+                    let p = out.row_ptr(t0 + i, col0);
+                    for h in 0..2 {
+                        T::store16_masked(p.add(16 * h), m[h], a[h]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Units of k per cache block of the f32-FMA kernels: a panel's block (`KC x 32` weights, 8 KiB in
+/// f32) stays in L1 while every row tile of a group runs over it. Measured on an Intel CPU with a
+/// 48 KiB L1 (one thread, n = 4096): 256 reached about 50% of the FMA peak, 128 about 55%, 64 and
+/// 48 about 70%, 32 no better than 64; larger blocks let the left tiles evict the panel block
+/// from L1. (On the AMD Zen 4 VM of the README's table 128 was 2-4% faster for f32 and mixed for
+/// f16, so the Intel figure stands.)
+const KC: usize = 64;
+/// Row tiles per group: their partial sums (`GROUP x MR x 32` f32, 8 KiB) stay in L1 between
+/// k blocks.
+pub(super) const GROUP: usize = 8;
+/// Panels per call for tiles of 1, 2, 3, 4 rows (decode): `2·R·P` accumulator chains, at least 8
+/// (one-thread T = 1 and T = 2 calls were 15-28% faster than with one panel per call).
+pub(super) const DECODE_PANELS: [usize; 4] = [4, 4, 2, 2];
+
+/// Partial sums of one row tile.
+pub(super) type Acc = [[__m512; 2]; MR];
+
+/// Zeroed partial sums.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+pub(super) fn zero_acc() -> Acc {
+    [[_mm512_setzero_ps(); 2]; MR]
+}
+
+/// Stores rows `..R` of a tile's partial sums (see [`store_tile`]).
+///
+/// # Safety
+/// As [`store_tile`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+pub(super) unsafe fn store_acc<T: Simd16, const R: usize>(acc: &Acc, sink: &Sink<'_, T>, t0: usize, col0: usize) {
+    let tile: &[[__m512; 2]; R] = acc[..R].try_into().expect("R <= MR");
+    // SAFETY: forwarded.
+    unsafe { store_tile::<T, R>(sink, t0, col0, tile) }
+}
+
+/// Room for one staged block of f32 weights (`KC x NR`, 8 KiB), aligned for full-vector loads.
+#[repr(C, align(64))]
+struct StageBuf([f32; KC * NR]);
+
+/// `acc[q][..R] += left[t0.., k0..k0 + kl] · block q` with f32 FMAs, the blocks' weights (in
+/// `S`) widened as they are loaded.
+///
+/// # Safety
+/// AVX-512F/BW/VL, FMA and F16C are present; the left tile is `[k_len][lanes]` with `R <= lanes` and
+/// `k0 + kl <= k_len`; each `sp[q]` points at `kl` rows of `NR` weights.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+unsafe fn fma_block<S: Simd16, const R: usize, const P: usize>(
+    left: &Left<'_, f32>,
+    t0: usize,
+    sp: [*const S; P],
+    k0: usize,
+    kl: usize,
+    acc: &mut [Acc; P],
+) {
+    let (lp, lanes) = (left.tile(t0).as_ptr(), left.lanes);
+    let mut a: [[[__m512; 2]; R]; P] = std::array::from_fn(|q| std::array::from_fn(|i| acc[q][i]));
+    // SAFETY: every access is inside the tile and the blocks (this function's contract).
+    unsafe {
+        for k in 0..kl {
+            let bk = lp.add((k0 + k) * lanes);
+            for (aq, &spq) in a.iter_mut().zip(&sp) {
+                let w0 = S::load16(spq.add(k * NR));
+                let w1 = S::load16(spq.add(k * NR + 16));
+                for (i, ai) in aq.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(*bk.add(i));
+                    ai[0] = _mm512_fmadd_ps(b, w0, ai[0]);
+                    ai[1] = _mm512_fmadd_ps(b, w1, ai[1]);
+                }
+            }
+        }
+    }
+    for (accq, aq) in acc.iter_mut().zip(&a) {
+        accq[..R].copy_from_slice(aq);
+    }
+}
+
+/// Asks for the old values a tile's store will read (`y` when accumulating, `W` for a merge) while
+/// its k loop runs. Those rows lie a row stride apart and each is visited for one tile's columns at
+/// a time, so the hardware prefetchers miss them: `perf record` of a bf16 prefill call at r = 256
+/// put 11% of its time in `store_tile`, nearly all on the load of `y`.
+///
+/// # Safety
+/// Rows `t0..t0 + R` are in the sink.
+#[inline(always)]
+pub(super) unsafe fn prefetch_old<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, col0: usize) {
+    let out = match sink {
+        Sink::Epilogue { out, epi } if epi.accumulate => out,
+        Sink::Update { out, op } if *op != Update::Overwrite => out,
+        _ => return,
+    };
+    let len = NR.min(out.cols().saturating_sub(col0));
+    if len == 0 {
+        return;
+    }
+    for i in 0..R {
+        // SAFETY: row t0 + i is in the sink (contract) and columns col0..col0 + len are in the row;
+        // a prefetch reads nothing architecturally.
+        unsafe {
+            let row = out.row_mut(t0 + i).as_ptr().add(col0);
+            _mm_prefetch::<_MM_HINT_T0>(row.cast());
+            _mm_prefetch::<_MM_HINT_T0>(row.add(len - 1).cast());
+        }
+    }
+}
+
+/// f32 broadcasts against panels of `W`, staged into f32 blocks shared by the row tiles.
+struct Fma<'a, W> {
+    left: Left<'a, f32>,
+    _w: std::marker::PhantomData<W>,
+}
+
+/// f32 broadcasts against panels of `W` widened in the inner loop: for calls of a single row tile
+/// (decode), where a staged block would be read by one tile only.
+struct FmaDirect<'a, W> {
+    left: Left<'a, f32>,
+    _w: std::marker::PhantomData<W>,
+}
+
+/// The parts of [`MicroKernel`] every AVX-512 kernel shares: zmm partial sums, [`store_tile`],
+/// [`prefetch_old`].
+macro_rules! avx512_acc_and_store {
+    () => {
+        type Acc = Acc;
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+        unsafe fn zero(&self) -> Acc {
+            zero_acc()
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+        unsafe fn store<const R: usize>(&self, acc: &Acc, sink: &Sink<'_, T>, t0: usize, col0: usize) {
+            // SAFETY: forwarded (the trait method's contract).
+            unsafe { store_acc::<T, R>(acc, sink, t0, col0) }
+        }
+        #[inline(always)]
+        unsafe fn prefetch<const R: usize>(&self, sink: &Sink<'_, T>, t0: usize, col0: usize) {
+            // SAFETY: forwarded (the trait method's contract).
+            unsafe { prefetch_old::<T, R>(sink, t0, col0) }
+        }
+    };
+}
+pub(super) use avx512_acc_and_store;
+
+impl<W: Simd16, T: Simd16> MicroKernel<T> for Fma<'_, W> {
+    type Weight = W;
+    type Staged = f32;
+    type Buf = StageBuf;
+    const KC: usize = KC;
+    const GROUP: usize = GROUP;
+    const IN_PLACE: bool = false;
+    const DECODE_PANELS: [usize; 4] = [0; 4];
+    avx512_acc_and_store!();
+    fn k_units(&self) -> usize {
+        self.left.k_len
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn stage(&self, wp: *const W, k0: usize, kl: usize, buf: &mut MaybeUninit<StageBuf>) -> *const f32 {
+        // SAFETY: rows k0..k0 + kl of the panel exist (this trait method's contract), kl <= KC.
+        unsafe {
+            let src = wp.add(k0 * NR);
+            if W::DTYPE == crate::DType::F32 {
+                return src.cast();
+            }
+            // f16 / bf16: widen the block once here rather than in every row tile's inner loop,
+            // where the conversions would compete with the FMAs for their port. The first kl rows
+            // of the buffer are written here, before the kernel reads them.
+            let dst = buf.as_mut_ptr().cast::<f32>();
+            for k in 0..kl {
+                for h in 0..2 {
+                    _mm512_store_ps(dst.add(k * NR + 16 * h), W::load16(src.add(k * NR + 16 * h)));
+                }
+            }
+            dst
+        }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn run<const R: usize, const P: usize>(
+        &self,
+        t0: usize,
+        sp: [*const f32; P],
+        k0: usize,
+        kl: usize,
+        _last: bool,
+        acc: &mut [Acc; P],
+    ) {
+        // SAFETY: forwarded (each staged block holds kl rows of NR f32).
+        unsafe { fma_block::<f32, R, P>(&self.left, t0, sp, k0, kl, acc) }
+    }
+}
+
+impl<W: Simd16, T: Simd16> MicroKernel<T> for FmaDirect<'_, W> {
+    type Weight = W;
+    type Staged = W;
+    type Buf = ();
+    const KC: usize = KC;
+    const GROUP: usize = GROUP;
+    const IN_PLACE: bool = true;
+    const DECODE_PANELS: [usize; 4] = DECODE_PANELS;
+    avx512_acc_and_store!();
+    fn k_units(&self) -> usize {
+        self.left.k_len
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn stage(&self, wp: *const W, k0: usize, _kl: usize, _buf: &mut MaybeUninit<()>) -> *const W {
+        // SAFETY: row k0 of the panel exists (this trait method's contract).
+        unsafe { wp.add(k0 * NR) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn run<const R: usize, const P: usize>(
+        &self,
+        t0: usize,
+        sp: [*const W; P],
+        k0: usize,
+        kl: usize,
+        _last: bool,
+        acc: &mut [Acc; P],
+    ) {
+        // SAFETY: forwarded (the blocks are read in place).
+        unsafe { fma_block::<W, R, P>(&self.left, t0, sp, k0, kl, acc) }
+    }
+}
+
+/// f32 products against panels of `W` (see `cpu::macro_kernel`).
+///
+/// # Safety
+/// AVX-512F/BW/VL, FMA and F16C are present; otherwise as `macro_kernel::gemm`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+pub(super) unsafe fn gemm<W: Simd16, T: Simd16>(
+    left: Left<'_, f32>,
+    right: &Panels<W>,
+    range: Range<usize>,
+    sink: &Sink<'_, T>,
+) {
+    let rows = left.rows;
+    let _w = std::marker::PhantomData::<W>;
+    // SAFETY: forwarded. A single row tile reads each weight block once: widening it into a
+    // staging buffer first would only add a store and a load.
+    unsafe {
+        if rows <= MR {
+            macro_kernel::gemm(&FmaDirect { left, _w }, rows, right, range, sink)
+        } else {
+            macro_kernel::gemm(&Fma { left, _w }, rows, right, range, sink)
+        }
+    }
+}
+
+/// [`gemm`], except that a call of one row (T = 1 decode) runs the AVX2 tier's decode kernel: for
+/// f16 weights on AMD. f16 decode is bound by widening the weights (`vcvtph2ps`), and on the
+/// AMD Zen 4 CPU of the README's table the 256-bit kernel moved f16 weights 19-26% faster than
+/// this tier's 512-bit one (T = 1, 4096x4096 and 4096x11008, r = 256, min of 5 interleaved runs)
+/// for reasons the profile does not show (both loops are clean); at T = 2 the two were even. Each
+/// output is the same FMA chain over k in order either way, so results are bitwise the same.
+///
+/// # Safety
+/// As [`gemm`], plus AVX2 (part of the tier's requirements, see `cpu::isa::has_avx512`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma,avx2")]
+pub(super) unsafe fn gemm_narrow_ymm<W: Simd16 + Simd8, T: Simd16>(
+    left: Left<'_, f32>,
+    right: &Panels<W>,
+    range: Range<usize>,
+    sink: &Sink<'_, T>,
+) {
+    // SAFETY: forwarded; AVX2, FMA and F16C are present.
+    unsafe {
+        if left.rows == 1 {
+            super::avx2::gemm::<W, T>(left, right, range, sink)
+        } else {
+            gemm::<W, T>(left, right, range, sink)
+        }
+    }
+}
+
+/// The facts of this tier's f32-FMA kernels.
+pub(super) const FACTS: TierFacts = TierFacts {
+    isa: Isa::Avx512,
+    mr: MR,
+    nr: NR,
+    kc: KC,
+    group: GROUP,
+    decode_panels: DECODE_PANELS,
+    layout: Layout::Wide,
+    rounds_u: false,
+    flushes_subnormals: false,
+    peak: PeakInstruction::F32Fma,
+};
+
+/// The AVX-512 kernel table for `T`; on AMD, f16 decode of one row runs the 256-bit kernel (see
+/// [`gemm_narrow_ymm`]).
+pub(crate) fn kernels<T: Simd16 + Simd8>(vendor: Vendor) -> Kernels<T> {
+    let f16_ymm = vendor == Vendor::Amd && T::DTYPE == crate::DType::F16;
+    Kernels {
+        facts: FACTS,
+        gemm: if f16_ymm { gemm_narrow_ymm::<T, T> } else { gemm::<T, T> },
+        gemm_f32: gemm::<f32, T>,
+        gemm_pairs: None,
+    }
+}
