@@ -3,9 +3,10 @@
 //!
 //! The adapter runs as a candle custom op ([`candle_core::CustomOp2`]) on `x` and the base layer's
 //! output: `y = base + lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ)`, accumulated into a copy of `base` in
-//! one pass, for `f32`, `f16` and `bf16` tensors on the CPU. Tensors on other devices get a
-//! candle error (this crate has no GPU backend yet). The op has no backward pass: it is for
-//! inference.
+//! one pass, for `f32`, `f16` and `bf16` tensors on the CPU. This module runs the crate's CPU
+//! kernels only: tensors on other devices get a candle error. (The crate's CUDA backend,
+//! `vera_kernels::cuda` with feature `cuda`, works on its own device buffers and is not wired into
+//! candle's CUDA storage.) The op has no backward pass: it is for inference.
 //!
 //! The projections are shared by every layer of a model, as in PEFT: build one
 //! [`VeraProjections`] per adapter and hand it to each layer.
@@ -293,12 +294,13 @@ impl VeraLinear {
     }
 }
 
+/// A candle error for a tensor that is not on the CPU, the only device this module runs on.
 fn check_cpu(x: &Tensor) -> candle_core::Result<()> {
     if x.device().is_cpu() {
         Ok(())
     } else {
         Err(candle_core::Error::Msg(format!(
-            "vera: VeraLinear runs on the CPU only (x is on {:?}); vera-kernels has no GPU backend for candle yet",
+            "vera: VeraLinear runs on the CPU only (x is on {:?}); vera-kernels' CUDA backend is not wired into candle",
             x.device().location()
         )))
     }
