@@ -3,9 +3,10 @@
 //!
 //! The adapter runs as a candle custom op ([`candle_core::CustomOp2`]) on `x` and the base layer's
 //! output: `y = base + lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ)`, accumulated into a copy of `base` in
-//! one pass, for `f32`, `f16` and `bf16` tensors on the CPU. Tensors on other devices get a
-//! candle error (this crate has no GPU backend yet). The op has no backward pass: it is for
-//! inference.
+//! one pass, for `f32`, `f16` and `bf16` tensors on the CPU. This module runs the crate's CPU
+//! kernels only: tensors on other devices get a candle error. (The crate's CUDA backend,
+//! `vera_kernels::cuda` with feature `cuda`, works on its own device buffers and is not wired into
+//! candle's CUDA storage.) The op has no backward pass: it is for inference.
 //!
 //! The projections are shared by every layer of a model, as in PEFT: build one
 //! [`VeraProjections`] per adapter and hand it to each layer.
@@ -35,13 +36,14 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use candle_nn::{Linear, Module};
 
 use crate::adapter::Adapter;
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::error::Error;
 use crate::mat::{MatMut, MatRef};
 use crate::ops::forward;
 use crate::peft::{PeftAdapter, ProjectionSizes};
 use crate::projections::Projections;
 use crate::types::Mode;
+use crate::with_element_type;
 use half::{bf16, f16};
 
 /// A candle error carrying this crate's [`Error`] (its message is the error's).
@@ -113,6 +115,16 @@ fn elements<'a, T: candle_core::WithDType>(
         .ok_or_else(|| candle_core::Error::Msg(format!("vera: {what} out of range")))
 }
 
+/// This crate's element type of a storage, or an error naming `what` for any other dtype.
+fn element_dtype(what: &str, s: &CpuStorage) -> candle_core::Result<DType> {
+    match s.dtype() {
+        candle_core::DType::F32 => Ok(DType::F32),
+        candle_core::DType::F16 => Ok(DType::F16),
+        candle_core::DType::BF16 => Ok(DType::BF16),
+        other => Err(candle_core::Error::Msg(format!("vera: {what} has dtype {other:?}: expected f32, f16 or bf16"))),
+    }
+}
+
 impl VeraOp {
     /// `[..., in_features]` → `(T, leading dims)`.
     fn rows(&self, x: &Layout) -> candle_core::Result<(usize, Vec<usize>)> {
@@ -144,8 +156,17 @@ impl VeraOp {
         Ok(y)
     }
 
-    fn dtype_error(what: &str, s: &CpuStorage) -> candle_core::Error {
-        candle_core::Error::Msg(format!("vera: {what} has dtype {:?}: expected f32, f16 or bf16", s.dtype()))
+    /// [`VeraOp::run`] on candle storage: `x` (and the base output, when given) read as `T`, the
+    /// result stored as `T`.
+    fn run_storage<T: Element + candle_core::WithDType>(
+        &self,
+        (xs, xl): (&CpuStorage, &Layout),
+        t: usize,
+        base: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<CpuStorage> {
+        let x = elements::<T>(xs, xl, "x")?;
+        let base = base.map(|(bs, bl)| elements::<T>(bs, bl, "the base output")).transpose()?;
+        Ok(T::to_cpu_storage_owned(self.run(x, t, base)?))
     }
 }
 
@@ -158,12 +179,8 @@ impl CustomOp1 for VeraOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (t, mut dims) = self.rows(l)?;
         dims.push(self.out_features);
-        let storage = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(self.run(elements::<f32>(s, l, "x")?, t, None)?),
-            CpuStorage::F16(_) => CpuStorage::F16(self.run(elements::<f16>(s, l, "x")?, t, None)?),
-            CpuStorage::BF16(_) => CpuStorage::BF16(self.run(elements::<bf16>(s, l, "x")?, t, None)?),
-            other => return Err(Self::dtype_error("x", other)),
-        };
+        let dtype = element_dtype("x", s)?;
+        let storage = with_element_type!(dtype, T => self.run_storage::<T>((s, l), t, None)?);
         Ok((storage, Shape::from(dims)))
     }
 }
@@ -189,31 +206,15 @@ impl CustomOp2 for VeraOp {
                 bl.shape().dims()
             )));
         }
-        let storage = match (xs, bs) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.run(
-                elements::<f32>(xs, xl, "x")?,
-                t,
-                Some(elements::<f32>(bs, bl, "the base output")?),
-            )?),
-            (CpuStorage::F16(_), CpuStorage::F16(_)) => CpuStorage::F16(self.run(
-                elements::<f16>(xs, xl, "x")?,
-                t,
-                Some(elements::<f16>(bs, bl, "the base output")?),
-            )?),
-            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => CpuStorage::BF16(self.run(
-                elements::<bf16>(xs, xl, "x")?,
-                t,
-                Some(elements::<bf16>(bs, bl, "the base output")?),
-            )?),
-            (CpuStorage::F32(_) | CpuStorage::F16(_) | CpuStorage::BF16(_), _) => {
-                return Err(candle_core::Error::Msg(format!(
-                    "vera: x ({:?}) and the base output ({:?}) must have the same dtype",
-                    xs.dtype(),
-                    bs.dtype()
-                )))
-            }
-            (other, _) => return Err(Self::dtype_error("x", other)),
-        };
+        let dtype = element_dtype("x", xs)?;
+        if bs.dtype() != xs.dtype() {
+            return Err(candle_core::Error::Msg(format!(
+                "vera: x ({:?}) and the base output ({:?}) must have the same dtype",
+                xs.dtype(),
+                bs.dtype()
+            )));
+        }
+        let storage = with_element_type!(dtype, T => self.run_storage::<T>((xs, xl), t, Some((bs, bl)))?);
         Ok((storage, Shape::from(dims)))
     }
 }
@@ -293,12 +294,13 @@ impl VeraLinear {
     }
 }
 
+/// A candle error for a tensor that is not on the CPU, the only device this module runs on.
 fn check_cpu(x: &Tensor) -> candle_core::Result<()> {
     if x.device().is_cpu() {
         Ok(())
     } else {
         Err(candle_core::Error::Msg(format!(
-            "vera: VeraLinear runs on the CPU only (x is on {:?}); vera-kernels has no GPU backend for candle yet",
+            "vera: VeraLinear runs on the CPU only (x is on {:?}); vera-kernels' CUDA backend is not wired into candle",
             x.device().location()
         )))
     }

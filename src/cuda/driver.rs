@@ -4,12 +4,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-    LaunchConfig, PushKernelArg,
+    sys, CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
 };
 
 use super::buffer::driver;
-use super::params::{DownParams, UpParams};
+use super::forward::Operands;
+use super::params::{self, Addresses, Call, DownParams, UpParams};
 use super::plan::{Launch, Plan};
 use crate::error::{Error, Result};
 
@@ -85,7 +86,13 @@ impl Gpu {
         Ok(f)
     }
 
-    fn launch<P: DeviceRepr>(&self, stream: &Arc<CudaStream>, launch: &Launch, params: &P) -> Result<()> {
+    /// Queues `launch` on `stream` with its one by-value parameter block.
+    ///
+    /// # Safety
+    /// `P` must be the parameter type of `launch.kernel`, and every address in `params` must point
+    /// to live device memory of this context, of the extent the kernel reads or writes for the
+    /// sizes in `params`, until the kernel has run.
+    unsafe fn launch<P: DeviceRepr>(&self, stream: &Arc<CudaStream>, launch: &Launch, params: &P) -> Result<()> {
         let f = self.function(&launch.kernel)?;
         let config = LaunchConfig {
             grid_dim: (launch.grid[0], launch.grid[1], launch.grid[2]),
@@ -94,63 +101,54 @@ impl Gpu {
         };
         let mut args = stream.launch_builder(&f);
         args.arg(params);
-        // SAFETY: the kernel takes exactly one by-value parameter block of type P (the names in the
-        // plan and the types are paired in `forward`), and every address in it comes from a live
-        // slice whose extent `CudaStream::forward` checked against the shapes in the block.
+        // SAFETY: the kernel takes exactly one by-value parameter block of type P, whose addresses
+        // are valid for what it reads and writes: both are the caller's obligations (see above).
         unsafe { args.launch(config) }
             .map(|_| ())
             .map_err(|e| Error::Cuda { operation: format!("launch {}", launch.kernel), message: e.to_string() })
     }
 }
 
-/// The device buffers of one forward call.
-pub(crate) struct Operands<'a> {
-    pub x: &'a CudaSlice<u8>,
-    pub a: &'a CudaSlice<u8>,
-    pub b: &'a CudaSlice<u8>,
-    pub lambda_d: &'a CudaSlice<u8>,
-    pub lambda_b: &'a CudaSlice<u8>,
-    pub bias: Option<&'a CudaSlice<u8>>,
-    pub part: &'a mut CudaSlice<u8>,
-    pub u: &'a mut CudaSlice<u8>,
-    pub counters: &'a mut CudaSlice<u8>,
-    pub y: &'a mut CudaSlice<u8>,
-}
-
-/// Launches the plan's two kernels on `stream`, filling in the parameter blocks' addresses.
-pub(crate) fn forward(
+/// Launches the plan's two kernels on `stream`: this backend's part is the operands' device
+/// addresses; the parameter blocks are filled by [`params::launch_params`], as on the emulator.
+///
+/// # Safety
+/// Every operand must hold what the kernels read or write for `call` and `plan` (as
+/// `CudaStream::forward` checks before it calls this).
+pub(crate) unsafe fn forward(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,
     plan: &Plan,
-    down: &mut DownParams,
-    up: &mut UpParams,
+    call: &Call,
     ops: Operands<'_>,
-    elem: usize,
 ) -> Result<()> {
+    let (x, a, b) = (ops.x.driver("x")?, ops.a.driver("projections")?, ops.b.driver("projections")?);
+    let (lambda_d, lambda_b) = (ops.lambda_d.driver("adapter")?, ops.lambda_b.driver("adapter")?);
+    let bias = ops.bias.map(|b| b.driver("adapter")).transpose()?;
+    let (part, u) = (ops.part.driver_mut("workspace")?, ops.u.driver_mut("workspace")?);
+    let (counters, y) = (ops.counters.driver_mut("workspace")?, ops.y.driver_mut("y")?);
     // The guards make later work on other streams wait for these reads and writes; they are
     // dropped after both launches are queued.
-    let (x, _gx) = ops.x.device_ptr(stream);
-    let (a, _ga) = ops.a.device_ptr(stream);
-    let (b, _gb) = ops.b.device_ptr(stream);
-    let (lambda_d, _gd) = ops.lambda_d.device_ptr(stream);
-    let (lambda_b, _gl) = ops.lambda_b.device_ptr(stream);
-    let bias = ops.bias.map(|s| s.device_ptr(stream));
-    let (part, _gp) = ops.part.device_ptr_mut(stream);
-    let (u, _gu) = ops.u.device_ptr_mut(stream);
-    let (counters, _gc) = ops.counters.device_ptr_mut(stream);
-    let (y, _gy) = ops.y.device_ptr_mut(stream);
-    down.x = x;
-    down.a = a;
-    down.lambda_d = lambda_d;
-    down.u = u;
-    down.part = part;
-    down.counters = counters;
-    down.x_aligned = super::vector_aligned(x, down.ldx as usize * elem);
-    up.u = u;
-    up.b = b;
-    up.lambda_b = lambda_b;
-    up.bias = bias.as_ref().map_or(0, |(p, _)| *p);
-    up.y = y;
-    gpu.launch(stream, &plan.down, down)?;
-    gpu.launch(stream, &plan.up, up)
+    let (x, _gx) = x.device_ptr(stream);
+    let (a, _ga) = a.device_ptr(stream);
+    let (b, _gb) = b.device_ptr(stream);
+    let (lambda_d, _gd) = lambda_d.device_ptr(stream);
+    let (lambda_b, _gl) = lambda_b.device_ptr(stream);
+    let bias = bias.map(|s| s.device_ptr(stream));
+    let (part, _gp) = part.device_ptr_mut(stream);
+    let (u, _gu) = u.device_ptr_mut(stream);
+    let (counters, _gc) = counters.device_ptr_mut(stream);
+    let (y, _gy) = y.device_ptr_mut(stream);
+    let bias = bias.as_ref().map(|(p, _)| *p);
+    let at = Addresses { x, a, b, lambda_d, lambda_b, bias, part, u, counters, y };
+    let (down, up) = params::launch_params(plan, call, &at)?;
+    // SAFETY: `plan.down` names a down-projection kernel and `plan.up` an up-projection kernel
+    // (plan.rs), which take DownParams and UpParams; every address is a live slice of this
+    // stream's context, of the extent the caller guarantees, and stays allocated until the kernels
+    // have run: the guards above, dropped after both launches are queued, record them on each
+    // slice, and cudarc frees a slice only after the work recorded on it.
+    unsafe {
+        gpu.launch(stream, &plan.down, &down)?;
+        gpu.launch(stream, &plan.up, &up)
+    }
 }

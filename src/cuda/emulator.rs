@@ -5,6 +5,9 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 
+use super::forward::Operands;
+use super::params::{self, Addresses, Call};
+use super::plan::Plan;
 use crate::error::{Error, Result};
 
 extern "C" {
@@ -18,12 +21,41 @@ extern "C" {
     ) -> c_int;
 }
 
+/// Runs the plan's two kernels on the CPU: this backend's part is the operands' host addresses;
+/// the parameter blocks are filled by [`params::launch_params`], as on a GPU.
+///
+/// # Safety
+/// Every operand must hold what the kernels read or write for `call` and `plan` (as
+/// `CudaStream::forward` checks before it calls this).
+pub(crate) unsafe fn forward(plan: &Plan, call: &Call, ops: Operands<'_>) -> Result<()> {
+    let at = Addresses {
+        x: ops.x.host("x")?.address(),
+        a: ops.a.host("projections")?.address(),
+        b: ops.b.host("projections")?.address(),
+        lambda_d: ops.lambda_d.host("adapter")?.address(),
+        lambda_b: ops.lambda_b.host("adapter")?.address(),
+        bias: ops.bias.map(|b| b.host("adapter").map(|h| h.address())).transpose()?,
+        part: ops.part.host_mut("workspace")?.address_mut(),
+        u: ops.u.host_mut("workspace")?.address_mut(),
+        counters: ops.counters.host_mut("workspace")?.address_mut(),
+        y: ops.y.host_mut("y")?.address_mut(),
+    };
+    let (mut down, mut up) = params::launch_params(plan, call, &at)?;
+    // SAFETY: `plan.down` names a down-projection kernel and `plan.up` an up-projection kernel
+    // (plan.rs), which take DownParams and UpParams; every address is host memory borrowed from
+    // the operands for this call, of the extent the caller guarantees. The kernels run to the end
+    // before `launch` returns, so nothing outlives the borrows.
+    unsafe {
+        launch(&plan.down.kernel, plan.down.grid, plan.down.block, &mut down)?;
+        launch(&plan.up.kernel, plan.up.grid, plan.up.block, &mut up)
+    }
+}
+
 /// Runs `kernel` over `grid` × `block` threads on the CPU, with its one by-value parameter block.
 ///
 /// # Safety
 /// Every pointer inside `params` must point to live host memory of the extent the kernel reads or
-/// writes for these shapes; the caller (`CudaStream::forward`) derives them from buffers it has
-/// checked against the shapes.
+/// writes for these shapes.
 pub(crate) unsafe fn launch<P>(kernel: &str, grid: [u32; 3], block: [u32; 3], params: &mut P) -> Result<()> {
     let name = CString::new(kernel).map_err(|_| Error::Cuda {
         operation: format!("launch {kernel}"),

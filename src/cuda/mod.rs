@@ -35,6 +35,7 @@ mod buffer;
 mod driver;
 #[cfg(feature = "cuda-emulation")]
 mod emulator;
+mod forward;
 mod params;
 mod plan;
 
@@ -46,10 +47,12 @@ use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mat::{MatMut, MatRef};
 use crate::projections::Projections;
-use crate::types::{self, Mode};
+use crate::types::Mode;
 
 use buffer::Buffer;
-use params::{DownParams, UpParams};
+use forward::{Operands, Workspace, WorkspaceSizes};
+use params::{to_i32, Call};
+use plan::Plan;
 
 /// Streaming multiprocessors assumed by the emulated device when it plans launches (an H100/H200's
 /// count, so that the emulator runs the same split-K plans a real GPU gets).
@@ -158,6 +161,17 @@ impl CudaDevice {
             DeviceKind::Driver(gpu) => gpu.multiprocessors(),
             #[cfg(feature = "cuda-emulation")]
             DeviceKind::Emulated => EMULATED_SMS,
+        }
+    }
+
+    /// The GPU behind this device; [`Error::DeviceMismatch`] for the emulated device (which a
+    /// stream of a GPU never belongs to).
+    #[cfg(feature = "cuda")]
+    fn gpu(&self) -> Result<&driver::Gpu> {
+        match &*self.inner {
+            DeviceKind::Driver(gpu) => Ok(gpu),
+            #[cfg(feature = "cuda-emulation")]
+            DeviceKind::Emulated => Err(Error::DeviceMismatch { what: "stream" }),
         }
     }
 }
@@ -294,17 +308,6 @@ impl std::fmt::Debug for DeviceAdapter {
     }
 }
 
-/// Whether rows at `addr`, `stride_bytes` apart, allow the kernels' 16-byte vector loads (1) or need
-/// their element-by-element path (0).
-fn vector_aligned(addr: u64, stride_bytes: usize) -> i32 {
-    i32::from(addr.is_multiple_of(16) && stride_bytes.is_multiple_of(16))
-}
-
-/// Kernel parameters are 32-bit: every size and stride must fit in an `i32`.
-fn to_i32(v: usize, what: &'static str) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::SizeOverflow { what })
-}
-
 /// Rounds a row length up to a multiple of 8 elements (16 bytes for 16-bit types, 32 for f32).
 fn padded(len: usize) -> Result<usize> {
     len.checked_next_multiple_of(8).ok_or(Error::SizeOverflow { what: "padded projection row" })
@@ -421,152 +424,48 @@ impl CudaStream {
         y: &mut DeviceMatrix<T>,
         mode: Mode,
     ) -> Result<()> {
-        let (rows, n, m, r) = (x.rows, x.cols, y.cols, projections.r);
-        types::check_fits(n, m, projections.n_max, projections.m_max)?;
-        let adapter_dims = types::AdapterDims { r: adapter.r, m: adapter.m };
-        types::check_forward(types::LayerDims { r, n, m }, adapter_dims, [rows, n], Some([y.rows, m]))?;
-        let buffers: [(&Buffer, &'static str); 5] = [
-            (&projections.a, "projections"),
-            (&adapter.lambda_d, "adapter"),
-            (&x.buf, "x"),
-            (&y.buf, "y"),
-            (adapter.bias.as_ref().unwrap_or(&adapter.lambda_b), "adapter"),
-        ];
-        if let Some((_, what)) = buffers.iter().find(|(b, _)| !b.is_on(&self.kind)) {
-            return Err(Error::DeviceMismatch { what });
-        }
-        for (v, what) in [(rows, "rows of x"), (x.row_stride, "row stride of x"), (y.row_stride, "row stride of y")] {
-            to_i32(v, what)?;
-        }
-        if rows == 0 || m == 0 {
+        let call = self.check_forward(projections, adapter, x, y, mode)?;
+        if call.is_empty() {
             return Ok(());
         }
-
-        let plan = plan::plan(T::DTYPE, rows, n, r, m, self.device.multiprocessors());
-        let elem = std::mem::size_of::<T>();
-        let bytes = |elements: Option<usize>, size: usize, what: &'static str| -> Result<usize> {
-            let elements = elements.ok_or(Error::SizeOverflow { what })?;
-            to_i32(elements, what)?;
-            elements.checked_mul(size).ok_or(Error::SizeOverflow { what })
-        };
-        let part_bytes = bytes(plan.splits.checked_mul(rows).and_then(|v| v.checked_mul(r)), 4, "partial sums")?;
-        let u_bytes = bytes(rows.checked_mul(plan.ldu), if plan.u_f32 { 4 } else { elem }, "u")?;
-        let counter_bytes = bytes(Some(plan.groups), 4, "split counters")?;
-
+        let (rows, r) = (x.rows, projections.r);
+        let plan = plan::plan(T::DTYPE, rows, x.cols, r, y.cols, self.device.multiprocessors());
+        let sizes = WorkspaceSizes::new(&plan, rows, r, std::mem::size_of::<T>())?;
         let mut workspace = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
-        let Workspace { part, u, counters } = &mut *workspace;
-        let part = Workspace::grow(part, &self.kind, part_bytes)?;
-        let u = Workspace::grow(u, &self.kind, u_bytes)?;
-        let counter_buf = Workspace::grow(counters, &self.kind, counter_bytes)?;
-
-        let mut down = DownParams {
-            rows: rows as i32,
-            n: n as i32,
-            r: r as i32,
-            ldx: x.row_stride as i32,
-            lda: projections.lda as i32,
-            k_split: plan.k_split as i32,
-            splits: plan.splits as i32,
-            ldu: plan.ldu as i32,
-            ..Default::default()
-        };
-        let mut up = UpParams {
-            rows: rows as i32,
-            r: r as i32,
-            m: m as i32,
-            ldb: projections.ldb as i32,
-            ldu: plan.ldu as i32,
-            ldy: y.row_stride as i32,
-            accumulate: i32::from(mode == Mode::Accumulate),
-            ..Default::default()
-        };
-        let launched = match &self.kind {
-            #[cfg(feature = "cuda")]
-            StreamKind::Driver(stream) => {
-                // Refutable only when the emulated device is compiled in too.
-                #[allow(clippy::infallible_destructuring_match)]
-                let gpu = match &*self.device.inner {
-                    DeviceKind::Driver(gpu) => gpu,
-                    #[cfg(feature = "cuda-emulation")]
-                    DeviceKind::Emulated => return Err(Error::DeviceMismatch { what: "stream" }),
-                };
-                let bias = match &adapter.bias {
-                    Some(b) => Some(b.driver("adapter")?),
-                    None => None,
-                };
-                driver::forward(
-                    gpu,
-                    stream,
-                    &plan,
-                    &mut down,
-                    &mut up,
-                    driver::Operands {
-                        x: x.buf.driver("x")?,
-                        a: projections.a.driver("projections")?,
-                        b: projections.b.driver("projections")?,
-                        lambda_d: adapter.lambda_d.driver("adapter")?,
-                        lambda_b: adapter.lambda_b.driver("adapter")?,
-                        bias,
-                        part: part.driver_mut("workspace")?,
-                        u: u.driver_mut("workspace")?,
-                        counters: counter_buf.driver_mut("workspace")?,
-                        y: y.buf.driver_mut("y")?,
-                    },
-                    elem,
-                )
-            }
-            #[cfg(feature = "cuda-emulation")]
-            StreamKind::Emulated => {
-                down.x = x.buf.host("x")?.address();
-                down.a = projections.a.host("projections")?.address();
-                down.lambda_d = adapter.lambda_d.host("adapter")?.address();
-                down.x_aligned = vector_aligned(down.x, x.row_stride * elem);
-                down.part = part.host_mut("workspace")?.address_mut();
-                down.u = u.host_mut("workspace")?.address_mut();
-                down.counters = counter_buf.host_mut("workspace")?.address_mut();
-                up.u = down.u;
-                up.b = projections.b.host("projections")?.address();
-                up.lambda_b = adapter.lambda_b.host("adapter")?.address();
-                up.bias = match &adapter.bias {
-                    Some(b) => b.host("adapter")?.address(),
-                    None => 0,
-                };
-                up.y = y.buf.host_mut("y")?.address_mut();
-                // SAFETY: every address above comes from a buffer checked to be on this (host)
-                // device; x spans (rows-1)·ldx + n elements (built by `upload`/`zeros`), A and B
-                // hold r·lda and m_max·ldb elements with n ≤ n_max ≤ lda and m ≤ m_max (checked
-                // above), lambdas/bias hold r and m f32 (checked above), the workspace holds
-                // splits·rows·r f32 partials, rows·ldu elements of u and one counter per group
-                // (grown above), and y spans (rows-1)·ldy + m elements.
-                unsafe {
-                    emulator::launch(&plan.down.kernel, plan.down.grid, plan.down.block, &mut down)
-                        .and_then(|()| emulator::launch(&plan.up.kernel, plan.up.grid, plan.up.block, &mut up))
-                }
-            }
-        };
+        let operands = Operands::new(projections, adapter, x, y, workspace.reserve(&self.kind, sizes)?);
+        // SAFETY: `check_forward` checked the operands against the call's shapes (and each backend
+        // refuses a buffer of the other kind): x and y span (rows-1)·ld + cols elements (built by
+        // `upload`/`zeros`), A and B hold r·lda and m_max·ldb elements with n <= n_max <= lda and
+        // m <= m_max, lambda_d holds r f32, lambda_b and the bias m. `reserve` grew the workspace
+        // to the plan's `sizes`: splits·rows·r f32 partial sums, rows·ldu elements of u, and one
+        // counter per group, zero (new, or set back to zero by the call that last used them).
+        let launched = unsafe { self.launch(&plan, &call, operands) };
         if launched.is_err() {
-            // A failed launch may leave split counters mid-count: start the next call from zeros.
-            *counters = None;
+            workspace.reset_counters();
         }
         launched
     }
-}
 
-/// A stream's reusable scratch: the down-projection's split partial sums, u, and the split
-/// counters (zero between calls). Each grows on demand and is then reused.
-#[derive(Default)]
-struct Workspace {
-    part: Option<Buffer>,
-    u: Option<Buffer>,
-    counters: Option<Buffer>,
-}
-
-impl Workspace {
-    fn grow<'a>(slot: &'a mut Option<Buffer>, kind: &StreamKind, bytes: usize) -> Result<&'a mut Buffer> {
-        if slot.as_ref().is_none_or(|b| b.len() < bytes) {
-            *slot = Some(Buffer::zeros(kind, bytes)?);
+    /// Launches the plan's two kernels on this stream's backend, which supplies the operands'
+    /// addresses to the shared parameter fill.
+    ///
+    /// # Safety
+    /// Every operand must hold what the kernels read or write for `call` and `plan` (see
+    /// [`CudaStream::forward`], which checks it).
+    unsafe fn launch(&self, plan: &Plan, call: &Call, operands: Operands<'_>) -> Result<()> {
+        match &self.kind {
+            #[cfg(feature = "cuda")]
+            StreamKind::Driver(stream) => {
+                let gpu = self.device.gpu()?;
+                // SAFETY: this function's own obligations, passed on unchanged.
+                unsafe { driver::forward(gpu, stream, plan, call, operands) }
+            }
+            #[cfg(feature = "cuda-emulation")]
+            StreamKind::Emulated => {
+                // SAFETY: this function's own obligations, passed on unchanged.
+                unsafe { emulator::forward(plan, call, operands) }
+            }
         }
-        Ok(slot.as_mut().expect("allocated above"))
     }
 }
 

@@ -1,9 +1,15 @@
 //! The kernels' parameter blocks, field for field as `struct DownParams` / `struct UpParams` in
-//! `kernels/compat.cuh` (each kernel takes one of them by value as its only argument).
+//! `kernels/compat.cuh` (each kernel takes one of them by value as its only argument), and the one
+//! place they are filled: [`launch_params`], shared by the GPU and the emulator, which differ only
+//! in the [`Addresses`] they supply.
+
+use super::plan::Plan;
+use crate::error::{Error, Result};
+use crate::types::{LayerDims, Mode};
 
 /// `u[t][j] = lambda_d[j] · Σ_k x[t][k] · a[j][k]`, k split over `splits` blocks.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct DownParams {
     pub x: u64,
     pub a: u64,
@@ -25,7 +31,7 @@ pub(crate) struct DownParams {
 
 /// `y[t][i] (+)= lambda_b[i] · Σ_j u[t][j] · b[i][j] + bias[i]`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct UpParams {
     pub u: u64,
     pub b: u64,
@@ -45,3 +51,219 @@ pub(crate) struct UpParams {
 // The C side has the same fields in the same order with no padding: 6 or 5 pointers, then ints.
 const _: () = assert!(std::mem::size_of::<DownParams>() == 6 * 8 + 10 * 4);
 const _: () = assert!(std::mem::size_of::<UpParams>() == 5 * 8 + 8 * 4);
+
+/// Kernel parameters are 32-bit: every size and stride must fit in an `i32`.
+pub(crate) fn to_i32(v: usize, what: &'static str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::SizeOverflow { what })
+}
+
+/// Whether rows at `addr`, `stride_bytes` apart, allow the kernels' 16-byte vector loads (1) or need
+/// their element-by-element path (0).
+fn vector_aligned(addr: u64, stride_bytes: usize) -> i32 {
+    i32::from(addr.is_multiple_of(16) && stride_bytes.is_multiple_of(16))
+}
+
+/// Row strides of a forward call's operands, in elements: x, the packed A and B, and y.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Strides {
+    pub x: usize,
+    pub a: usize,
+    pub b: usize,
+    pub y: usize,
+}
+
+/// The sizes, strides and mode of one forward call in the kernels' 32-bit integers. Made only by
+/// [`Call::new`], so holding one means they all fit.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Call {
+    rows: i32,
+    n: i32,
+    r: i32,
+    m: i32,
+    ldx: i32,
+    lda: i32,
+    ldb: i32,
+    ldy: i32,
+    /// Bytes from one row of x to the next (for the vector-load check of x).
+    x_stride_bytes: usize,
+    accumulate: bool,
+}
+
+impl Call {
+    /// `rows` token rows through `layer`, with operands `strides` apart and elements of
+    /// `elem_bytes` bytes. [`Error::SizeOverflow`] names the first size that does not fit an `i32`.
+    pub(crate) fn new(layer: LayerDims, rows: usize, strides: Strides, elem_bytes: usize, mode: Mode) -> Result<Self> {
+        let x_stride_bytes =
+            strides.x.checked_mul(elem_bytes).ok_or(Error::SizeOverflow { what: "row stride of x, in bytes" })?;
+        Ok(Call {
+            rows: to_i32(rows, "rows of x")?,
+            n: to_i32(layer.n, "in_features")?,
+            r: to_i32(layer.r, "rank")?,
+            m: to_i32(layer.m, "out_features")?,
+            ldx: to_i32(strides.x, "row stride of x")?,
+            lda: to_i32(strides.a, "padded row of A")?,
+            ldb: to_i32(strides.b, "padded row of B")?,
+            ldy: to_i32(strides.y, "row stride of y")?,
+            x_stride_bytes,
+            accumulate: mode == Mode::Accumulate,
+        })
+    }
+
+    /// Whether the call has nothing to compute (no token rows or no outputs): no kernel is launched.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rows == 0 || self.m == 0
+    }
+}
+
+/// The device addresses of one forward call's buffers, as a backend sees them: driver pointers
+/// on a GPU, host pointers on the emulator.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Addresses {
+    pub x: u64,
+    pub a: u64,
+    pub b: u64,
+    pub lambda_d: u64,
+    pub lambda_b: u64,
+    /// `None` for an adapter without bias (the kernels read a null pointer as "no bias").
+    pub bias: Option<u64>,
+    /// The workspace: split partial sums, u (written by the down-projection, read by the up), and
+    /// the split counters.
+    pub part: u64,
+    pub u: u64,
+    pub counters: u64,
+    pub y: u64,
+}
+
+/// The two kernels' parameter blocks for one call: the plan's split of k and layout of u, the
+/// call's sizes and strides, and the addresses of one backend's buffers.
+///
+/// Errors: [`Error::SizeOverflow`] when the plan's split or u stride does not fit an `i32`.
+pub(crate) fn launch_params(plan: &Plan, call: &Call, at: &Addresses) -> Result<(DownParams, UpParams)> {
+    let ldu = to_i32(plan.ldu, "row stride of u")?;
+    let down = DownParams {
+        x: at.x,
+        a: at.a,
+        lambda_d: at.lambda_d,
+        u: at.u,
+        part: at.part,
+        counters: at.counters,
+        rows: call.rows,
+        n: call.n,
+        r: call.r,
+        ldx: call.ldx,
+        lda: call.lda,
+        k_split: to_i32(plan.k_split, "k split")?,
+        splits: to_i32(plan.splits, "k splits")?,
+        ldu,
+        x_aligned: vector_aligned(at.x, call.x_stride_bytes),
+        pad: 0,
+    };
+    let up = UpParams {
+        u: at.u,
+        b: at.b,
+        lambda_b: at.lambda_b,
+        bias: at.bias.unwrap_or(0),
+        y: at.y,
+        rows: call.rows,
+        r: call.r,
+        m: call.m,
+        ldb: call.ldb,
+        ldu,
+        ldy: call.ldy,
+        accumulate: i32::from(call.accumulate),
+        pad: 0,
+    };
+    Ok((down, up))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+
+    const ADDRESSES: Addresses = Addresses {
+        x: 0x1000,
+        a: 0x2000,
+        b: 0x3000,
+        lambda_d: 0x4000,
+        lambda_b: 0x5000,
+        bias: None,
+        part: 0x6000,
+        u: 0x7000,
+        counters: 0x8000,
+        y: 0x9000,
+    };
+
+    fn call(ldx: usize, elem_bytes: usize, mode: Mode) -> Call {
+        let strides = Strides { x: ldx, a: 104, b: 16, y: 70 };
+        Call::new(LayerDims { r: 10, n: 100, m: 70 }, 5, strides, elem_bytes, mode).unwrap()
+    }
+
+    #[test]
+    fn every_field_comes_from_the_plan_the_call_or_the_addresses() {
+        let plan = crate::cuda::plan::plan(DType::BF16, 5, 100, 10, 70, 132);
+        let (down, up) = launch_params(&plan, &call(104, 2, Mode::Accumulate), &ADDRESSES).unwrap();
+        assert_eq!(
+            down,
+            DownParams {
+                x: 0x1000,
+                a: 0x2000,
+                lambda_d: 0x4000,
+                u: 0x7000,
+                part: 0x6000,
+                counters: 0x8000,
+                rows: 5,
+                n: 100,
+                r: 10,
+                ldx: 104,
+                lda: 104,
+                k_split: plan.k_split as i32,
+                splits: plan.splits as i32,
+                ldu: plan.ldu as i32,
+                x_aligned: 1,
+                pad: 0,
+            }
+        );
+        assert_eq!(
+            up,
+            UpParams {
+                u: 0x7000,
+                b: 0x3000,
+                lambda_b: 0x5000,
+                bias: 0,
+                y: 0x9000,
+                rows: 5,
+                r: 10,
+                m: 70,
+                ldb: 16,
+                ldu: plan.ldu as i32,
+                ldy: 70,
+                accumulate: 1,
+                pad: 0,
+            }
+        );
+    }
+
+    #[test]
+    fn x_alignment_bias_and_mode_are_read_from_the_call() {
+        let plan = crate::cuda::plan::plan(DType::F16, 5, 100, 10, 70, 132);
+        // 100 f16 = 200 bytes between rows: not a multiple of 16, so the scalar path.
+        let (down, up) = launch_params(&plan, &call(100, 2, Mode::Overwrite), &ADDRESSES).unwrap();
+        assert_eq!((down.x_aligned, up.accumulate), (0, 0));
+        let unaligned_x = Addresses { x: 0x1008, bias: Some(0xa000), ..ADDRESSES };
+        let (down, up) = launch_params(&plan, &call(104, 2, Mode::Accumulate), &unaligned_x).unwrap();
+        assert_eq!((down.x_aligned, up.bias), (0, 0xa000));
+    }
+
+    #[test]
+    fn sizes_beyond_i32_are_named_errors() {
+        let huge = 1usize << 31;
+        let layer = LayerDims { r: 10, n: 100, m: 70 };
+        let strides = Strides { x: 100, a: 104, b: 16, y: 70 };
+        let e = Call::new(layer, huge, strides, 4, Mode::Accumulate).unwrap_err();
+        assert_eq!(e, Error::SizeOverflow { what: "rows of x" });
+        let e = Call::new(layer, 1, Strides { y: huge, ..strides }, 4, Mode::Accumulate).unwrap_err();
+        assert_eq!(e, Error::SizeOverflow { what: "row stride of y" });
+        assert!(Call::new(layer, 0, strides, 4, Mode::Accumulate).unwrap().is_empty());
+    }
+}

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use vera_kernels::{active_isa, bf16, f16, DType, Element};
+use vera_kernels::{active_isa, with_element_type, DType, Element};
 
 use crate::peak::Peak;
 use crate::workload::{Shape, Workload};
@@ -110,11 +110,7 @@ fn run_typed<T: Element>(shape: Shape, threads: usize, dense: bool, budget: Dura
 
 /// Measures one case on the current rayon pool.
 pub fn run(shape: Shape, dtype: DType, threads: usize, dense: bool, budget: Duration) -> vera_kernels::Result<Row> {
-    match dtype {
-        DType::F32 => run_typed::<f32>(shape, threads, dense, budget),
-        DType::F16 => run_typed::<f16>(shape, threads, dense, budget),
-        DType::BF16 => run_typed::<bf16>(shape, threads, dense, budget),
-    }
+    with_element_type!(dtype, T => run_typed::<T>(shape, threads, dense, budget))
 }
 
 /// The machine's peaks, as printed before the table.

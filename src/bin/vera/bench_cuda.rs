@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use vera_kernels::cuda::{CudaDevice, CudaStream};
-use vera_kernels::{bf16, f16, DType, Element, MatRef, Mode};
+use vera_kernels::{with_element_type, DType, Element, MatRef, Mode};
 
 use crate::workload::{Shape, Workload};
 
@@ -82,10 +82,6 @@ fn run_typed<T: Element>(stream: &CudaStream, shape: Shape, budget: Duration) ->
 
 pub fn run(device: &CudaDevice, shape: Shape, dtype: DType, budget: Duration) -> vera_kernels::Result<Row> {
     let stream = device.stream();
-    let fused_ms = match dtype {
-        DType::F32 => run_typed::<f32>(&stream, shape, budget)?,
-        DType::F16 => run_typed::<f16>(&stream, shape, budget)?,
-        DType::BF16 => run_typed::<bf16>(&stream, shape, budget)?,
-    };
+    let fused_ms = with_element_type!(dtype, T => run_typed::<T>(&stream, shape, budget))?;
     Ok(Row { shape, dtype, device: device.name(), fused_ms })
 }

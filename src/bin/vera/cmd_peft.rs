@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use vera_kernels::peft::{
     write_safetensors, PeftAdapter, ProjectionSizes, TargetModules, Tensor, TensorFile, VeraModule,
 };
-use vera_kernels::{bf16, f16, forward, DType, Element, Error, MatMut, MatRef, Mode, Projections};
+use vera_kernels::{forward, with_element_type, DType, Element, Error, MatMut, MatRef, Mode, Projections};
 
 /// `vera inspect DIR`.
 #[derive(Args)]
@@ -362,12 +362,8 @@ pub fn forward_cmd(args: ForwardArgs) -> Result<(), String> {
     let base = read_base(&args, n, m, adapter.config().fan_in_fan_out)?;
     let dtype = args.dtype.unwrap_or(x.dtype());
     let sizes = args.sizes.sizes();
-    let y = match dtype {
-        DType::F32 => run_forward::<f32>(&adapter, &args.module, sizes, &x, t, n, base.as_ref()),
-        DType::F16 => run_forward::<f16>(&adapter, &args.module, sizes, &x, t, n, base.as_ref()),
-        DType::BF16 => run_forward::<bf16>(&adapter, &args.module, sizes, &x, t, n, base.as_ref()),
-    }
-    .map_err(message)?;
+    let y = with_element_type!(dtype, T => run_forward::<T>(&adapter, &args.module, sizes, &x, t, n, base.as_ref()))
+        .map_err(message)?;
     let out_shape: Vec<usize> = lead.iter().copied().chain([m]).collect();
     let y = Tensor::new(dtype, out_shape, y).map_err(|e| e.to_string())?;
     write_safetensors(&args.output, &[("y", &y)], None).map_err(|e| e.to_string())?;
@@ -426,12 +422,7 @@ pub fn merge_cmd(args: MergeArgs) -> Result<(), String> {
     };
     let sizes = args.sizes.sizes();
     let dtype = w.dtype();
-    let merged = match dtype {
-        DType::F32 => run_merge::<f32>(&adapter, &args, sizes, &w, n),
-        DType::F16 => run_merge::<f16>(&adapter, &args, sizes, &w, n),
-        DType::BF16 => run_merge::<bf16>(&adapter, &args, sizes, &w, n),
-    }
-    .map_err(message)?;
+    let merged = with_element_type!(dtype, T => run_merge::<T>(&adapter, &args, sizes, &w, n)).map_err(message)?;
     let merged = Tensor::new(dtype, shape, merged).map_err(|e| e.to_string())?;
     file.write_replacing(&args.output, &[(&args.weight_key, &merged)]).map_err(|e| e.to_string())?;
     let what = if args.unmerge { "unmerged" } else { "merged" };

@@ -53,7 +53,6 @@ mod x86 {
         _mm512_reduce_add_ps(s)
     }
 
-    /// 16 independent `vdpbf16ps` chains.
     /// Sums `buf` with 512-bit loads into 8 independent accumulators: one load and one add per
     /// 64 bytes, so the loop is bound by the memory level the buffer lives in, not by the adds.
     #[target_feature(enable = "avx512f")]
@@ -74,6 +73,7 @@ mod x86 {
         _mm512_reduce_add_ps(s) + tail
     }
 
+    /// 16 independent `vdpbf16ps` chains; returns a value so the work is not elided.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn dp_loop(iters: usize) -> f32 {
         let mut acc = [_mm512_set1_ps(0.0); 16];
@@ -98,7 +98,6 @@ fn throughput(threads: usize, flops_per_iter: f64, f: impl Fn(usize) -> f32 + Sy
     flops_per_iter * iters as f64 * threads as f64 / t0.elapsed().as_secs_f64() / 1e9
 }
 
-/// GB/s of summing `bytes_per_thread` of f32 per thread, repeatedly, on every thread.
 /// Sums `buf` as fast as this CPU can read it (AVX-512 where there is, else whatever the
 /// compiler makes of 16 independent sums).
 fn read_sum(buf: &[f32]) -> f32 {
@@ -116,9 +115,9 @@ fn read_sum(buf: &[f32]) -> f32 {
     acc.iter().sum::<f32>()
 }
 
-/// Read bandwidth of `threads` threads, each summing its own buffer `passes` times inside one
-/// parallel region (a region per pass would add rayon's hand-off to every pass, which for a
-/// cache-sized buffer is a large part of a pass).
+/// GB/s of summing `bytes_per_thread` of f32 per thread, `passes` times, on every thread: each
+/// thread sums its own buffer inside one parallel region (a region per pass would add rayon's
+/// hand-off to every pass, which for a cache-sized buffer is a large part of a pass).
 fn read_bandwidth(threads: usize, bytes_per_thread: usize, passes: usize) -> f64 {
     let len = bytes_per_thread / 4;
     let bufs: Vec<Vec<f32>> = (0..threads).map(|i| vec![i as f32 + 1.0; len]).collect();
@@ -129,6 +128,9 @@ fn read_bandwidth(threads: usize, bytes_per_thread: usize, passes: usize) -> f64
     (threads * len * 4 * passes) as f64 / t0.elapsed().as_secs_f64() / 1e9
 }
 
+/// Read bandwidth in GB/s of `threads` threads sharing `total_bytes` (at least 64 KiB each), with
+/// enough passes (3 to 200) to read about 512 MiB in all: the rate at the level of the memory hierarchy a
+/// working set of that size lives in.
 pub fn read_gbps_at(threads: usize, total_bytes: usize) -> f64 {
     let per_thread = (total_bytes / threads).max(64 << 10);
     let passes = ((512usize << 20) / (per_thread * threads)).clamp(3, 200);

@@ -1,0 +1,160 @@
+//! The host side of one [`CudaStream::forward`] call, between its checks and a backend's launch:
+//! the checks themselves, the stream's reusable workspace and its sizes, and the buffers handed to
+//! the backend, which supplies their addresses to the shared [`launch_params`] fill.
+//!
+//! [`launch_params`]: super::params::launch_params
+
+use super::buffer::Buffer;
+use super::params::{to_i32, Call, Strides};
+use super::plan::Plan;
+use super::{CudaStream, DeviceAdapter, DeviceMatrix, DeviceProjections, StreamKind};
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::types::{self, Mode};
+
+/// The buffers of one forward call: the operands, and the stream's workspace grown for this call.
+/// Built only by [`CudaStream::forward`], after [`CudaStream::check_forward`] and
+/// [`Workspace::reserve`], so every buffer holds what the call's kernels read or write.
+pub(crate) struct Operands<'a> {
+    pub x: &'a Buffer,
+    pub a: &'a Buffer,
+    pub b: &'a Buffer,
+    pub lambda_d: &'a Buffer,
+    pub lambda_b: &'a Buffer,
+    pub bias: Option<&'a Buffer>,
+    pub part: &'a mut Buffer,
+    pub u: &'a mut Buffer,
+    pub counters: &'a mut Buffer,
+    pub y: &'a mut Buffer,
+}
+
+impl<'a> Operands<'a> {
+    /// The operands of `projections`, `adapter`, `x` and `y`, with the workspace `scratch`.
+    pub(crate) fn new<T>(
+        projections: &'a DeviceProjections<T>,
+        adapter: &'a DeviceAdapter,
+        x: &'a DeviceMatrix<T>,
+        y: &'a mut DeviceMatrix<T>,
+        scratch: Scratch<'a>,
+    ) -> Self {
+        Operands {
+            x: &x.buf,
+            a: &projections.a,
+            b: &projections.b,
+            lambda_d: &adapter.lambda_d,
+            lambda_b: &adapter.lambda_b,
+            bias: adapter.bias.as_ref(),
+            part: scratch.part,
+            u: scratch.u,
+            counters: scratch.counters,
+            y: &mut y.buf,
+        }
+    }
+}
+
+impl CudaStream {
+    /// Checks a forward call before anything is allocated or launched: the shapes (the check every
+    /// backend shares), that every buffer is on this stream's device, and that every size and stride
+    /// fits the kernels' 32-bit integers. Returns the call's sizes and strides as the kernels take
+    /// them.
+    pub(super) fn check_forward<T: Element>(
+        &self,
+        projections: &DeviceProjections<T>,
+        adapter: &DeviceAdapter,
+        x: &DeviceMatrix<T>,
+        y: &DeviceMatrix<T>,
+        mode: Mode,
+    ) -> Result<Call> {
+        let (rows, n, m, r) = (x.rows, x.cols, y.cols, projections.r);
+        types::check_fits(n, m, projections.n_max, projections.m_max)?;
+        let layer = types::LayerDims { r, n, m };
+        let adapter_dims = types::AdapterDims { r: adapter.r, m: adapter.m };
+        types::check_forward(layer, adapter_dims, [rows, n], Some([y.rows, m]))?;
+        let buffers: [(&Buffer, &'static str); 5] = [
+            (&projections.a, "projections"),
+            (&adapter.lambda_d, "adapter"),
+            (&x.buf, "x"),
+            (&y.buf, "y"),
+            (adapter.bias.as_ref().unwrap_or(&adapter.lambda_b), "adapter"),
+        ];
+        if let Some((_, what)) = buffers.iter().find(|(b, _)| !b.is_on(&self.kind)) {
+            return Err(Error::DeviceMismatch { what });
+        }
+        let strides = Strides { x: x.row_stride, a: projections.lda, b: projections.ldb, y: y.row_stride };
+        Call::new(layer, rows, strides, std::mem::size_of::<T>(), mode)
+    }
+}
+
+/// Bytes of each workspace buffer that one call's plan needs.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct WorkspaceSizes {
+    part: usize,
+    u: usize,
+    counters: usize,
+}
+
+impl WorkspaceSizes {
+    /// The sizes for `plan` over `rows` token rows at rank `r`, with elements of `elem_bytes` bytes:
+    /// `splits · rows · r` f32 partial sums, `rows · ldu` elements of u (f32 or the dtype, as the
+    /// plan keeps it) and one u32 counter per output group. Each count must fit the kernels' 32-bit
+    /// indices ([`Error::SizeOverflow`] otherwise).
+    pub(super) fn new(plan: &Plan, rows: usize, r: usize, elem_bytes: usize) -> Result<Self> {
+        let u_elem_bytes = if plan.u_f32 { 4 } else { elem_bytes };
+        Ok(WorkspaceSizes {
+            part: bytes(plan.splits.checked_mul(rows).and_then(|v| v.checked_mul(r)), 4, "partial sums")?,
+            u: bytes(rows.checked_mul(plan.ldu), u_elem_bytes, "u")?,
+            counters: bytes(Some(plan.groups), 4, "split counters")?,
+        })
+    }
+}
+
+/// `elements · elem_bytes`, for a count of elements the kernels index with an `i32` (`None`: the
+/// count itself overflowed).
+fn bytes(elements: Option<usize>, elem_bytes: usize, what: &'static str) -> Result<usize> {
+    let elements = elements.ok_or(Error::SizeOverflow { what })?;
+    to_i32(elements, what)?;
+    elements.checked_mul(elem_bytes).ok_or(Error::SizeOverflow { what })
+}
+
+/// A stream's reusable scratch: the down-projection's split partial sums, u, and the split
+/// counters (zero between calls). Each grows on demand and is then reused.
+#[derive(Default)]
+pub(super) struct Workspace {
+    part: Option<Buffer>,
+    u: Option<Buffer>,
+    counters: Option<Buffer>,
+}
+
+/// The workspace buffers of one call, each at least as large as its [`WorkspaceSizes`].
+pub(super) struct Scratch<'a> {
+    part: &'a mut Buffer,
+    u: &'a mut Buffer,
+    counters: &'a mut Buffer,
+}
+
+impl Workspace {
+    /// Grows each buffer that is smaller than `sizes` (a new buffer is zeroed, as the counters must
+    /// be) and lends all three for one call.
+    pub(super) fn reserve(&mut self, kind: &StreamKind, sizes: WorkspaceSizes) -> Result<Scratch<'_>> {
+        Ok(Scratch {
+            part: grow(&mut self.part, kind, sizes.part)?,
+            u: grow(&mut self.u, kind, sizes.u)?,
+            counters: grow(&mut self.counters, kind, sizes.counters)?,
+        })
+    }
+
+    /// Drops the split counters after a failed launch, which may have left them mid-count: the next
+    /// call allocates zeroed ones.
+    pub(super) fn reset_counters(&mut self) {
+        self.counters = None;
+    }
+}
+
+/// The buffer in `slot`, replaced by a zeroed one of `bytes` bytes if it is missing or smaller.
+fn grow<'a>(slot: &'a mut Option<Buffer>, kind: &StreamKind, bytes: usize) -> Result<&'a mut Buffer> {
+    let buffer = match slot.take() {
+        Some(buffer) if buffer.len() >= bytes => buffer,
+        _ => Buffer::zeros(kind, bytes)?,
+    };
+    Ok(slot.insert(buffer))
+}
