@@ -33,7 +33,8 @@ pub enum Error {
         /// Elements the buffer has.
         len: usize,
     },
-    /// A size computation (`rows * stride`, ...) does not fit in `usize`.
+    /// A size computation (`rows * stride`, ...) overflows the integer it is computed in: `usize`
+    /// on the CPU, the CUDA kernels' 32-bit indices on the GPU.
     SizeOverflow {
         /// Which computation.
         what: &'static str,
@@ -208,7 +209,9 @@ impl fmt::Display for Error {
                 "{what}: a {rows}x{cols} view with row stride {row_stride} needs {needed} elements, \
                  the buffer has {len}"
             ),
-            Error::SizeOverflow { what } => write!(f, "{what}: size does not fit in usize"),
+            Error::SizeOverflow { what } => {
+                write!(f, "{what}: too large (the size overflows the integer type that indexes it)")
+            }
             Error::LengthMismatch { what, expected, actual } => {
                 write!(f, "{what}: expected length {expected}, got {actual}")
             }

@@ -50,11 +50,14 @@ pub(crate) fn checked_layer<'p, T: Element>(
 /// `BLOCK_ROWS · (2r + n)` elements, however large `T` is ([`BLOCK_ROWS`] rows of `u`, the same
 /// rows packed for the up-projection, and the block of `x` packed for the down-projection): at
 /// most `threads · BLOCK_ROWS · (2r + n) · 4` bytes, e.g. 3 MiB for 2 threads at r = 1024,
-/// n = 4096. The projections are packed once per [`Projections`] (on first use), not per call.
+/// n = 4096. The projections are packed once per [`Projections`] (on first use, per layout of the
+/// tier in use), not per call.
 ///
-/// Errors: [`Error::LayerExceedsProjections`] when `n > n_max` or `m > m_max`,
-/// [`Error::RankMismatch`] / [`Error::LengthMismatch`] when the adapter does not fit, and
-/// [`Error::ShapeMismatch`] when `y` has another number of rows than `x`.
+/// Errors: [`Error::LayerExceedsProjections`](crate::Error::LayerExceedsProjections) when
+/// `n > n_max` or `m > m_max`, [`Error::RankMismatch`](crate::Error::RankMismatch) /
+/// [`Error::LengthMismatch`](crate::Error::LengthMismatch) when the adapter does not fit, and
+/// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) when `y` has another number of rows than
+/// `x`.
 ///
 /// ```
 /// use vera_kernels::{forward, Adapter, MatMut, MatRef, Mode, Projections};

@@ -89,7 +89,7 @@ fn check<T: Element>(stream: &CudaStream, c: &Case) -> Result<(), TestCaseError>
     let want = reference::forward(layer, &adapter, x_ref, base).unwrap();
     let bound = reference::forward_error_bound_cuda(layer, &adapter, x_ref, base).unwrap();
 
-    let d_proj = stream.upload_projections(&projections).unwrap();
+    let d_proj = stream.upload_projections(projections.a(), projections.b()).unwrap();
     let d_adapter = stream.upload_adapter(&adapter).unwrap();
     let d_x = stream.upload(x_ref).unwrap();
     let mode = if c.accumulate { Mode::Accumulate } else { Mode::Overwrite };
@@ -188,7 +188,7 @@ fn overwrite_ignores_nan_in_y_and_zero_rows_is_a_no_op() {
         let stream = device.stream();
         let proj = Projections::<bf16>::from_seed(3, 8, 40, 24).unwrap();
         let adapter = Adapter::new(vec![0.5; 8], vec![0.25; 24]).unwrap();
-        let d_proj = stream.upload_projections(&proj).unwrap();
+        let d_proj = stream.upload_projections(proj.a(), proj.b()).unwrap();
         let d_adapter = stream.upload_adapter(&adapter).unwrap();
         for t in [3, 20] {
             let x: Vec<bf16> = (0..t * 40).map(|i| bf16::from_f32((i % 7) as f32 - 3.0)).collect();
@@ -229,7 +229,7 @@ fn misuse_is_a_clear_error() {
     for (device, _) in devices() {
         let stream = device.stream();
         let proj = Projections::<f32>::from_seed(1, 4, 16, 12).unwrap();
-        let d_proj = stream.upload_projections(&proj).unwrap();
+        let d_proj = stream.upload_projections(proj.a(), proj.b()).unwrap();
         let adapter = stream.upload_adapter(&Adapter::new(vec![1.0; 4], vec![1.0; 12]).unwrap()).unwrap();
         let x = stream.zeros::<f32>(2, 16, 16).unwrap();
         let mut y = stream.zeros::<f32>(2, 12, 12).unwrap();
@@ -264,6 +264,12 @@ fn misuse_is_a_clear_error() {
             stream.download(&y, MatMut::from_slice(&mut host, 2, 3).unwrap()),
             Err(Error::ShapeMismatch { expected: [2, 12], actual: [2, 3], .. })
         ));
+        // Projections whose B does not have A's rank (B of a rank-3 model).
+        let other = Projections::<f32>::from_seed(1, 3, 16, 12).unwrap();
+        assert_eq!(
+            stream.upload_projections(proj.a(), other.b()).unwrap_err(),
+            Error::RankMismatch { what: "B's columns", expected: 4, actual: 3 }
+        );
     }
 }
 
@@ -278,7 +284,8 @@ fn buffers_of_another_device_are_refused() {
                 continue;
             }
             let (s1, s2) = (one.stream(), other.stream());
-            let proj = s1.upload_projections(&Projections::<f32>::from_seed(1, 4, 16, 12).unwrap()).unwrap();
+            let host = Projections::<f32>::from_seed(1, 4, 16, 12).unwrap();
+            let proj = s1.upload_projections(host.a(), host.b()).unwrap();
             let adapter = s1.upload_adapter(&Adapter::new(vec![1.0; 4], vec![1.0; 12]).unwrap()).unwrap();
             let x = s1.zeros::<f32>(2, 16, 16).unwrap();
             let mut y = s1.zeros::<f32>(2, 12, 12).unwrap();

@@ -10,7 +10,7 @@
 //!   Host↔device copies happen only in the calls that say so ([`CudaStream::upload`],
 //!   [`CudaStream::download`], ...); [`CudaStream::forward`] only launches kernels.
 //! - [`DeviceProjections`] holds the shared A and B once per model, packed (rows padded to 16 bytes)
-//!   for the kernels; every layer's forward slices it, like [`Projections::slice`].
+//!   for the kernels; every layer's forward slices it, like [`Projections::slice`](crate::Projections::slice).
 //!   [`DeviceAdapter`] holds one layer's lambdas and bias (f32). [`DeviceMatrix`] holds `x` and `y`
 //!   with any row stride.
 //!
@@ -46,7 +46,6 @@ use crate::adapter::Adapter;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mat::{MatMut, MatRef};
-use crate::projections::Projections;
 use crate::types::Mode;
 
 use buffer::Buffer;
@@ -377,9 +376,21 @@ impl CudaStream {
         Ok(out)
     }
 
-    /// Copies and packs the shared projections to the device, once per model.
-    pub fn upload_projections<T: Element>(&self, p: &Projections<T>) -> Result<DeviceProjections<T>> {
-        let (r, n_max, m_max) = (p.rank(), p.n_max(), p.m_max());
+    /// Copies and packs the shared projections A `[r, n_max]` and B `[m_max, r]` to the device,
+    /// once per model: `stream.upload_projections(projections.a(), projections.b())` for a
+    /// [`Projections`](crate::Projections), or any views of A and B.
+    ///
+    /// Errors: [`Error::ZeroRank`] when A has no rows, [`Error::RankMismatch`] when B's columns
+    /// differ from A's rows, [`Error::SizeOverflow`] when a size does not fit the kernels' 32-bit
+    /// indices.
+    pub fn upload_projections<T: Element>(&self, a: MatRef<'_, T>, b: MatRef<'_, T>) -> Result<DeviceProjections<T>> {
+        let (r, n_max, m_max) = (a.rows(), a.cols(), b.rows());
+        if r == 0 {
+            return Err(Error::ZeroRank);
+        }
+        if b.cols() != r {
+            return Err(Error::RankMismatch { what: "B's columns", expected: r, actual: b.cols() });
+        }
         let (lda, ldb) = (padded(n_max)?, padded(r)?);
         for (v, what) in [(r, "rank"), (lda, "n_max"), (m_max, "m_max")] {
             to_i32(v, what)?;
@@ -391,7 +402,7 @@ impl CudaStream {
             }
             Buffer::from_host(&self.kind, bytemuck::cast_slice(&host))
         };
-        Ok(DeviceProjections { a: pack(p.a(), lda)?, b: pack(p.b(), ldb)?, r, n_max, m_max, lda, ldb, _t: PhantomData })
+        Ok(DeviceProjections { a: pack(a, lda)?, b: pack(b, ldb)?, r, n_max, m_max, lda, ldb, _t: PhantomData })
     }
 
     /// Copies one layer's adapter (lambdas and bias, f32) to the device.

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use vera_kernels::{active_isa, with_element_type, DType, Element};
+use vera_kernels::{active_isa, tier_facts, with_element_type, DType, Element, PeakInstruction};
 
 use crate::peak::Peak;
 use crate::workload::{Shape, Workload};
@@ -13,6 +13,8 @@ pub struct Row {
     pub dtype: DType,
     pub threads: usize,
     pub isa: String,
+    /// The instruction whose peak bounds the kernels that ran (the tier's fact).
+    pub peak: PeakInstruction,
     pub fused_ms: f64,
     pub dense_ms: Option<f64>,
     pub unfused_ms: f64,
@@ -102,6 +104,7 @@ fn run_typed<T: Element>(shape: Shape, threads: usize, dense: bool, budget: Dura
         dtype: T::DTYPE,
         threads,
         isa: active_isa::<T>().name().to_string(),
+        peak: tier_facts::<T>().peak,
         fused_ms: ms[0],
         dense_ms,
         unfused_ms: ms[1],
@@ -141,16 +144,16 @@ impl Row {
 
     /// The share of the binding roofline the fused kernel reached, in percent, with its name.
     ///
-    /// The compute bound is the FLOPs at the f32 FMA peak (for bf16 on a tier with `vdpbf16ps`,
-    /// which runs both products, the bf16 dot-product peak). For decode, the bytes bound is the
+    /// The compute bound is the FLOPs at the peak of the tier's instruction: the f32 FMA peak, or
+    /// for a tier whose bf16 products run on `vdpbf16ps` (both products), the bf16 dot-product peak. For decode, the bytes bound is the
     /// bytes moved at `read_gbps`: the read bandwidth measured on a buffer of the same size, so of
     /// the level of the memory hierarchy those bytes live in between calls. The roofline that binds
     /// is the larger of the two times: a decode case with a large enough rank and T is
     /// compute-bound, and then the share of the bytes bound is printed after it.
     pub fn roofline(&self, p: &Peak, read_gbps: Option<f64>) -> (f64, String) {
         let secs = self.fused_ms * 1e-3;
-        let rate = match (self.isa.as_str(), p.bf16_gflops) {
-            ("avx512bf16", Some(bf)) => bf,
+        let rate = match (self.peak, p.bf16_gflops) {
+            (PeakInstruction::Bf16Dot, Some(bf)) => bf,
             _ => p.f32_gflops,
         };
         let compute_s = self.shape.fused_flops() / (rate * 1e9);
@@ -214,7 +217,8 @@ mod tests {
     use super::*;
 
     fn row(shape: Shape, dtype: DType, isa: &str, fused_ms: f64) -> Row {
-        Row { shape, dtype, threads: 2, isa: isa.to_string(), fused_ms, dense_ms: None, unfused_ms: fused_ms }
+        let peak = if isa == "avx512bf16" { PeakInstruction::Bf16Dot } else { PeakInstruction::F32Fma };
+        Row { shape, dtype, threads: 2, isa: isa.to_string(), peak, fused_ms, dense_ms: None, unfused_ms: fused_ms }
     }
 
     const PEAK: Peak =

@@ -54,7 +54,7 @@ pub fn table_header() -> String {
 fn run_typed<T: Element>(stream: &CudaStream, shape: Shape, budget: Duration) -> vera_kernels::Result<f64> {
     let w = Workload::<T>::new(shape)?;
     let Shape { t, n, m, .. } = shape;
-    let projections = stream.upload_projections(&w.projections)?;
+    let projections = stream.upload_projections(w.projections.a(), w.projections.b())?;
     let adapter = stream.upload_adapter(&w.adapter)?;
     let x = stream.upload(MatRef::from_slice(&w.x, t, n)?)?;
     let mut y = stream.upload(MatRef::from_slice(&w.y, t, m)?)?;
