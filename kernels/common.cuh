@@ -35,7 +35,9 @@ __device__ __forceinline__ bool completes_group(const DownParams& p, int group) 
     return last != 0;
 }
 
-// The up-projection's epilogue for one output element: lambda_b, bias and the base fused.
+// The up-projection's epilogue for one output element: lambda_b, bias and the base fused, in the
+// order the CPU defines it (src/cpu/sink.rs, Epilogue::apply: scale, then bias, then the old value),
+// so that both backends round alike.
 template <typename T> __device__ __forceinline__ void store_output(const UpParams& p, int t, int i, float v) {
     T* y = static_cast<T*>(p.y) + (size_t)t * p.ldy + i;
     float out = p.lambda_b[i] * v;
