@@ -45,7 +45,7 @@ pub use cpu::{active_isa, set_parallel_min_flops, tier_facts, with_isa, Isa, Lay
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use mat::{MatMut, MatRef};
-pub use ops::{delta_weight, forward, forward_layer, merge, unmerge, BLOCK_ROWS};
+pub use ops::{backward, delta_weight, forward, forward_layer, forward_train, merge, unmerge, Gradients, BLOCK_ROWS};
 pub use projections::{LayerProjections, Projections};
 pub use types::{Mode, Numerics};
 

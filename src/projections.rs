@@ -1,7 +1,7 @@
 //! The frozen projections A `[r, n_max]` and B `[m_max, r]` shared by every layer of a model.
 
 use crate::cpu::drivers::Weights;
-use crate::cpu::pack::PackCache;
+use crate::cpu::pack::{PackCache, TransposedProjections};
 use crate::cpu::Layout;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -144,6 +144,11 @@ impl<T: Element> Projections<T> {
         let a = MatRef::new(&self.a, self.r, n, self.n_max).expect("A extent validated at construction");
         let b = MatRef::new(&self.b, m, self.r, self.r).expect("B extent validated at construction");
         LayerProjections { a, b, cache: None }
+    }
+
+    /// A and B transposed for the backward's products, packed on first use.
+    pub(crate) fn transposed(&self) -> &TransposedProjections<T> {
+        self.packed.transposed(self.a(), self.b())
     }
 
     /// The same projections rounded to another element type.

@@ -237,6 +237,20 @@ pub(crate) fn pack_rows<'o, E: Element>(src: MatRef<'_, E>, out: &'o mut [f32]) 
     Left { data: out, rows, k_len, lanes }
 }
 
+/// Packs `src` widened to f32 with column `k` multiplied by `scale[k]` (`scale[k] · v`, one
+/// rounding): `u = lambda_d ⊙ h` or `dy ⊙ lambda_b` as the left operand of the next product.
+pub(crate) fn pack_rows_scaled<'o, E: Element>(src: MatRef<'_, E>, scale: &[f32], out: &'o mut [f32]) -> Left<'o, f32> {
+    let (rows, k_len) = (src.rows(), src.cols());
+    let out = &mut out[..Left::<f32>::len_for(rows, k_len)];
+    let lanes = pack_tiles(rows, k_len, out, |t, k0, dst| {
+        E::widen_slice(&src.row_unchecked(t)[k0..k0 + dst.len()], dst);
+        for (d, s) in dst.iter_mut().zip(&scale[k0..]) {
+            *d *= s;
+        }
+    });
+    Left { data: out, rows, k_len, lanes }
+}
+
 /// Packs the transpose of `src` (`k_len x rows`: the operand's rows are `src`'s columns) into
 /// `out`, widened to f32.
 pub(crate) fn pack_cols<'o, E: Element>(src: MatRef<'_, E>, out: &'o mut [f32]) -> Left<'o, f32> {
@@ -371,11 +385,34 @@ pub(crate) fn pack_projections<T: Element>(a: MatRef<'_, T>, b: MatRef<'_, T>, l
     PackedProjections { down: pack(a), up: pack(b) }
 }
 
+/// The projections transposed, for the backward's products: Aᵀ as `n_max`-column panels over
+/// k = r (`dx = (g ⊙ lambda_d)·A`), and Bᵀ as `r`-column panels over k = m_max
+/// (`g = (dy ⊙ lambda_b)·B`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TransposedProjections<T> {
+    pub(crate) a_t: Panels<T>,
+    pub(crate) b_t: Panels<T>,
+}
+
+impl<T: Element> TransposedProjections<T> {
+    /// Packs Aᵀ and Bᵀ of A `[r, n]` and B `[m, r]`.
+    pub(crate) fn pack(a: MatRef<'_, T>, b: MatRef<'_, T>) -> Self {
+        let a_t = Panels::from_fn(a.cols(), a.rows(), |col, j| a.row_unchecked(j)[col]);
+        let b_t = Panels::from_fn(b.cols(), b.rows(), |col, i| b.row_unchecked(i)[col]);
+        Self { a_t, b_t }
+    }
+
+    fn bytes(&self) -> usize {
+        (self.a_t.num_panels() * self.a_t.k_cap() + self.b_t.num_panels() * self.b_t.k_cap()) * NR * size_of::<T>()
+    }
+}
+
 /// A model's packed projections, one slot per layout, each packed on first use (a process may run
-/// kernels of several tiers, see `kernels::with_isa`).
+/// kernels of several tiers, see `kernels::with_isa`), and their transposes for the backward.
 #[derive(Clone, Debug, Default)]
 pub struct PackCache<T> {
     slots: [OnceLock<PackedProjections<T>>; Layout::ALL.len()],
+    transposed: OnceLock<TransposedProjections<T>>,
 }
 
 impl<T: Element> PackCache<T> {
@@ -384,9 +421,15 @@ impl<T: Element> PackCache<T> {
         self.slots[layout.index()].get_or_init(|| pack_projections(a, b, layout))
     }
 
+    /// The transposes of A `[r, n_max]` and B `[m_max, r]`, packed now if needed.
+    pub(crate) fn transposed(&self, a: MatRef<'_, T>, b: MatRef<'_, T>) -> &TransposedProjections<T> {
+        self.transposed.get_or_init(|| TransposedProjections::pack(a, b))
+    }
+
     /// Bytes of every layout packed so far.
     pub(crate) fn bytes(&self) -> usize {
-        self.slots.iter().filter_map(OnceLock::get).map(PackedProjections::bytes).sum()
+        let packed: usize = self.slots.iter().filter_map(OnceLock::get).map(PackedProjections::bytes).sum();
+        packed + self.transposed.get().map_or(0, TransposedProjections::bytes)
     }
 }
 

@@ -63,21 +63,39 @@ pub(crate) fn for_panels(panels: usize, split: bool, f: impl Fn(Range<usize>) + 
     (0..panels.div_ceil(chunk)).into_par_iter().for_each(|c| f(c * chunk..panels.min((c + 1) * chunk)));
 }
 
+/// How a call's blocks of rows are spread over the threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct BlockPlan {
+    /// Blocks run at once (1: one after the other on the calling thread).
+    pub(crate) width: usize,
+    /// Whether each block spreads its columns over the threads (see [`for_panels`]).
+    pub(crate) split: bool,
+}
+
+/// The plan for `blocks` blocks of work of about `flops` in all: on this thread alone for small
+/// work; in parallel over blocks when there are enough to feed every thread (prefill); else one
+/// after the other, each block's columns spread over the threads (decode).
+pub(crate) fn plan_blocks(blocks: usize, flops: f64) -> BlockPlan {
+    let threads = rayon::current_num_threads();
+    if flops < parallel_min_flops() || threads <= 1 {
+        BlockPlan { width: 1, split: false }
+    } else if blocks >= threads {
+        BlockPlan { width: threads, split: false }
+    } else {
+        BlockPlan { width: 1, split: true }
+    }
+}
+
 /// Calls `f(t0, rows, split)` for blocks of `block` rows covering `0..rows`, for work of about
-/// `flops`: on this thread alone for small work; in parallel over blocks when there are enough to
-/// feed every thread (prefill); else one after the other with `split` set so that `f` spreads each
-/// block's columns over the threads (decode).
+/// `flops`, as [`plan_blocks`] plans it.
 pub(crate) fn for_blocks(rows: usize, block: usize, flops: f64, f: impl Fn(usize, usize, bool) + Sync) {
     let blocks = rows.div_ceil(block);
-    if flops < parallel_min_flops() || rayon::current_num_threads() <= 1 {
-        for b in 0..blocks {
-            f(b * block, block.min(rows - b * block), false);
-        }
-    } else if blocks >= rayon::current_num_threads() {
+    let plan = plan_blocks(blocks, flops);
+    if plan.width > 1 {
         (0..blocks).into_par_iter().for_each(|b| f(b * block, block.min(rows - b * block), false));
     } else {
         for b in 0..blocks {
-            f(b * block, block.min(rows - b * block), true);
+            f(b * block, block.min(rows - b * block), plan.split);
         }
     }
 }
@@ -88,8 +106,6 @@ pub(crate) fn for_blocks(rows: usize, block: usize, flops: f64, f: impl Fn(usize
 /// for any number of threads. `partial(b, buf)` writes block `b`'s partial sums into `buf`
 /// (`out.len()` elements); blocks are computed in parallel, `par_width` at a time, so at most
 /// `par_width · out.len()` f32 are held at once.
-// The gradients of the backward pass are its first users; until then only its test calls it.
-#[allow(dead_code)]
 pub(crate) fn reduce_in_order(
     blocks: usize,
     par_width: usize,
@@ -102,7 +118,12 @@ pub(crate) fn reduce_in_order(
     let mut bufs = vec![0.0f32; width * len];
     for b0 in (0..blocks).step_by(width) {
         let n = width.min(blocks - b0);
-        bufs[..n * len].par_chunks_mut(len.max(1)).enumerate().for_each(|(i, buf)| partial(b0 + i, buf));
+        if n == 1 {
+            // One block at a time stays on this thread (it may still split its own columns).
+            partial(b0, &mut bufs[..len]);
+        } else {
+            bufs[..n * len].par_chunks_mut(len.max(1)).enumerate().for_each(|(i, buf)| partial(b0 + i, buf));
+        }
         for buf in bufs[..n * len].chunks(len.max(1)) {
             for (o, v) in out.iter_mut().zip(buf) {
                 *o += v;

@@ -8,7 +8,7 @@
 
 use super::pack::{PanelsPtr, NR};
 use crate::dtype::Element;
-use crate::mat::MatPtr;
+use crate::mat::{MatPtr, MatRef};
 
 /// What the up-projection's epilogue does with each dot product `d` of output column `i`:
 /// `y = (accumulate ? y : 0) + scale[i]·d + bias[i]`, in that order.
@@ -71,6 +71,10 @@ pub(crate) enum Sink<'a, T> {
     Update { out: MatPtr<T>, op: Update },
     /// Weight panels in `T` (the dense baseline's ΔW): row `row` of the panel holding `col`.
     Panels { out: PanelsPtr<T> },
+    /// A column sum over rows of the product times another matrix: `sums[col] += other[row, col] ·
+    /// acc`, in f32 (multiply, then add), rows added in ascending order (the backward's
+    /// `dlambda_b = Σ_t dy ⊙ v`, without ever storing `v`). `sums` is one row of the sink's width.
+    ColumnDot { other: MatRef<'a, T>, sums: MatPtr<f32> },
 }
 
 impl<T: Element> Sink<'_, T> {
@@ -80,6 +84,7 @@ impl<T: Element> Sink<'_, T> {
             Sink::F32 { out, .. } => out.cols(),
             Sink::Epilogue { out, .. } | Sink::Update { out, .. } => out.cols(),
             Sink::Panels { out } => out.cols(),
+            Sink::ColumnDot { sums, .. } => sums.cols(),
         }
     }
 
@@ -115,6 +120,15 @@ impl<T: Element> Sink<'_, T> {
                     let p = out.row_ptr(row, col0);
                     for (c, &v) in vals.iter().enumerate() {
                         *p.add(col0 % NR + c) = T::from_f32(v);
+                    }
+                }
+                Sink::ColumnDot { other, sums } => {
+                    let other = &other.row_unchecked(row)[col0..col0 + vals.len()];
+                    // Only this call's columns of the sums, so that threads owning other columns
+                    // hold no overlapping slice.
+                    let sums = sums.sub(0, 1, col0, vals.len()).row_mut(0);
+                    for ((s, &v), o) in sums.iter_mut().zip(vals).zip(other) {
+                        *s += o.to_f32() * v;
                     }
                 }
             }

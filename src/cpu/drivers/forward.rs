@@ -138,3 +138,47 @@ pub(crate) fn forward<T: Element>(
         });
     });
 }
+
+/// The training forward: [`forward`], also writing `h = x·Aᵀ` (`[T, r]` f32) into `h` for the
+/// backward to reuse. `y` gets the same bits as from [`forward`]: `u = lambda_d ⊙ h` is the same
+/// product, made from the stored `h` instead of in the down-projection's store.
+pub(crate) fn forward_train<T: Element>(
+    kern: &Kernels<T>,
+    w: Weights<'_, T>,
+    s: Scales<'_>,
+    x: MatRef<'_, T>,
+    mut y: MatMut<'_, T>,
+    mode: Mode,
+    mut h: MatMut<'_, f32>,
+) {
+    let (rows, n, r, m) = (x.rows(), x.cols(), w.a.rows(), w.b.rows());
+    if rows == 0 {
+        return;
+    }
+    let mut owned = None;
+    let packed = packed_or_owned(kern, &w, &mut owned);
+    let epi = Epilogue { scale: Some(s.lambda_b), bias: s.bias, accumulate: mode == Mode::Accumulate };
+    let (yp, hp) = (y.as_ptr_mat(), h.as_ptr_mat());
+    let flops = 2.0 * (rows * r * (n + m)) as f64;
+    for_blocks(rows, BLOCK_ROWS, flops, |t0, tb, split| {
+        let packed_u = up_scratch(tb, r);
+        with_scratch(tb * r + packed_u + down_scratch(tb, n), |buf| {
+            let (u, rest) = buf.split_at_mut(tb * r);
+            let (ul, xl) = rest.split_at_mut(packed_u);
+            let hb = hp.sub(t0, tb, 0, r);
+            down(kern, packed, x.row_range(t0, tb), xl, r, &Sink::F32 { out: hb, scale: None }, split);
+            for (t, urow) in u.chunks_mut(r).enumerate() {
+                // SAFETY: rows t0..t0 + tb of h are this block's, written above and read here only.
+                let hrow = unsafe { hb.row_mut(t) };
+                for ((uv, hv), d) in urow.iter_mut().zip(hrow.iter()).zip(s.lambda_d) {
+                    // The same product as the forward's scaled store (`scale[col] · acc`).
+                    *uv = d * hv;
+                }
+            }
+            if m > 0 {
+                let u = MatRef::from_slice(u, tb, r).expect("scratch sized tb * r");
+                up(kern, packed, u, ul, m, &Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi }, split);
+            }
+        });
+    });
+}

@@ -1,8 +1,9 @@
 //! One driver per operation, each built from the kernel table, packing, sinks and the thread split:
-//! `forward` (the fused pass, and its two products for the benchmark peers) and `delta` (merge,
-//! unmerge, ΔW). Drivers take plain views and slices (see [`Weights`] and [`Scales`]), never the
+//! `forward` (the fused pass, the training forward, and its two products for the benchmark
+//! peers), `backward` (the gradients) and `delta` (merge, unmerge, ΔW). Drivers take plain views and slices (see [`Weights`] and [`Scales`]), never the
 //! front end's types, and shapes already validated by the front end.
 
+pub(crate) mod backward;
 pub(crate) mod delta;
 pub(crate) mod forward;
 

@@ -199,6 +199,16 @@ unsafe fn store_tile<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, c
                     }
                 }
             }
+            Sink::ColumnDot { .. } => {
+                // Column sums take one multiply-add per element, next to the k loop's r: the
+                // scalar definition is fast enough, and keeps one order of additions.
+                let mut row = [0.0f32; NR];
+                for (i, a) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(row.as_mut_ptr(), a[0]);
+                    _mm512_storeu_ps(row.as_mut_ptr().add(16), a[1]);
+                    sink.store_row(t0 + i, col0, &row[..n]);
+                }
+            }
         }
     }
 }

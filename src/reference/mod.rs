@@ -3,6 +3,10 @@
 //! All arithmetic is in f64 from inputs widened exactly, so for the sizes used in tests its own
 //! error is negligible next to the f32 kernels'. Results are row-major `Vec<f64>`.
 
+mod backward;
+
+pub use backward::{backward, backward_error_bound, Gradients};
+
 use crate::adapter::Adapter;
 use crate::dtype::Element;
 use crate::error::Result;

@@ -2,6 +2,10 @@
 //! check of `types`); the work is done by the CPU drivers in `cpu::drivers`, with the kernel table
 //! of the calling thread's tier.
 
+mod train;
+
+pub use train::{backward, forward_train, Gradients};
+
 use crate::adapter::Adapter;
 use crate::cpu::drivers::{self, Scales, Weights};
 use crate::cpu::kernels;

@@ -1,0 +1,152 @@
+//! The backward pass in f64, and forward-error bounds for the kernels' gradients.
+
+use super::{gamma, layer_matrices, F32_MIN_NORMAL, U32};
+use crate::adapter::Adapter;
+use crate::dtype::Element;
+use crate::error::Result;
+use crate::mat::MatRef;
+use crate::projections::LayerProjections;
+use crate::types::{check_forward, Numerics};
+
+/// One layer's gradients (or bounds on their errors), in f64: `dL/dlambda_d [r]`,
+/// `dL/dlambda_b [m]`, `dL/dbias [m]` and the adapter's part of `dL/dx`, `[T, n]` row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gradients {
+    /// `[r]`.
+    pub lambda_d: Vec<f64>,
+    /// `[m]`.
+    pub lambda_b: Vec<f64>,
+    /// `[m]`.
+    pub bias: Vec<f64>,
+    /// `[T, n]`, row-major.
+    pub x: Vec<f64>,
+}
+
+/// The f64 quantities of one layer's backward pass, with every input replaced by its absolute
+/// value when `abs` is set: `h [T][r]`, `v [T][m]`, `g [T][r]`.
+struct Pass {
+    h: Vec<Vec<f64>>,
+    v: Vec<Vec<f64>>,
+    g: Vec<Vec<f64>>,
+}
+
+fn pass<T: Element>(
+    layer: &LayerProjections<'_, T>,
+    adapter: &Adapter,
+    x: MatRef<'_, T>,
+    dy: MatRef<'_, T>,
+    abs: bool,
+) -> Pass {
+    let (a, b) = layer_matrices(layer, abs);
+    let f = |v: f64| if abs { v.abs() } else { v };
+    let ld: Vec<f64> = adapter.lambda_d().iter().map(|&v| f(f64::from(v))).collect();
+    let lb: Vec<f64> = adapter.lambda_b().iter().map(|&v| f(f64::from(v))).collect();
+    let rows = |m: MatRef<'_, T>, t: usize| m.row_unchecked(t).iter().map(|v| f(v.to_f64())).collect::<Vec<f64>>();
+    let dot = |p: &[f64], q: &[f64]| p.iter().zip(q).map(|(a, b)| a * b).sum::<f64>();
+    let (mut h, mut v, mut g) = (Vec::new(), Vec::new(), Vec::new());
+    for t in 0..x.rows() {
+        let (xt, dyt) = (rows(x, t), rows(dy, t));
+        let ht: Vec<f64> = a.iter().map(|aj| dot(aj, &xt)).collect();
+        let ut: Vec<f64> = ht.iter().zip(&ld).map(|(h, d)| h * d).collect();
+        v.push(b.iter().map(|bi| dot(bi, &ut)).collect());
+        let dyl: Vec<f64> = dyt.iter().zip(&lb).map(|(d, l)| d * l).collect();
+        g.push((0..ld.len()).map(|j| b.iter().zip(&dyl).map(|(bi, d)| bi[j] * d).sum()).collect());
+        h.push(ht);
+    }
+    Pass { h, v, g }
+}
+
+/// The gradients of `sum(y ⊙ dy)` for one layer, `y = base + lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ) +
+/// bias`: the f64 reference of [`crate::backward`].
+///
+/// Errors: as [`crate::backward`].
+pub fn backward<T: Element>(
+    layer: LayerProjections<'_, T>,
+    adapter: &Adapter,
+    x: MatRef<'_, T>,
+    dy: MatRef<'_, T>,
+) -> Result<Gradients> {
+    check_forward(layer.dims(), adapter.dims(), [x.rows(), x.cols()], Some([dy.rows(), dy.cols()]))?;
+    let p = pass(&layer, adapter, x, dy, false);
+    let (a, _) = layer_matrices(&layer, false);
+    let (r, m, n) = (layer.rank(), layer.out_features(), layer.in_features());
+    let dyv = |t: usize, i: usize| dy.row_unchecked(t)[i].to_f64();
+    let lambda_b = (0..m).map(|i| (0..x.rows()).map(|t| dyv(t, i) * p.v[t][i]).sum()).collect();
+    let lambda_d = (0..r).map(|j| (0..x.rows()).map(|t| p.g[t][j] * p.h[t][j]).sum()).collect();
+    let bias = (0..m).map(|i| (0..x.rows()).map(|t| dyv(t, i)).sum()).collect();
+    let ld = adapter.lambda_d();
+    let mut dx = vec![0.0; x.rows() * n];
+    for (t, row) in dx.chunks_mut(n.max(1)).enumerate().take(x.rows()) {
+        for (j, aj) in a.iter().enumerate() {
+            let gl = p.g[t][j] * f64::from(ld[j]);
+            for (o, av) in row.iter_mut().zip(aj) {
+                *o += gl * av;
+            }
+        }
+    }
+    Ok(Gradients { lambda_d, lambda_b, bias, x: dx })
+}
+
+/// Per-element bounds on `|gradient_kernel - gradient_ref|` for [`crate::backward`] in
+/// [`Mode::Overwrite`](crate::Mode::Overwrite) (for `Mode::Accumulate` add `ε·(|old| + |ref| +
+/// bound)` for the one more f32 addition, `ε = 2^-24`), for kernels whose arithmetic `numerics`
+/// describes (of the tier that made a saved `h`).
+///
+/// Derived like [`super::forward_error_bound`], with `γ(k) = kε/(1 - kε)` and the absolute values
+/// `H = |x|·|A|ᵀ`, `V = (|lambda_d| ⊙ H)·|B|ᵀ`, `G = (|dy| ⊙ |lambda_b|)·|B|`: `ĥ` carries
+/// `γ(n)·H`, `v̂` `γ(n + r + 1)·V` (one rounding for `u = lambda_d ⊙ ĥ`), `ĝ` `γ(m + 1)·G`; a
+/// column sum over `T` rows made in blocks and then added block by block passes each term through
+/// one product and at most `2T` additions. So
+///
+/// - `dlambda_b`: `γ(n + r + 2T + 2) · Σ_t |dy| ⊙ V`;
+/// - `dlambda_d`: `γ(n + m + 2T + 2) · Σ_t G ⊙ H`;
+/// - `dbias`: `γ(2T) · Σ_t |dy|`;
+/// - `dx` (rounded once to `T`): `e = γ(m + r + 2) · (|lambda_d| ⊙ G)·|A|`, plus
+///   `ε_T · (|dx_ref| + e) + s_T / 2`;
+///
+/// and, when `numerics.flushes_subnormals` (an `h` saved by a `vdpbf16ps` forward), the flushed
+/// parts of `h`, `2^-126 · (Σ_k |A_jk| + Σ_k |x_tk| + n)` per element, carried through the same sums.
+pub fn backward_error_bound<T: Element>(
+    layer: LayerProjections<'_, T>,
+    adapter: &Adapter,
+    x: MatRef<'_, T>,
+    dy: MatRef<'_, T>,
+    numerics: Numerics,
+) -> Result<Gradients> {
+    let reference = backward(layer, adapter, x, dy)?;
+    let p = pass(&layer, adapter, x, dy, true);
+    let (a, b) = layer_matrices(&layer, true);
+    let (rows, r, m, n) = (x.rows(), layer.rank(), layer.out_features(), layer.in_features());
+    let ld: Vec<f64> = adapter.lambda_d().iter().map(|&v| f64::from(v).abs()).collect();
+    let dyv = |t: usize, i: usize| dy.row_unchecked(t)[i].to_f64().abs();
+    // The flushed part of each h (0 unless the saved h came from a flushing kernel).
+    let ftz: Vec<Vec<f64>> = (0..rows)
+        .map(|t| {
+            let x_sum: f64 = x.row_unchecked(t).iter().map(|v| v.to_f64().abs()).sum();
+            let on = if numerics.flushes_subnormals { 1.0 } else { 0.0 };
+            a.iter().map(|aj| on * F32_MIN_NORMAL * (aj.iter().sum::<f64>() + x_sum + n as f64)).collect()
+        })
+        .collect();
+    let ftz_v = |t: usize, i: usize| (0..r).map(|j| ld[j] * b[i][j] * ftz[t][j]).sum::<f64>();
+    let g_lb = gamma(n + r + 2 * rows + 2, U32);
+    let lambda_b = (0..m).map(|i| (0..rows).map(|t| dyv(t, i) * (g_lb * p.v[t][i] + ftz_v(t, i))).sum()).collect();
+    let g_ld = gamma(n + m + 2 * rows + 2, U32);
+    let lambda_d = (0..r).map(|j| (0..rows).map(|t| p.g[t][j] * (g_ld * p.h[t][j] + ftz[t][j])).sum()).collect();
+    let g_b = gamma(2 * rows, U32);
+    let bias = (0..m).map(|i| g_b * (0..rows).map(|t| dyv(t, i)).sum::<f64>()).collect();
+    let g_dx = gamma(m + r + 2, U32);
+    let mut dx = vec![0.0; rows * n];
+    for (t, row) in dx.chunks_mut(n.max(1)).enumerate().take(rows) {
+        for (j, aj) in a.iter().enumerate() {
+            let gl = ld[j] * p.g[t][j];
+            for (o, av) in row.iter_mut().zip(aj) {
+                *o += gl * av;
+            }
+        }
+        for (k, o) in row.iter_mut().enumerate() {
+            let e = g_dx * *o;
+            *o = e + T::UNIT_ROUNDOFF * (reference.x[t * n + k].abs() + e) + T::MIN_POSITIVE_SUBNORMAL / 2.0;
+        }
+    }
+    Ok(Gradients { lambda_d, lambda_b, bias, x: dx })
+}

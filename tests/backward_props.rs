@@ -1,0 +1,323 @@
+//! The backward pass against the f64 reference, within `reference::backward_error_bound` (derived in
+//! its docs, not tuned), over random shapes (1, primes, one past every block and tile size), strides,
+//! both modes, every dtype, on every CPU tier this machine has; bitwise equality of 1, 2 and 3
+//! threads (with the parallel threshold at 0, so that small calls really split); the training
+//! forward's `y` equal to the forward's and its saved `h` giving the same gradients within the
+//! bound; and the reference itself against finite differences.
+
+mod common;
+
+use common::{inputs, to, values, Case};
+use proptest::prelude::*;
+use vera_kernels::rng::TorchCpuGenerator;
+use vera_kernels::{
+    backward, bf16, f16, forward, forward_train, reference, set_parallel_min_flops, tier_facts, with_isa, Adapter,
+    Element, Gradients, Isa, MatMut, MatRef, Mode, Projections, BLOCK_ROWS,
+};
+
+const EPS: f64 = 5.960_464_477_539_063e-8;
+
+fn dim(max_random: usize) -> impl Strategy<Value = usize> {
+    prop_oneof![
+        1..=max_random,
+        Just(1),
+        prop::sample::select(vec![2usize, 3, 5, 7, 13, 31, 37, 61]),
+        prop::sample::select(vec![5usize, 9, 17, 32, 33, BLOCK_ROWS + 1, 2 * BLOCK_ROWS + 1]),
+    ]
+}
+
+fn kdim(max_random: usize) -> impl Strategy<Value = usize> {
+    prop_oneof![4 => dim(max_random), 1 => prop::sample::select(vec![63usize, 64, 65, 129, 257])]
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        (dim(70), kdim(60), kdim(60), kdim(40)),
+        (0usize..4, 0usize..4, 0usize..3, 0usize..3),
+        (any::<bool>(), any::<bool>(), any::<u64>()),
+    )
+        .prop_map(Case::from_draw)
+}
+
+/// One backward call's outputs.
+#[derive(Clone, Debug, PartialEq)]
+struct Out<T> {
+    lambda_d: Vec<f32>,
+    lambda_b: Vec<f32>,
+    bias: Vec<f32>,
+    /// `[t, n + x_pad]`, the pad untouched.
+    x: Vec<T>,
+}
+
+impl<T: Element> Out<T> {
+    fn bits(&self) -> Vec<u64> {
+        let f = self.lambda_d.iter().chain(&self.lambda_b).chain(&self.bias).map(|v| u64::from(v.to_bits()));
+        f.chain(self.x.iter().map(|v| v.to_f64().to_bits())).collect()
+    }
+}
+
+/// Random `dy [t, m + y_pad]` and starting gradients (used under accumulate) for a case.
+fn extras<T: Element>(c: &Case) -> (Vec<T>, Out<T>) {
+    let mut g = TorchCpuGenerator::manual_seed(c.seed ^ 0xd1);
+    let dy = to::<T>(&values(&mut g, c.t * (c.m + c.y_pad), 1.0));
+    let old = Out {
+        lambda_d: values(&mut g, c.r, 1.0),
+        lambda_b: values(&mut g, c.m, 1.0),
+        bias: values(&mut g, c.m, 1.0),
+        x: to::<T>(&values(&mut g, c.t * (c.n + c.x_pad), 1.0)),
+    };
+    (dy, old)
+}
+
+fn run_backward<T: Element>(c: &Case, isa: Isa, threads: usize, saved_h: Option<&[f32]>) -> Out<T> {
+    let inp = inputs::<T>(c);
+    let (dy, mut out) = extras::<T>(c);
+    let x = MatRef::new(&inp.x, c.t, c.n, c.n + c.x_pad).unwrap();
+    let dy = MatRef::new(&dy, c.t, c.m, c.m + c.y_pad).unwrap();
+    let mode = if c.accumulate { Mode::Accumulate } else { Mode::Overwrite };
+    set_parallel_min_flops(Some(0.0));
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    pool.install(|| {
+        with_isa(isa, || {
+            let grads = Gradients::new(&mut out.lambda_d, &mut out.lambda_b)
+                .with_bias(&mut out.bias)
+                .with_x(MatMut::new(&mut out.x, c.t, c.n, c.n + c.x_pad).unwrap());
+            let h = saved_h.map(|h| MatRef::from_slice(h, c.t, c.r).unwrap());
+            backward(&inp.projections, &inp.adapter, x, dy, h, grads, mode).unwrap();
+        })
+    });
+    out
+}
+
+/// `|got - want| <= bound`, with one more f32 addition onto `old` under accumulate.
+fn within(got: f64, want: f64, bound: f64, old: Option<f64>) -> bool {
+    let (want, bound) = match old {
+        Some(o) => (o + want, bound + EPS * (o.abs() + want.abs() + bound)),
+        None => (want, bound),
+    };
+    (got - want).abs() <= bound
+}
+
+fn check_against_reference<T: Element>(
+    c: &Case,
+    isa: Isa,
+    out: &Out<T>,
+    numerics: vera_kernels::Numerics,
+) -> Result<(), TestCaseError> {
+    let inp = inputs::<T>(c);
+    let (dy, old) = extras::<T>(c);
+    let layer = inp.projections.slice(c.n, c.m).unwrap();
+    let x = MatRef::new(&inp.x, c.t, c.n, c.n + c.x_pad).unwrap();
+    let dy = MatRef::new(&dy, c.t, c.m, c.m + c.y_pad).unwrap();
+    let want = reference::backward(layer, &inp.adapter, x, dy).unwrap();
+    let bound = reference::backward_error_bound(layer, &inp.adapter, x, dy, numerics).unwrap();
+    let acc = c.accumulate;
+    let f32s = [
+        ("lambda_d", &out.lambda_d, &want.lambda_d, &bound.lambda_d, &old.lambda_d),
+        ("lambda_b", &out.lambda_b, &want.lambda_b, &bound.lambda_b, &old.lambda_b),
+        ("bias", &out.bias, &want.bias, &bound.bias, &old.bias),
+    ];
+    for (what, got, want, bound, old) in f32s {
+        for i in 0..got.len() {
+            let o = acc.then(|| f64::from(old[i]));
+            prop_assert!(
+                within(f64::from(got[i]), want[i], bound[i], o),
+                "{isa} d{what}[{i}] = {}, reference {}, bound {}, old {o:?}",
+                got[i],
+                want[i],
+                bound[i]
+            );
+        }
+    }
+    let stride = c.n + c.x_pad;
+    for t in 0..c.t {
+        for k in 0..c.n {
+            let idx = t * stride + k;
+            let o = acc.then(|| old.x[idx].to_f64());
+            let (w, b) = (want.x[t * c.n + k], bound.x[t * c.n + k]);
+            // The rounding of the sum to T is in the bound; under accumulate the old value adds
+            // one more rounding to T.
+            let b = if acc { b + T::UNIT_ROUNDOFF * (old.x[idx].to_f64().abs() + w.abs() + b) } else { b };
+            prop_assert!(
+                within(out.x[idx].to_f64(), w, b, o),
+                "{isa} dx[{t},{k}] = {:?}, reference {w}, bound {b}",
+                out.x[idx]
+            );
+        }
+        for k in c.n..stride {
+            prop_assert_eq!(out.x[t * stride + k].to_f64().to_bits(), old.x[t * stride + k].to_f64().to_bits());
+        }
+    }
+    Ok(())
+}
+
+fn check<T: Element>(c: &Case) -> Result<(), TestCaseError> {
+    for isa in Isa::available() {
+        let numerics = with_isa(isa, tier_facts::<T>).numerics();
+        let one = run_backward::<T>(c, isa, 1, None);
+        let two = run_backward::<T>(c, isa, 2, None);
+        prop_assert_eq!(one.bits(), two.bits(), "1 and 2 threads differ on {}", isa);
+        // The backward's own h is computed with the f32-FMA kernels on every tier.
+        check_against_reference(c, isa, &one, vera_kernels::Numerics::default())?;
+
+        // The training forward: the forward's y, bit for bit, and an h that gives the gradients.
+        let inp = inputs::<T>(c);
+        let x = MatRef::new(&inp.x, c.t, c.n, c.n + c.x_pad).unwrap();
+        let mode = if c.accumulate { Mode::Accumulate } else { Mode::Overwrite };
+        let (mut y1, mut y2, mut h) = (inp.y0.clone(), inp.y0.clone(), vec![f32::NAN; c.t * c.r]);
+        with_isa(isa, || {
+            let stride = c.m + c.y_pad;
+            forward(&inp.projections, &inp.adapter, x, MatMut::new(&mut y1, c.t, c.m, stride).unwrap(), mode).unwrap();
+            let y = MatMut::new(&mut y2, c.t, c.m, stride).unwrap();
+            let hm = MatMut::from_slice(&mut h, c.t, c.r).unwrap();
+            forward_train(&inp.projections, &inp.adapter, x, y, mode, hm).unwrap();
+        });
+        let bits = |v: &[T]| v.iter().map(|e| e.to_f64().to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&y1), bits(&y2), "forward_train's y differs from forward's on {}", isa);
+        let saved = run_backward::<T>(c, isa, 2, Some(&h));
+        check_against_reference(c, isa, &saved, numerics)?;
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn backward_f32_within_bound(c in case()) { check::<f32>(&c)?; }
+
+    #[test]
+    fn backward_f16_within_bound(c in case()) { check::<f16>(&c)?; }
+
+    #[test]
+    fn backward_bf16_within_bound(c in case()) { check::<bf16>(&c)?; }
+}
+
+#[test]
+fn gradients_are_bitwise_identical_for_1_2_and_3_threads() {
+    // Decode (one block: columns split across threads) and prefill (blocks in parallel), large
+    // enough to split without the lowered threshold too.
+    for (t, n, m, r) in [(3usize, 700usize, 650usize, 67usize), (3 * BLOCK_ROWS + 5, 300, 260, 40)] {
+        let c = Case { t, n, m, r, n_extra: 2, m_extra: 1, x_pad: 1, y_pad: 2, bias: true, accumulate: true, seed: 5 };
+        fn same<T: Element>(c: &Case) {
+            for isa in Isa::available() {
+                let one = run_backward::<T>(c, isa, 1, None);
+                assert_eq!(one.bits(), run_backward::<T>(c, isa, 2, None).bits(), "{isa} 2 threads");
+                assert_eq!(one.bits(), run_backward::<T>(c, isa, 3, None).bits(), "{isa} 3 threads");
+                // From run to run.
+                assert_eq!(one.bits(), run_backward::<T>(c, isa, 1, None).bits(), "{isa} rerun");
+            }
+        }
+        same::<f32>(&c);
+        same::<f16>(&c);
+        same::<bf16>(&c);
+    }
+}
+
+#[test]
+fn at_peft_initialisation_only_lambda_b_has_a_gradient() {
+    // lambda_b = 0 (PEFT's init): g = 0, so dlambda_d = 0 and dx = 0, while dlambda_b is not.
+    let (t, n, m, r) = (5, 24, 20, 8);
+    let proj = Projections::<f32>::from_seed(0, r, n, m).unwrap();
+    let adapter = Adapter::peft_init(r, m, 0.1).unwrap();
+    let mut g = TorchCpuGenerator::manual_seed(3);
+    let (x, dy) = (values(&mut g, t * n, 1.0), values(&mut g, t * m, 1.0));
+    let (mut dld, mut dlb, mut dx) = (vec![f32::NAN; r], vec![f32::NAN; m], vec![f32::NAN; t * n]);
+    let grads = Gradients::new(&mut dld, &mut dlb).with_x(MatMut::from_slice(&mut dx, t, n).unwrap());
+    let (xv, dyv) = (MatRef::from_slice(&x, t, n).unwrap(), MatRef::from_slice(&dy, t, m).unwrap());
+    backward(&proj, &adapter, xv, dyv, None, grads, Mode::Overwrite).unwrap();
+    assert!(dld.iter().all(|&v| v == 0.0), "{dld:?}");
+    assert!(dx.iter().all(|&v| v == 0.0));
+    assert!(dlb.iter().all(|&v| v != 0.0 && v.is_finite()), "{dlb:?}");
+}
+
+#[test]
+fn the_reference_gradients_match_finite_differences() {
+    // L = sum(y ⊙ dy) in f64; central differences along each lambda and each x element.
+    let (t, n, m, r) = (3usize, 5usize, 4usize, 3usize);
+    let proj = Projections::<f32>::from_seed(11, r, n, m).unwrap();
+    let mut g = TorchCpuGenerator::manual_seed(12);
+    let (ld, lb, bias) = (values(&mut g, r, 1.0), values(&mut g, m, 1.0), values(&mut g, m, 1.0));
+    let (x, dy) = (values(&mut g, t * n, 1.0), values(&mut g, t * m, 1.0));
+    let layer = proj.slice(n, m).unwrap();
+    let loss = |ld: &[f64], lb: &[f64], bias: &[f64], x: &[f64]| -> f64 {
+        let (a, b) = (layer.a(), layer.b());
+        let mut l = 0.0;
+        for ti in 0..t {
+            let u: Vec<f64> = (0..r)
+                .map(|j| ld[j] * (0..n).map(|k| x[ti * n + k] * f64::from(*a.get(j, k).unwrap())).sum::<f64>())
+                .collect();
+            for i in 0..m {
+                let v: f64 = (0..r).map(|j| u[j] * f64::from(*b.get(i, j).unwrap())).sum();
+                l += (lb[i] * v + bias[i]) * f64::from(dy[ti * m + i]);
+            }
+        }
+        l
+    };
+    let f64s = |v: &[f32]| v.iter().map(|&e| f64::from(e)).collect::<Vec<f64>>();
+    let (ld64, lb64, bias64, x64) = (f64s(&ld), f64s(&lb), f64s(&bias), f64s(&x));
+    let adapter = Adapter::new(ld, lb).unwrap().with_bias(bias).unwrap();
+    let want = reference::backward(
+        layer,
+        &adapter,
+        MatRef::from_slice(&x, t, n).unwrap(),
+        MatRef::from_slice(&dy, t, m).unwrap(),
+    )
+    .unwrap();
+    let step = 1e-5;
+    let diff = |which: usize, i: usize| {
+        let mut p = [ld64.clone(), lb64.clone(), bias64.clone(), x64.clone()];
+        let mut q = p.clone();
+        p[which][i] += step;
+        q[which][i] -= step;
+        (loss(&p[0], &p[1], &p[2], &p[3]) - loss(&q[0], &q[1], &q[2], &q[3])) / (2.0 * step)
+    };
+    let groups: [(&str, &Vec<f64>); 4] =
+        [("lambda_d", &want.lambda_d), ("lambda_b", &want.lambda_b), ("bias", &want.bias), ("x", &want.x)];
+    for (which, (what, grad)) in groups.into_iter().enumerate() {
+        for (i, &gv) in grad.iter().enumerate() {
+            let fd = diff(which, i);
+            assert!((fd - gv).abs() <= 1e-7 * (1.0 + gv.abs()), "d{what}[{i}]: reference {gv}, finite difference {fd}");
+        }
+    }
+}
+
+#[test]
+fn misuse_is_a_clear_error_before_anything_is_written() {
+    let (t, n, m, r) = (2, 12, 10, 4);
+    let proj = Projections::<f32>::from_seed(1, r, 16, 16).unwrap();
+    let adapter = Adapter::new(vec![1.0; r], vec![1.0; m]).unwrap();
+    let x = vec![1.0f32; t * n];
+    let dy = vec![1.0f32; t * m];
+    let (xv, dyv) = (MatRef::from_slice(&x, t, n).unwrap(), MatRef::from_slice(&dy, t, m).unwrap());
+    let run = |dld: &mut [f32],
+               dlb: &mut [f32],
+               dx: Option<MatMut<'_, f32>>,
+               h: Option<MatRef<'_, f32>>,
+               dy: MatRef<'_, f32>| {
+        let mut grads = Gradients::new(dld, dlb);
+        if let Some(dx) = dx {
+            grads = grads.with_x(dx);
+        }
+        backward(&proj, &adapter, xv, dy, h, grads, Mode::Accumulate).unwrap_err().to_string()
+    };
+    let (mut dld, mut dlb) = (vec![7.0f32; r], vec![7.0f32; m]);
+    let err = run(&mut vec![0.0; r + 1], &mut dlb, None, None, dyv);
+    assert!(err.contains("lambda_d") && err.contains(&format!("{}", r + 1)), "{err}");
+    let err = run(&mut dld, &mut vec![0.0; m - 1], None, None, dyv);
+    assert!(err.contains("lambda_b"), "{err}");
+    let mut dx = vec![0.0f32; t * (n + 1)];
+    let err = run(&mut dld, &mut dlb, Some(MatMut::from_slice(&mut dx, t, n + 1).unwrap()), None, dyv);
+    assert!(err.contains("dx (must be"), "{err}");
+    let h = vec![0.0f32; (t + 1) * r];
+    let err = run(&mut dld, &mut dlb, None, Some(MatRef::from_slice(&h, t + 1, r).unwrap()), dyv);
+    assert!(err.contains("saved h"), "{err}");
+    let short = vec![1.0f32; (t - 1) * m];
+    let err = run(&mut dld, &mut dlb, None, None, MatRef::from_slice(&short, t - 1, m).unwrap());
+    assert!(err.contains("dy (must be"), "{err}");
+    let wide = vec![1.0f32; t * 20];
+    let err = run(&mut dld, &mut dlb, None, None, MatRef::from_slice(&wide, t, 20).unwrap());
+    assert!(err.contains("out_features") && err.contains("20"), "{err}");
+    // Nothing was written by any of the refused calls.
+    assert!(dld.iter().chain(&dlb).all(|&v| v == 7.0));
+}
