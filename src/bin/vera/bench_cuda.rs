@@ -208,6 +208,18 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
     }
 
+    /// The whole protocol, both variants, on the emulated device (no GPU needed).
+    #[cfg(feature = "cuda-emulation")]
+    #[test]
+    fn both_variants_run_on_the_emulated_device() {
+        let device = CudaDevice::emulated();
+        for l2 in [L2::Warm, L2::Cold] {
+            let row = run(&device, Shape { t: 2, n: 40, m: 24, r: 8 }, DType::BF16, l2, Duration::ZERO).unwrap();
+            assert!(row.fused_ms > 0.0 && row.fused_ms.is_finite(), "{l2:?}: {} ms", row.fused_ms);
+            assert_eq!(row.samples, MIN_SAMPLES);
+        }
+    }
+
     #[test]
     fn cold_rows_are_named_apart() {
         let row = |l2| Row {
