@@ -5,9 +5,15 @@
 //! 64-column tiles and the 32-wide k stages, k ranges split across blocks, n not a multiple of the
 //! 8-element vectors, unaligned strides (the kernels' scalar paths), both modes, bias on and off,
 //! every dtype. The tolerance is `reference::forward_error_bound_cuda`, derived in its docs.
+//!
+//! `VERA_KERNELS_SKIP_EMULATION=1` tests the GPU alone (scripts/gpu-check.sh on the GPU machine,
+//! where the emulation would only use up the time box); `VERA_KERNELS_EXPECT_GPU=1` fails the tests
+//! when there is no GPU (see tests/gpu/mod.rs). Model-sized shapes run on a GPU only, in
+//! tests/cuda_gpu_scale.rs.
 #![cfg(any(feature = "cuda", feature = "cuda-emulation"))]
 
 mod common;
+mod gpu;
 
 use common::{inputs, Case, Inputs};
 use proptest::prelude::*;
@@ -15,20 +21,39 @@ use proptest::test_runner::{Config, TestRunner};
 use vera_kernels::cuda::{CudaDevice, CudaStream};
 use vera_kernels::{bf16, f16, reference, Adapter, Element, Error, MatMut, MatRef, Mode, Projections};
 
-/// Set by scripts/gpu-check.sh on a machine with a GPU: the GPU must then be found and tested.
-fn gpu_expected() -> bool {
-    std::env::var_os("VERA_KERNELS_EXPECT_GPU").is_some_and(|v| v == "1")
+use gpu::{emulation_skipped, gpu_expected};
+
+/// Random cases per dtype on the emulated device (slow: one CUDA thread at a time) and on a GPU.
+const EMULATED_CASES: u32 = 40;
+const GPU_CASES: u32 = 400;
+
+/// The emulated device, unless `VERA_KERNELS_SKIP_EMULATION=1` (or the build has no emulation).
+fn emulated_device() -> Option<CudaDevice> {
+    #[cfg(feature = "cuda-emulation")]
+    if !emulation_skipped() {
+        return Some(CudaDevice::emulated());
+    }
+    None
 }
 
-/// The devices to test, each with how many random cases it can afford per dtype.
-fn devices() -> Vec<(CudaDevice, u32)> {
-    let mut devices = Vec::new();
+/// The emulated device when `VERA_KERNELS_SKIP_EMULATION=1` left it out of [`devices`].
+fn skipped_emulation() -> Option<CudaDevice> {
     #[cfg(feature = "cuda-emulation")]
-    devices.push((CudaDevice::emulated(), 40));
+    if emulation_skipped() {
+        return Some(CudaDevice::emulated());
+    }
+    None
+}
+
+/// The devices to test, each with how many random cases it can afford per dtype. Never empty:
+/// skipping the emulation on a machine without a GPU would test nothing, which is a failure.
+fn devices() -> Vec<(CudaDevice, u32)> {
+    let mut devices: Vec<(CudaDevice, u32)> = emulated_device().into_iter().map(|d| (d, EMULATED_CASES)).collect();
     match CudaDevice::new(0) {
-        Ok(gpu) => devices.push((gpu, 400)),
+        Ok(gpu) => devices.push((gpu, GPU_CASES)),
         Err(e) => assert!(!gpu_expected(), "VERA_KERNELS_EXPECT_GPU=1 but no GPU: {e}"),
     }
+    assert!(!devices.is_empty(), "no device to test: VERA_KERNELS_SKIP_EMULATION=1 and no GPU");
     devices
 }
 
@@ -274,10 +299,11 @@ fn misuse_is_a_clear_error() {
 }
 
 /// Buffers of one device handed to another device's stream are refused (needs a GPU and the
-/// emulator in one build: scripts/gpu-check.sh builds both).
+/// emulator in one build: scripts/gpu-check.sh builds both). Uses the emulated device even under
+/// `VERA_KERNELS_SKIP_EMULATION=1`: these calls are refused before anything runs.
 #[test]
 fn buffers_of_another_device_are_refused() {
-    let devices = devices();
+    let devices: Vec<(CudaDevice, u32)> = devices().into_iter().chain(skipped_emulation().map(|d| (d, 0))).collect();
     for (one, _) in &devices {
         for (other, _) in &devices {
             if one.is_emulated() == other.is_emulated() {
@@ -295,5 +321,27 @@ fn buffers_of_another_device_are_refused() {
             let e = s2.download(&y, MatMut::from_slice(&mut host, 2, 12).unwrap()).unwrap_err();
             assert!(matches!(e, Error::DeviceMismatch { .. }), "{e:?}");
         }
+    }
+}
+
+/// The stream timer measures work on every device: positive, finite, and more for more work.
+#[test]
+fn stream_timer_measures_the_work_it_wraps() {
+    for (device, _) in devices() {
+        let stream = device.stream();
+        let proj = Projections::<bf16>::from_seed(5, 16, 520, 64).unwrap();
+        let d_proj = stream.upload_projections(proj.a(), proj.b()).unwrap();
+        let adapter = stream.upload_adapter(&Adapter::new(vec![0.5; 16], vec![0.25; 64]).unwrap()).unwrap();
+        let x: Vec<bf16> = (0..2 * 520).map(|i| bf16::from_f32((i % 11) as f32 - 5.0)).collect();
+        let d_x = stream.upload(MatRef::from_slice(&x, 2, 520).unwrap()).unwrap();
+        let mut d_y = stream.zeros::<bf16>(2, 64, 64).unwrap();
+        let mut timer = stream.timer().unwrap();
+        let ms = timer.time_ms(|| stream.forward(&d_proj, &adapter, &d_x, &mut d_y, Mode::Accumulate)).unwrap();
+        assert!(ms.is_finite() && ms > 0.0, "{}: {ms} ms", device.name());
+        // An error from the timed work is passed on, and the timer still works after it.
+        let refused = timer.time_ms(|| Err(Error::ZeroRank));
+        assert_eq!(refused, Err(Error::ZeroRank));
+        assert!(timer.time_ms(|| Ok(())).unwrap() >= 0.0);
+        assert!(device.l2_cache_bytes() > 0, "{}", device.name());
     }
 }

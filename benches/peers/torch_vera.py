@@ -11,9 +11,17 @@ Run with the same thread count as `vera bench` (default: one per core), under to
 Prints one JSON object per case with the same keys as `vera bench --json`:
 case, t, n, m, r, dtype, threads, isa, fused_ms, dense_ms, unfused_ms, fused_gflops.
 
+On the CPU, methods are timed round-robin with the host clock, like `vera bench`. With --device
+cuda, each method is timed as `vera bench --device cuda` times the fused kernel
+(src/bin/vera/bench_cuda.rs): WARMUP_CALLS untimed calls (and at least one pass over the rotated
+copies), then each sample is one call between two CUDA events, waited for before the next call,
+until MIN_SAMPLES samples and the budget have passed (or MAX_SAMPLES); the median is reported.
+--l2 cold (cuda only) rotates the calls over copies of A and B that fill COLD_FOOTPRINT_L2S times
+the GPU's L2, so A and B come from device memory; those cases are named <shape>_l2cold.
+
     python3 benches/peers/torch_vera.py [--shape T,n,m,r ...] [--dtype f32|f16|bf16 ...]
                                         [--threads N] [--device cpu|cuda] [--budget-ms MS]
-                                        [--no-dense]
+                                        [--no-dense] [--l2 warm|cold]
 """
 import argparse
 import json
@@ -21,6 +29,15 @@ import os
 import statistics
 import sys
 import time
+
+# The GPU timing protocol; the same numbers as src/bin/vera/bench_cuda.rs.
+WARMUP_CALLS = 10
+MIN_SAMPLES = 50
+MAX_SAMPLES = 2000
+COLD_FOOTPRINT_L2S = 4
+MAX_COLD_COPIES = 256
+# When torch does not report the L2 size: an H100/H200's.
+DEFAULT_L2_BYTES = 50 << 20
 
 DEFAULT_SUITE = [
     (1, 4096, 4096, 256),
@@ -39,6 +56,35 @@ def parse_shape(s):
     return tuple(int(p) for p in parts)
 
 
+def cold_copies(set_bytes, l2_bytes):
+    """Copies of A and B to rotate through so that none is in L2 when a call reads it."""
+    want = -(-COLD_FOOTPRINT_L2S * l2_bytes // max(set_bytes, 1))
+    return min(max(want, 2), MAX_COLD_COPIES)
+
+
+def cuda_median_ms(torch, fn, sets, budget_s):
+    """The median device time of one call of fn(set), rotating over sets; and the sample count."""
+    start_ev = torch.cuda.Event(enable_timing=True)
+    end_ev = torch.cuda.Event(enable_timing=True)
+    calls = 0
+    for _ in range(max(WARMUP_CALLS, len(sets))):
+        fn(sets[calls % len(sets)])
+        calls += 1
+    torch.cuda.synchronize()
+    samples = []
+    started = time.perf_counter()
+    while len(samples) < MIN_SAMPLES or (time.perf_counter() - started < budget_s and len(samples) < MAX_SAMPLES):
+        s = sets[calls % len(sets)]
+        calls += 1
+        start_ev.record()
+        fn(s)
+        end_ev.record()
+        end_ev.synchronize()
+        samples.append(start_ev.elapsed_time(end_ev))
+    # The upper median for an even count, as bench_cuda.rs takes it.
+    return sorted(samples)[len(samples) // 2], len(samples)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", action="append", type=parse_shape, help="T,n,m,r; repeatable")
@@ -48,7 +94,11 @@ def main():
     ap.add_argument("--budget-ms", type=float, default=300.0)
     ap.add_argument("--no-dense", action="store_true",
                     help="skip the dense baseline (dense_ms: null); torch's f16 matmul on CPU can take seconds")
+    ap.add_argument("--l2", choices=["warm", "cold"], default="warm",
+                    help="cuda only: cold rotates each call over copies of A and B filling several L2s")
     args = ap.parse_args()
+    if args.l2 == "cold" and args.device != "cuda":
+        ap.error("--l2 cold: only with --device cuda")
 
     import torch
     import torch.nn.functional as F
@@ -60,8 +110,10 @@ def main():
     dtypes = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
     if args.device == "cpu":
         isa = "torch-" + torch.backends.cpu.get_cpu_capability().lower()
+        l2_bytes = None
     else:
         isa = "torch-cuda-" + torch.cuda.get_device_name().replace(" ", "_")
+        l2_bytes = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or DEFAULT_L2_BYTES
 
     def sync():
         if args.device == "cuda":
@@ -90,22 +142,32 @@ def main():
             a, b = mk(r, n), mk(m, r)
             ld, lb, bias = mk(r), mk(m), mk(m)
             x, base = mk(t, n), mk(t, m)
+            case = f"t{t}_n{n}_m{m}_r{r}" + ("_l2cold" if args.l2 == "cold" else "")
 
             with torch.no_grad():
-                def peft_path():
-                    return base + lb * F.linear(ld * F.linear(x, a), b) + bias
+                def peft_path(ab):
+                    return base + lb * F.linear(ld * F.linear(x, ab[0]), ab[1]) + bias
 
-                def dense():
-                    dw = (lb[:, None] * b) @ (ld[:, None] * a)
+                def dense(ab):
+                    dw = (lb[:, None] * ab[1]) @ (ld[:, None] * ab[0])
                     return base + F.linear(x, dw) + bias
 
-                if args.no_dense:
-                    (fused_ms,) = medians([peft_path], args.budget_ms / 1e3, 5)
+                if args.device == "cuda":
+                    set_bytes = (a.numel() + b.numel()) * a.element_size()
+                    copies = cold_copies(set_bytes, l2_bytes) if args.l2 == "cold" else 1
+                    sets = [(a, b)] + [(a.clone(), b.clone()) for _ in range(copies - 1)]
+                    budget_s = args.budget_ms / 1e3
+                    fused_ms, _ = cuda_median_ms(torch, peft_path, sets, budget_s)
+                    dense_ms = None if args.no_dense else cuda_median_ms(torch, dense, sets, budget_s)[0]
+                    del sets
+                elif args.no_dense:
+                    (fused_ms,) = medians([lambda: peft_path((a, b))], args.budget_ms / 1e3, 5)
                     dense_ms = None
                 else:
-                    fused_ms, dense_ms = medians([peft_path, dense], args.budget_ms / 1e3, 5)
+                    fused_ms, dense_ms = medians([lambda: peft_path((a, b)), lambda: dense((a, b))],
+                                                 args.budget_ms / 1e3, 5)
             print(json.dumps({
-                "case": f"t{t}_n{n}_m{m}_r{r}", "t": t, "n": n, "m": m, "r": r, "dtype": name,
+                "case": case, "t": t, "n": n, "m": m, "r": r, "dtype": name,
                 "threads": args.threads, "isa": isa, "fused_ms": round(fused_ms, 6),
                 "dense_ms": None if dense_ms is None else round(dense_ms, 6), "unfused_ms": round(fused_ms, 6),
                 "fused_gflops": round(2 * t * r * (n + m) / (fused_ms * 1e-3) / 1e9, 3),

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    sys, CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
-    PushKernelArg,
+    sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg,
 };
 
 use super::buffer::driver;
@@ -27,6 +27,7 @@ pub(crate) struct Gpu {
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     multiprocessors: usize,
+    l2_cache_bytes: usize,
 }
 
 impl Gpu {
@@ -54,7 +55,16 @@ impl Gpu {
         let multiprocessors = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver("query the multiprocessor count"))?;
-        Ok(Gpu { ctx, module, functions: Mutex::new(HashMap::new()), multiprocessors: multiprocessors.max(1) as usize })
+        let l2_cache_bytes = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+            .map_err(driver("query the L2 cache size"))?;
+        Ok(Gpu {
+            ctx,
+            module,
+            functions: Mutex::new(HashMap::new()),
+            multiprocessors: multiprocessors.max(1) as usize,
+            l2_cache_bytes: l2_cache_bytes.max(0) as usize,
+        })
     }
 
     pub(crate) fn name(&self) -> String {
@@ -71,6 +81,10 @@ impl Gpu {
 
     pub(crate) fn multiprocessors(&self) -> usize {
         self.multiprocessors
+    }
+
+    pub(crate) fn l2_cache_bytes(&self) -> usize {
+        self.l2_cache_bytes
     }
 
     fn function(&self, name: &str) -> Result<CudaFunction> {
@@ -106,6 +120,42 @@ impl Gpu {
         unsafe { args.launch(config) }
             .map(|_| ())
             .map_err(|e| Error::Cuda { operation: format!("launch {}", launch.kernel), message: e.to_string() })
+    }
+}
+
+/// A pair of timing events on one stream: the device time between two points of its work.
+///
+/// Created once and recorded again for every measurement, so that creating events (host work)
+/// never falls between the two records.
+pub(crate) struct TimingEvents {
+    start: CudaEvent,
+    end: CudaEvent,
+}
+
+impl TimingEvents {
+    /// Two events with timing enabled (cudarc's default flags disable it) in `stream`'s context.
+    pub(crate) fn new(stream: &CudaStream) -> Result<Self> {
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let ctx = stream.context();
+        let start = ctx.new_event(timing).map_err(driver("create a timing event"))?;
+        let end = ctx.new_event(timing).map_err(driver("create a timing event"))?;
+        Ok(TimingEvents { start, end })
+    }
+
+    /// Marks the start of the measured work on `stream`.
+    pub(crate) fn record_start(&self, stream: &CudaStream) -> Result<()> {
+        self.start.record(stream).map_err(driver("record a timing event"))
+    }
+
+    /// Marks the end of the measured work on `stream`.
+    pub(crate) fn record_end(&self, stream: &CudaStream) -> Result<()> {
+        self.end.record(stream).map_err(driver("record a timing event"))
+    }
+
+    /// Waits for the end event and returns the device time from start to end, in milliseconds
+    /// (the driver's resolution is about half a microsecond).
+    pub(crate) fn elapsed_ms(&self) -> Result<f64> {
+        self.start.elapsed_ms(&self.end).map(f64::from).map_err(driver("read a timing event"))
     }
 }
 

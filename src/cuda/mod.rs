@@ -9,6 +9,7 @@
 //! - Work is issued on a [`CudaStream`] (the device's default stream, or [`CudaDevice::new_stream`]).
 //!   Host↔device copies happen only in the calls that say so ([`CudaStream::upload`],
 //!   [`CudaStream::download`], ...); [`CudaStream::forward`] only launches kernels.
+//!   [`CudaStream::timer`] measures the device time of work on a stream with CUDA events.
 //! - [`DeviceProjections`] holds the shared A and B once per model, packed (rows padded to 16 bytes)
 //!   for the kernels; every layer's forward slices it, like [`Projections::slice`](crate::Projections::slice).
 //!   [`DeviceAdapter`] holds one layer's lambdas and bias (f32). [`DeviceMatrix`] holds `x` and `y`
@@ -57,6 +58,11 @@ use plan::Plan;
 /// count, so that the emulator runs the same split-K plans a real GPU gets).
 #[cfg(feature = "cuda-emulation")]
 const EMULATED_SMS: usize = 132;
+
+/// L2 cache reported by the emulated device: an H100/H200's 50 MiB, so that code sized by
+/// [`CudaDevice::l2_cache_bytes`] runs the same way there.
+#[cfg(feature = "cuda-emulation")]
+const EMULATED_L2_BYTES: usize = 50 << 20;
 
 /// A CUDA device: a GPU opened through the driver, or (feature `cuda-emulation`) the CPU emulation
 /// of one. Cheap to clone; clones share the device.
@@ -152,6 +158,17 @@ impl CudaDevice {
             DeviceKind::Emulated => StreamKind::Emulated,
         };
         Ok(CudaStream { device: self.clone(), kind, workspace: Mutex::new(Workspace::default()) })
+    }
+
+    /// The device's L2 cache in bytes, as the driver reports it (50 MiB for the emulated device).
+    /// Benchmarks size their working sets by it, e.g. to time calls whose operands are not in L2.
+    pub fn l2_cache_bytes(&self) -> usize {
+        match &*self.inner {
+            #[cfg(feature = "cuda")]
+            DeviceKind::Driver(gpu) => gpu.l2_cache_bytes(),
+            #[cfg(feature = "cuda-emulation")]
+            DeviceKind::Emulated => EMULATED_L2_BYTES,
+        }
     }
 
     fn multiprocessors(&self) -> usize {
@@ -480,26 +497,88 @@ impl CudaStream {
     }
 }
 
+/// Measures the device time of work issued on one stream: on a GPU with a pair of CUDA timing
+/// events recorded around the work (so host-side time outside the stream's work is not counted,
+/// but gaps in the stream while the host is still launching are); on the emulated device, which
+/// runs work as it is issued, with the host clock. Made by [`CudaStream::timer`], reused for every
+/// measurement.
+pub struct StreamTimer<'s> {
+    stream: &'s CudaStream,
+    clock: TimerClock,
+}
+
+enum TimerClock {
+    #[cfg(feature = "cuda")]
+    Events(driver::TimingEvents),
+    #[cfg(feature = "cuda-emulation")]
+    Host,
+}
+
+impl std::fmt::Debug for StreamTimer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamTimer").field("stream", self.stream).finish()
+    }
+}
+
+impl StreamTimer<'_> {
+    /// Runs `work`, which must issue its work on this timer's stream, and returns the device time
+    /// from the start of that work to its end, in milliseconds. Waits for the work to finish.
+    ///
+    /// Errors: whatever `work` returns, or [`Error::Cuda`] when an event cannot be recorded or read.
+    pub fn time_ms(&mut self, work: impl FnOnce() -> Result<()>) -> Result<f64> {
+        match (&self.clock, &self.stream.kind) {
+            #[cfg(feature = "cuda")]
+            (TimerClock::Events(events), StreamKind::Driver(stream)) => {
+                events.record_start(stream)?;
+                work()?;
+                events.record_end(stream)?;
+                events.elapsed_ms()
+            }
+            #[cfg(feature = "cuda-emulation")]
+            (TimerClock::Host, StreamKind::Emulated) => {
+                let start = std::time::Instant::now();
+                work()?;
+                Ok(start.elapsed().as_secs_f64() * 1e3)
+            }
+            // `CudaStream::timer` makes the clock of the stream's kind.
+            #[allow(unreachable_patterns)]
+            _ => Err(Error::DeviceMismatch { what: "timer" }),
+        }
+    }
+}
+
 impl CudaStream {
+    /// A timer for work on this stream (see [`StreamTimer`]): how `vera bench --device cuda` times
+    /// each call.
+    ///
+    /// Errors: [`Error::Cuda`] when the timing events cannot be created.
+    pub fn timer(&self) -> Result<StreamTimer<'_>> {
+        let clock = match &self.kind {
+            #[cfg(feature = "cuda")]
+            StreamKind::Driver(stream) => TimerClock::Events(driver::TimingEvents::new(stream)?),
+            #[cfg(feature = "cuda-emulation")]
+            StreamKind::Emulated => TimerClock::Host,
+        };
+        Ok(StreamTimer { stream: self, clock })
+    }
+
     /// Measures this device's memory bandwidth with device-to-device copies of `bytes` bytes:
-    /// `2 · bytes` (read and write) per copy over the median copy time, in GB/s. The roofline that
-    /// `vera bench --device cuda --peak` holds decode cases against.
+    /// `2 · bytes` (read and write) per copy over the median copy time (device events), in GB/s.
+    /// The roofline that `vera bench --device cuda --peak` holds decode cases against.
     pub fn measure_copy_gbps(&self, bytes: usize) -> Result<f64> {
         let bytes = bytes.max(1 << 20);
         let src = Buffer::zeros(&self.kind, bytes)?;
         let mut dst = Buffer::zeros(&self.kind, bytes)?;
+        let mut timer = self.timer()?;
         let mut times = Vec::new();
         for round in 0..12 {
-            self.synchronize()?;
-            let start = std::time::Instant::now();
-            src.copy_to(&mut dst, &self.kind)?;
-            self.synchronize()?;
+            let ms = timer.time_ms(|| src.copy_to(&mut dst, &self.kind))?;
             // The first rounds warm the allocation and the clocks up.
             if round >= 2 {
-                times.push(start.elapsed().as_secs_f64());
+                times.push(ms);
             }
         }
         times.sort_by(f64::total_cmp);
-        Ok(2.0 * bytes as f64 / times[times.len() / 2] / 1e9)
+        Ok(2.0 * bytes as f64 / (times[times.len() / 2] * 1e-3) / 1e9)
     }
 }

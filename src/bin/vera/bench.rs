@@ -27,26 +27,29 @@ impl Row {
 
     /// One JSON object with exactly the documented keys.
     pub fn json(&self) -> String {
-        json_line(self.shape, self.dtype, self.threads, &self.isa, self.fused_ms, self.dense_ms, Some(self.unfused_ms))
+        let times = Times { fused_ms: self.fused_ms, dense_ms: self.dense_ms, unfused_ms: Some(self.unfused_ms) };
+        json_line(&self.shape.name(), self.shape, self.dtype, self.threads, &self.isa, times)
     }
 }
 
+/// The measured times of one case, in ms (`None`: that method was not run).
+#[derive(Clone, Copy, Debug)]
+pub struct Times {
+    pub fused_ms: f64,
+    pub dense_ms: Option<f64>,
+    pub unfused_ms: Option<f64>,
+}
+
 /// One case as a JSON object with the keys `vera bench --json` documents (shared by the CPU and
-/// the GPU bench, and matched by `benches/peers/torch_vera.py`).
-pub fn json_line(
-    shape: Shape,
-    dtype: DType,
-    threads: usize,
-    isa: &str,
-    fused_ms: f64,
-    dense_ms: Option<f64>,
-    unfused_ms: Option<f64>,
-) -> String {
+/// the GPU bench, and matched by `benches/peers/torch_vera.py`). `case` is the shape's name, with
+/// a suffix for a variant of it (the GPU bench's `_l2cold`).
+pub fn json_line(case: &str, shape: Shape, dtype: DType, threads: usize, isa: &str, times: Times) -> String {
+    let Times { fused_ms, dense_ms, unfused_ms } = times;
     let ms = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.6}"));
     format!(
         "{{\"case\":\"{}\",\"t\":{},\"n\":{},\"m\":{},\"r\":{},\"dtype\":\"{}\",\"threads\":{},\"isa\":\"{}\",\
          \"fused_ms\":{},\"dense_ms\":{},\"unfused_ms\":{},\"fused_gflops\":{:.3}}}",
-        shape.name(),
+        case,
         shape.t,
         shape.n,
         shape.m,

@@ -1,18 +1,70 @@
-//! `vera bench --device cuda`: the fused forward on a GPU, timed on the device's stream.
+//! `vera bench --device cuda`: the fused forward on a GPU, each call timed with CUDA events.
+//!
+//! The timing protocol is the one `benches/peers/torch_vera.py --device cuda` follows for PyTorch's
+//! PEFT path, so that the two are compared like for like:
+//! - [`WARMUP_CALLS`] untimed calls first (module load, workspace growth, clocks), and at least
+//!   one pass over the copies of A and B when they rotate (see `--l2 cold` below);
+//! - then each sample is one call between two events recorded on the stream, waited for before the
+//!   next call (so a sample is the device time of one call, launch gaps inside it included);
+//! - samples are taken until there are [`MIN_SAMPLES`] and the time budget has passed, or
+//!   [`MAX_SAMPLES`]; the median is reported.
+//!
+//! With `--l2 cold`, each call reads its own copy of A and B, in rotation over enough copies to
+//! fill [`COLD_FOOTPRINT_L2S`] times the device's L2, so that A and B come from device memory, as
+//! in a model whose other layers ran in between. With `--l2 warm` every call reads the same A and
+//! B, which stay in L2 when they fit there (decode at rank 256: 4 MiB in bf16).
 
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use vera_kernels::cuda::{CudaDevice, CudaStream};
+use vera_kernels::cuda::{CudaDevice, CudaStream, DeviceProjections};
 use vera_kernels::{with_element_type, DType, Element, MatRef, Mode};
 
+use crate::bench::{json_line, Times};
 use crate::workload::{Shape, Workload};
+
+/// Untimed calls before the first sample (at least one pass over the rotated copies, too).
+pub const WARMUP_CALLS: usize = 10;
+/// Samples taken whatever the budget.
+pub const MIN_SAMPLES: usize = 50;
+/// Samples at most, however long the budget.
+pub const MAX_SAMPLES: usize = 2000;
+/// With `--l2 cold`, the copies of A and B rotated through hold this many times the L2's size.
+pub const COLD_FOOTPRINT_L2S: usize = 4;
+/// With `--l2 cold`, at most this many copies (a bound on memory for tiny layers).
+const MAX_COLD_COPIES: usize = 256;
+
+/// Whether A and B may stay in the GPU's L2 cache between timed calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L2 {
+    /// Every call reads the same A and B.
+    Warm,
+    /// Every call reads a copy of A and B that the calls since its last use have evicted.
+    Cold,
+}
+
+impl FromStr for L2 {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "warm" => Ok(L2::Warm),
+            "cold" => Ok(L2::Cold),
+            _ => Err(format!("expected warm or cold, got {s:?}")),
+        }
+    }
+}
 
 /// One measured case on the GPU.
 pub struct Row {
     pub shape: Shape,
     pub dtype: DType,
     pub device: String,
+    pub l2: L2,
+    /// The median device time of one call.
     pub fused_ms: f64,
+    /// How many calls were timed.
+    pub samples: usize,
 }
 
 impl Row {
@@ -26,62 +78,159 @@ impl Row {
         (r * (n + m) + t * n + 2 * t * m) * self.dtype.size_bytes()
     }
 
+    /// The case's name: the shape's, with `_l2cold` for the L2-cold variant (the PyTorch peer
+    /// names its rows the same way, so that `scripts/compare-bench.py` pairs them).
+    pub fn case(&self) -> String {
+        match self.l2 {
+            L2::Warm => self.shape.name(),
+            L2::Cold => format!("{}_l2cold", self.shape.name()),
+        }
+    }
+
     /// The same keys as `vera bench --json` on the CPU (no dense or unfused peer on the GPU: null).
     pub fn json(&self) -> String {
         let isa = format!("cuda-{}", self.device.replace(' ', "_"));
-        crate::bench::json_line(self.shape, self.dtype, 1, &isa, self.fused_ms, None, None)
+        let times = Times { fused_ms: self.fused_ms, dense_ms: None, unfused_ms: None };
+        json_line(&self.case(), self.shape, self.dtype, 1, &isa, times)
     }
 
     /// A table line; with the device's copy bandwidth, the share of the bytes roofline reached.
     pub fn table_row(&self, copy_gbps: Option<f64>) -> String {
         let gbps = self.bytes() as f64 / (self.fused_ms * 1e-3) / 1e9;
         let roofline = copy_gbps.map_or(String::new(), |bw| format!("  {:5.1}% of {bw:.0} GB/s", 100.0 * gbps / bw));
+        let l2 = match self.l2 {
+            L2::Warm => "warm",
+            L2::Cold => "cold",
+        };
         format!(
-            "{:<26} {:>5} {:>10.4} {:>9.1} {:>9.1}{roofline}",
+            "{:<26} {:>5} {:>4} {:>10.4} {:>9.1} {:>9.1} {:>7}{roofline}",
             self.shape.to_string(),
             self.dtype.name(),
+            l2,
             self.fused_ms,
             self.gflops(),
-            gbps
+            gbps,
+            self.samples
         )
     }
 }
 
 pub fn table_header() -> String {
-    format!("{:<26} {:>5} {:>10} {:>9} {:>9}", "case (T,n,m,r)", "dtype", "fused ms", "GFLOP/s", "GB/s")
+    format!(
+        "{:<26} {:>5} {:>4} {:>10} {:>9} {:>9} {:>7}",
+        "case (T,n,m,r)", "dtype", "L2", "fused ms", "GFLOP/s", "GB/s", "samples"
+    )
 }
 
-fn run_typed<T: Element>(stream: &CudaStream, shape: Shape, budget: Duration) -> vera_kernels::Result<f64> {
+/// How many copies of A and B to rotate through so that they are not in L2 when a call reads
+/// them: enough to fill [`COLD_FOOTPRINT_L2S`] L2s (one copy when warm).
+pub fn projection_copies(l2: L2, set_bytes: usize, l2_bytes: usize) -> usize {
+    match l2 {
+        L2::Warm => 1,
+        L2::Cold => (COLD_FOOTPRINT_L2S * l2_bytes).div_ceil(set_bytes.max(1)).clamp(2, MAX_COLD_COPIES),
+    }
+}
+
+/// The median of `samples` (not empty).
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// Whether to take another sample: until [`MIN_SAMPLES`], then while the budget lasts, up to
+/// [`MAX_SAMPLES`].
+fn wants_more(samples: usize, started: Instant, budget: Duration) -> bool {
+    samples < MIN_SAMPLES || (started.elapsed() < budget && samples < MAX_SAMPLES)
+}
+
+/// The median device time of one call of `shape` and the number of samples.
+fn run_typed<T: Element>(
+    stream: &CudaStream,
+    shape: Shape,
+    l2: L2,
+    budget: Duration,
+) -> vera_kernels::Result<(f64, usize)> {
     let w = Workload::<T>::new(shape)?;
-    let Shape { t, n, m, .. } = shape;
-    let projections = stream.upload_projections(w.projections.a(), w.projections.b())?;
+    let Shape { t, n, m, r } = shape;
+    let set_bytes = r * (n + m) * T::DTYPE.size_bytes();
+    let copies = projection_copies(l2, set_bytes, stream.device().l2_cache_bytes());
+    let sets: Vec<DeviceProjections<T>> = (0..copies)
+        .map(|_| stream.upload_projections(w.projections.a(), w.projections.b()))
+        .collect::<vera_kernels::Result<_>>()?;
     let adapter = stream.upload_adapter(&w.adapter)?;
     let x = stream.upload(MatRef::from_slice(&w.x, t, n)?)?;
     let mut y = stream.upload(MatRef::from_slice(&w.y, t, m)?)?;
-    let mut call = || stream.forward(&projections, &adapter, &x, &mut y, Mode::Accumulate);
-    for _ in 0..3 {
-        call()?;
+    let mut next_set = sets.iter().cycle();
+    let mut call = |set: &DeviceProjections<T>| stream.forward(set, &adapter, &x, &mut y, Mode::Accumulate);
+    // A whole pass first: the copies uploaded last may still be in L2.
+    for set in next_set.by_ref().take(WARMUP_CALLS.max(sets.len())) {
+        call(set)?;
     }
     stream.synchronize()?;
-    // Batches of calls between synchronisations, so that the launch-to-sync overhead is amortised;
-    // the median batch's time per call.
-    let batch = 20;
-    let mut per_call = Vec::new();
-    let start = Instant::now();
-    while per_call.len() < 5 || (start.elapsed() < budget && per_call.len() < 200) {
-        let t0 = Instant::now();
-        for _ in 0..batch {
-            call()?;
-        }
-        stream.synchronize()?;
-        per_call.push(t0.elapsed().as_secs_f64() * 1e3 / batch as f64);
+    let mut timer = stream.timer()?;
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    while wants_more(samples.len(), started, budget) {
+        let set = next_set.next().expect("cycle over at least one set");
+        samples.push(timer.time_ms(|| call(set))?);
     }
-    per_call.sort_by(f64::total_cmp);
-    Ok(per_call[per_call.len() / 2])
+    let count = samples.len();
+    Ok((median(samples), count))
 }
 
-pub fn run(device: &CudaDevice, shape: Shape, dtype: DType, budget: Duration) -> vera_kernels::Result<Row> {
+pub fn run(device: &CudaDevice, shape: Shape, dtype: DType, l2: L2, budget: Duration) -> vera_kernels::Result<Row> {
     let stream = device.stream();
-    let fused_ms = with_element_type!(dtype, T => run_typed::<T>(&stream, shape, budget))?;
-    Ok(Row { shape, dtype, device: device.name(), fused_ms })
+    let (fused_ms, samples) = with_element_type!(dtype, T => run_typed::<T>(&stream, shape, l2, budget))?;
+    Ok(Row { shape, dtype, device: device.name(), l2, fused_ms, samples })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cold_rotation_fills_four_l2s() {
+        // bf16, T = 1, n = m = 4096, r = 256: 4 MiB per copy; 4 x 50 MiB of L2 need 50 copies.
+        assert_eq!(projection_copies(L2::Cold, 4 << 20, 50 << 20), 50);
+        // A copy larger than the footprint still rotates through two.
+        assert_eq!(projection_copies(L2::Cold, 1 << 30, 50 << 20), 2);
+        // Tiny layers are bounded.
+        assert_eq!(projection_copies(L2::Cold, 16, 50 << 20), MAX_COLD_COPIES);
+        assert_eq!(projection_copies(L2::Warm, 4 << 20, 50 << 20), 1);
+    }
+
+    #[test]
+    fn sampling_stops_at_the_budget_after_the_minimum() {
+        assert!(wants_more(MIN_SAMPLES - 1, Instant::now(), Duration::ZERO));
+        assert!(!wants_more(MIN_SAMPLES, Instant::now(), Duration::ZERO));
+        assert!(wants_more(MIN_SAMPLES, Instant::now(), Duration::from_secs(60)));
+        assert!(!wants_more(MAX_SAMPLES, Instant::now(), Duration::from_secs(60)));
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+    }
+
+    /// The whole protocol, both variants, on the emulated device (no GPU needed).
+    #[cfg(feature = "cuda-emulation")]
+    #[test]
+    fn both_variants_run_on_the_emulated_device() {
+        let device = CudaDevice::emulated();
+        for l2 in [L2::Warm, L2::Cold] {
+            let row = run(&device, Shape { t: 2, n: 40, m: 24, r: 8 }, DType::BF16, l2, Duration::ZERO).unwrap();
+            assert!(row.fused_ms > 0.0 && row.fused_ms.is_finite(), "{l2:?}: {} ms", row.fused_ms);
+            assert_eq!(row.samples, MIN_SAMPLES);
+        }
+    }
+
+    #[test]
+    fn cold_rows_are_named_apart() {
+        let row = |l2| Row {
+            shape: Shape { t: 1, n: 4096, m: 4096, r: 256 },
+            dtype: DType::BF16,
+            device: "NVIDIA H200".into(),
+            l2,
+            fused_ms: 0.01,
+            samples: 50,
+        };
+        assert!(row(L2::Warm).json().starts_with("{\"case\":\"t1_n4096_m4096_r256\","));
+        assert!(row(L2::Cold).json().starts_with("{\"case\":\"t1_n4096_m4096_r256_l2cold\",\"t\":1,"));
+    }
 }

@@ -68,6 +68,11 @@ struct BenchArgs {
     /// Where to run: `cpu` (default), or `cuda` (GPU 0; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
     device: String,
+    /// With `--device cuda`: `warm` (default) times every call on the same A and B, which stay in
+    /// the GPU's L2 when they fit; `cold` rotates each call over copies of A and B filling four
+    /// L2s, so they come from device memory (cases are named `<shape>_l2cold`).
+    #[arg(long, default_value = "warm", value_parser = ["warm", "cold"])]
+    l2: String,
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -77,6 +82,9 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
 fn bench(args: BenchArgs) -> Result<(), String> {
     if args.device == "cuda" {
         return bench_cuda(args);
+    }
+    if args.l2 != "warm" {
+        return Err("--l2 cold: only with --device cuda (the CPU bench times with warm caches)".into());
     }
     if let Ok(v) = std::env::var("VERA_KERNELS_ISA") {
         v.parse::<vera_kernels::Isa>().map_err(|e| format!("VERA_KERNELS_ISA: {e}"))?;
@@ -130,6 +138,7 @@ fn bench_cuda(args: BenchArgs) -> Result<(), String> {
     let shapes = if args.shapes.is_empty() { DEFAULT_SUITE.to_vec() } else { args.shapes };
     let dtypes = if args.dtypes.is_empty() { vec![DType::F32, DType::F16, DType::BF16] } else { args.dtypes };
     let budget = Duration::from_millis(args.budget_ms);
+    let l2: bench_cuda::L2 = args.l2.parse()?;
     let copy_gbps = if args.peak {
         let gbps = device.stream().measure_copy_gbps(1 << 30).map_err(|e| e.to_string())?;
         let line = format!("peak ({}): device-to-device copy {gbps:.0} GB/s (1 GiB, read + write)", device.name());
@@ -143,13 +152,13 @@ fn bench_cuda(args: BenchArgs) -> Result<(), String> {
         None
     };
     if !args.json {
-        println!("device: {}", device.name());
+        println!("device: {} (each call timed with CUDA events; median)", device.name());
         println!("{}", bench_cuda::table_header());
     }
     for dtype in dtypes {
         for &shape in &shapes {
-            let row =
-                bench_cuda::run(&device, shape, dtype, budget).map_err(|e| format!("case {shape} ({dtype}): {e}"))?;
+            let row = bench_cuda::run(&device, shape, dtype, l2, budget)
+                .map_err(|e| format!("case {shape} ({dtype}): {e}"))?;
             if args.json {
                 println!("{}", row.json());
             } else {
