@@ -7,7 +7,12 @@ unfused_ms the same path (PEFT's path is the unfused one), reported for key pari
 dense_ms   the dense baseline: form dW = (lambda_b[:, None] * B) @ (lambda_d[:, None] * A), then
            base + linear(x, dW) + bias
 
-Run with the same thread count as `vera bench` (default: one per core), under torch.no_grad().
+backward_ms, train_step_ms (with --backward) PyTorch autograd through PEFT's formula, lambda_d,
+           lambda_b and x requiring grad: the backward of y with an upstream gradient dy alone (on a
+           graph kept with retain_graph), and a whole step (forward, then backward)
+
+Run with the same thread count as `vera bench` (default: one per core), under torch.no_grad()
+(except the autograd timings of --backward).
 Prints one JSON object per case with the same keys as `vera bench --json`:
 case, t, n, m, r, dtype, threads, isa, fused_ms, dense_ms, unfused_ms, fused_gflops.
 
@@ -21,7 +26,7 @@ the GPU's L2, so A and B come from device memory; those cases are named <shape>_
 
     python3 benches/peers/torch_vera.py [--shape T,n,m,r ...] [--dtype f32|f16|bf16 ...]
                                         [--threads N] [--device cpu|cuda] [--budget-ms MS]
-                                        [--no-dense] [--l2 warm|cold]
+                                        [--no-dense] [--l2 warm|cold] [--backward]
 """
 import argparse
 import json
@@ -85,6 +90,34 @@ def cuda_median_ms(torch, fn, sets, budget_s):
     return sorted(samples)[len(samples) // 2], len(samples)
 
 
+def time_training(torch, F, args, medians, tensors, dy):
+    """Autograd through PEFT's formula: (the backward alone, a whole step) in ms."""
+    a, b, ld, lb, bias, x, base = tensors
+    x, ld, lb = (v.clone().requires_grad_(True) for v in (x, ld, lb))
+    leaves = (x, ld, lb)
+
+    def forward():
+        return base + lb * F.linear(ld * F.linear(x, a), b) + bias
+
+    def step():
+        for v in leaves:
+            v.grad = None
+        forward().backward(dy)
+
+    kept = forward()
+
+    def backward_only():
+        for v in leaves:
+            v.grad = None
+        kept.backward(dy, retain_graph=True)
+
+    if args.device == "cuda":
+        budget_s = args.budget_ms / 1e3
+        return (cuda_median_ms(torch, lambda _: backward_only(), [None], budget_s)[0],
+                cuda_median_ms(torch, lambda _: step(), [None], budget_s)[0])
+    return tuple(medians([backward_only, step], args.budget_ms / 1e3, 5))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", action="append", type=parse_shape, help="T,n,m,r; repeatable")
@@ -96,6 +129,8 @@ def main():
                     help="skip the dense baseline (dense_ms: null); torch's f16 matmul on CPU can take seconds")
     ap.add_argument("--l2", choices=["warm", "cold"], default="warm",
                     help="cuda only: cold rotates each call over copies of A and B filling several L2s")
+    ap.add_argument("--backward", action="store_true",
+                    help="also time autograd: backward_ms (the backward alone) and train_step_ms")
     args = ap.parse_args()
     if args.l2 == "cold" and args.device != "cuda":
         ap.error("--l2 cold: only with --device cuda")
@@ -166,12 +201,16 @@ def main():
                 else:
                     fused_ms, dense_ms = medians([lambda: peft_path((a, b)), lambda: dense((a, b))],
                                                  args.budget_ms / 1e3, 5)
-            print(json.dumps({
+            row = {
                 "case": case, "t": t, "n": n, "m": m, "r": r, "dtype": name,
                 "threads": args.threads, "isa": isa, "fused_ms": round(fused_ms, 6),
                 "dense_ms": None if dense_ms is None else round(dense_ms, 6), "unfused_ms": round(fused_ms, 6),
                 "fused_gflops": round(2 * t * r * (n + m) / (fused_ms * 1e-3) / 1e9, 3),
-            }), flush=True)
+            }
+            if args.backward:
+                backward_ms, step_ms = time_training(torch, F, args, medians, (a, b, ld, lb, bias, x, base), mk(t, m))
+                row["backward_ms"], row["train_step_ms"] = round(backward_ms, 6), round(step_ms, 6)
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,19 @@ pub struct Row {
     pub fused_ms: f64,
     pub dense_ms: Option<f64>,
     pub unfused_ms: f64,
+    /// With `--backward`: the training step's times.
+    pub training: Option<Training>,
+}
+
+/// The times of one training step, in ms.
+#[derive(Clone, Copy, Debug)]
+pub struct Training {
+    /// The backward pass alone (reusing the training forward's `h`).
+    pub backward_ms: f64,
+    /// The training forward (saving `h`) plus the backward reusing it.
+    pub train_step_ms: f64,
+    /// The forward (saving nothing) plus the backward recomputing `h`.
+    pub train_step_recompute_ms: f64,
 }
 
 impl Row {
@@ -28,7 +41,18 @@ impl Row {
     /// One JSON object with exactly the documented keys.
     pub fn json(&self) -> String {
         let times = Times { fused_ms: self.fused_ms, dense_ms: self.dense_ms, unfused_ms: Some(self.unfused_ms) };
-        json_line(&self.shape.name(), self.shape, self.dtype, self.threads, &self.isa, times)
+        let line = json_line(&self.shape.name(), self.shape, self.dtype, self.threads, &self.isa, times);
+        match self.training {
+            // The training keys follow the forward's, only with --backward.
+            Some(tr) => format!(
+                "{},\"backward_ms\":{:.6},\"train_step_ms\":{:.6},\"train_step_recompute_ms\":{:.6}}}",
+                line.trim_end_matches('}'),
+                tr.backward_ms,
+                tr.train_step_ms,
+                tr.train_step_recompute_ms
+            ),
+            None => line,
+        }
     }
 }
 
@@ -96,11 +120,42 @@ fn interleaved_medians<W>(
         .collect())
 }
 
-fn run_typed<T: Element>(shape: Shape, threads: usize, dense: bool, budget: Duration) -> vera_kernels::Result<Row> {
+/// What one case measures besides the fused forward.
+#[derive(Clone, Copy, Debug)]
+pub struct Methods {
+    /// The dense baseline.
+    pub dense: bool,
+    /// The training step (`--backward`).
+    pub backward: bool,
+}
+
+fn run_typed<T: Element>(
+    shape: Shape,
+    threads: usize,
+    methods: Methods,
+    budget: Duration,
+) -> vera_kernels::Result<Row> {
     let mut w = Workload::<T>::new(shape)?;
     // The fused and unfused paths share the projections and the cache, so they are interleaved;
     // the dense baseline's m x n ΔW would evict what they reuse, so it is timed on its own after.
-    let ms = interleaved_medians(&mut w, &[Workload::fused, Workload::unfused], budget, 5)?;
+    let ms = if methods.backward {
+        // The forward is timed in the same rounds as the training methods, so that their ratios
+        // (the backward over the forward) come from the same minutes of a noisy machine.
+        w.forward_train()?;
+        let all: [Method<Workload<T>>; 5] = [
+            Workload::fused,
+            Workload::unfused,
+            Workload::backward,
+            Workload::train_step,
+            Workload::train_step_recompute,
+        ];
+        interleaved_medians(&mut w, &all, budget, 5)?
+    } else {
+        interleaved_medians(&mut w, &[Workload::fused, Workload::unfused], budget, 5)?
+    };
+    let training =
+        methods.backward.then(|| Training { backward_ms: ms[2], train_step_ms: ms[3], train_step_recompute_ms: ms[4] });
+    let dense = methods.dense;
     let dense_ms = if dense { Some(interleaved_medians(&mut w, &[Workload::dense], budget, 3)?[0]) } else { None };
     Ok(Row {
         shape,
@@ -111,12 +166,19 @@ fn run_typed<T: Element>(shape: Shape, threads: usize, dense: bool, budget: Dura
         fused_ms: ms[0],
         dense_ms,
         unfused_ms: ms[1],
+        training,
     })
 }
 
 /// Measures one case on the current rayon pool.
-pub fn run(shape: Shape, dtype: DType, threads: usize, dense: bool, budget: Duration) -> vera_kernels::Result<Row> {
-    with_element_type!(dtype, T => run_typed::<T>(shape, threads, dense, budget))
+pub fn run(
+    shape: Shape,
+    dtype: DType,
+    threads: usize,
+    methods: Methods,
+    budget: Duration,
+) -> vera_kernels::Result<Row> {
+    with_element_type!(dtype, T => run_typed::<T>(shape, threads, methods, budget))
 }
 
 /// The machine's peaks, as printed before the table.
@@ -148,8 +210,8 @@ impl Row {
     /// The share of the binding roofline the fused kernel reached, in percent, with its name.
     ///
     /// The compute bound is the FLOPs at the peak of the tier's instruction: the f32 FMA peak, or
-    /// for a tier whose bf16 products run on `vdpbf16ps` (both products), the bf16 dot-product peak. For decode, the bytes bound is the
-    /// bytes moved at `read_gbps`: the read bandwidth measured on a buffer of the same size, so of
+    /// for a tier whose bf16 products run on `vdpbf16ps` (both products), the bf16 dot-product
+    /// peak. For decode, the bytes bound is the bytes moved at `read_gbps`: the read bandwidth measured on a buffer of the same size, so of
     /// the level of the memory hierarchy those bytes live in between calls. The roofline that binds
     /// is the larger of the two times: a decode case with a large enough rank and T is
     /// compute-bound, and then the share of the bytes bound is printed after it.
@@ -177,12 +239,16 @@ impl Row {
     }
 }
 
-/// The human-readable table's header; `peak` adds the roofline column.
-pub fn table_header(peak: bool) -> String {
-    let head = format!(
+/// The human-readable table's header; `training` adds the training step's columns, `peak` the
+/// roofline column.
+pub fn table_header(peak: bool, training: bool) -> String {
+    let mut head = format!(
         "{:<26} {:>5} {:>3} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}",
         "case (T,n,m,r)", "dtype", "thr", "isa", "fused ms", "dense ms", "unfused ms", "GFLOP/s", "dense/f", "unf/f"
     );
+    if training {
+        head += &format!(" {:>9} {:>9} {:>6} {:>11}", "bwd ms", "step ms", "bwd/f", "step-rec ms");
+    }
     if peak {
         format!("{head}  % of roofline")
     } else {
@@ -206,6 +272,16 @@ pub fn table_row(row: &Row, peak: Option<(&Peak, Option<f64>)>) -> String {
         ratio,
         row.unfused_ms / row.fused_ms
     );
+    let line = match row.training {
+        Some(tr) => format!(
+            "{line} {:>9.3} {:>9.3} {:>5.2}x {:>11.3}",
+            tr.backward_ms,
+            tr.train_step_ms,
+            tr.backward_ms / row.fused_ms,
+            tr.train_step_recompute_ms
+        ),
+        None => line,
+    };
     match peak {
         Some((p, read_gbps)) => {
             let (pct, level) = row.roofline(p, read_gbps);
@@ -221,7 +297,17 @@ mod tests {
 
     fn row(shape: Shape, dtype: DType, isa: &str, fused_ms: f64) -> Row {
         let peak = if isa == "avx512bf16" { PeakInstruction::Bf16Dot } else { PeakInstruction::F32Fma };
-        Row { shape, dtype, threads: 2, isa: isa.to_string(), peak, fused_ms, dense_ms: None, unfused_ms: fused_ms }
+        Row {
+            shape,
+            dtype,
+            threads: 2,
+            isa: isa.to_string(),
+            peak,
+            fused_ms,
+            dense_ms: None,
+            unfused_ms: fused_ms,
+            training: None,
+        }
     }
 
     const PEAK: Peak =

@@ -30,7 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Time fused vs dense baseline vs unfused on the default suite (or the given shapes).
+    /// Time fused vs dense baseline vs unfused (and with --backward a training step) on the default
+    /// suite (or the given shapes).
     Bench(BenchArgs),
     /// Show a PEFT VeRA adapter directory: config, projections, modules, parameter counts.
     Inspect(cmd_peft::InspectArgs),
@@ -58,6 +59,11 @@ struct BenchArgs {
     /// Skip the dense baseline (it forms the whole m x n ΔW, which is slow and large).
     #[arg(long)]
     no_dense: bool,
+    /// Also time training (CPU): the backward alone, a training step (the training forward saving
+    /// h, then the backward reusing it) and a step that recomputes h; JSON gains `backward_ms`,
+    /// `train_step_ms` and `train_step_recompute_ms`.
+    #[arg(long)]
+    backward: bool,
     /// Measure this machine's peaks first (f32 FMA, bf16 dot product, cache and memory read
     /// bandwidth) and print each case's share of the roofline that binds it.
     #[arg(long)]
@@ -81,6 +87,9 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
 
 fn bench(args: BenchArgs) -> Result<(), String> {
     if args.device == "cuda" {
+        if args.backward {
+            return Err("--backward: only on the CPU for now (the CUDA backend has no backward pass yet)".into());
+        }
         return bench_cuda(args);
     }
     if args.l2 != "warm" {
@@ -97,6 +106,7 @@ fn bench(args: BenchArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start {threads} threads: {e}"))?;
     let budget = Duration::from_millis(args.budget_ms);
+    let methods = bench::Methods { dense: !args.no_dense, backward: args.backward };
     let peak = args.peak.then(|| pool.install(|| peak::measure(threads)));
     if let Some(p) = &peak {
         let line = bench::peak_line(p);
@@ -108,12 +118,12 @@ fn bench(args: BenchArgs) -> Result<(), String> {
         }
     }
     if !args.json {
-        println!("{}", bench::table_header(peak.is_some()));
+        println!("{}", bench::table_header(peak.is_some(), args.backward));
     }
     for dtype in dtypes {
         for &shape in &shapes {
             let row = pool
-                .install(|| bench::run(shape, dtype, threads, !args.no_dense, budget))
+                .install(|| bench::run(shape, dtype, threads, methods, budget))
                 .map_err(|e| format!("case {shape} ({dtype}): {e}"))?;
             if args.json {
                 println!("{}", row.json());

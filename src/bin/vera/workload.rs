@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use vera_kernels::baseline::{dense_forward, unfused_forward, DenseBuffers};
 use vera_kernels::rng::TorchCpuGenerator;
-use vera_kernels::{forward, Adapter, Element, MatMut, MatRef, Mode, Projections};
+use vera_kernels::{backward, forward, forward_train, Adapter, Element, Gradients, MatMut, MatRef, Mode, Projections};
 
 /// `T` tokens through a layer with `n` inputs, `m` outputs and VeRA rank `r`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +75,9 @@ pub struct Workload<T> {
     pub y: Vec<T>,
     dense: DenseBuffers<T>,
     h: Vec<f32>,
+    /// The upstream gradient and the gradient buffers of the training step.
+    dy: Vec<T>,
+    grads: (Vec<f32>, Vec<f32>, Vec<f32>, Vec<T>),
 }
 
 impl<T: Element> Workload<T> {
@@ -92,7 +95,9 @@ impl<T: Element> Workload<T> {
         let adapter = Adapter::new(draw(r), draw(m))?.with_bias(draw(m))?;
         let x = draw(t * n).into_iter().map(T::from_f32).collect();
         let y = draw(t * m).into_iter().map(T::from_f32).collect();
-        Ok(Self { shape, projections, adapter, x, y, dense: DenseBuffers::default(), h: vec![0.0; t * r] })
+        let dy = draw(t * m).into_iter().map(T::from_f32).collect();
+        let grads = (vec![0.0; r], vec![0.0; m], vec![0.0; m], vec![T::default(); t * n]);
+        Ok(Self { shape, projections, adapter, x, y, dense: DenseBuffers::default(), h: vec![0.0; t * r], dy, grads })
     }
 
     /// The fused kernel, accumulating into y.
@@ -108,6 +113,43 @@ impl<T: Element> Workload<T> {
         let x = MatRef::from_slice(&self.x, t, n)?;
         let y = MatMut::from_slice(&mut self.y, t, m)?;
         dense_forward(&self.projections, &self.adapter, x, y, Mode::Accumulate, &mut self.dense)
+    }
+
+    /// The training forward: the fused forward, saving `h` for the backward.
+    pub fn forward_train(&mut self) -> vera_kernels::Result<()> {
+        let Shape { t, n, m, r } = self.shape;
+        let x = MatRef::from_slice(&self.x, t, n)?;
+        let y = MatMut::from_slice(&mut self.y, t, m)?;
+        forward_train(&self.projections, &self.adapter, x, y, Mode::Accumulate, MatMut::from_slice(&mut self.h, t, r)?)
+    }
+
+    /// The backward pass: every gradient (λ, bias, the adapter's dx), reusing `h` from the
+    /// training forward when `saved_h`, else recomputing it.
+    fn backward_with(&mut self, saved_h: bool) -> vera_kernels::Result<()> {
+        let Shape { t, n, m, r } = self.shape;
+        let x = MatRef::from_slice(&self.x, t, n)?;
+        let dy = MatRef::from_slice(&self.dy, t, m)?;
+        let h = if saved_h { Some(MatRef::from_slice(&self.h, t, r)?) } else { None };
+        let (dld, dlb, dbias, dx) = &mut self.grads;
+        let grads = Gradients::new(dld, dlb).with_bias(dbias).with_x(MatMut::from_slice(dx, t, n)?);
+        backward(&self.projections, &self.adapter, x, dy, h, grads, Mode::Overwrite)
+    }
+
+    /// The backward pass alone, with the `h` the last training forward saved.
+    pub fn backward(&mut self) -> vera_kernels::Result<()> {
+        self.backward_with(true)
+    }
+
+    /// One training step: the training forward, then the backward reusing its `h`.
+    pub fn train_step(&mut self) -> vera_kernels::Result<()> {
+        self.forward_train()?;
+        self.backward_with(true)
+    }
+
+    /// One training step that saves nothing: the forward, then the backward recomputing `h`.
+    pub fn train_step_recompute(&mut self) -> vera_kernels::Result<()> {
+        self.fused()?;
+        self.backward_with(false)
     }
 
     /// Unfused peer: three passes with `h` materialised.
