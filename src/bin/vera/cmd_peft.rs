@@ -28,7 +28,7 @@ pub struct InspectArgs {
 
 /// The projection sizes, needed when the adapter does not save its projections.
 #[derive(Args)]
-struct SizeArgs {
+pub(crate) struct SizeArgs {
     /// The largest in_features of the adapted layers of the base model (PEFT's n_max), needed to
     /// regenerate projections that the adapter does not save.
     #[arg(long = "n-max", value_name = "N", requires = "m_max")]
@@ -39,7 +39,7 @@ struct SizeArgs {
 }
 
 impl SizeArgs {
-    fn sizes(&self) -> Option<ProjectionSizes> {
+    pub(crate) fn sizes(&self) -> Option<ProjectionSizes> {
         Some(ProjectionSizes { n_max: self.n_max?, m_max: self.m_max? })
     }
 }
@@ -124,14 +124,14 @@ pub fn usage_error(e: clap::Error) -> ExitCode {
 }
 
 /// Writes `text` to stdout; a closed pipe (`vera inspect | head`) is not a failure.
-fn print(text: &str) -> Result<(), String> {
+pub(crate) fn print(text: &str) -> Result<(), String> {
     match std::io::stdout().lock().write_all(text.as_bytes()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(format!("cannot write to stdout: {e}")),
         _ => Ok(()),
     }
 }
 
-fn shape_text(shape: &[usize]) -> String {
+pub(crate) fn shape_text(shape: &[usize]) -> String {
     format!("{shape:?}")
 }
 
@@ -214,7 +214,7 @@ fn inspect_text(dir: &Path, adapter: &PeftAdapter) -> String {
 }
 
 /// An error as one line, in the command's terms.
-fn message(e: Error) -> String {
+pub(crate) fn message(e: Error) -> String {
     match e {
         Error::MissingProjectionSizes { .. } => format!("{e} (--n-max N --m-max M)"),
         e => e.to_string(),
@@ -222,7 +222,7 @@ fn message(e: Error) -> String {
 }
 
 /// A tensor of a file; when it is missing, the message lists the keys the file has.
-fn tensor(file: &TensorFile, key: &str) -> Result<Tensor, String> {
+pub(crate) fn tensor(file: &TensorFile, key: &str) -> Result<Tensor, String> {
     file.tensor(key).map_err(|e| match e {
         Error::MissingTensor { .. } => {
             let keys: Vec<&str> = file.keys().collect();
@@ -235,12 +235,12 @@ fn tensor(file: &TensorFile, key: &str) -> Result<Tensor, String> {
 }
 
 /// The module, with its name in the error when it is not there.
-fn module<'a>(adapter: &'a PeftAdapter, name: &str) -> Result<&'a VeraModule, String> {
+pub(crate) fn module<'a>(adapter: &'a PeftAdapter, name: &str) -> Result<&'a VeraModule, String> {
     adapter.module(name).map_err(|e| e.to_string())
 }
 
 /// Checks that the projections cover a layer with `n` inputs of `module`.
-fn check_in_features<T: Element>(projections: &Projections<T>, module: &str, n: usize) -> Result<(), Error> {
+pub(crate) fn check_in_features<T: Element>(projections: &Projections<T>, module: &str, n: usize) -> Result<(), Error> {
     if n > projections.n_max() {
         return Err(Error::ProjectionsTooSmall {
             module: module.to_string(),

@@ -3,12 +3,14 @@
 //! `vera bench` times the fused VeRA forward against the dense baseline (form ΔW, then x·ΔWᵀ) and
 //! the unfused three-pass peer, on a built-in suite of shapes or on the ones given.
 //!
-//! `vera inspect`, `vera forward` and `vera merge` read HuggingFace PEFT VeRA adapters: show one,
-//! run a module's adapter on inputs from a safetensors file, merge its ΔW into a weight.
+//! `vera inspect`, `vera forward`, `vera merge` and `vera grad` read HuggingFace PEFT VeRA adapters:
+//! show one, run a module's adapter on inputs from a safetensors file, merge its ΔW into a weight,
+//! compute its gradients for an input and an upstream gradient.
 
 mod bench;
 #[cfg(feature = "cuda")]
 mod bench_cuda;
+mod cmd_grad;
 mod cmd_peft;
 mod peak;
 mod workload;
@@ -39,6 +41,8 @@ enum Command {
     Forward(cmd_peft::ForwardArgs),
     /// Merge (or --unmerge) a module's ΔW into a weight of a safetensors file.
     Merge(cmd_peft::MergeArgs),
+    /// A module's gradients (lambda_d, lambda_b, the adapter's part of x) for x and dy = dL/dy.
+    Grad(cmd_grad::GradArgs),
 }
 
 #[derive(clap::Args)]
@@ -194,6 +198,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => cmd_peft::inspect(args),
         Command::Forward(args) => cmd_peft::forward_cmd(args),
         Command::Merge(args) => cmd_peft::merge_cmd(args),
+        Command::Grad(args) => cmd_grad::grad_cmd(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
