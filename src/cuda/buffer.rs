@@ -81,7 +81,9 @@ impl Buffer {
     pub(crate) fn is_on(&self, stream: &StreamKind) -> bool {
         match (self, stream) {
             #[cfg(feature = "cuda")]
-            (Buffer::Driver(slice), StreamKind::Driver(s)) => std::sync::Arc::ptr_eq(slice.context(), s.context()),
+            // Two CudaDevice::new(0) handles are one primary context behind two Arcs: compare the
+            // driver's context, not the handles.
+            (Buffer::Driver(slice), StreamKind::Driver(s)) => slice.context().cu_ctx() == s.context().cu_ctx(),
             #[cfg(feature = "cuda-emulation")]
             (Buffer::Host(_), StreamKind::Emulated) => true,
             #[allow(unreachable_patterns)]

@@ -1,11 +1,11 @@
 //! The real GPU: the driver (loaded at run time by cudarc), the embedded fatbin, kernel launches.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use cudarc::driver::{
-    sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-    LaunchConfig, PushKernelArg,
+    sys, CudaContext, CudaEvent, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
 };
 
 use super::buffer::driver;
@@ -24,8 +24,8 @@ unsafe impl DeviceRepr for UpParams {}
 
 pub(crate) struct Gpu {
     ctx: Arc<CudaContext>,
-    module: Arc<CudaModule>,
-    functions: Mutex<HashMap<String, CudaFunction>>,
+    /// Every kernel of [`super::plan::kernel_names`], resolved when the device opened.
+    functions: HashMap<String, CudaFunction>,
     multiprocessors: usize,
     l2_cache_bytes: usize,
 }
@@ -58,10 +58,20 @@ impl Gpu {
         let l2_cache_bytes = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
             .map_err(driver("query the L2 cache size"))?;
+        // Every kernel resolved now, on this thread (which holds the context): a bad kernel image is
+        // reported here, and a later launch from a thread that made no CUDA call yet cannot fail
+        // in cuModuleGetFunction with CUDA_ERROR_INVALID_CONTEXT.
+        let mut functions = HashMap::new();
+        for name in super::plan::kernel_names() {
+            let f = module
+                .load_function(&name)
+                .map_err(|e| Error::Cuda { operation: format!("find kernel {name}"), message: e.to_string() })?;
+            functions.insert(name, f);
+        }
         Ok(Gpu {
             ctx,
-            module,
-            functions: Mutex::new(HashMap::new()),
+            // Each function holds the module alive.
+            functions,
             multiprocessors: multiprocessors.max(1) as usize,
             l2_cache_bytes: l2_cache_bytes.max(0) as usize,
         })
@@ -88,16 +98,10 @@ impl Gpu {
     }
 
     fn function(&self, name: &str) -> Result<CudaFunction> {
-        let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = functions.get(name) {
-            return Ok(f.clone());
-        }
-        let f = self
-            .module
-            .load_function(name)
-            .map_err(|e| Error::Cuda { operation: format!("find kernel {name}"), message: e.to_string() })?;
-        functions.insert(name.to_string(), f.clone());
-        Ok(f)
+        self.functions.get(name).cloned().ok_or_else(|| Error::Cuda {
+            operation: format!("find kernel {name}"),
+            message: "not among the kernels resolved when the device opened (plan::kernel_names)".into(),
+        })
     }
 
     /// Queues `launch` on `stream` with its one by-value parameter block.

@@ -61,11 +61,30 @@ fn split_k(n: usize, want: usize, granule: usize, min_len: usize) -> (usize, usi
     (n.div_ceil(k_split).max(1), k_split)
 }
 
+/// The row counts the decode kernels are instantiated for (`vera_*_gemv_t{tt}_*`).
+const DECODE_TILES: [usize; 4] = [1, 2, 4, 8];
+
+/// Every kernel a [`plan`] can name, for every dtype: what the device resolves when it opens, so
+/// that a missing or bad kernel image is an error there, not at some later launch.
+pub(crate) fn kernel_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let name = dtype.name();
+        for tt in DECODE_TILES {
+            names.push(format!("vera_down_gemv_t{tt}_{name}"));
+            names.push(format!("vera_up_gemv_t{tt}_{name}"));
+        }
+        names.push(format!("vera_down_tile_{name}"));
+        names.push(format!("vera_up_tile_{name}"));
+    }
+    names
+}
+
 /// The plan for `rows` token rows of a layer `n → m` at rank `r` on a device with `sms`
 /// multiprocessors.
 pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms: usize) -> Plan {
     let name = dtype.name();
-    let decode_tt = [1usize, 2, 4, 8].into_iter().find(|&tt| tt >= rows);
+    let decode_tt = DECODE_TILES.into_iter().find(|&tt| tt >= rows);
     if let Some(tt) = decode_tt.filter(|&tt| rows <= DECODE_MAX_ROWS && tt * r <= DECODE_U_FLOATS) {
         let lane_k = 32 * 16 / dtype.size_bytes();
         let rows_of_a = r.div_ceil(GEMV_WARPS);
@@ -166,5 +185,22 @@ mod tests {
         assert_eq!(p.up.grid, [8, 64, 1]);
         assert_eq!(p.down.grid, [8, 4, p.splits as u32]);
         assert!(p.splits > 1 && p.k_split * p.splits >= 4096);
+    }
+
+    #[test]
+    fn every_planned_kernel_is_in_the_list_the_device_resolves_at_open() {
+        let names = kernel_names();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for rows in [1, 2, 3, 5, 8, 9, 64, 4096] {
+                for (n, r, m) in [(64, 16, 64), (4096, 256, 4096), (4096, 1024, 11008), (768, 2048, 768)] {
+                    for sms in [1, 132] {
+                        let p = plan(dtype, rows, n, r, m, sms);
+                        assert!(names.contains(&p.down.kernel), "{} not listed", p.down.kernel);
+                        assert!(names.contains(&p.up.kernel), "{} not listed", p.up.kernel);
+                    }
+                }
+            }
+        }
+        assert_eq!(names.len(), 3 * (2 * DECODE_TILES.len() + 2));
     }
 }
