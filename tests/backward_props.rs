@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{inputs, to, values, Case};
+use common::{dim, inputs, kdim, to, values, Case};
 use proptest::prelude::*;
 use vera_kernels::rng::TorchCpuGenerator;
 use vera_kernels::{
@@ -16,19 +16,6 @@ use vera_kernels::{
 };
 
 const EPS: f64 = 5.960_464_477_539_063e-8;
-
-fn dim(max_random: usize) -> impl Strategy<Value = usize> {
-    prop_oneof![
-        1..=max_random,
-        Just(1),
-        prop::sample::select(vec![2usize, 3, 5, 7, 13, 31, 37, 61]),
-        prop::sample::select(vec![5usize, 9, 17, 32, 33, BLOCK_ROWS + 1, 2 * BLOCK_ROWS + 1]),
-    ]
-}
-
-fn kdim(max_random: usize) -> impl Strategy<Value = usize> {
-    prop_oneof![4 => dim(max_random), 1 => prop::sample::select(vec![63usize, 64, 65, 129, 257])]
-}
 
 fn case() -> impl Strategy<Value = Case> {
     (

@@ -7,31 +7,13 @@
 
 mod common;
 
-use common::{inputs, to, values, Case, Inputs};
+use common::{dim, inputs, kdim, to, values, Case, Inputs};
 use proptest::prelude::*;
 use vera_kernels::rng::TorchCpuGenerator;
 use vera_kernels::{
     bf16, f16, forward_layer, merge, reference, set_parallel_min_flops, tier_facts, unmerge, with_isa, Adapter,
     Element, Isa, LayerProjections, MatMut, MatRef, Mode, Projections, BLOCK_ROWS,
 };
-
-/// A dimension: small random sizes, 1, primes, and one past every block / tile / vector width the
-/// CPU kernels use (8-row tiles, 8 and 16 lanes, 32-column panels, 32-row merge blocks,
-/// BLOCK_ROWS-row blocks), plus an exact panel width.
-fn dim(max_random: usize) -> impl Strategy<Value = usize> {
-    prop_oneof![
-        1..=max_random,
-        Just(1),
-        prop::sample::select(vec![2usize, 3, 5, 7, 13, 31, 37, 61]),
-        prop::sample::select(vec![5usize, 9, 17, 32, 33, BLOCK_ROWS + 1, 2 * BLOCK_ROWS + 1]),
-    ]
-}
-
-/// A reduction length (n for the down-projection, r for the up-projection): as [`dim`], and now and
-/// then one around the kernels' k block (64), so that partial blocks and several blocks are hit.
-fn kdim(max_random: usize) -> impl Strategy<Value = usize> {
-    prop_oneof![4 => dim(max_random), 1 => prop::sample::select(vec![63usize, 64, 65, 129, 255, 256, 257, 513])]
-}
 
 /// An output width (m): as [`dim`], and now and then one of four or more 32-column panels (with and
 /// without a remainder), so that decode tiles' groups of several panels per call are hit whole.

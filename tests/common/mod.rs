@@ -101,3 +101,24 @@ pub fn inputs<T: vera_kernels::Element>(c: &Case) -> Inputs<T> {
     let y0 = to::<T>(&values(&mut g, c.t * (c.m + c.y_pad), 2.0));
     Inputs { projections, adapter, x, y0 }
 }
+
+/// A dimension for the property tests: small random sizes, 1, primes, and one past every block /
+/// tile / vector width the CPU kernels use (8-row tiles, 8 and 16 lanes, 32-column panels, 32-row
+/// merge blocks, BLOCK_ROWS-row blocks), plus an exact panel width.
+pub fn dim(max_random: usize) -> impl proptest::strategy::Strategy<Value = usize> {
+    use proptest::prelude::*;
+    let block = vera_kernels::BLOCK_ROWS;
+    prop_oneof![
+        1..=max_random,
+        Just(1),
+        prop::sample::select(vec![2usize, 3, 5, 7, 13, 31, 37, 61]),
+        prop::sample::select(vec![5usize, 9, 17, 32, 33, block + 1, 2 * block + 1]),
+    ]
+}
+
+/// A reduction length (n, r, or m for the backward's `g`): as [`dim`], and now and then one around
+/// the kernels' k block (64), so that partial blocks and several blocks are hit.
+pub fn kdim(max_random: usize) -> impl proptest::strategy::Strategy<Value = usize> {
+    use proptest::prelude::*;
+    prop_oneof![4 => dim(max_random), 1 => prop::sample::select(vec![63usize, 64, 65, 129, 255, 256, 257, 513])]
+}

@@ -8,7 +8,7 @@ use crate::cpu::pack::{pack_pairs, pack_pairs_rounded, pack_projections, pack_ro
 use crate::cpu::parallel::{for_blocks, for_panels, with_scratch};
 use crate::cpu::sink::{Epilogue, Sink};
 use crate::dtype::Element;
-use crate::mat::{MatMut, MatRef};
+use crate::mat::{MatMut, MatPtr, MatRef};
 use crate::types::Mode;
 
 /// Rows of `x` per block: the unit of parallel work for large `T`. Scratch per thread is
@@ -112,11 +112,40 @@ pub(crate) fn forward<T: Element>(
     w: Weights<'_, T>,
     s: Scales<'_>,
     x: MatRef<'_, T>,
-    mut y: MatMut<'_, T>,
+    y: MatMut<'_, T>,
     mode: Mode,
 ) {
+    fused(kern, w, s, x, y, mode, None);
+}
+
+/// The training forward: [`forward`], also writing `h = x·Aᵀ` (`[T, r]` f32) into `h` for the
+/// backward to reuse. `y` gets the same bits as from [`forward`]: `u = lambda_d ⊙ h` is the same
+/// product, made from the stored `h` instead of in the down-projection's store.
+pub(crate) fn forward_train<T: Element>(
+    kern: &Kernels<T>,
+    w: Weights<'_, T>,
+    s: Scales<'_>,
+    x: MatRef<'_, T>,
+    y: MatMut<'_, T>,
+    mode: Mode,
+    mut h: MatMut<'_, f32>,
+) {
+    fused(kern, w, s, x, y, mode, Some(h.as_ptr_mat()));
+}
+
+/// [`forward`], and with `h` [`forward_train`].
+fn fused<T: Element>(
+    kern: &Kernels<T>,
+    w: Weights<'_, T>,
+    s: Scales<'_>,
+    x: MatRef<'_, T>,
+    mut y: MatMut<'_, T>,
+    mode: Mode,
+    h: Option<MatPtr<f32>>,
+) {
     let (rows, n, r, m) = (x.rows(), x.cols(), w.a.rows(), w.b.rows());
-    if rows == 0 || m == 0 {
+    // Without outputs there is nothing to do, unless h is asked for.
+    if rows == 0 || (m == 0 && h.is_none()) {
         return;
     }
     let mut owned = None;
@@ -129,52 +158,28 @@ pub(crate) fn forward<T: Element>(
         with_scratch(tb * r + packed_u + down_scratch(tb, n), |buf| {
             let (u, rest) = buf.split_at_mut(tb * r);
             let (ul, xl) = rest.split_at_mut(packed_u);
-            let mut u = MatMut::from_slice(u, tb, r).expect("scratch sized tb * r");
-            // u = lambda_d ⊙ (x·Aᵀ), into this block's scratch ...
-            let sink = Sink::F32 { out: u.as_ptr_mat(), scale: Some(s.lambda_d) };
-            down(kern, packed, x.row_range(t0, tb), xl, r, &sink, split);
-            // ... then up-projected at once, while it is in cache.
-            up(kern, packed, u.as_ref(), ul, m, &Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi }, split);
-        });
-    });
-}
-
-/// The training forward: [`forward`], also writing `h = x·Aᵀ` (`[T, r]` f32) into `h` for the
-/// backward to reuse. `y` gets the same bits as from [`forward`]: `u = lambda_d ⊙ h` is the same
-/// product, made from the stored `h` instead of in the down-projection's store.
-pub(crate) fn forward_train<T: Element>(
-    kern: &Kernels<T>,
-    w: Weights<'_, T>,
-    s: Scales<'_>,
-    x: MatRef<'_, T>,
-    mut y: MatMut<'_, T>,
-    mode: Mode,
-    mut h: MatMut<'_, f32>,
-) {
-    let (rows, n, r, m) = (x.rows(), x.cols(), w.a.rows(), w.b.rows());
-    if rows == 0 {
-        return;
-    }
-    let mut owned = None;
-    let packed = packed_or_owned(kern, &w, &mut owned);
-    let epi = Epilogue { scale: Some(s.lambda_b), bias: s.bias, accumulate: mode == Mode::Accumulate };
-    let (yp, hp) = (y.as_ptr_mat(), h.as_ptr_mat());
-    let flops = 2.0 * (rows * r * (n + m)) as f64;
-    for_blocks(rows, BLOCK_ROWS, flops, |t0, tb, split| {
-        let packed_u = up_scratch(tb, r);
-        with_scratch(tb * r + packed_u + down_scratch(tb, n), |buf| {
-            let (u, rest) = buf.split_at_mut(tb * r);
-            let (ul, xl) = rest.split_at_mut(packed_u);
-            let hb = hp.sub(t0, tb, 0, r);
-            down(kern, packed, x.row_range(t0, tb), xl, r, &Sink::F32 { out: hb, scale: None }, split);
-            for (t, urow) in u.chunks_mut(r).enumerate() {
-                // SAFETY: rows t0..t0 + tb of h are this block's, written above and read here only.
-                let hrow = unsafe { hb.row_mut(t) };
-                for ((uv, hv), d) in urow.iter_mut().zip(hrow.iter()).zip(s.lambda_d) {
-                    // The same product as the forward's scaled store (`scale[col] · acc`).
-                    *uv = d * hv;
+            let xb = x.row_range(t0, tb);
+            match h {
+                // u = lambda_d ⊙ (x·Aᵀ), into this block's scratch ...
+                None => {
+                    let out = MatMut::from_slice(u, tb, r).expect("scratch sized tb * r").as_ptr_mat();
+                    down(kern, packed, xb, xl, r, &Sink::F32 { out, scale: Some(s.lambda_d) }, split);
+                }
+                // ... or h = x·Aᵀ into the caller's h, then u = lambda_d ⊙ h: the same product as
+                // the scaled store's (`scale[col] · acc`).
+                Some(h) => {
+                    let hb = h.sub(t0, tb, 0, r);
+                    down(kern, packed, xb, xl, r, &Sink::F32 { out: hb, scale: None }, split);
+                    for (t, urow) in u.chunks_mut(r).enumerate() {
+                        // SAFETY: rows t0..t0 + tb of h are this block's, written just above.
+                        let hrow = unsafe { hb.row_mut(t) };
+                        for ((uv, hv), d) in urow.iter_mut().zip(hrow.iter()).zip(s.lambda_d) {
+                            *uv = d * hv;
+                        }
+                    }
                 }
             }
+            // ... then up-projected at once, while it is in cache.
             if m > 0 {
                 let u = MatRef::from_slice(u, tb, r).expect("scratch sized tb * r");
                 up(kern, packed, u, ul, m, &Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi }, split);
