@@ -4,7 +4,9 @@
 
 use super::{Scales, Weights};
 use crate::cpu::kernels::{Kernels, Layout};
-use crate::cpu::pack::{pack_pairs, pack_pairs_rounded, pack_projections, pack_rows, Left, PackedProjections, NR};
+use crate::cpu::pack::{
+    pack_pairs, pack_pairs_rounded, pack_projections, pack_rows, Left, PackedProjections, WeightPanels, NR,
+};
 use crate::cpu::parallel::{for_blocks, for_panels, with_scratch};
 use crate::cpu::sink::{Epilogue, Sink};
 use crate::dtype::Element;
@@ -50,25 +52,13 @@ pub(crate) fn down<T: Element>(
     sink: &Sink<'_, T>,
     split: bool,
 ) {
-    let panels = r.div_ceil(NR);
-    match (kern.facts().layout, kern.gemm_pairs) {
-        (Layout::Pairs, Some(gemm_pairs)) => {
-            let p = packed.down.pairs();
-            let bits: &[u16] = bytemuck::cast_slice(x.as_slice());
-            let bits = MatRef::new(bits, x.rows(), x.cols(), x.row_stride()).expect("same extent as x");
-            let left = pack_pairs(bits, bytemuck::cast_slice_mut(scratch));
-            let n = x.cols();
-            // SAFETY: the panels hold ceil(n_max / 2) >= ceil(n / 2) pair rows; the caller owns
-            // the sink's rows, and for_panels hands out disjoint panel ranges.
-            for_panels(panels, split, |range| unsafe { gemm_pairs(left, n, p, range, sink) });
-        }
-        _ => {
-            let p = packed.down.wide();
-            let left = pack_rows(x, scratch);
-            // SAFETY: as above, with k_len = n <= n_max = k_cap.
-            for_panels(panels, split, |range| unsafe { (kern.gemm)(left, p, range, sink) });
-        }
-    }
+    product(kern, &packed.down, x, (scratch, pack_bits_as_pairs::<T>), r, sink, split);
+}
+
+/// Packs 16-bit elements (bf16: pair kernels only exist for it) by their bits into k-pairs.
+fn pack_bits_as_pairs<'o, T: Element>(x: MatRef<'_, T>, out: &'o mut [u32]) -> Left<'o, u32> {
+    let bits: &[u16] = bytemuck::cast_slice(x.as_slice());
+    pack_pairs(MatRef::new(bits, x.rows(), x.cols(), x.row_stride()).expect("same extent as x"), out)
 }
 
 /// `y (op)= epilogue(u·Bᵀ)` for the rows of `u` (the up-projection), packing `u` into `scratch`
@@ -83,21 +73,34 @@ pub(crate) fn up<T: Element>(
     sink: &Sink<'_, T>,
     split: bool,
 ) {
-    let panels = m.div_ceil(NR);
+    product(kern, &packed.up, u, (scratch, pack_pairs_rounded), m, sink, split);
+}
+
+/// `sink <- left · weightsᵀ` over the first `cols` columns, with `left` packed into the scratch in
+/// the kernels' layout: widened to f32 rows, or by `pairs` into k-pairs for the pair kernels.
+fn product<T: Element, E: Element>(
+    kern: &Kernels<T>,
+    weights: &WeightPanels<T>,
+    left: MatRef<'_, E>,
+    (scratch, pairs): (&mut [f32], impl for<'o> FnOnce(MatRef<'_, E>, &'o mut [u32]) -> Left<'o, u32>),
+    cols: usize,
+    sink: &Sink<'_, T>,
+    split: bool,
+) {
+    let panels = cols.div_ceil(NR);
+    let k = left.cols();
     match (kern.facts().layout, kern.gemm_pairs) {
         (Layout::Pairs, Some(gemm_pairs)) => {
-            let p = packed.up.pairs();
-            let left = pack_pairs_rounded(u, bytemuck::cast_slice_mut(scratch));
-            let r = u.cols();
-            // SAFETY: the panels hold ceil(r / 2) pair rows; the caller owns the sink's rows, and
-            // for_panels hands out disjoint panel ranges.
-            for_panels(panels, split, |range| unsafe { gemm_pairs(left, r, p, range, sink) });
+            let p = weights.pairs();
+            let left = pairs(left, bytemuck::cast_slice_mut(scratch));
+            // SAFETY: the panels hold ceil(k_max / 2) >= ceil(k / 2) pair rows; the caller owns
+            // the sink's rows, and for_panels hands out disjoint panel ranges.
+            for_panels(panels, split, |range| unsafe { gemm_pairs(left, k, p, range, sink) });
         }
         _ => {
-            let p = packed.up.wide();
-            let left = pack_rows(u, scratch);
-            // SAFETY: k_len = r = k_cap of the B panels; the caller owns the sink's rows, and
-            // for_panels hands out disjoint panel ranges.
+            let p = weights.wide();
+            let left = pack_rows(left, scratch);
+            // SAFETY: as above, with k_len = k <= k_cap.
             for_panels(panels, split, |range| unsafe { (kern.gemm)(left, p, range, sink) });
         }
     }
