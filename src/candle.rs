@@ -1,26 +1,28 @@
 //! candle integration (cargo feature `candle`): [`VeraLinear`], a [`candle_nn::Module`] that wraps a
-//! candle [`Linear`] and adds the VeRA adapter path computed by this crate's
-//! fused kernels, for inference and for training.
+//! candle [`Linear`] and adds the VeRA adapter path computed by this crate's fused kernels, for
+//! inference and for training.
 //!
-//! `y = base + lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ)` for `f32`, `f16` and `bf16` tensors on the CPU.
-//! This module runs the crate's CPU kernels only: tensors on other devices get a candle error. (The
-//! crate's CUDA backend, `vera_kernels::cuda` with feature `cuda`, works on its own device buffers
-//! and is not wired into candle's CUDA storage.)
+//! `y = base + lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ) (+ bias)` for `f32`, `f16` and `bf16` tensors on
+//! the CPU. This module runs the crate's CPU kernels only: tensors on other devices get a candle
+//! error. (The crate's CUDA backend, `vera_kernels::cuda` with feature `cuda`, works on its own
+//! device buffers and is not wired into candle's CUDA storage.)
 //!
-//! A layer runs one of two paths:
+//! Both paths of a layer accumulate the adapter's output into a copy of the base layer's output in
+//! one pass, with the same kernels and so the same numbers:
 //!
-//! - **inference** (a frozen layer, and nothing on its input carries a gradient graph): one custom
-//!   op that accumulates the adapter's output into a copy of the base layer's output in one pass,
-//!   with no backward and no graph kept;
-//! - **training** ([`VeraLinear::into_trainable`] made `lambda_d`, `lambda_b` and the bias candle
-//!   [`Var`]s, or the input or the base weights carry a gradient graph): a
-//!   differentiable custom op over `(x, lambda_d, lambda_b)` whose backward is the crate's fused
-//!   [`backward`], giving `dlambda_d`, `dlambda_b` and the adapter's part of `dx`;
-//!   the base layer's output and the bias are added with candle's own ops, so their gradients flow
-//!   as usual. `loss.backward()` reaches the Vars, and any candle-nn optimizer trains them.
+//! - **inference** (a frozen layer, and neither its input nor its base weights carry a gradient
+//!   graph): a custom op with no backward; no graph is kept;
+//! - **training** ([`VeraLinear::into_trainable`] made `lambda_d`, `lambda_b` and the adapter's
+//!   bias candle [`Var`]s, or the input or the base weights carry a graph): a differentiable custom
+//!   op over `(x, base output, cat(lambda_d, lambda_b[, bias]))` whose forward keeps `h = x·Aᵀ`
+//!   ([`forward_train`]) and whose backward is the crate's fused [`backward`], giving the vectors'
+//!   gradients and the adapter's part of `dx`; the base output's gradient passes through to
+//!   candle's Linear, so the frozen part of `dx` (and the base weights' gradient, when they are
+//!   Vars) comes from candle. `loss.backward()` reaches the Vars, and any candle-nn optimizer
+//!   trains them.
 //!
-//! [`to_peft_adapter`] collects trained layers into a [`PeftAdapter`]
-//! that [`save`](PeftAdapter::save) writes as a PEFT directory.
+//! [`to_peft_adapter`] collects trained layers into a [`PeftAdapter`] that
+//! [`save`](PeftAdapter::save) writes as a PEFT directory.
 //!
 //! The projections are shared by every layer of a model, as in PEFT: build one
 //! [`VeraProjections`] per adapter and hand it to each layer.
@@ -244,6 +246,21 @@ fn buffer_len(what: &'static str, rows: usize, cols: usize) -> candle_core::Resu
     rows.checked_mul(cols).ok_or_else(|| wrap(Error::SizeOverflow { what }))
 }
 
+/// Checks the base output of a layer op: the output's shape, x's dtype.
+fn check_base(xs: &CpuStorage, (bs, bl): (&CpuStorage, &Layout), dims: &[usize]) -> candle_core::Result<()> {
+    if bl.shape().dims() != dims {
+        return Err(misuse(format!("the base layer's output has shape {:?}, expected {dims:?}", bl.shape().dims())));
+    }
+    if bs.dtype() != xs.dtype() {
+        return Err(misuse(format!(
+            "x ({:?}) and the base output ({:?}) must have the same dtype",
+            xs.dtype(),
+            bs.dtype()
+        )));
+    }
+    Ok(())
+}
+
 // --- The inference path: the adapter as a custom op with no backward, accumulating into a copy of
 // the base layer's output in one pass (no graph is kept, nothing is saved for a backward).
 
@@ -317,87 +334,123 @@ impl CustomOp2 for VeraOp {
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (t, dims) = self.layer.rows(xl)?;
-        if bl.shape().dims() != dims.as_slice() {
-            return Err(misuse(format!(
-                "the base layer's output has shape {:?}, expected {dims:?}",
-                bl.shape().dims()
-            )));
-        }
+        check_base(xs, (bs, bl), &dims)?;
         let dtype = storage_dtype("x", xs)?;
-        if bs.dtype() != xs.dtype() {
-            return Err(misuse(format!(
-                "x ({:?}) and the base output ({:?}) must have the same dtype",
-                xs.dtype(),
-                bs.dtype()
-            )));
-        }
         let storage = with_element_type!(dtype, T => self.run_storage::<T>((xs, xl), t, Some((bs, bl)))?);
         Ok((storage, Shape::from(dims)))
     }
 }
 
-// --- The training path: the adapter's contribution as a differentiable custom op over
-// `(x, lambda_d, lambda_b)`, its forward the crate's `forward_train` and its backward the fused
-// `backward`. The base layer's output and the bias are not part of the op: the caller adds them
-// with candle's own ops, so that their gradients flow through candle as usual (`dx`'s frozen part
-// `dy·W0` comes from candle's matmul, the adapter's part from here, and candle sums the two).
+// --- The training path: the adapter as a differentiable custom op, its forward the crate's
+// `forward_train` and its backward the fused `backward`. The adapter's vectors come in as one f32
+// tensor, `cat(lambda_d, lambda_b[, bias])`, made by candle from the Vars (its backward splits
+// the gradient back onto them), so that the op needs at most three arguments: `(x, base, vectors)`
+// for a layer, accumulating into a copy of the base layer's output in one pass as the inference
+// path does (and so with the same numbers), or `(x, vectors)` for the adapter's contribution alone.
 
-/// The gradients one backward call returns: for `x`, `lambda_d` and `lambda_b`, each `None` when
-/// that argument does not carry a gradient graph.
-type ArgGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+/// The gradients of one backward call, each `None` for an argument that carries no gradient graph.
+type Grads2 = (Option<Tensor>, Option<Tensor>);
+/// As [`Grads2`], for the three arguments of the layer form.
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
-/// One forward call of a layer's adapter path with a backward. A fresh op is made per call (candle
+/// One forward call of a layer's adapter path with a backward: [`CustomOp3`] on
+/// `(x, base output, vectors)`, [`CustomOp2`] on `(x, vectors)`. A fresh op is made per call (candle
 /// keeps it in the graph until the output is dropped), so that it can hold that call's
 /// `h = x·Aᵀ` for its backward.
 struct TrainOp {
     layer: Arc<Layer>,
+    /// Whether the vectors end with the adapter's bias.
+    has_bias: bool,
     /// `h [T, r]` (f32) of this call's forward: all the backward needs besides its arguments;
     /// `T·r·4` bytes, kept as long as the graph is.
     saved_h: OnceLock<Vec<f32>>,
 }
 
 impl TrainOp {
-    /// A fresh op for one forward call of `layer`.
-    fn new(layer: Arc<Layer>) -> Self {
-        Self { layer, saved_h: OnceLock::new() }
+    /// A fresh op for one forward call of `layer`, whose vectors hold a bias when `has_bias`.
+    fn new(layer: Arc<Layer>, has_bias: bool) -> Self {
+        Self { layer, has_bias, saved_h: OnceLock::new() }
     }
 
-    /// The adapter the kernels take, from the op's vector arguments (the bias is not part of the op).
-    fn adapter(lambda_d: Vec<f32>, lambda_b: Vec<f32>) -> candle_core::Result<Adapter> {
-        Adapter::new(lambda_d, lambda_b).map_err(wrap)
+    /// The length of the vectors argument: `r + m`, and `m` more with a bias.
+    fn vectors_len(&self) -> usize {
+        let m = self.layer.out_features;
+        self.layer.rank() + m + if self.has_bias { m } else { 0 }
     }
 
-    /// The adapter's output `[T, m]` in `T` and `h [T, r]`.
+    /// The adapter the kernels take, from `cat(lambda_d, lambda_b[, bias])`.
+    fn adapter(&self, vectors: &[f32]) -> candle_core::Result<Adapter> {
+        let (r, m) = (self.layer.rank(), self.layer.out_features);
+        let (lambda_d, rest) =
+            vectors.split_at_checked(r).ok_or_else(|| misuse("the adapter's vectors are too short"))?;
+        let (lambda_b, bias) = rest.split_at_checked(m).ok_or_else(|| misuse("the adapter's vectors are too short"))?;
+        let adapter = Adapter::new(lambda_d.to_vec(), lambda_b.to_vec()).map_err(wrap)?;
+        match self.has_bias {
+            true => adapter.with_bias(bias.to_vec()).map_err(wrap),
+            false => Ok(adapter),
+        }
+    }
+
+    /// The op's output `[T, m]` in `T` (the adapter's contribution, added to a copy of `base`
+    /// when given) and `h [T, r]`.
     fn forward<T: Element + candle_core::WithDType>(
         &self,
         x: &[T],
         t: usize,
+        base: Option<&[T]>,
         adapter: &Adapter,
     ) -> candle_core::Result<(CpuStorage, Vec<f32>)> {
         let (n, m, r) = (self.layer.in_features, self.layer.out_features, self.layer.rank());
-        let mut y = vec![T::default(); buffer_len("y [T, out_features]", t, m)?];
+        let (mut y, mode) = match base {
+            Some(b) => (b.to_vec(), Mode::Accumulate),
+            None => (vec![T::default(); buffer_len("y [T, out_features]", t, m)?], Mode::Overwrite),
+        };
         let mut h = vec![0.0f32; buffer_len("h [T, r]", t, r)?];
         forward_train(
             self.layer.projections.get::<T>(),
             adapter,
             MatRef::from_slice(x, t, n).map_err(wrap)?,
             MatMut::from_slice(&mut y, t, m).map_err(wrap)?,
-            Mode::Overwrite,
+            mode,
             MatMut::from_slice(&mut h, t, r).map_err(wrap)?,
         )
         .map_err(wrap)?;
         Ok((T::to_cpu_storage_owned(y), h))
     }
 
-    /// The fused backward for `x` and `dy` in `T`: `(dlambda_d, dlambda_b, dx)`, `dx` only when
-    /// `want_dx`.
+    /// The forward of either form on candle storage; `base` (the layer form) must have the
+    /// output's shape and x's dtype.
+    fn cpu_forward(
+        &self,
+        (xs, xl): (&CpuStorage, &Layout),
+        base: Option<(&CpuStorage, &Layout)>,
+        (vs, vl): (&CpuStorage, &Layout),
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (t, dims) = self.layer.rows(xl)?;
+        if let Some((bs, bl)) = base {
+            check_base(xs, (bs, bl), &dims)?;
+        }
+        let adapter = self.adapter(f32_vector(vs, vl, "the adapter's vectors", self.vectors_len())?)?;
+        let dtype = storage_dtype("x", xs)?;
+        let (storage, h) = with_element_type!(dtype, T => {
+            let base = base.map(|(bs, bl)| elements::<T>(bs, bl, "the base output")).transpose()?;
+            self.forward::<T>(elements::<T>(xs, xl, "x")?, t, base, &adapter)?
+        });
+        // A fresh op per call: the cell is empty, and a second forward of the same op (which candle
+        // does not make) would only keep the first h, for the same x.
+        let _ = self.saved_h.set(h);
+        Ok((storage, Shape::from(dims)))
+    }
+
+    /// The fused backward for `x` and `dy` in `T`: the vectors' gradient
+    /// `cat(dlambda_d, dlambda_b[, dbias])` and, when `want_dx`, the adapter's part of `dx`.
     fn backward<T: Element + candle_core::WithDType>(
         &self,
         x: &Tensor,
         dy: &Tensor,
         adapter: &Adapter,
         want_dx: bool,
-    ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Option<Tensor>)> {
+    ) -> candle_core::Result<(Vec<f32>, Option<Tensor>)> {
         let (n, m, r) = (self.layer.in_features, self.layer.out_features, self.layer.rank());
         let (t, _) = self.layer.rows(x.layout())?;
         let (x_storage, x_layout) = x.storage_and_layout();
@@ -405,9 +458,14 @@ impl TrainOp {
         let (dy_storage, dy_layout) = dy.storage_and_layout();
         let dy_values = elements::<T>(cpu(&dy_storage, "the output's gradient")?, dy_layout, "the output's gradient")?;
 
-        let (mut dld, mut dlb) = (vec![0.0f32; r], vec![0.0f32; m]);
+        let mut dvectors = vec![0.0f32; self.vectors_len()];
+        let (dld, rest) = dvectors.split_at_mut(r);
+        let (dlb, dbias) = rest.split_at_mut(m);
         let mut dx = vec![T::default(); if want_dx { buffer_len("dx [T, in_features]", t, n)? } else { 0 }];
-        let mut grads = Gradients::new(&mut dld, &mut dlb);
+        let mut grads = Gradients::new(dld, dlb);
+        if self.has_bias {
+            grads = grads.with_bias(dbias);
+        }
         if want_dx {
             grads = grads.with_x(MatMut::from_slice(&mut dx, t, n).map_err(wrap)?);
         }
@@ -423,52 +481,19 @@ impl TrainOp {
         )
         .map_err(wrap)?;
         let dx = want_dx.then(|| Tensor::from_vec(dx, x.shape(), x.device())).transpose()?;
-        Ok((dld, dlb, dx))
-    }
-}
-
-impl CustomOp3 for TrainOp {
-    fn name(&self) -> &'static str {
-        "vera-adapter-train"
+        Ok((dvectors, dx))
     }
 
-    /// `lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ)` for `x [..., n]` (f32, f16 or bf16) and the f32
-    /// vectors `lambda_d [r]`, `lambda_b [m]`, in x's dtype; keeps `h` for the backward.
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ds: &CpuStorage,
-        dl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (t, dims) = self.layer.rows(xl)?;
-        let lambda_d = f32_vector(ds, dl, "lambda_d", self.layer.rank())?;
-        let lambda_b = f32_vector(bs, bl, "lambda_b", self.layer.out_features)?;
-        let adapter = Self::adapter(lambda_d.to_vec(), lambda_b.to_vec())?;
-        let dtype = storage_dtype("x", xs)?;
-        let (storage, h) = with_element_type!(dtype, T => self.forward::<T>(elements::<T>(xs, xl, "x")?, t, &adapter)?);
-        // A fresh op per call: the cell is empty, and a second forward of the same op (which candle
-        // does not make) would only keep the first h, for the same x.
-        let _ = self.saved_h.set(h);
-        Ok((storage, Shape::from(dims)))
-    }
-
-    /// `(dx, dlambda_d, dlambda_b)` from the fused backward, each only for an argument that carries
-    /// a gradient graph (a model's input needs no `dx`).
-    fn bwd(
+    /// The gradients of `x` (the adapter's part) and of the vectors, each only when that argument
+    /// carries a gradient graph (a model's input needs no `dx`).
+    fn backward_tensors(
         &self,
         x: &Tensor,
-        lambda_d: &Tensor,
-        lambda_b: &Tensor,
+        vectors: &Tensor,
         res: &Tensor,
         grad_res: &Tensor,
-    ) -> candle_core::Result<ArgGrads> {
-        let adapter = Self::adapter(
-            f32_values(lambda_d, "lambda_d", self.layer.rank())?,
-            f32_values(lambda_b, "lambda_b", self.layer.out_features)?,
-        )?;
+    ) -> candle_core::Result<Grads2> {
+        let adapter = self.adapter(&f32_values(vectors, "the adapter's vectors", self.vectors_len())?)?;
         // candle may hand a strided or broadcast gradient (e.g. from a mean); the kernels read rows.
         let dy = grad_res.contiguous()?;
         if dy.dims() != res.dims() || dy.dtype() != res.dtype() {
@@ -483,12 +508,66 @@ impl CustomOp3 for TrainOp {
         let x = x.contiguous()?;
         let want_dx = x.track_op();
         let dtype = element_dtype("x", x.dtype())?;
-        let (dld, dlb, dx) = with_element_type!(dtype, T => self.backward::<T>(&x, &dy, &adapter, want_dx)?);
-        let dld =
-            lambda_d.track_op().then(|| Tensor::from_vec(dld, lambda_d.shape(), lambda_d.device())).transpose()?;
-        let dlb =
-            lambda_b.track_op().then(|| Tensor::from_vec(dlb, lambda_b.shape(), lambda_b.device())).transpose()?;
-        Ok((dx, dld, dlb))
+        let (dvectors, dx) = with_element_type!(dtype, T => self.backward::<T>(&x, &dy, &adapter, want_dx)?);
+        let dvectors = vectors.track_op().then(|| Tensor::from_vec(dvectors, vectors.shape(), vectors.device()));
+        Ok((dx, dvectors.transpose()?))
+    }
+}
+
+impl CustomOp2 for TrainOp {
+    fn name(&self) -> &'static str {
+        "vera-adapter-train"
+    }
+
+    /// The adapter's contribution alone, `lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ) (+ bias)`, for
+    /// `x [..., n]` (f32, f16 or bf16) in x's dtype; keeps `h` for the backward.
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.cpu_forward((xs, xl), None, (vs, vl))
+    }
+
+    fn bwd(&self, x: &Tensor, vectors: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Grads2> {
+        self.backward_tensors(x, vectors, res, grad_res)
+    }
+}
+
+impl CustomOp3 for TrainOp {
+    fn name(&self) -> &'static str {
+        "vera-linear-train"
+    }
+
+    /// `base + adapter(x)`, accumulated into a copy of `base` (the base layer's output, in x's
+    /// dtype); keeps `h` for the backward.
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.cpu_forward((xs, xl), Some((bs, bl)), (vs, vl))
+    }
+
+    /// The base output's gradient is the output's (the sum passes it through); candle carries it
+    /// on through the base layer.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        base: &Tensor,
+        vectors: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Grads3> {
+        let (dx, dvectors) = self.backward_tensors(x, vectors, res, grad_res)?;
+        let dbase = base.track_op().then(|| grad_res.clone());
+        Ok((dx, dbase, dvectors))
     }
 }
 
@@ -536,10 +615,15 @@ impl VeraVars {
         [&self.lambda_d, &self.lambda_b].into_iter().chain(&self.bias).cloned().collect()
     }
 
+    /// The Vars' tensors, in the order of [`VeraVars::all`].
+    fn all_tensors(&self) -> impl Iterator<Item = &Tensor> {
+        [&self.lambda_d, &self.lambda_b].into_iter().chain(&self.bias).map(Var::as_tensor)
+    }
+
     /// The Vars' current values as an adapter.
     ///
-    /// Errors: a Var whose shape or dtype was changed from outside (candle's `Var::set` keeps
-    /// both, so only by replacing its storage).
+    /// Errors: a Var that no longer holds `[len]` f32 values (candle's `Var::set` keeps the shape and
+    /// the dtype, so this is a candle error rather than a panic for what should not happen).
     fn adapter(&self, r: usize, m: usize) -> candle_core::Result<Adapter> {
         let adapter =
             Adapter::new(f32_values(&self.lambda_d, "lambda_d", r)?, f32_values(&self.lambda_b, "lambda_b", m)?)
@@ -555,10 +639,11 @@ impl VeraVars {
 /// computed by this crate's fused kernels (CPU, f32 / f16 / bf16).
 ///
 /// A layer is built frozen: its vectors are constants and, unless its input or base weights carry
-/// a gradient graph, it runs the inference path (one fused op, no graph). [`VeraLinear::into_trainable`]
-/// makes the vectors candle [`Var`]s that `loss.backward()` reaches;
-/// [`VeraLinear::trained_adapter`] reads them back and [`VeraLinear::freeze`] returns to the
-/// inference path with the trained values.
+/// a gradient graph, it runs the inference path (one fused op, no graph; see the
+/// [module docs](self)). [`VeraLinear::into_trainable`] makes the vectors candle [`Var`]s that
+/// `loss.backward()` reaches; [`VeraLinear::trained_adapter`] reads them back and
+/// [`VeraLinear::freeze`] returns to the inference path with the trained values. A frozen layer on
+/// an input that carries a graph passes the gradient through to the layers before it.
 #[derive(Clone)]
 pub struct VeraLinear {
     base: Linear,
@@ -708,27 +793,41 @@ impl VeraLinear {
             || self.base.bias().is_some_and(Tensor::track_op)
     }
 
-    /// The adapter's contribution through the differentiable op: the vectors are the Vars, or
-    /// constants (no gradient) for a frozen layer; the bias is added by candle.
-    fn adapter_with_backward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (lambda_d, lambda_b, bias) = match &self.vars {
-            Some(v) => (
-                v.lambda_d.as_tensor().clone(),
-                v.lambda_b.as_tensor().clone(),
-                v.bias.as_ref().map(|b| b.as_tensor().clone()),
-            ),
-            None => {
-                let constant = |v: &[f32]| Tensor::from_slice(v, v.len(), &Device::Cpu);
-                let a = &self.op.adapter;
-                (constant(a.lambda_d())?, constant(a.lambda_b())?, a.bias().map(constant).transpose()?)
+    /// The adapter's vectors as the training op's one f32 argument, `cat(lambda_d, lambda_b[, bias])`,
+    /// and whether it holds a bias: from the Vars (candle's `cat` carries the gradient back onto
+    /// each), or constants for a frozen layer.
+    fn vectors(&self) -> candle_core::Result<(Tensor, bool)> {
+        match &self.vars {
+            Some(v) => {
+                let parts: Vec<&Tensor> = v.all_tensors().collect();
+                Ok((Tensor::cat(&parts, 0)?, v.bias.is_some()))
             }
-        };
-        let y = x.contiguous()?.apply_op3(&lambda_d, &lambda_b, TrainOp::new(self.op.layer.clone()))?;
-        match bias {
-            // The bias Var stays f32; the cast is differentiable, so its gradient comes back in f32.
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
-            None => Ok(y),
+            None => {
+                let a = &self.op.adapter;
+                let values: Vec<f32> = [a.lambda_d(), a.lambda_b(), a.bias().unwrap_or(&[])].concat();
+                let len = values.len();
+                Ok((Tensor::from_vec(values, len, &Device::Cpu)?, a.bias().is_some()))
+            }
         }
+    }
+
+    /// The differentiable op of this layer for one call.
+    fn train_op(&self, has_bias: bool) -> TrainOp {
+        TrainOp::new(self.op.layer.clone(), has_bias)
+    }
+
+    /// The adapter's contribution alone through the differentiable op.
+    fn adapter_with_backward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (vectors, has_bias) = self.vectors()?;
+        x.contiguous()?.apply_op2(&vectors, self.train_op(has_bias))
+    }
+
+    /// `linear(x) + adapter(x)` through the differentiable op: the base output from candle's
+    /// Linear (so that its gradient flows on to the weights and `x`), the adapter added in one pass.
+    fn forward_with_backward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let base = self.base.forward(x)?.contiguous()?;
+        let (vectors, has_bias) = self.vectors()?;
+        x.contiguous()?.apply_op3(&base, &vectors, self.train_op(has_bias))
     }
 }
 
@@ -739,8 +838,7 @@ impl Module for VeraLinear {
         // Before the base layer runs, so that a wrong width is named as the layer's in_features.
         self.op.layer.rows(x.layout())?;
         if self.needs_graph(x) {
-            let base = self.base.forward(x)?;
-            base + self.adapter_with_backward(x)?
+            self.forward_with_backward(x)
         } else {
             let base = self.base.forward(x)?.contiguous()?;
             x.contiguous()?.apply_op2_no_bwd(&base, self.op.as_ref())

@@ -59,10 +59,14 @@ impl Fixture {
     }
 }
 
+/// A tensor's values as f32 (exact for f16 and bf16).
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
 /// A gradient's values as f32.
 fn grad(grads: &GradStore, t: &Tensor) -> Vec<f32> {
-    let g = grads.get(t).expect("a gradient for the tensor");
-    g.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    flat(grads.get(t).expect("a gradient for the tensor"))
 }
 
 /// `sum(y ⊙ dy)` in f32: its gradient with respect to `y` is `dy`.
@@ -198,20 +202,27 @@ fn f16_and_bf16_train_with_gradients_near_the_f32_ones() {
 }
 
 #[test]
-fn the_inference_path_keeps_no_graph_and_agrees_with_the_training_path() {
+fn the_inference_path_keeps_no_graph_and_the_training_path_gives_the_same_numbers() {
     let f = fixture();
-    let x = f.tensor("train.x");
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let x = f.tensor("train.x").to_dtype(dtype).unwrap();
+        let frozen = f.layer(0, dtype);
+        let trainable = frozen.clone().into_trainable().unwrap();
+        let (y_frozen, y_trainable) = (frozen.forward(&x).unwrap(), trainable.forward(&x).unwrap());
+        // The frozen layer on a plain input records nothing for a backward; the trainable one does.
+        assert!(!y_frozen.track_op() && !frozen.adapter_forward(&x).unwrap().track_op());
+        assert!(y_trainable.track_op() && trainable.adapter_forward(&x).unwrap().track_op());
+        // Both accumulate the adapter into a copy of the base output with the same kernels.
+        assert_eq!(flat(&y_trainable), flat(&y_frozen), "{dtype:?}");
+        assert_eq!(flat(&trainable.adapter_forward(&x).unwrap()), flat(&frozen.adapter_forward(&x).unwrap()));
+        // A frozen layer on an input that carries a graph takes the training path: the same numbers.
+        let tracked = var(&x);
+        assert_eq!(flat(&frozen.forward(&tracked).unwrap()), flat(&y_frozen), "{dtype:?}");
+    }
     let frozen = f.layer(0, DType::F32);
-    let trainable = frozen.clone().into_trainable().unwrap();
-    let (y_frozen, y_trainable) = (frozen.forward(&x).unwrap(), trainable.forward(&x).unwrap());
-    // The frozen layer on a plain input records nothing for a backward; the trainable one does.
-    assert!(!y_frozen.track_op() && !frozen.adapter_forward(&x).unwrap().track_op());
-    assert!(y_trainable.track_op() && trainable.adapter_forward(&x).unwrap().track_op());
-    // The same values (the fused path adds the base inside the op, the training path with candle).
-    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert!(rel_err(&flat(&y_trainable), &flat(&y_frozen)) <= 1e-6);
-    assert!(trainable.is_trainable() && !frozen.is_trainable() && frozen.trainable_vars().is_empty());
-    assert_eq!(trainable.trainable_vars().len(), 2);
+    assert!(!frozen.is_trainable() && frozen.trainable_vars().is_empty());
+    let trainable = frozen.into_trainable().unwrap();
+    assert!(trainable.is_trainable() && trainable.trainable_vars().len() == 2);
 }
 
 #[test]
@@ -240,8 +251,7 @@ fn freezing_a_trained_layer_keeps_its_trained_vectors() {
     assert_eq!(frozen.adapter(), &trained);
     assert_eq!(frozen.trained_adapter().unwrap(), trained);
     let h = f.tensor("layers.1.x");
-    let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert!(rel_err(&flat(frozen.forward(&h).unwrap()), &flat(layers[1].forward(&h).unwrap())) <= 1e-6);
+    assert_eq!(flat(&frozen.forward(&h).unwrap()), flat(&layers[1].forward(&h).unwrap()));
     // Making a trainable layer trainable again keeps its Vars (and so what was trained).
     let again = layers[1].clone().into_trainable().unwrap();
     assert_eq!(again.trained_adapter().unwrap(), trained);
@@ -268,7 +278,7 @@ fn a_layer_called_twice_sums_its_gradients_and_batch_dimensions_and_strides_work
     // A transposed (non-contiguous) input: its gradient lands in the transposed Var.
     let xt = var(&x.t().unwrap().contiguous().unwrap()); // [48, T]
     let gt = dot_loss(&layer.forward(&xt.t().unwrap()).unwrap(), &dy).backward().unwrap();
-    let dxt = gt.get(&xt).unwrap().t().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let dxt = flat(&gt.get(&xt).unwrap().t().unwrap());
     let xv = var(&x);
     let g = dot_loss(&layer.forward(&xv).unwrap(), &dy).backward().unwrap();
     assert_eq!(gt.get(&xt).unwrap().dims(), &[48, t]);
@@ -292,12 +302,18 @@ fn the_adapter_bias_is_a_var_whose_gradient_is_the_sum_of_dy() {
     let g = Gradients::new(&mut dld, &mut dlb).with_bias(&mut db);
     let (xm, dym) = (MatRef::from_slice(&xs, t, 48).unwrap(), MatRef::from_slice(&dys, t, 40).unwrap());
     backward(f.projections.f32(), &a, xm, dym, None, g, Mode::Overwrite).unwrap();
-    assert!(rel_err(&grad(&grads, v.bias().unwrap()), &db) <= 1e-6);
+    assert_eq!(grad(&grads, v.bias().unwrap()), db);
+    assert_eq!(grad(&grads, v.lambda_d()), dld);
     assert_eq!(grad(&grads, v.lambda_b()), dlb);
     // The forward includes the bias: 0.25 more than the same layer without it.
     let plain = f.trainable(0, DType::F32).forward(&x).unwrap();
-    let diff = (layer.forward(&x).unwrap() - plain).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let diff = flat(&(layer.forward(&x).unwrap() - plain).unwrap());
     assert!(diff.iter().all(|d| (d - 0.25).abs() <= 1e-5));
+    // An SGD step moves the bias by -lr·Σ_t dy.
+    let mut opt = SGD::new(layer.trainable_vars(), 0.5).unwrap();
+    opt.backward_step(&dot_loss(&layer.forward(&x).unwrap(), &dy)).unwrap();
+    let stepped: Vec<f32> = db.iter().map(|g| 0.25 - 0.5 * g).collect();
+    assert!(rel_err(layer.trained_adapter().unwrap().bias().unwrap(), &stepped) <= 1e-6);
 }
 
 #[test]
