@@ -10,7 +10,7 @@
 //!
 //! ```text
 //! cargo run --release --features candle --example candle_train_vera -- \
-//!     --fixture tests/fixtures/peft-vera-train --steps 10 --lr 0.05 --output /tmp/trained
+//!     --fixture tests/fixtures/peft-vera-train --steps 10 --lr 0.05 --output trained-adapter
 //! ```
 //!
 //! `--n-max N --m-max M` give the projections' sizes for an adapter saved without them.
