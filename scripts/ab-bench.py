@@ -40,8 +40,11 @@ def main():
     else:
         runs = [args]
     for case_args in runs:
-        for _ in range(a.rounds):
-            for name, binary in (("old", a.old), ("new", a.new)):
+        for i in range(a.rounds):
+            # Which binary goes first alternates, so that an order effect (the second run of a pair
+            # seeing a warmer or a busier machine) falls on both alike.
+            pair = (("old", a.old), ("new", a.new))
+            for name, binary in pair if i % 2 == 0 else pair[::-1]:
                 for row in run(binary, case_args):
                     key = (row["case"], row["dtype"])
                     times[name].setdefault(key, []).append((row["fused_ms"], row["unfused_ms"]))

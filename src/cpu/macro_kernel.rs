@@ -102,7 +102,7 @@ pub(crate) trait MicroKernel<T> {
 }
 
 /// `sink[row, col] <- Σ_k left[row, k] · right[col, k]` for the `rows` rows of the kernel's left
-/// operand and the panels in `range`.
+/// operand and the panels in `range`: [`few`] when [`takes_few`] says so, else [`blocked`].
 ///
 /// # Safety
 /// The kernel's instructions are available; `kern.k_units() <= right.k_cap()`; the sink has `rows`
@@ -115,17 +115,45 @@ pub(crate) unsafe fn gemm<K: MicroKernel<T>, T: Element>(
     range: Range<usize>,
     sink: &Sink<'_, T>,
 ) {
+    // SAFETY: forwarded.
+    unsafe {
+        if takes_few::<K, T>(rows) {
+            few(kern, rows, right, range, sink)
+        } else {
+            blocked(kern, rows, right, range, sink)
+        }
+    }
+}
+
+/// Whether a call of `rows` rows runs the few-rows path: 1-4 rows, on a kernel that stages in
+/// place and has a panel count for that many rows. (A tier may call [`few`] and [`blocked`] from
+/// functions of its own, with its target features, so that each path is compiled on its own.)
+#[inline(always)]
+pub(crate) fn takes_few<K: MicroKernel<T>, T>(rows: usize) -> bool {
+    K::IN_PLACE && (1..=4).contains(&rows) && K::DECODE_PANELS[rows - 1] > 0
+}
+
+/// The few-rows path for `rows` rows (see the module docs).
+///
+/// # Safety
+/// As [`gemm`], with [`takes_few`] true for `rows`.
+#[inline(always)]
+pub(crate) unsafe fn few<K: MicroKernel<T>, T: Element>(
+    kern: &K,
+    rows: usize,
+    right: &Panels<K::Weight>,
+    range: Range<usize>,
+    sink: &Sink<'_, T>,
+) {
     const { assert!(K::GROUP <= MAX_GROUP) };
-    debug_assert!(kern.k_units() <= right.k_cap());
-    let few = |r: usize| K::IN_PLACE && K::DECODE_PANELS[r - 1] > 0;
-    // SAFETY: forwarded; the few-rows path runs only kernels that stage in place, with rows == R.
+    debug_assert!(kern.k_units() <= right.k_cap() && takes_few::<K, T>(rows));
+    // SAFETY: forwarded; rows == R.
     unsafe {
         match rows {
-            1 if few(1) => few_rows::<K, T, 1>(kern, right, range, sink),
-            2 if few(2) => few_rows::<K, T, 2>(kern, right, range, sink),
-            3 if few(3) => few_rows::<K, T, 3>(kern, right, range, sink),
-            4 if few(4) => few_rows::<K, T, 4>(kern, right, range, sink),
-            _ => blocked(kern, rows, right, range, sink),
+            1 => few_rows::<K, T, 1>(kern, right, range, sink),
+            2 => few_rows::<K, T, 2>(kern, right, range, sink),
+            3 => few_rows::<K, T, 3>(kern, right, range, sink),
+            _ => few_rows::<K, T, 4>(kern, right, range, sink),
         }
     }
 }
@@ -135,13 +163,15 @@ pub(crate) unsafe fn gemm<K: MicroKernel<T>, T: Element>(
 /// # Safety
 /// As [`gemm`].
 #[inline(always)]
-unsafe fn blocked<K: MicroKernel<T>, T: Element>(
+pub(crate) unsafe fn blocked<K: MicroKernel<T>, T: Element>(
     kern: &K,
     rows: usize,
     right: &Panels<K::Weight>,
     range: Range<usize>,
     sink: &Sink<'_, T>,
 ) {
+    const { assert!(K::GROUP <= MAX_GROUP) };
+    debug_assert!(kern.k_units() <= right.k_cap());
     let cols = sink.cols();
     let k_units = kern.k_units();
     // SAFETY: the kernel's instructions are available (contract).

@@ -457,12 +457,50 @@ pub(super) unsafe fn gemm<W: Simd16, T: Simd16>(
     // SAFETY: forwarded. A single row tile reads each weight block once: widening it into a
     // staging buffer first would only add a store and a load.
     unsafe {
-        if rows <= MR {
-            macro_kernel::gemm(&FmaDirect { left, _w }, rows, right, range, sink)
+        if rows > MR {
+            blocked_path(&Fma { left, _w }, rows, right, range, sink)
+        } else if macro_kernel::takes_few::<FmaDirect<'_, W>, T>(rows) {
+            few_path(&FmaDirect { left, _w }, rows, right, range, sink)
         } else {
-            macro_kernel::gemm(&Fma { left, _w }, rows, right, range, sink)
+            blocked_path(&FmaDirect { left, _w }, rows, right, range, sink)
         }
     }
+}
+
+/// `macro_kernel::few`, compiled on its own with this tier's features. Inlining both paths and
+/// all their instantiations into one entry made the blocked path of 8-row calls (T = 8 decode)
+/// 4-7% slower than when each path was its own function (interleaved runs, 2 threads).
+///
+/// # Safety
+/// As `macro_kernel::few`.
+#[inline(never)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+pub(super) unsafe fn few_path<K: MicroKernel<T>, T: Simd16>(
+    kern: &K,
+    rows: usize,
+    right: &Panels<K::Weight>,
+    range: Range<usize>,
+    sink: &Sink<'_, T>,
+) {
+    // SAFETY: forwarded.
+    unsafe { macro_kernel::few(kern, rows, right, range, sink) }
+}
+
+/// `macro_kernel::blocked`, compiled on its own with this tier's features (see [`few_path`]).
+///
+/// # Safety
+/// As `macro_kernel::blocked`.
+#[inline(never)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+pub(super) unsafe fn blocked_path<K: MicroKernel<T>, T: Simd16>(
+    kern: &K,
+    rows: usize,
+    right: &Panels<K::Weight>,
+    range: Range<usize>,
+    sink: &Sink<'_, T>,
+) {
+    // SAFETY: forwarded.
+    unsafe { macro_kernel::blocked(kern, rows, right, range, sink) }
 }
 
 /// [`gemm`], except that a call of one row (T = 1 decode) runs the AVX2 tier's decode kernel: for

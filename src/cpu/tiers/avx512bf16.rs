@@ -112,8 +112,49 @@ unsafe fn gemm_pairs<T: Simd16>(
 ) {
     debug_assert_eq!(left.k_len, n.div_ceil(2));
     let rows = left.rows;
+    let kern = Pairs { left, n };
     // SAFETY: forwarded.
-    unsafe { macro_kernel::gemm(&Pairs { left, n }, rows, right, range, sink) }
+    unsafe {
+        if macro_kernel::takes_few::<Pairs<'_>, T>(rows) {
+            few_path(&kern, rows, right, range, sink)
+        } else {
+            blocked_path(&kern, rows, right, range, sink)
+        }
+    }
+}
+
+/// `macro_kernel::few`, compiled on its own with this tier's features (as the AVX-512 tier's).
+///
+/// # Safety
+/// As `macro_kernel::few`.
+#[inline(never)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
+unsafe fn few_path<T: Simd16>(
+    kern: &Pairs<'_>,
+    rows: usize,
+    right: &Panels<u32>,
+    range: Range<usize>,
+    sink: &Sink<'_, T>,
+) {
+    // SAFETY: forwarded.
+    unsafe { macro_kernel::few(kern, rows, right, range, sink) }
+}
+
+/// `macro_kernel::blocked`, compiled on its own with this tier's features.
+///
+/// # Safety
+/// As `macro_kernel::blocked`.
+#[inline(never)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
+unsafe fn blocked_path<T: Simd16>(
+    kern: &Pairs<'_>,
+    rows: usize,
+    right: &Panels<u32>,
+    range: Range<usize>,
+    sink: &Sink<'_, T>,
+) {
+    // SAFETY: forwarded.
+    unsafe { macro_kernel::blocked(kern, rows, right, range, sink) }
 }
 
 /// The facts of this tier's bf16 kernels: pairs, `u` rounded to bf16, and `vdpbf16ps` flushes
