@@ -66,26 +66,28 @@ pub(crate) fn check_adapter(adapter: AdapterDims, r: usize, m: usize) -> Result<
     Ok(())
 }
 
-/// The shape check of one forward call, the same on every backend: `x [t, n]` and `y [t, m]`
-/// (when given) against the layer, and the adapter against the layer.
+/// How the shape check names the forward's output `y`.
+pub(crate) const Y: &str = "y (must be [T, out_features])";
+/// How the shape check names the backward's upstream gradient `dy`, which has `y`'s shape.
+pub(crate) const DY: &str = "dy (must be [T, out_features])";
+
+/// The shape check of one forward (or backward) call, the same on every backend: `x [t, n]` and
+/// an output-shaped buffer `[t, m]` (when given, with the name errors use: [`Y`] or [`DY`])
+/// against the layer, and the adapter against the layer.
 pub(crate) fn check_forward(
     layer: LayerDims,
     adapter: AdapterDims,
     x: [usize; 2],
-    y: Option<[usize; 2]>,
+    y: Option<([usize; 2], &'static str)>,
 ) -> Result<()> {
     check_adapter(adapter, layer.r, layer.m)?;
     let [t, n] = x;
     if n != layer.n {
         return Err(Error::ShapeMismatch { what: "x (must be [T, in_features])", expected: [t, layer.n], actual: x });
     }
-    if let Some(shape) = y {
+    if let Some((shape, what)) = y {
         if shape != [t, layer.m] {
-            return Err(Error::ShapeMismatch {
-                what: "y (must be [T, out_features])",
-                expected: [t, layer.m],
-                actual: shape,
-            });
+            return Err(Error::ShapeMismatch { what, expected: [t, layer.m], actual: shape });
         }
     }
     Ok(())
@@ -100,7 +102,7 @@ mod tests {
     #[test]
     fn every_mismatch_is_named_with_its_numbers() {
         let ok = AdapterDims { r: 4, m: 6 };
-        assert!(check_forward(LAYER, ok, [3, 10], Some([3, 6])).is_ok());
+        assert!(check_forward(LAYER, ok, [3, 10], Some(([3, 6], Y))).is_ok());
         let cases = [
             (AdapterDims { r: 5, m: 6 }, [3, 10], Some([3, 6]), "lambda_d"),
             (AdapterDims { r: 4, m: 7 }, [3, 10], Some([3, 6]), "lambda_b"),
@@ -109,7 +111,7 @@ mod tests {
             (ok, [3, 10], Some([3, 5]), "y (must"),
         ];
         for (adapter, x, y, what) in cases {
-            let err = check_forward(LAYER, adapter, x, y).unwrap_err().to_string();
+            let err = check_forward(LAYER, adapter, x, y.map(|y| (y, Y))).unwrap_err().to_string();
             assert!(err.contains(what), "{err}");
         }
         assert!(check_fits(10, 6, 9, 6).unwrap_err().to_string().contains("in_features"));

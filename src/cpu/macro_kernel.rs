@@ -145,7 +145,6 @@ pub(crate) unsafe fn few<K: MicroKernel<T>, T: Element>(
     range: Range<usize>,
     sink: &Sink<'_, T>,
 ) {
-    const { assert!(K::GROUP <= MAX_GROUP) };
     debug_assert!(kern.k_units() <= right.k_cap() && takes_few::<K, T>(rows));
     // SAFETY: forwarded; rows == R.
     unsafe {

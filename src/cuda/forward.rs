@@ -69,7 +69,7 @@ impl CudaStream {
         types::check_fits(n, m, projections.n_max, projections.m_max)?;
         let layer = types::LayerDims { r, n, m };
         let adapter_dims = types::AdapterDims { r: adapter.r, m: adapter.m };
-        types::check_forward(layer, adapter_dims, [rows, n], Some([y.rows, m]))?;
+        types::check_forward(layer, adapter_dims, [rows, n], Some(([y.rows, m], types::Y)))?;
         let buffers: [(&Buffer, &'static str); 5] = [
             (&projections.a, "projections"),
             (&adapter.lambda_d, "adapter"),

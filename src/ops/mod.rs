@@ -25,7 +25,7 @@ pub(crate) fn check_forward<T>(
     n: usize,
     y_shape: Option<[usize; 2]>,
 ) -> Result<()> {
-    types::check_forward(layer.dims(), adapter.dims(), [t, n], y_shape)
+    types::check_forward(layer.dims(), adapter.dims(), [t, n], y_shape.map(|y| (y, types::Y)))
 }
 
 /// The layer of `projections` that `x [t, n]` and an output of `y_shape` address, with every shape

@@ -10,7 +10,7 @@ use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mat::{MatMut, MatRef};
 use crate::projections::Projections;
-use crate::types::Mode;
+use crate::types::{self, Mode};
 
 /// Where [`backward`] writes one layer's gradients: always the λ gradients (f32, whatever the
 /// activation dtype); the bias gradient and the adapter's part of `dx` when given.
@@ -138,8 +138,7 @@ pub fn backward<T: Element>(
 ) -> Result<()> {
     let layer = projections.slice(x.cols(), dy.cols())?;
     let (t, n, r, m) = (x.rows(), x.cols(), layer.rank(), layer.out_features());
-    check_forward(&layer, adapter, t, n, Some([dy.rows(), dy.cols()]))
-        .map_err(|e| rename(e, "y (must be [T, out_features])", "dy (must be [T, out_features])"))?;
+    types::check_forward(layer.dims(), adapter.dims(), [t, n], Some(([dy.rows(), dy.cols()], types::DY)))?;
     if let Some(h) = saved_h {
         check_shape("saved h (must be [T, r])", [h.rows(), h.cols()], [t, r])?;
     }
@@ -157,14 +156,4 @@ pub fn backward<T: Element>(
     let grads = Grads { lambda_d, lambda_b, bias, x: dx, accumulate: mode == Mode::Accumulate };
     backward::backward(kern, bw, scales(adapter), x, dy, saved_h, grads);
     Ok(())
-}
-
-/// The shared check names `y`; the backward's buffer is `dy`.
-fn rename(e: Error, from: &'static str, to: &'static str) -> Error {
-    match e {
-        Error::ShapeMismatch { what, expected, actual } if what == from => {
-            Error::ShapeMismatch { what: to, expected, actual }
-        }
-        other => other,
-    }
 }

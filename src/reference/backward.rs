@@ -6,7 +6,7 @@ use crate::dtype::Element;
 use crate::error::Result;
 use crate::mat::MatRef;
 use crate::projections::LayerProjections;
-use crate::types::{check_forward, Numerics};
+use crate::types::{check_forward, Numerics, DY};
 
 /// One layer's gradients (or bounds on their errors), in f64: `dL/dlambda_d [r]`,
 /// `dL/dlambda_b [m]`, `dL/dbias [m]` and the adapter's part of `dL/dx`, `[T, n]` row-major.
@@ -66,7 +66,7 @@ pub fn backward<T: Element>(
     x: MatRef<'_, T>,
     dy: MatRef<'_, T>,
 ) -> Result<Gradients> {
-    check_forward(layer.dims(), adapter.dims(), [x.rows(), x.cols()], Some([dy.rows(), dy.cols()]))?;
+    check_forward(layer.dims(), adapter.dims(), [x.rows(), x.cols()], Some(([dy.rows(), dy.cols()], DY)))?;
     let p = pass(&layer, adapter, x, dy, false);
     let (a, _) = layer_matrices(&layer, false);
     let (r, m, n) = (layer.rank(), layer.out_features(), layer.in_features());

@@ -12,7 +12,7 @@ use crate::dtype::Element;
 use crate::error::Result;
 use crate::mat::MatRef;
 use crate::projections::LayerProjections;
-use crate::types::{check_forward, Numerics};
+use crate::types::{check_forward, Numerics, Y};
 
 /// Unit roundoff of f32, the arithmetic the CPU kernels accumulate in.
 const U32: f64 = 5.960_464_477_539_063e-8;
@@ -73,7 +73,7 @@ pub fn forward<T: Element>(
     x: MatRef<'_, T>,
     base: Option<MatRef<'_, T>>,
 ) -> Result<Vec<f64>> {
-    check_forward(layer.dims(), adapter.dims(), [x.rows(), x.cols()], base.map(|b| [b.rows(), b.cols()]))?;
+    check_forward(layer.dims(), adapter.dims(), [x.rows(), x.cols()], base.map(|b| ([b.rows(), b.cols()], Y)))?;
     let m = layer.out_features();
     let mut y = adapter_path(&layer, adapter, x, false);
     for (t, row) in y.chunks_mut(m.max(1)).enumerate().take(x.rows()) {

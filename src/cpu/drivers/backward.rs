@@ -68,8 +68,9 @@ pub(crate) fn backward<T: Element>(
     // The column sums of one block: dlambda_d [r], dlambda_b [m], dbias [m].
     let mut sums = vec![0.0f32; r + 2 * m];
     let blocks = rows.div_ceil(BLOCK_ROWS);
-    let products = if saved_h.is_some() { 3 } else { 4 };
-    let plan = plan_blocks(blocks, 2.0 * (rows * r * (n + m)) as f64 * products as f64 / 2.0);
+    // v and g sweep B (2·T·r·m each), dx sweeps A (2·T·r·n), and so does h when it is recomputed.
+    let sweeps_of_a = if saved_h.is_some() { 1 } else { 2 };
+    let plan = plan_blocks(blocks, 2.0 * (rows * r * (2 * m + sweeps_of_a * n)) as f64);
     let ctx = Block { kern, packed, transposed, s, x, dy, saved_h, dxp, want_bias, accumulate, split: plan.split };
     reduce_in_order(blocks, plan.width, &mut sums, |b, part| {
         let t0 = b * BLOCK_ROWS;
