@@ -196,6 +196,27 @@ pub enum Error {
         /// Which buffer is on another device than the stream.
         what: &'static str,
     },
+    /// A row of a mixed-adapter call names an adapter the bank does not hold (valid: `0..adapters`,
+    /// or [`NO_ADAPTER`](crate::NO_ADAPTER)).
+    AdapterIndex {
+        /// The row.
+        row: usize,
+        /// The index given for it.
+        index: i64,
+        /// The number of adapters in the bank.
+        adapters: usize,
+    },
+    /// An adapter bank needs at least one adapter.
+    EmptyBank,
+    /// Adapters loaded together for one bank were not made for the same shared projections.
+    ProjectionsDiffer {
+        /// The adapter that differs.
+        adapter: String,
+        /// The first adapter, which the others are compared with.
+        first: String,
+        /// How they differ.
+        reason: String,
+    },
 }
 
 impl fmt::Display for Error {
@@ -275,6 +296,17 @@ impl fmt::Display for Error {
             Error::DeviceMismatch { what } => {
                 write!(f, "{what} is on another CUDA device (or context) than the stream it was given to")
             }
+            Error::AdapterIndex { row, index, adapters } => write!(
+                f,
+                "row {row} names adapter {index}, but the bank holds {adapters} (valid: 0..{adapters}, \
+                 or -1 for no adapter)"
+            ),
+            Error::EmptyBank => write!(f, "an adapter bank needs at least one adapter, got none"),
+            Error::ProjectionsDiffer { adapter, first, reason } => write!(
+                f,
+                "adapter {adapter:?} was not made for the projections of adapter {first:?}: {reason}; \
+                 a bank needs adapters that share them"
+            ),
         }
     }
 }

@@ -14,6 +14,10 @@
 //! - [`Adapter`]: one layer's `lambda_d [r]`, `lambda_b [m]` and optional bias `[m]`.
 //! - [`forward`]: the fused pass into a caller-owned `y`, accumulating ([`Mode::Accumulate`]) or
 //!   overwriting; [`merge`] / [`unmerge`] / [`delta_weight`] for weight merging.
+//! - [`forward_train`] and [`backward`]: training (the gradients of `lambda_d`, `lambda_b`, the
+//!   bias and `x`), deterministic.
+//! - [`AdapterBank`], [`forward_mixed`], [`backward_mixed`]: a batch whose rows use different
+//!   adapters of one layer, at one adapter's cost (the projections are shared).
 //! - [`baseline`]: the dense and unfused peers the fused path is benchmarked against.
 //! - [`reference`](mod@reference): the naive f64 implementation and the forward-error bounds the kernels are
 //!   tested against.
@@ -24,6 +28,7 @@
 #![deny(missing_docs)]
 
 mod adapter;
+mod bank;
 pub mod baseline;
 #[cfg(feature = "candle")]
 pub mod candle;
@@ -41,11 +46,15 @@ pub mod rng;
 mod types;
 
 pub use adapter::Adapter;
+pub use bank::{AdapterBank, NO_ADAPTER};
 pub use cpu::{active_isa, set_parallel_min_flops, tier_facts, with_isa, Isa, Layout, PeakInstruction, TierFacts};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use mat::{MatMut, MatRef};
-pub use ops::{backward, delta_weight, forward, forward_layer, forward_train, merge, unmerge, Gradients, BLOCK_ROWS};
+pub use ops::{
+    backward, backward_mixed, delta_weight, forward, forward_layer, forward_mixed, forward_train, forward_train_mixed,
+    merge, unmerge, Gradients, BLOCK_ROWS,
+};
 pub use projections::{LayerProjections, Projections};
 pub use types::{Mode, Numerics};
 

@@ -13,6 +13,7 @@ pub(crate) mod kernels;
 mod macro_kernel;
 pub(crate) mod pack;
 pub(crate) mod parallel;
+pub(crate) mod scales;
 pub(crate) mod sink;
 #[cfg(test)]
 mod tests;

@@ -237,16 +237,24 @@ pub(crate) fn pack_rows<'o, E: Element>(src: MatRef<'_, E>, out: &'o mut [f32]) 
     Left { data: out, rows, k_len, lanes }
 }
 
-/// Packs `src` widened to f32 with column `k` multiplied by `scale[k]` (`scale[k] · v`, one
-/// rounding): `u = lambda_d ⊙ h` or `dy ⊙ lambda_b` as the left operand of the next product.
-pub(crate) fn pack_rows_scaled<'o, E: Element>(src: MatRef<'_, E>, scale: &[f32], out: &'o mut [f32]) -> Left<'o, f32> {
+/// Packs the rows of `src`, widened to f32, each multiplied element by element by its own scale
+/// vector over k: `row_scale(t)` for row `t`, or zeros for a row where that is `None` (a row
+/// without an adapter in a mixed call).
+pub(crate) fn pack_rows_scaled<'o, 's, E: Element>(
+    src: MatRef<'_, E>,
+    row_scale: impl Fn(usize) -> Option<&'s [f32]>,
+    out: &'o mut [f32],
+) -> Left<'o, f32> {
     let (rows, k_len) = (src.rows(), src.cols());
     let out = &mut out[..Left::<f32>::len_for(rows, k_len)];
-    let lanes = pack_tiles(rows, k_len, out, |t, k0, dst| {
-        E::widen_slice(&src.row_unchecked(t)[k0..k0 + dst.len()], dst);
-        for (d, s) in dst.iter_mut().zip(&scale[k0..]) {
-            *d *= s;
+    let lanes = pack_tiles(rows, k_len, out, |t, k0, dst| match row_scale(t) {
+        Some(scale) => {
+            E::widen_slice(&src.row_unchecked(t)[k0..k0 + dst.len()], dst);
+            for (d, s) in dst.iter_mut().zip(&scale[k0..]) {
+                *d *= s;
+            }
         }
+        None => dst.fill(0.0),
     });
     Left { data: out, rows, k_len, lanes }
 }

@@ -7,6 +7,7 @@
 //! bit, including the rounding to f16 / bf16 against `half`).
 
 use super::pack::{PanelsPtr, NR};
+use super::scales::BankScales;
 use crate::dtype::Element;
 use crate::mat::{MatPtr, MatRef};
 
@@ -35,6 +36,27 @@ impl Epilogue<'_> {
             v += old;
         }
         v
+    }
+}
+
+/// Per-row epilogues (the mixed-adapter calls): each row takes its own adapter's `lambda_b` and
+/// bias when `scaled` (the mixed forward), or neither (the mixed backward's `dx`). A row without an
+/// adapter is left as it is when accumulating, and set to zero otherwise.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowEpilogues<'a> {
+    pub(crate) bank: BankScales<'a>,
+    pub(crate) scaled: bool,
+    pub(crate) accumulate: bool,
+}
+
+impl<'a> RowEpilogues<'a> {
+    /// The epilogue of row `t`: the same arithmetic as a single-adapter call on that row's
+    /// adapter, or `None` for a row without one.
+    #[inline(always)]
+    pub(crate) fn row(&self, t: usize) -> Option<Epilogue<'a>> {
+        let s = self.bank.row(t)?;
+        let (scale, bias) = if self.scaled { (Some(s.lambda_b), s.bias) } else { (None, None) };
+        Some(Epilogue { scale, bias, accumulate: self.accumulate })
     }
 }
 
@@ -67,14 +89,18 @@ pub(crate) enum Sink<'a, T> {
     F32 { out: MatPtr<f32>, scale: Option<&'a [f32]> },
     /// `out[row, col] = epi(acc, out[row, col])`, in `T`.
     Epilogue { out: MatPtr<T>, epi: Epilogue<'a> },
+    /// As `Epilogue`, with each row's own epilogue (see [`RowEpilogues`]).
+    RowEpilogue { out: MatPtr<T>, rows: RowEpilogues<'a> },
     /// `out[row, col] = op(out[row, col], acc)`, in `T`.
     Update { out: MatPtr<T>, op: Update },
     /// Weight panels in `T` (the dense baseline's ΔW): row `row` of the panel holding `col`.
     Panels { out: PanelsPtr<T> },
     /// A column sum over rows of the product times another matrix: `sums[col] += other[row, col] ·
     /// acc`, in f32 (multiply, then add), rows added in ascending order (the backward's
-    /// `dlambda_b = Σ_t dy ⊙ v`, without ever storing `v`). `sums` is one row of the sink's width.
-    ColumnDot { other: MatRef<'a, T>, sums: MatPtr<f32> },
+    /// `dlambda_b = Σ_t dy ⊙ v`, without ever storing `v`). `sums` has the sink's width and one
+    /// row, or with `slots` one row per slot: row `t` adds into row `slots[t]` of `sums`, or
+    /// nowhere when that is negative (the mixed backward's per-adapter sums).
+    ColumnDot { other: MatRef<'a, T>, sums: MatPtr<f32>, slots: Option<&'a [i32]> },
 }
 
 impl<T: Element> Sink<'_, T> {
@@ -82,7 +108,7 @@ impl<T: Element> Sink<'_, T> {
     pub(crate) fn cols(&self) -> usize {
         match self {
             Sink::F32 { out, .. } => out.cols(),
-            Sink::Epilogue { out, .. } | Sink::Update { out, .. } => out.cols(),
+            Sink::Epilogue { out, .. } | Sink::RowEpilogue { out, .. } | Sink::Update { out, .. } => out.cols(),
             Sink::Panels { out } => out.cols(),
             Sink::ColumnDot { sums, .. } => sums.cols(),
         }
@@ -110,6 +136,18 @@ impl<T: Element> Sink<'_, T> {
                         *d = T::from_f32(epi.apply(col0 + c, v, d.to_f32()));
                     }
                 }
+                Sink::RowEpilogue { out, rows } => {
+                    let dst = &mut out.row_mut(row)[col0..col0 + vals.len()];
+                    match rows.row(row) {
+                        Some(epi) => {
+                            for (c, (d, &v)) in dst.iter_mut().zip(vals).enumerate() {
+                                *d = T::from_f32(epi.apply(col0 + c, v, d.to_f32()));
+                            }
+                        }
+                        None if rows.accumulate => {}
+                        None => dst.fill(T::from_f32(0.0)),
+                    }
+                }
                 Sink::Update { out, op } => {
                     let dst = &mut out.row_mut(row)[col0..col0 + vals.len()];
                     for (d, &v) in dst.iter_mut().zip(vals) {
@@ -122,11 +160,18 @@ impl<T: Element> Sink<'_, T> {
                         *p.add(col0 % NR + c) = T::from_f32(v);
                     }
                 }
-                Sink::ColumnDot { other, sums } => {
+                Sink::ColumnDot { other, sums, slots } => {
+                    let slot = match slots {
+                        Some(slots) => match usize::try_from(slots[row]) {
+                            Ok(slot) => slot,
+                            Err(_) => return,
+                        },
+                        None => 0,
+                    };
                     let other = &other.row_unchecked(row)[col0..col0 + vals.len()];
                     // Only this call's columns of the sums, so that threads owning other columns
                     // hold no overlapping slice.
-                    let sums = sums.sub(0, 1, col0, vals.len()).row_mut(0);
+                    let sums = sums.sub(slot, 1, col0, vals.len()).row_mut(0);
                     for ((s, &v), o) in sums.iter_mut().zip(vals).zip(other) {
                         *s += o.to_f32() * v;
                     }

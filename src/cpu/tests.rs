@@ -6,7 +6,8 @@
 use super::isa::Isa;
 use super::kernels::{kernels_on, Kernels};
 use super::pack::{pack_pairs, pack_rows, Panels, NR};
-use super::sink::{Epilogue, Sink, Update};
+use super::scales::BankScales;
+use super::sink::{Epilogue, RowEpilogues, Sink, Update};
 use crate::dtype::Element;
 use crate::mat::{MatMut, MatRef};
 use half::{bf16, f16};
@@ -48,15 +49,69 @@ fn values(len: usize, seed: u32) -> Vec<f32> {
     (0..len).map(|i| if i < specials.len() && seed == 0 { specials[i] } else { walk.next().unwrap() }).collect()
 }
 
+/// A bank of two adapters for the per-row epilogues: row `t` uses adapter `t % 3` (adapter 0: the
+/// drawn scale and bias; adapter 1: the scale reversed, no bias; 2: no adapter).
+struct RowBank {
+    lambda_b: Vec<f32>,
+    bias: Vec<f32>,
+    ids: Vec<i32>,
+}
+
+impl RowBank {
+    fn new(scale: &[f32], bias: &[f32]) -> Self {
+        let reversed = scale.iter().rev().copied();
+        Self {
+            lambda_b: scale.iter().copied().chain(reversed).collect(),
+            bias: bias.iter().copied().chain(bias.iter().map(|_| 0.0)).collect(),
+            ids: (0..64).map(|t| if t % 3 == 2 { -1 } else { t % 3 }).collect(),
+        }
+    }
+
+    fn rows(&self, accumulate: bool) -> RowEpilogues<'_> {
+        let m = self.lambda_b.len() / 2;
+        let bank = BankScales {
+            rows: &self.ids,
+            lambda_d: &[],
+            lambda_b: &self.lambda_b,
+            bias: &self.bias,
+            has_bias: &[true, false],
+            r: 0,
+            m,
+        };
+        RowEpilogues { bank, scaled: true, accumulate }
+    }
+
+    /// What the per-row epilogue must give at `(row, col)` (scalar definition).
+    fn expected(&self, row: usize, col: usize, dot: f32, old: f32, accumulate: bool) -> f32 {
+        let m = self.lambda_b.len() / 2;
+        match row % 3 {
+            0 => Epilogue { scale: Some(&self.lambda_b[..m]), bias: Some(&self.bias[..m]), accumulate }
+                .apply(col, dot, old),
+            1 => Epilogue { scale: Some(&self.lambda_b[m..]), bias: None, accumulate }.apply(col, dot, old),
+            _ if accumulate => old,
+            _ => 0.0,
+        }
+    }
+}
+
 /// The sinks under test, over `out` (the scales and biases are drawn per column).
 #[allow(clippy::type_complexity)]
 fn sinks<'a, T: Element>(
     scale: &'a [f32],
     bias: &'a [f32],
+    bank: &'a RowBank,
 ) -> Vec<(&'static str, Box<dyn Fn(MatMut<'_, T>) -> Sink<'a, T> + 'a>)> {
     let epi =
         |scale: Option<&'a [f32]>, bias: Option<&'a [f32]>, accumulate: bool| Epilogue { scale, bias, accumulate };
     vec![
+        (
+            "row epilogue, accumulate",
+            Box::new(move |mut y: MatMut<'_, T>| Sink::RowEpilogue { out: y.as_ptr_mat(), rows: bank.rows(true) }),
+        ),
+        (
+            "row epilogue, overwrite",
+            Box::new(move |mut y: MatMut<'_, T>| Sink::RowEpilogue { out: y.as_ptr_mat(), rows: bank.rows(false) }),
+        ),
         (
             "plain rounding",
             Box::new(move |mut y: MatMut<'_, T>| Sink::Epilogue { out: y.as_ptr_mat(), epi: epi(None, None, false) }),
@@ -85,9 +140,18 @@ fn sinks<'a, T: Element>(
 }
 
 /// What a sink must write for the exact product `dot` over the old value `old` (scalar definition).
-fn expected<T: Element>(what: &str, scale: &[f32], bias: &[f32], col: usize, dot: f32, old: T) -> T {
+fn expected<T: Element>(
+    what: &str,
+    (scale, bias, bank): (&[f32], &[f32], &RowBank),
+    at: [usize; 2],
+    dot: f32,
+    old: T,
+) -> T {
     let old = old.to_f32();
+    let [row, col] = at;
     let v = match what {
+        "row epilogue, accumulate" => bank.expected(row, col, dot, old, true),
+        "row epilogue, overwrite" => bank.expected(row, col, dot, old, false),
         "plain rounding" => Epilogue { scale: None, bias: None, accumulate: false }.apply(col, dot, old),
         "epilogue, accumulate" => {
             Epilogue { scale: Some(scale), bias: Some(bias), accumulate: true }.apply(col, dot, old)
@@ -109,7 +173,8 @@ fn check_tier<T: Element>(kern: &Kernels<T>, rows: usize, m: usize, seed: u32) {
     let bias = values(m, seed + 2).iter().map(|v| v.clamp(-1e6, 1e6)).collect::<Vec<_>>();
     let old: Vec<T> = values(rows * m, seed + 3).into_iter().map(T::from_f32).collect();
     let identity = Panels::from_fn(m, k, |c, kk| T::from_f32(if c == kk { 1.0 } else { 0.0 }));
-    for (what, make) in sinks::<T>(&scale, &bias) {
+    let bank = RowBank::new(&scale, &bias);
+    for (what, make) in sinks::<T>(&scale, &bias, &bank) {
         let mut y = old.clone();
         let sink = make(MatMut::from_slice(&mut y, rows, m).unwrap());
         let mut scratch = vec![0.0f32; rows.div_ceil(8) * 8 * k];
@@ -119,7 +184,7 @@ fn check_tier<T: Element>(kern: &Kernels<T>, rows: usize, m: usize, seed: u32) {
         for (idx, got) in y.iter().enumerate() {
             let (row, col) = (idx / m, idx % m);
             // The chain starts at +0, so a -0 input comes out as +0: the dot is `x + 0`.
-            let want = expected(what, &scale, &bias, col, x[row * k + col] + 0.0, old[idx]);
+            let want = expected(what, (&scale, &bias, &bank), [row, col], x[row * k + col] + 0.0, old[idx]);
             assert_eq!(
                 got.to_f64().to_bits(),
                 want.to_f64().to_bits(),
@@ -176,7 +241,8 @@ fn the_pair_kernels_store_through_the_same_sinks() {
         let old: Vec<bf16> = values(rows * m, 8).into_iter().map(bf16::from_f32).collect();
         let scale = values(m, 9).iter().map(|v| v.clamp(-4.0, 4.0)).collect::<Vec<_>>();
         let bias = values(m, 10).iter().map(|v| v.clamp(-1e6, 1e6)).collect::<Vec<_>>();
-        for (what, make) in sinks::<bf16>(&scale, &bias) {
+        let bank = RowBank::new(&scale, &bias);
+        for (what, make) in sinks::<bf16>(&scale, &bias, &bank) {
             let mut y = old.clone();
             let sink = make(MatMut::from_slice(&mut y, rows, m).unwrap());
             let bits: Vec<u16> = x.iter().map(|v| v.to_bits()).collect();
@@ -186,7 +252,8 @@ fn the_pair_kernels_store_through_the_same_sinks() {
             unsafe { gemm_pairs(left, m, &identity, 0..m.div_ceil(NR), &sink) };
             for (idx, got) in y.iter().enumerate() {
                 let (row, col) = (idx / m, idx % m);
-                let want = expected(what, &scale, &bias, col, x[row * m + col].to_f32() + 0.0, old[idx]);
+                let want =
+                    expected(what, (&scale, &bias, &bank), [row, col], x[row * m + col].to_f32() + 0.0, old[idx]);
                 assert_eq!(got.to_bits(), want.to_bits(), "{isa} {what}: y[{row},{col}] = {got:?}, want {want:?}");
             }
         }

@@ -2,12 +2,14 @@
 //! check of `types`); the work is done by the CPU drivers in `cpu::drivers`, with the kernel table
 //! of the calling thread's tier.
 
+mod mixed;
 mod train;
 
+pub use mixed::{backward_mixed, forward_mixed, forward_train_mixed};
 pub use train::{backward, forward_train, Gradients};
 
 use crate::adapter::Adapter;
-use crate::cpu::drivers::{self, Scales, Weights};
+use crate::cpu::drivers::{self, RowScales, Scales, Weights};
 use crate::cpu::kernels;
 use crate::cpu::sink::Update;
 use crate::dtype::Element;
@@ -103,7 +105,7 @@ pub fn forward_layer<T: Element>(
 ) -> Result<()> {
     check_forward(&layer, adapter, x.rows(), x.cols(), Some([y.rows(), y.cols()]))?;
     let kern = kernels::current::<T>();
-    drivers::forward::forward(kern, layer.weights(kern.facts().layout), scales(adapter), x, y, mode);
+    drivers::forward::forward(kern, layer.weights(kern.facts().layout), RowScales::One(scales(adapter)), x, y, mode);
     Ok(())
 }
 

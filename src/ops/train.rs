@@ -5,6 +5,7 @@ use super::{check_forward, scales};
 use crate::adapter::Adapter;
 use crate::cpu::drivers::backward::{self, BackwardWeights, Grads};
 use crate::cpu::drivers::forward;
+use crate::cpu::drivers::RowScales;
 use crate::cpu::kernels::{self, Layout};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -52,7 +53,7 @@ impl<'a, T> Gradients<'a, T> {
     }
 }
 
-fn check_len(what: &'static str, len: usize, expected: usize) -> Result<()> {
+pub(super) fn check_len(what: &'static str, len: usize, expected: usize) -> Result<()> {
     if len == expected {
         Ok(())
     } else {
@@ -60,7 +61,7 @@ fn check_len(what: &'static str, len: usize, expected: usize) -> Result<()> {
     }
 }
 
-fn check_shape(what: &'static str, shape: [usize; 2], expected: [usize; 2]) -> Result<()> {
+pub(super) fn check_shape(what: &'static str, shape: [usize; 2], expected: [usize; 2]) -> Result<()> {
     if shape == expected {
         Ok(())
     } else {
@@ -85,7 +86,7 @@ pub fn forward_train<T: Element>(
     check_forward(&layer, adapter, x.rows(), x.cols(), Some([y.rows(), y.cols()]))?;
     check_shape("h (must be [T, r])", [h.rows(), h.cols()], [x.rows(), layer.rank()])?;
     let kern = kernels::current::<T>();
-    forward::forward_train(kern, layer.weights(kern.facts().layout), scales(adapter), x, y, mode, h);
+    forward::forward_train(kern, layer.weights(kern.facts().layout), RowScales::One(scales(adapter)), x, y, mode, h);
     Ok(())
 }
 
@@ -154,6 +155,6 @@ pub fn backward<T: Element>(
     let bw = BackwardWeights { w: layer.weights(Layout::Wide), transposed: Some(projections.transposed()) };
     let Gradients { lambda_d, lambda_b, bias, x: dx } = grads;
     let grads = Grads { lambda_d, lambda_b, bias, x: dx, accumulate: mode == Mode::Accumulate };
-    backward::backward(kern, bw, scales(adapter), x, dy, saved_h, grads);
+    backward::backward(kern, bw, RowScales::One(scales(adapter)), x, dy, saved_h, grads);
     Ok(())
 }

@@ -30,6 +30,7 @@
 //! # Ok::<(), vera_kernels::Error>(())
 //! ```
 
+mod bank;
 mod config;
 mod tensors;
 
@@ -37,6 +38,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::Path;
 
+pub use bank::{PeftAdapters, DEFAULT_ADAPTER};
 pub use config::{TargetModules, VeraBias, VeraConfig};
 pub use tensors::{write_safetensors, Tensor, TensorFile};
 
@@ -324,7 +326,7 @@ impl PeftAdapter {
 
     /// Checks that `m_max` covers every module, naming the widest one (whose size is the `m_max`
     /// needed) when it does not.
-    fn check_m_max(&self, m_max: usize) -> Result<()> {
+    pub(crate) fn check_m_max(&self, m_max: usize) -> Result<()> {
         let widest = self.modules.iter().max_by_key(|(_, module)| module.out_features());
         match widest.filter(|(_, module)| module.out_features() > m_max) {
             Some((name, module)) => Err(Error::ProjectionsTooSmall {

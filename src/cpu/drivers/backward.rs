@@ -12,19 +12,20 @@
 //! products run on the tier's f32-FMA kernels (`u` and `g` stay in f32 on every tier).
 
 use super::forward::BLOCK_ROWS;
-use super::{Scales, Weights};
+use super::{RowScales, Weights};
 use crate::cpu::kernels::{Kernels, Layout};
 use crate::cpu::pack::{
     pack_projections, pack_rows, pack_rows_scaled, Left, PackedProjections, Panels, TransposedProjections, NR,
 };
 use crate::cpu::parallel::{for_panels, plan_blocks, reduce_in_order, with_scratch};
-use crate::cpu::sink::{Epilogue, Sink};
+use crate::cpu::sink::{Epilogue, RowEpilogues, Sink};
 use crate::dtype::Element;
 use crate::mat::{MatMut, MatPtr, MatRef};
 
 /// Where the backward writes: the λ gradients (and the bias's, when asked for) in f32, and the
 /// adapter's part of `dx` in the activation dtype (when asked for); added to their contents when
-/// `accumulate`, else written over them.
+/// `accumulate`, else written over them. For a bank, the λ and bias gradients hold one row per
+/// adapter (`[K, r]`, `[K, m]`), each summed over that adapter's rows only.
 pub(crate) struct Grads<'a, T> {
     pub lambda_d: &'a mut [f32],
     pub lambda_b: &'a mut [f32],
@@ -44,7 +45,7 @@ pub(crate) struct BackwardWeights<'a, T> {
 pub(crate) fn backward<T: Element>(
     kern: &Kernels<T>,
     bw: BackwardWeights<'_, T>,
-    s: Scales<'_>,
+    s: RowScales<'_>,
     x: MatRef<'_, T>,
     dy: MatRef<'_, T>,
     saved_h: Option<MatRef<'_, f32>>,
@@ -65,28 +66,86 @@ pub(crate) fn backward<T: Element>(
     let mut dx = dx;
     let dxp = dx.as_mut().map(MatMut::as_ptr_mat);
     let want_bias = bias.is_some();
-    // The column sums of one block: dlambda_d [r], dlambda_b [m], dbias [m].
-    let mut sums = vec![0.0f32; r + 2 * m];
+    // The column sums are kept per slot: one for a single adapter, else one per adapter that has
+    // rows in this call (so that they cost what the batch uses, not the whole bank).
+    let slots = Slots::of(&s);
+    let count = slots.adapters.len();
+    // The column sums of one block: dlambda_d [slots, r], dlambda_b [slots, m], dbias [slots, m].
+    let mut sums = vec![0.0f32; count * (r + 2 * m)];
     let blocks = rows.div_ceil(BLOCK_ROWS);
     // v and g sweep B (2·T·r·m each), dx sweeps A (2·T·r·n), and so does h when it is recomputed.
     let sweeps_of_a = if saved_h.is_some() { 1 } else { 2 };
     let plan = plan_blocks(blocks, 2.0 * (rows * r * (2 * m + sweeps_of_a * n)) as f64);
-    let ctx = Block { kern, packed, transposed, s, x, dy, saved_h, dxp, want_bias, accumulate, split: plan.split };
+    let row_slots = slots.of_row.as_deref();
+    let ctx = Block {
+        kern,
+        packed,
+        transposed,
+        s,
+        row_slots,
+        count,
+        r,
+        x,
+        dy,
+        saved_h,
+        dxp,
+        want_bias,
+        accumulate,
+        split: plan.split,
+    };
     reduce_in_order(blocks, plan.width, &mut sums, |b, part| {
         let t0 = b * BLOCK_ROWS;
         ctx.run(t0, BLOCK_ROWS.min(rows - t0), part);
     });
-    let (dld, rest) = sums.split_at(r);
-    let (dlb, dbias) = rest.split_at(m);
-    let apply = |out: &mut [f32], sum: &[f32]| {
-        for (o, v) in out.iter_mut().zip(sum) {
-            *o = if accumulate { *o + v } else { *v };
+    let (dld, rest) = sums.split_at(count * r);
+    let (dlb, dbias) = rest.split_at(count * m);
+    // Slot j's sums go to its adapter's row of each gradient; under overwrite, an adapter without
+    // rows in this call gets zeros (its gradient is zero), under accumulate it is left as it is.
+    let apply = |out: &mut [f32], sum: &[f32], width: usize| {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        for (&k, sum) in slots.adapters.iter().zip(sum.chunks(width.max(1))) {
+            for (o, v) in out[k * width..(k + 1) * width].iter_mut().zip(sum) {
+                *o = if accumulate { *o + v } else { *v };
+            }
         }
     };
-    apply(lambda_d, dld);
-    apply(lambda_b, dlb);
+    apply(lambda_d, dld, r);
+    apply(lambda_b, dlb, m);
     if let Some(bias) = bias {
-        apply(bias, dbias);
+        apply(bias, dbias, m);
+    }
+}
+
+/// Which adapters a call's column sums are kept for.
+struct Slots {
+    /// The adapter of each slot, ascending.
+    adapters: Vec<usize>,
+    /// Each row's slot (negative: no adapter); `None` when every row has the one adapter (slot 0).
+    of_row: Option<Vec<i32>>,
+}
+
+impl Slots {
+    fn of(s: &RowScales<'_>) -> Self {
+        match s {
+            RowScales::One(_) => Slots { adapters: vec![0], of_row: None },
+            RowScales::Bank(b) => {
+                let k = b.has_bias.len();
+                let mut slot_of = vec![-1i32; k];
+                for &id in b.rows {
+                    if let Ok(id) = usize::try_from(id) {
+                        slot_of[id] = 0;
+                    }
+                }
+                let adapters: Vec<usize> = (0..k).filter(|&a| slot_of[a] == 0).collect();
+                for (slot, &a) in adapters.iter().enumerate() {
+                    slot_of[a] = i32::try_from(slot).expect("slots <= rows of a call fit i32");
+                }
+                let of_row = b.rows.iter().map(|&id| usize::try_from(id).map_or(-1, |id| slot_of[id])).collect();
+                Slots { adapters, of_row: Some(of_row) }
+            }
+        }
     }
 }
 
@@ -95,7 +154,13 @@ struct Block<'a, T: 'static> {
     kern: &'a Kernels<T>,
     packed: &'a PackedProjections<T>,
     transposed: &'a TransposedProjections<T>,
-    s: Scales<'a>,
+    s: RowScales<'a>,
+    /// Each row's slot of the column sums (see [`Slots`]), or `None`: every row slot 0.
+    row_slots: Option<&'a [i32]>,
+    /// Slots of the column sums.
+    count: usize,
+    /// The rank.
+    r: usize,
     x: MatRef<'a, T>,
     dy: MatRef<'a, T>,
     saved_h: Option<MatRef<'a, f32>>,
@@ -106,14 +171,20 @@ struct Block<'a, T: 'static> {
 }
 
 impl<T: Element> Block<'_, T> {
-    /// Rows `t0..t0 + tb`: their `dx` rows, and their column sums into `part` (`[r | m | m]`).
+    /// Rows `t0..t0 + tb`: their `dx` rows, and their column sums into `part`
+    /// (`[slots, r] | [slots, m] | [slots, m]`).
     fn run(&self, t0: usize, tb: usize, part: &mut [f32]) {
-        let (n, r, m) = (self.x.cols(), self.s.lambda_d.len(), self.dy.cols());
+        let (n, r, m, count) = (self.x.cols(), self.r, self.dy.cols(), self.count);
         part.fill(0.0);
-        let (dld, rest) = part.split_at_mut(r);
-        let (dlb, dbias) = rest.split_at_mut(m);
+        let (dld, rest) = part.split_at_mut(count * r);
+        let (dlb, dbias) = rest.split_at_mut(count * m);
         let (x, dy) = (self.x.row_range(t0, tb), self.dy.row_range(t0, tb));
-        let (ld, lb) = (self.s.lambda_d, self.s.lambda_b);
+        // Row t's adapter vectors, and its slot of the sums (None: no adapter).
+        let scales = |t: usize| self.s.row(t0 + t);
+        let slot = |t: usize| match self.row_slots {
+            Some(slots) => usize::try_from(slots[t0 + t]).ok(),
+            None => Some(0),
+        };
         let h_len = if self.saved_h.is_some() { 0 } else { tb * r };
         let left_len = Left::<f32>::len_for(tb, n.max(m).max(r));
         with_scratch(h_len + tb * r + left_len, |buf| {
@@ -131,31 +202,43 @@ impl<T: Element> Block<'_, T> {
                 }
             };
             // dlambda_b = Σ_t dy ⊙ v with v = (lambda_d ⊙ h)·Bᵀ, summed as each tile of v is made.
-            let ul = pack_rows_scaled(h, ld, left);
-            let mut dlb = MatMut::from_slice(dlb, 1, m).expect("m sums");
-            let sink = Sink::ColumnDot { other: dy, sums: dlb.as_ptr_mat() };
+            let ul = pack_rows_scaled(h, |t| scales(t).map(|s| s.lambda_d), left);
+            let mut dlb = MatMut::from_slice(dlb, count, m).expect("slots x m sums");
+            let slots = self.row_slots.map(|s| &s[t0..t0 + tb]);
+            let sink = Sink::ColumnDot { other: dy, sums: dlb.as_ptr_mat(), slots };
             self.product(ul, self.packed.up.wide(), m, &sink);
             // g = (dy ⊙ lambda_b)·B, into the block's scratch.
             let mut gm = MatMut::from_slice(g, tb, r).expect("scratch sized tb * r");
-            let dyl = pack_rows_scaled(dy, lb, left);
+            let dyl = pack_rows_scaled(dy, |t| scales(t).map(|s| s.lambda_b), left);
             self.product(dyl, &self.transposed.b_t, r, &Sink::F32 { out: gm.as_ptr_mat(), scale: None });
             let g = MatRef::from_slice(g, tb, r).expect("scratch sized tb * r");
-            // dlambda_d = Σ_t g ⊙ h and dbias = Σ_t dy, rows in order.
+            // dlambda_d = Σ_t g ⊙ h and dbias = Σ_t dy, rows in order, each into its slot.
             for t in 0..tb {
+                let Some(j) = slot(t) else { continue };
+                let dld = &mut dld[j * r..(j + 1) * r];
                 for ((s, gv), hv) in dld.iter_mut().zip(g.row_unchecked(t)).zip(h.row_unchecked(t)) {
                     *s += gv * hv;
                 }
                 if self.want_bias {
-                    for (s, d) in dbias.iter_mut().zip(dy.row_unchecked(t)) {
+                    for (s, d) in dbias[j * m..(j + 1) * m].iter_mut().zip(dy.row_unchecked(t)) {
                         *s += d.to_f32();
                     }
                 }
             }
             // dx (+)= (g ⊙ lambda_d)·A.
             if let Some(dxp) = self.dxp {
-                let gl = pack_rows_scaled(g, ld, left);
-                let epi = Epilogue { scale: None, bias: None, accumulate: self.accumulate };
-                self.product(gl, &self.transposed.a_t, n, &Sink::Epilogue { out: dxp.sub(t0, tb, 0, n), epi });
+                let gl = pack_rows_scaled(g, |t| scales(t).map(|s| s.lambda_d), left);
+                let out = dxp.sub(t0, tb, 0, n);
+                let sink = match self.s {
+                    RowScales::One(_) => {
+                        Sink::Epilogue { out, epi: Epilogue { scale: None, bias: None, accumulate: self.accumulate } }
+                    }
+                    RowScales::Bank(b) => Sink::RowEpilogue {
+                        out,
+                        rows: RowEpilogues { bank: b.rows(t0, tb), scaled: false, accumulate: self.accumulate },
+                    },
+                };
+                self.product(gl, &self.transposed.a_t, n, &sink);
             }
         });
     }

@@ -2,13 +2,13 @@
 //! then at once `y (+)= lambda_b ⊙ (u·Bᵀ) + bias` while `u` is in cache. The two products are also
 //! the building blocks of the unfused benchmark peer (`baseline`).
 
-use super::{Scales, Weights};
+use super::{RowScales, Weights};
 use crate::cpu::kernels::{Kernels, Layout};
 use crate::cpu::pack::{
     pack_pairs, pack_pairs_rounded, pack_projections, pack_rows, Left, PackedProjections, WeightPanels, NR,
 };
 use crate::cpu::parallel::{for_blocks, for_panels, with_scratch};
-use crate::cpu::sink::{Epilogue, Sink};
+use crate::cpu::sink::{Epilogue, RowEpilogues, Sink};
 use crate::dtype::Element;
 use crate::mat::{MatMut, MatPtr, MatRef};
 use crate::types::Mode;
@@ -106,14 +106,15 @@ fn product<T: Element, E: Element>(
     }
 }
 
-/// The fused forward pass `y (+)= lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ) + bias`.
+/// The fused forward pass `y (+)= lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ) + bias`, with one adapter for
+/// every row or (a bank's mixed forward) each row's own.
 ///
 /// Scratch: each block of [`BLOCK_ROWS`] rows holds its `u` (`rows · r` f32), `u` packed for the
 /// up-projection (`rows · r`) and `x` packed for the down-projection (`rows · n`).
 pub(crate) fn forward<T: Element>(
     kern: &Kernels<T>,
     w: Weights<'_, T>,
-    s: Scales<'_>,
+    s: RowScales<'_>,
     x: MatRef<'_, T>,
     y: MatMut<'_, T>,
     mode: Mode,
@@ -127,7 +128,7 @@ pub(crate) fn forward<T: Element>(
 pub(crate) fn forward_train<T: Element>(
     kern: &Kernels<T>,
     w: Weights<'_, T>,
-    s: Scales<'_>,
+    s: RowScales<'_>,
     x: MatRef<'_, T>,
     y: MatMut<'_, T>,
     mode: Mode,
@@ -140,7 +141,7 @@ pub(crate) fn forward_train<T: Element>(
 fn fused<T: Element>(
     kern: &Kernels<T>,
     w: Weights<'_, T>,
-    s: Scales<'_>,
+    s: RowScales<'_>,
     x: MatRef<'_, T>,
     mut y: MatMut<'_, T>,
     mode: Mode,
@@ -153,7 +154,7 @@ fn fused<T: Element>(
     }
     let mut owned = None;
     let packed = packed_or_owned(kern, &w, &mut owned);
-    let epi = Epilogue { scale: Some(s.lambda_b), bias: s.bias, accumulate: mode == Mode::Accumulate };
+    let accumulate = mode == Mode::Accumulate;
     let yp = y.as_ptr_mat();
     let flops = 2.0 * (rows * r * (n + m)) as f64;
     for_blocks(rows, BLOCK_ROWS, flops, |t0, tb, split| {
@@ -162,22 +163,34 @@ fn fused<T: Element>(
             let (u, rest) = buf.split_at_mut(tb * r);
             let (ul, xl) = rest.split_at_mut(packed_u);
             let xb = x.row_range(t0, tb);
-            match h {
-                // u = lambda_d ⊙ (x·Aᵀ), into this block's scratch ...
-                None => {
-                    let out = MatMut::from_slice(u, tb, r).expect("scratch sized tb * r").as_ptr_mat();
-                    down(kern, packed, xb, xl, r, &Sink::F32 { out, scale: Some(s.lambda_d) }, split);
+            let mut um = MatMut::from_slice(u, tb, r).expect("scratch sized tb * r");
+            match (s, h) {
+                // u = lambda_d ⊙ (x·Aᵀ), scaled as it is stored into this block's scratch ...
+                (RowScales::One(s), None) => {
+                    down(kern, packed, xb, xl, r, &Sink::F32 { out: um.as_ptr_mat(), scale: Some(s.lambda_d) }, split);
                 }
-                // ... or h = x·Aᵀ into the caller's h, then u = lambda_d ⊙ h: the same product as
-                // the scaled store's (`scale[col] · acc`).
-                Some(h) => {
-                    let hb = h.sub(t0, tb, 0, r);
+                // ... or h = x·Aᵀ (into the caller's h, or into u), then u = lambda_d ⊙ h with each
+                // row's own lambda_d: the same product as the scaled store's (`scale[col] · acc`).
+                (s, h) => {
+                    let hb = h.map_or(um.as_ptr_mat(), |h| h.sub(t0, tb, 0, r));
                     down(kern, packed, xb, xl, r, &Sink::F32 { out: hb, scale: None }, split);
                     for (t, urow) in u.chunks_mut(r).enumerate() {
-                        // SAFETY: rows t0..t0 + tb of h are this block's, written just above.
-                        let hrow = unsafe { hb.row_mut(t) };
-                        for ((uv, hv), d) in urow.iter_mut().zip(hrow.iter()).zip(s.lambda_d) {
-                            *uv = d * hv;
+                        let Some(s) = s.row(t0 + t) else {
+                            // A row without an adapter: its u is never read (its epilogue skips it).
+                            urow.fill(0.0);
+                            continue;
+                        };
+                        if h.is_some() {
+                            // SAFETY: rows t0..t0 + tb of the caller's h are this block's, written
+                            // just above, and h is not this scratch.
+                            let hrow = unsafe { hb.row_mut(t) };
+                            for ((uv, hv), d) in urow.iter_mut().zip(hrow.iter()).zip(s.lambda_d) {
+                                *uv = d * hv;
+                            }
+                        } else {
+                            for (uv, d) in urow.iter_mut().zip(s.lambda_d) {
+                                *uv *= d;
+                            }
                         }
                     }
                 }
@@ -185,7 +198,16 @@ fn fused<T: Element>(
             // ... then up-projected at once, while it is in cache.
             if m > 0 {
                 let u = MatRef::from_slice(u, tb, r).expect("scratch sized tb * r");
-                up(kern, packed, u, ul, m, &Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi }, split);
+                let out = yp.sub(t0, tb, 0, m);
+                let sink = match s {
+                    RowScales::One(s) => {
+                        Sink::Epilogue { out, epi: Epilogue { scale: Some(s.lambda_b), bias: s.bias, accumulate } }
+                    }
+                    RowScales::Bank(b) => {
+                        Sink::RowEpilogue { out, rows: RowEpilogues { bank: b.rows(t0, tb), scaled: true, accumulate } }
+                    }
+                };
+                up(kern, packed, u, ul, m, &sink, split);
             }
         });
     });

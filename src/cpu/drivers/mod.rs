@@ -8,6 +8,7 @@ pub(crate) mod delta;
 pub(crate) mod forward;
 
 use super::pack::PackedProjections;
+pub(crate) use super::scales::{RowScales, Scales};
 use crate::mat::MatRef;
 
 /// One layer's projections as the drivers take them: A `[r, n]`, B `[m, r]`, and the model's
@@ -17,12 +18,4 @@ pub(crate) struct Weights<'a, T> {
     pub a: MatRef<'a, T>,
     pub b: MatRef<'a, T>,
     pub packed: Option<&'a PackedProjections<T>>,
-}
-
-/// One layer's adapter vectors: `lambda_d [r]`, `lambda_b [m]`, and the optional bias `[m]`.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Scales<'a> {
-    pub lambda_d: &'a [f32],
-    pub lambda_b: &'a [f32],
-    pub bias: Option<&'a [f32]>,
 }

@@ -162,19 +162,25 @@ unsafe fn store_tile<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, c
                 let bi = epi.bias.map(|b| [0, 1].map(|h| f32::load16_masked(b.as_ptr().add(col0 + 16 * h), m[h])));
                 for (i, a) in acc.iter().enumerate() {
                     let p = out.row_mut(t0 + i).as_mut_ptr().add(col0);
-                    for h in 0..2 {
-                        // Same operation order as Epilogue::apply: scale, bias, then the old value.
-                        let mut v = match sc {
-                            Some(s) => _mm512_mul_ps(s[h], a[h]),
-                            None => a[h],
-                        };
-                        if let Some(b) = bi {
-                            v = _mm512_add_ps(v, b[h]);
+                    epilogue_row(p, a, sc, bi, epi.accumulate, m);
+                }
+            }
+            Sink::RowEpilogue { out, rows } => {
+                for (i, a) in acc.iter().enumerate() {
+                    let p = out.row_mut(t0 + i).as_mut_ptr().add(col0);
+                    match rows.row(t0 + i) {
+                        // Each row its own adapter's vectors: the arithmetic of the arm above.
+                        Some(epi) => {
+                            let load =
+                                |v: &[f32]| [0, 1].map(|h| f32::load16_masked(v.as_ptr().add(col0 + 16 * h), m[h]));
+                            epilogue_row(p, a, epi.scale.map(load), epi.bias.map(load), epi.accumulate, m);
                         }
-                        if epi.accumulate {
-                            v = _mm512_add_ps(v, T::load16_masked(p.add(16 * h), m[h]));
+                        None if rows.accumulate => {}
+                        None => {
+                            for h in 0..2 {
+                                T::store16_masked(p.add(16 * h), m[h], _mm512_setzero_ps());
+                            }
                         }
-                        T::store16_masked(p.add(16 * h), m[h], v);
                     }
                 }
             }
@@ -209,6 +215,39 @@ unsafe fn store_tile<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, c
                     sink.store_row(t0 + i, col0, &row[..n]);
                 }
             }
+        }
+    }
+}
+
+/// One row of an epilogue store: `scale·acc`, `+ bias`, `+ old`, in [`Epilogue::apply`](crate::cpu::sink::Epilogue::apply)'s order
+/// (`sc` / `bi`: the row's scale and bias at this tile's columns, when there are any).
+///
+/// # Safety
+/// `p` points at the row's first column of the tile; the masks clip it to the sink's width.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+unsafe fn epilogue_row<T: Simd16>(
+    p: *mut T,
+    a: &[__m512; 2],
+    sc: Option<[__m512; 2]>,
+    bi: Option<[__m512; 2]>,
+    accumulate: bool,
+    m: [__mmask16; 2],
+) {
+    for h in 0..2 {
+        let mut v = match sc {
+            Some(s) => _mm512_mul_ps(s[h], a[h]),
+            None => a[h],
+        };
+        if let Some(b) = bi {
+            v = _mm512_add_ps(v, b[h]);
+        }
+        // SAFETY: the row's columns col0.. are in the sink up to the masks (this fn's contract).
+        unsafe {
+            if accumulate {
+                v = _mm512_add_ps(v, T::load16_masked(p.add(16 * h), m[h]));
+            }
+            T::store16_masked(p.add(16 * h), m[h], v);
         }
     }
 }
@@ -302,6 +341,7 @@ unsafe fn fma_block<S: Simd16, const R: usize, const P: usize>(
 pub(super) unsafe fn prefetch_old<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, col0: usize) {
     let out = match sink {
         Sink::Epilogue { out, epi } if epi.accumulate => out,
+        Sink::RowEpilogue { out, rows } if rows.accumulate => out,
         Sink::Update { out, op } if *op != Update::Overwrite => out,
         _ => return,
     };
