@@ -260,6 +260,40 @@ impl TensorFile {
             .map_err(|e| Error::Safetensors { path: self.path_string(), message: format!("tensor {key:?}: {e}") })
     }
 
+    /// Decodes an integer tensor (I8, I16, I32, I64, U8, U16, U32) as i64 values: e.g. the row →
+    /// adapter map of a mixed-adapter batch.
+    ///
+    /// Errors: [`Error::MissingTensor`], or [`Error::UnexpectedTensor`] for any other dtype (U64
+    /// included: its values may not fit i64).
+    pub fn integers(&self, key: &str) -> Result<Vec<i64>> {
+        let entry = self.entry(key)?;
+        let bytes = self.bytes.get(entry.bytes.clone()).ok_or_else(|| Error::Safetensors {
+            path: self.path_string(),
+            message: format!("tensor {key:?} lies outside the file"),
+        })?;
+        fn decode<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> i64) -> Vec<i64> {
+            bytes.chunks_exact(N).map(|c| f(c.try_into().expect("chunks of N bytes"))).collect()
+        }
+        Ok(match entry.dtype {
+            Dtype::I8 => decode::<1>(bytes, |b| i64::from(i8::from_le_bytes(b))),
+            Dtype::U8 => decode::<1>(bytes, |b| i64::from(b[0])),
+            Dtype::I16 => decode::<2>(bytes, |b| i64::from(i16::from_le_bytes(b))),
+            Dtype::U16 => decode::<2>(bytes, |b| i64::from(u16::from_le_bytes(b))),
+            Dtype::I32 => decode::<4>(bytes, |b| i64::from(i32::from_le_bytes(b))),
+            Dtype::U32 => decode::<4>(bytes, |b| i64::from(u32::from_le_bytes(b))),
+            Dtype::I64 => decode::<8>(bytes, i64::from_le_bytes),
+            other => {
+                return Err(Error::UnexpectedTensor {
+                    path: self.path_string(),
+                    key: key.to_string(),
+                    reason: format!(
+                        "its dtype is {other:?}, expected an integer type (I8, I16, I32, I64, U8, U16, U32)"
+                    ),
+                })
+            }
+        })
+    }
+
     /// Writes this file to `path` with some tensors replaced (or added): every other tensor is
     /// copied byte for byte, whatever its dtype, and the header's metadata is kept. Atomic as
     /// [`write_safetensors`].

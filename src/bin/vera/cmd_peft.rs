@@ -14,9 +14,12 @@ use clap::error::ErrorKind;
 use clap::Args;
 use rayon::prelude::*;
 use vera_kernels::peft::{
-    write_safetensors, PeftAdapter, ProjectionSizes, TargetModules, Tensor, TensorFile, VeraModule,
+    write_safetensors, PeftAdapter, PeftAdapters, ProjectionSizes, TargetModules, Tensor, TensorFile, VeraModule,
 };
-use vera_kernels::{forward, with_element_type, DType, Element, Error, MatMut, MatRef, Mode, Projections};
+use vera_kernels::{
+    forward, forward_mixed, with_element_type, Adapter, AdapterBank, DType, Element, Error, MatMut, MatRef, Mode,
+    Projections,
+};
 
 /// `vera inspect DIR`.
 #[derive(Args)]
@@ -47,9 +50,15 @@ impl SizeArgs {
 /// `vera forward`.
 #[derive(Args)]
 pub struct ForwardArgs {
-    /// The adapter directory.
-    #[arg(long, value_name = "DIR")]
-    adapter: PathBuf,
+    /// The adapter directory. Repeat it for a batch mixing several adapters (adapter 0, 1, ... in
+    /// the order given; they must share their projections), together with --rows-key.
+    #[arg(long, value_name = "DIR", required = true)]
+    adapter: Vec<PathBuf>,
+    /// The key of an integer tensor [T] in the input file holding each row's adapter: an index
+    /// into the --adapter list, or -1 for no adapter (such a row gets only the base layer, or zeros
+    /// without --base). Runs the mixed-adapter forward.
+    #[arg(long = "rows-key", value_name = "KEY")]
+    rows_key: Option<String>,
     /// The adapted module, as named in the adapter (e.g. model.layers.0.self_attn.q_proj).
     #[arg(long, value_name = "NAME")]
     module: String,
@@ -341,8 +350,22 @@ fn base_output<T: Element>(x: &[T], t: usize, n: usize, m: usize, base: &Base) -
 
 /// `vera forward`.
 pub fn forward_cmd(args: ForwardArgs) -> Result<(), String> {
-    let adapter = PeftAdapter::load(&args.adapter).map_err(|e| e.to_string())?;
-    let m = module(&adapter, &args.module)?.out_features();
+    if args.adapter.len() > 1 && args.rows_key.is_none() {
+        return Err(format!(
+            "{} adapters given: a mixed batch needs --rows-key KEY, the input's tensor of each row's adapter",
+            args.adapter.len()
+        ));
+    }
+    let set = PeftAdapters::load(&args.adapter).map_err(|e| e.to_string())?;
+    let fan_in_fan_out = set.adapters()[0].config().fan_in_fan_out;
+    if let Some(i) = set.adapters().iter().position(|a| a.config().fan_in_fan_out != fan_in_fan_out) {
+        return Err(format!(
+            "adapter {} says fan_in_fan_out = {}, adapter 0 says {fan_in_fan_out}: one base layer cannot be both",
+            args.adapter[i].display(),
+            !fan_in_fan_out
+        ));
+    }
+    let m = module(&set.adapters()[0], &args.module)?.out_features();
     let input = TensorFile::read(&args.input).map_err(|e| e.to_string())?;
     let x = tensor(&input, &args.input_key)?;
     let shape = x.shape().to_vec();
@@ -359,38 +382,90 @@ pub fn forward_cmd(args: ForwardArgs) -> Result<(), String> {
     if t.checked_mul(m).is_none() {
         return Err(format!("the output y [{t}, {m}] does not fit in memory"));
     }
-    let base = read_base(&args, n, m, adapter.config().fan_in_fan_out)?;
+    let which = match &args.rows_key {
+        None => Which::One(set.adapters()[0].module(&args.module).map_err(|e| e.to_string())?.adapter()),
+        Some(key) => {
+            let bank = set.bank(&args.module).map_err(|e| e.to_string())?;
+            Which::Mixed(bank, row_adapters(&input, key, lead, set.adapters().len())?)
+        }
+    };
+    let base = read_base(&args, n, m, fan_in_fan_out)?;
     let dtype = args.dtype.unwrap_or(x.dtype());
     let sizes = args.sizes.sizes();
-    let y = with_element_type!(dtype, T => run_forward::<T>(&adapter, &args.module, sizes, &x, t, n, base.as_ref()))
-        .map_err(message)?;
+    let y =
+        with_element_type!(dtype, T => run_forward::<T>(&set, &args.module, sizes, &which, &x, t, n, base.as_ref()))
+            .map_err(message)?;
     let out_shape: Vec<usize> = lead.iter().copied().chain([m]).collect();
     let y = Tensor::new(dtype, out_shape, y).map_err(|e| e.to_string())?;
     write_safetensors(&args.output, &[("y", &y)], None).map_err(|e| e.to_string())?;
-    let what = if base.is_some() { "base + adapter" } else { "adapter contribution" };
+    let what = match (&which, base.is_some()) {
+        (Which::One(_), true) => "base + adapter".to_string(),
+        (Which::One(_), false) => "adapter contribution".to_string(),
+        (Which::Mixed(b, _), true) => format!("base + each row's adapter of {}", b.len()),
+        (Which::Mixed(b, _), false) => format!("each row's adapter of {}", b.len()),
+    };
     print(&format!("wrote y {} {dtype} ({what}) to {}\n", shape_text(y.shape()), args.output.display()))
 }
 
+/// The adapter(s) of one `vera forward`: one for every row, or a bank with each row's index.
+enum Which<'a> {
+    One(&'a Adapter),
+    Mixed(AdapterBank, Vec<i32>),
+}
+
+/// The row → adapter map of a mixed batch: an integer tensor with x's leading shape, each value
+/// in `-1..adapters`.
+fn row_adapters(input: &TensorFile, key: &str, lead: &[usize], adapters: usize) -> Result<Vec<i32>, String> {
+    let shape = input.shape(key).map_err(|e| e.to_string())?;
+    if shape != lead {
+        return Err(Error::TensorShape {
+            path: input.path().display().to_string(),
+            key: key.to_string(),
+            expected: format!("{lead:?} (x's leading dimensions: one adapter index per row)"),
+            actual: shape.to_vec(),
+        }
+        .to_string());
+    }
+    let values = input.integers(key).map_err(|e| e.to_string())?;
+    values
+        .iter()
+        .enumerate()
+        .map(|(row, &v)| match i32::try_from(v) {
+            Ok(v) if (-1..adapters as i64).contains(&i64::from(v)) => Ok(v),
+            _ => Err(format!(
+                "{}: tensor {key:?} row {row} names adapter {v}, but {adapters} --adapter were given \
+                 (valid: 0..{adapters}, or -1 for no adapter)",
+                input.path().display()
+            )),
+        })
+        .collect()
+}
+
 /// The forward pass in `T`; returns y widened to f32 (exact).
+#[allow(clippy::too_many_arguments)]
 fn run_forward<T: Element>(
-    adapter: &PeftAdapter,
+    set: &PeftAdapters,
     name: &str,
     sizes: Option<ProjectionSizes>,
+    which: &Which<'_>,
     x: &Tensor,
     t: usize,
     n: usize,
     base: Option<&Base>,
 ) -> Result<Vec<f32>, Error> {
-    let module = adapter.module(name)?;
-    let m = module.out_features();
-    let projections = adapter.projections::<T>(sizes)?;
+    let m = set.adapters()[0].module(name)?.out_features();
+    let projections = set.projections::<T>(sizes)?;
     check_in_features(&projections, name, n)?;
     let x: Vec<T> = x.to_elements();
     let (mut y, mode) = match base {
         Some(base) => (base_output(&x, t, n, m, base), Mode::Accumulate),
         None => (vec![T::default(); t * m], Mode::Overwrite),
     };
-    forward(&projections, module.adapter(), MatRef::from_slice(&x, t, n)?, MatMut::from_slice(&mut y, t, m)?, mode)?;
+    let (xv, yv) = (MatRef::from_slice(&x, t, n)?, MatMut::from_slice(&mut y, t, m)?);
+    match which {
+        Which::One(adapter) => forward(&projections, adapter, xv, yv, mode)?,
+        Which::Mixed(bank, rows) => forward_mixed(&projections, bank, rows, xv, yv, mode)?,
+    }
     Ok(y.iter().map(|v| v.to_f32()).collect())
 }
 
