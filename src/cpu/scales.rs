@@ -36,11 +36,6 @@ impl<'a> BankScales<'a> {
             bias: self.has_bias[k].then(|| &self.bias[k * m..(k + 1) * m]),
         })
     }
-
-    /// The same bank for rows `t0..t0 + rows` of the call (their row indices start at 0).
-    pub(crate) fn rows(self, t0: usize, rows: usize) -> Self {
-        Self { rows: &self.rows[t0..t0 + rows], ..self }
-    }
 }
 
 /// The adapter vectors of a call: one adapter for every row, or a bank with each row's adapter.

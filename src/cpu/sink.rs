@@ -7,7 +7,6 @@
 //! bit, including the rounding to f16 / bf16 against `half`).
 
 use super::pack::{PanelsPtr, NR};
-use super::scales::BankScales;
 use crate::dtype::Element;
 use crate::mat::{MatPtr, MatRef};
 
@@ -39,24 +38,20 @@ impl Epilogue<'_> {
     }
 }
 
-/// Per-row epilogues (the mixed-adapter calls): each row takes its own adapter's `lambda_b` and
-/// bias when `scaled` (the mixed forward), or neither (the mixed backward's `dx`). A row without an
-/// adapter is left as it is when accumulating, and set to zero otherwise.
+/// Per-row epilogues (the mixed-adapter calls): row `t` of the sink takes `rows[t]`, its own
+/// adapter's epilogue, resolved once per block by the driver (see `drivers::row_epilogues`). A row
+/// without one (`None`) is left as it is when accumulating, and set to zero otherwise.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RowEpilogues<'a> {
-    pub(crate) bank: BankScales<'a>,
-    pub(crate) scaled: bool,
+    pub(crate) rows: &'a [Option<Epilogue<'a>>],
     pub(crate) accumulate: bool,
 }
 
 impl<'a> RowEpilogues<'a> {
-    /// The epilogue of row `t`: the same arithmetic as a single-adapter call on that row's
-    /// adapter, or `None` for a row without one.
+    /// The epilogue of row `t`, or `None` for a row without an adapter.
     #[inline(always)]
     pub(crate) fn row(&self, t: usize) -> Option<Epilogue<'a>> {
-        let s = self.bank.row(t)?;
-        let (scale, bias) = if self.scaled { (Some(s.lambda_b), s.bias) } else { (None, None) };
-        Some(Epilogue { scale, bias, accumulate: self.accumulate })
+        self.rows[t]
     }
 }
 

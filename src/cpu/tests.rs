@@ -3,6 +3,7 @@
 //! vector store computes must equal [`Epilogue::apply`] / [`Update::apply`] followed by `half`'s
 //! rounding (`Element::from_f32`), for every sink and element type.
 
+use super::drivers::row_epilogues;
 use super::isa::Isa;
 use super::kernels::{kernels_on, Kernels};
 use super::pack::{pack_pairs, pack_rows, Panels, NR};
@@ -57,17 +58,24 @@ struct RowBank {
     ids: Vec<i32>,
 }
 
+/// A [`RowBank`]'s epilogues, resolved, accumulating and overwriting.
+struct Resolved<'a> {
+    accumulate: Vec<Option<Epilogue<'a>>>,
+    overwrite: Vec<Option<Epilogue<'a>>>,
+}
+
 impl RowBank {
     fn new(scale: &[f32], bias: &[f32]) -> Self {
         let reversed = scale.iter().rev().copied();
         Self {
             lambda_b: scale.iter().copied().chain(reversed).collect(),
             bias: bias.iter().copied().chain(bias.iter().map(|_| 0.0)).collect(),
-            ids: (0..64).map(|t| if t % 3 == 2 { -1 } else { t % 3 }).collect(),
+            ids: (0..crate::BLOCK_ROWS as i32).map(|t| if t % 3 == 2 { -1 } else { t % 3 }).collect(),
         }
     }
 
-    fn rows(&self, accumulate: bool) -> RowEpilogues<'_> {
+    /// The rows' resolved epilogues, as the drivers resolve them per block.
+    fn resolved(&self, accumulate: bool) -> Vec<Option<Epilogue<'_>>> {
         let m = self.lambda_b.len() / 2;
         let bank = BankScales {
             rows: &self.ids,
@@ -78,7 +86,7 @@ impl RowBank {
             r: 0,
             m,
         };
-        RowEpilogues { bank, scaled: true, accumulate }
+        row_epilogues(bank, 0, self.ids.len(), true, accumulate).to_vec()
     }
 
     /// What the per-row epilogue must give at `(row, col)` (scalar definition).
@@ -99,18 +107,24 @@ impl RowBank {
 fn sinks<'a, T: Element>(
     scale: &'a [f32],
     bias: &'a [f32],
-    bank: &'a RowBank,
+    bank: &'a Resolved<'a>,
 ) -> Vec<(&'static str, Box<dyn Fn(MatMut<'_, T>) -> Sink<'a, T> + 'a>)> {
     let epi =
         |scale: Option<&'a [f32]>, bias: Option<&'a [f32]>, accumulate: bool| Epilogue { scale, bias, accumulate };
     vec![
         (
             "row epilogue, accumulate",
-            Box::new(move |mut y: MatMut<'_, T>| Sink::RowEpilogue { out: y.as_ptr_mat(), rows: bank.rows(true) }),
+            Box::new(move |mut y: MatMut<'_, T>| Sink::RowEpilogue {
+                out: y.as_ptr_mat(),
+                rows: RowEpilogues { rows: &bank.accumulate, accumulate: true },
+            }),
         ),
         (
             "row epilogue, overwrite",
-            Box::new(move |mut y: MatMut<'_, T>| Sink::RowEpilogue { out: y.as_ptr_mat(), rows: bank.rows(false) }),
+            Box::new(move |mut y: MatMut<'_, T>| Sink::RowEpilogue {
+                out: y.as_ptr_mat(),
+                rows: RowEpilogues { rows: &bank.overwrite, accumulate: false },
+            }),
         ),
         (
             "plain rounding",
@@ -174,7 +188,8 @@ fn check_tier<T: Element>(kern: &Kernels<T>, rows: usize, m: usize, seed: u32) {
     let old: Vec<T> = values(rows * m, seed + 3).into_iter().map(T::from_f32).collect();
     let identity = Panels::from_fn(m, k, |c, kk| T::from_f32(if c == kk { 1.0 } else { 0.0 }));
     let bank = RowBank::new(&scale, &bias);
-    for (what, make) in sinks::<T>(&scale, &bias, &bank) {
+    let resolved = Resolved { accumulate: bank.resolved(true), overwrite: bank.resolved(false) };
+    for (what, make) in sinks::<T>(&scale, &bias, &resolved) {
         let mut y = old.clone();
         let sink = make(MatMut::from_slice(&mut y, rows, m).unwrap());
         let mut scratch = vec![0.0f32; rows.div_ceil(8) * 8 * k];
@@ -242,7 +257,8 @@ fn the_pair_kernels_store_through_the_same_sinks() {
         let scale = values(m, 9).iter().map(|v| v.clamp(-4.0, 4.0)).collect::<Vec<_>>();
         let bias = values(m, 10).iter().map(|v| v.clamp(-1e6, 1e6)).collect::<Vec<_>>();
         let bank = RowBank::new(&scale, &bias);
-        for (what, make) in sinks::<bf16>(&scale, &bias, &bank) {
+        let resolved = Resolved { accumulate: bank.resolved(true), overwrite: bank.resolved(false) };
+        for (what, make) in sinks::<bf16>(&scale, &bias, &resolved) {
             let mut y = old.clone();
             let sink = make(MatMut::from_slice(&mut y, rows, m).unwrap());
             let bits: Vec<u16> = x.iter().map(|v| v.to_bits()).collect();

@@ -89,13 +89,13 @@ pub fn json_line(case: &str, shape: Shape, dtype: DType, threads: usize, isa: &s
 }
 
 /// One way of computing a case, timed as a whole call.
-type Method<W> = fn(&mut W) -> vera_kernels::Result<()>;
+pub(crate) type Method<W> = fn(&mut W) -> vera_kernels::Result<()>;
 
 /// Times the methods round-robin, so that the machine's noise falls on all of them alike: each
 /// round calls every method twice and times the second call, so that each is timed warm.
 /// Rounds go on until every method has at least `min_runs` samples and `budget` has passed (at
 /// most 1000 rounds). Returns each method's median in ms.
-fn interleaved_medians<W>(
+pub(crate) fn interleaved_medians<W>(
     w: &mut W,
     methods: &[Method<W>],
     budget: Duration,

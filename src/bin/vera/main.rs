@@ -10,6 +10,7 @@
 mod bench;
 #[cfg(feature = "cuda")]
 mod bench_cuda;
+mod bench_mixed;
 mod cmd_grad;
 mod cmd_peft;
 mod peak;
@@ -68,6 +69,11 @@ struct BenchArgs {
     /// `train_step_ms` and `train_step_recompute_ms`.
     #[arg(long)]
     backward: bool,
+    /// Time a batch mixing K adapters (row t uses adapter t % K): the mixed forward against one
+    /// adapter on every row, a per-adapter loop (gather, forward, scatter) and, unless --no-dense,
+    /// each adapter's ΔW formed and applied to its rows. CPU only.
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    adapters: Option<u32>,
     /// Measure this machine's peaks first (f32 FMA, bf16 dot product, cache and memory read
     /// bandwidth) and print each case's share of the roofline that binds it.
     #[arg(long)]
@@ -91,10 +97,16 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
 
 fn bench(args: BenchArgs) -> Result<(), String> {
     if args.device == "cuda" {
+        if args.adapters.is_some() {
+            return Err("--adapters: only on the CPU for now (the CUDA backend has no mixed-adapter kernel yet)".into());
+        }
         if args.backward {
             return Err("--backward: only on the CPU for now (the CUDA backend has no backward pass yet)".into());
         }
         return bench_cuda(args);
+    }
+    if args.adapters.is_some() && (args.backward || args.peak) {
+        return Err("--adapters: times the mixed forward only (without --backward and --peak)".into());
     }
     if args.l2 != "warm" {
         return Err("--l2 cold: only with --device cuda (the CPU bench times with warm caches)".into());
@@ -110,6 +122,9 @@ fn bench(args: BenchArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start {threads} threads: {e}"))?;
     let budget = Duration::from_millis(args.budget_ms);
+    if let Some(k) = args.adapters {
+        return bench_adapters(&pool, &shapes, &dtypes, k as usize, threads, !args.no_dense, budget, args.json);
+    }
     let methods = bench::Methods { dense: !args.no_dense, backward: args.backward };
     let peak = args.peak.then(|| pool.install(|| peak::measure(threads)));
     if let Some(p) = &peak {
@@ -139,6 +154,32 @@ fn bench(args: BenchArgs) -> Result<(), String> {
                 };
                 println!("{}", bench::table_row(&row, peak.as_ref().map(|p| (p, read_gbps))));
             }
+        }
+    }
+    Ok(())
+}
+
+/// `vera bench --adapters K`: see `bench_mixed`.
+#[allow(clippy::too_many_arguments)]
+fn bench_adapters(
+    pool: &rayon::ThreadPool,
+    shapes: &[Shape],
+    dtypes: &[DType],
+    k: usize,
+    threads: usize,
+    dense: bool,
+    budget: Duration,
+    json: bool,
+) -> Result<(), String> {
+    if !json {
+        println!("{}", bench_mixed::MixedRow::header());
+    }
+    for &dtype in dtypes {
+        for &shape in shapes {
+            let row = pool
+                .install(|| bench_mixed::run(shape, k, dtype, threads, dense, budget))
+                .map_err(|e| format!("case {shape} ({dtype}, {k} adapters): {e}"))?;
+            println!("{}", if json { row.json() } else { row.table_row() });
         }
     }
     Ok(())

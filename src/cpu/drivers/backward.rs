@@ -12,7 +12,7 @@
 //! products run on the tier's f32-FMA kernels (`u` and `g` stay in f32 on every tier).
 
 use super::forward::BLOCK_ROWS;
-use super::{RowScales, Weights};
+use super::{row_epilogues, RowScales, Weights};
 use crate::cpu::kernels::{Kernels, Layout};
 use crate::cpu::pack::{
     pack_projections, pack_rows, pack_rows_scaled, Left, PackedProjections, Panels, TransposedProjections, NR,
@@ -229,14 +229,16 @@ impl<T: Element> Block<'_, T> {
             if let Some(dxp) = self.dxp {
                 let gl = pack_rows_scaled(g, |t| scales(t).map(|s| s.lambda_d), left);
                 let out = dxp.sub(t0, tb, 0, n);
+                let (accumulate, resolved);
+                accumulate = self.accumulate;
                 let sink = match self.s {
                     RowScales::One(_) => {
                         Sink::Epilogue { out, epi: Epilogue { scale: None, bias: None, accumulate: self.accumulate } }
                     }
-                    RowScales::Bank(b) => Sink::RowEpilogue {
-                        out,
-                        rows: RowEpilogues { bank: b.rows(t0, tb), scaled: false, accumulate: self.accumulate },
-                    },
+                    RowScales::Bank(b) => {
+                        resolved = row_epilogues(b, t0, tb, false, accumulate);
+                        Sink::RowEpilogue { out, rows: RowEpilogues { rows: &resolved[..tb], accumulate } }
+                    }
                 };
                 self.product(gl, &self.transposed.a_t, n, &sink);
             }

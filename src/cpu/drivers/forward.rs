@@ -2,7 +2,7 @@
 //! then at once `y (+)= lambda_b ⊙ (u·Bᵀ) + bias` while `u` is in cache. The two products are also
 //! the building blocks of the unfused benchmark peer (`baseline`).
 
-use super::{RowScales, Weights};
+use super::{row_epilogues, RowScales, Weights};
 use crate::cpu::kernels::{Kernels, Layout};
 use crate::cpu::pack::{
     pack_pairs, pack_pairs_rounded, pack_projections, pack_rows, Left, PackedProjections, WeightPanels, NR,
@@ -199,12 +199,14 @@ fn fused<T: Element>(
             if m > 0 {
                 let u = MatRef::from_slice(u, tb, r).expect("scratch sized tb * r");
                 let out = yp.sub(t0, tb, 0, m);
+                let resolved;
                 let sink = match s {
                     RowScales::One(s) => {
                         Sink::Epilogue { out, epi: Epilogue { scale: Some(s.lambda_b), bias: s.bias, accumulate } }
                     }
                     RowScales::Bank(b) => {
-                        Sink::RowEpilogue { out, rows: RowEpilogues { bank: b.rows(t0, tb), scaled: true, accumulate } }
+                        resolved = row_epilogues(b, t0, tb, true, accumulate);
+                        Sink::RowEpilogue { out, rows: RowEpilogues { rows: &resolved[..tb], accumulate } }
                     }
                 };
                 up(kern, packed, u, ul, m, &sink, split);

@@ -177,8 +177,8 @@ unsafe fn store_tile<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, c
                         }
                         None if rows.accumulate => {}
                         None => {
-                            for h in 0..2 {
-                                T::store16_masked(p.add(16 * h), m[h], _mm512_setzero_ps());
+                            for (h, &mask) in m.iter().enumerate() {
+                                T::store16_masked(p.add(16 * h), mask, _mm512_setzero_ps());
                             }
                         }
                     }
