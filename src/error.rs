@@ -171,6 +171,12 @@ pub enum Error {
         /// The size the projections cover.
         given: usize,
     },
+    /// A module's in_features is needed (e.g. to export the adapter as LoRA, whose `lora_A` is
+    /// `[r, in_features]`) and was not given: a VeRA adapter does not store it.
+    MissingInFeatures {
+        /// The module's name.
+        module: String,
+    },
     /// An adapter has no module of this name.
     UnknownModule {
         /// The name asked for.
@@ -288,6 +294,11 @@ impl fmt::Display for Error {
                      {max} = {given}"
                 )
             }
+            Error::MissingInFeatures { module } => write!(
+                f,
+                "module {module:?}: its in_features is not known (a VeRA adapter does not store it): \
+                 give it for this module or for every module"
+            ),
             Error::UnknownModule { module, available } => {
                 write!(f, "the adapter has no module {module:?} (it has: {})", available.join(", "))
             }

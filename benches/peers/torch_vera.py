@@ -11,6 +11,17 @@ backward_ms, train_step_ms (with --backward) PyTorch autograd through PEFT's for
            lambda_b and x requiring grad: the backward of y with an upstream gradient dy alone (on a
            graph kept with retain_graph), and a whole step (forward, then backward)
 
+--adapters K (K > 1) times many adapters in one batch: K distinct adapters (their own lambda_d [r]
+and lambda_b [m], drawn at random; the same A and B, as VeRA shares them) spread over the T rows,
+row t going to adapter t % K. It is timed as a PEFT user serves such a batch today: y = base + bias,
+then for each adapter that has rows, gather them (index_select), apply PEFT's formula
+lambda_b * linear(lambda_d * linear(x_k, A), B) and add the result into y at those rows
+(index_add_); the row index of each adapter is built once per case, outside the timing. The row
+then has case <shape>_k<K>, adapters: K, fused_ms (= unfused_ms) that loop, single_ms the
+single-adapter path on the same T rows timed in the same run (round-robin with the loop on the
+CPU), loop_over_single = fused_ms / single_ms, and dense_ms null (the dense baseline is
+single-adapter). --adapters 1 (the default) is the single-adapter run above, rows unchanged.
+
 Run with the same thread count as `vera bench` (default: one per core), under torch.no_grad()
 (except the autograd timings of --backward).
 Prints one JSON object per case with the same keys as `vera bench --json`:
@@ -27,6 +38,7 @@ the GPU's L2, so A and B come from device memory; those cases are named <shape>_
     python3 benches/peers/torch_vera.py [--shape T,n,m,r ...] [--dtype f32|f16|bf16 ...]
                                         [--threads N] [--device cpu|cuda] [--budget-ms MS]
                                         [--no-dense] [--l2 warm|cold] [--backward]
+                                        [--adapters K]
 """
 import argparse
 import json
@@ -118,6 +130,59 @@ def time_training(torch, F, args, medians, tensors, dy):
     return tuple(medians([backward_only, step], args.budget_ms / 1e3, 5))
 
 
+def time_adapters(torch, F, args, medians, mk, dev, shape, dtype_name, isa, l2_bytes, tensors):
+    """--adapters K: the per-adapter loop a PEFT user runs on a mixed batch, and the single-adapter
+    path on the same rows, in one run; the JSON row of the case."""
+    t, n, m, r = shape
+    a, b, ld, lb, bias, x, base = tensors
+    k_count = args.adapters
+    # Adapter 0 is the single-adapter case's; the others draw their own vectors.
+    lds = [ld] + [mk(r) for _ in range(k_count - 1)]
+    lbs = [lb] + [mk(m) for _ in range(k_count - 1)]
+    # Row t -> adapter t % K; adapters without a row (K > T) are not run.
+    groups = [(torch.arange(k, t, k_count, device=dev), lds[k], lbs[k]) for k in range(min(k_count, t))]
+    case = f"t{t}_n{n}_m{m}_r{r}_k{k_count}" + ("_l2cold" if args.l2 == "cold" else "")
+
+    with torch.no_grad():
+        def single(ab):
+            return base + lb * F.linear(ld * F.linear(x, ab[0]), ab[1]) + bias
+
+        def loop(ab):
+            y = base + bias
+            for idx, ld_k, lb_k in groups:
+                x_k = x.index_select(0, idx)
+                y.index_add_(0, idx, lb_k * F.linear(ld_k * F.linear(x_k, ab[0]), ab[1]))
+            return y
+
+        # Once, untimed: the loop gives every row its own adapter's output (the same formula with
+        # the per-row vectors gathered up front).
+        rows = torch.arange(t, device=dev) % k_count
+        want = base + torch.stack(lbs)[rows] * F.linear(torch.stack(lds)[rows] * F.linear(x, a), b) + bias
+        got = loop((a, b))
+        err = ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30)).item()
+        if not err <= (1e-4 if dtype_name == "f32" else 2e-2):
+            sys.exit(f"torch_vera.py: --adapters {k_count} loop disagrees with the per-row formula: {err:.2e}")
+
+        if args.device == "cuda":
+            set_bytes = (a.numel() + b.numel()) * a.element_size()
+            copies = cold_copies(set_bytes, l2_bytes) if args.l2 == "cold" else 1
+            sets = [(a, b)] + [(a.clone(), b.clone()) for _ in range(copies - 1)]
+            budget_s = args.budget_ms / 1e3
+            loop_ms, _ = cuda_median_ms(torch, loop, sets, budget_s)
+            single_ms, _ = cuda_median_ms(torch, single, sets, budget_s)
+            del sets
+        else:
+            # Round-robin in one run, so that machine noise falls on both alike.
+            loop_ms, single_ms = medians([lambda: loop((a, b)), lambda: single((a, b))], args.budget_ms / 1e3, 5)
+    return {
+        "case": case, "t": t, "n": n, "m": m, "r": r, "dtype": dtype_name,
+        "threads": args.threads, "isa": isa, "adapters": k_count, "fused_ms": round(loop_ms, 6),
+        "dense_ms": None, "unfused_ms": round(loop_ms, 6),
+        "fused_gflops": round(2 * t * r * (n + m) / (loop_ms * 1e-3) / 1e9, 3),
+        "single_ms": round(single_ms, 6), "loop_over_single": round(loop_ms / single_ms, 4),
+    }
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", action="append", type=parse_shape, help="T,n,m,r; repeatable")
@@ -131,9 +196,19 @@ def main():
                     help="cuda only: cold rotates each call over copies of A and B filling several L2s")
     ap.add_argument("--backward", action="store_true",
                     help="also time autograd: backward_ms (the backward alone) and train_step_ms")
+    ap.add_argument("--adapters", type=int, default=1, metavar="K",
+                    help="K distinct adapters (own lambda_d, lambda_b; shared A, B) over the T rows, row t "
+                         "going to adapter t %% K, timed as a PEFT user's loop: per adapter, gather its rows "
+                         "(index_select), apply PEFT's formula, add into y (index_add_); also times the "
+                         "single-adapter path on the same rows in the same run and reports loop_over_single "
+                         "(default 1: the single-adapter run alone)")
     args = ap.parse_args()
     if args.l2 == "cold" and args.device != "cuda":
         ap.error("--l2 cold: only with --device cuda")
+    if args.adapters < 1:
+        ap.error("--adapters: K must be at least 1")
+    if args.adapters > 1 and args.backward:
+        ap.error("--backward: single adapter only (--adapters 1)")
 
     import torch
     import torch.nn.functional as F
@@ -178,6 +253,10 @@ def main():
             ld, lb, bias = mk(r), mk(m), mk(m)
             x, base = mk(t, n), mk(t, m)
             case = f"t{t}_n{n}_m{m}_r{r}" + ("_l2cold" if args.l2 == "cold" else "")
+            if args.adapters > 1:
+                print(json.dumps(time_adapters(torch, F, args, medians, mk, dev, (t, n, m, r), name, isa, l2_bytes,
+                                               (a, b, ld, lb, bias, x, base))), flush=True)
+                continue
 
             with torch.no_grad():
                 def peft_path(ab):

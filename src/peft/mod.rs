@@ -10,6 +10,9 @@
 //! from `projection_prng_key`, which needs the base model's `n_max` and `m_max` (the largest
 //! in/out features over the adapted layers): the adapter file alone does not know them.
 //!
+//! [`PeftAdapter::to_lora`] exports an adapter exactly as a PEFT LoRA adapter (`lora_B·lora_A =
+//! ΔW`, scaling 1), which [`LoraAdapter::save`] writes as a LoRA adapter directory.
+//!
 //! ```
 //! use vera_kernels::peft::PeftAdapter;
 //! use vera_kernels::{forward, MatMut, MatRef, Mode};
@@ -32,6 +35,7 @@
 
 mod bank;
 mod config;
+mod lora;
 mod tensors;
 
 use std::collections::{BTreeMap, HashMap};
@@ -40,6 +44,7 @@ use std::path::Path;
 
 pub use bank::{PeftAdapters, DEFAULT_ADAPTER};
 pub use config::{TargetModules, VeraBias, VeraConfig};
+pub use lora::{lora_a_key, lora_b_key, InFeatures, LoraAdapter, LoraExportOptions, LoraModule};
 pub use tensors::{write_safetensors, Tensor, TensorFile};
 
 use crate::adapter::Adapter;

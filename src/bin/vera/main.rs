@@ -11,6 +11,7 @@ mod bench;
 #[cfg(feature = "cuda")]
 mod bench_cuda;
 mod bench_mixed;
+mod cmd_export;
 mod cmd_grad;
 mod cmd_peft;
 mod peak;
@@ -44,6 +45,8 @@ enum Command {
     Merge(cmd_peft::MergeArgs),
     /// A module's gradients (lambda_d, lambda_b, the adapter's part of x) for x and dy = dL/dy.
     Grad(cmd_grad::GradArgs),
+    /// Write the adapter as the exact PEFT LoRA adapter with the same ΔW (rank r, no SVD).
+    ExportLora(cmd_export::ExportLoraArgs),
 }
 
 #[derive(clap::Args)]
@@ -240,6 +243,7 @@ fn main() -> ExitCode {
         Command::Forward(args) => cmd_peft::forward_cmd(args),
         Command::Merge(args) => cmd_peft::merge_cmd(args),
         Command::Grad(args) => cmd_grad::grad_cmd(args),
+        Command::ExportLora(args) => cmd_export::export_lora_cmd(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
