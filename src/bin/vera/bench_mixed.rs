@@ -33,19 +33,21 @@ pub struct MixedRow {
 }
 
 impl MixedRow {
-    /// One JSON object: the case, then each method's median in ms.
+    /// One JSON object: the case, then each method's median in ms; `fused_ms` is the mixed call's,
+    /// under the key `scripts/compare-bench.py` matches with the PyTorch peer's loop.
     pub fn json(&self) -> String {
         let Shape { t, n, m, r } = self.shape;
         let dense = self.dense_ms.map_or("null".to_string(), |v| format!("{v:.6}"));
         format!(
             "{{\"case\":\"{}_k{}\",\"t\":{t},\"n\":{n},\"m\":{m},\"r\":{r},\"adapters\":{},\"dtype\":\"{}\",\
-             \"threads\":{},\"isa\":\"{}\",\"single_ms\":{:.6},\"mixed_ms\":{:.6},\"loop_ms\":{:.6},\"dense_ms\":{dense}}}",
+             \"threads\":{},\"isa\":\"{}\",\"fused_ms\":{:.6},\"single_ms\":{:.6},\"mixed_ms\":{:.6},\"loop_ms\":{:.6},\"dense_ms\":{dense}}}",
             self.shape.name(),
             self.adapters,
             self.adapters,
             self.dtype,
             self.threads,
             self.isa,
+            self.mixed_ms,
             self.single_ms,
             self.mixed_ms,
             self.loop_ms,

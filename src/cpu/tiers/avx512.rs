@@ -349,6 +349,22 @@ pub(super) unsafe fn prefetch_old<T: Simd16, const R: usize>(sink: &Sink<'_, T>,
     if len == 0 {
         return;
     }
+    // Each row of a mixed batch reads its own adapter's lambda_b and bias: rows of a bank table
+    // that no other row of the tile shares, so ask for them too.
+    if let Sink::RowEpilogue { rows, .. } = sink {
+        for i in 0..R {
+            let Some(epi) = rows.row(t0 + i) else { continue };
+            for v in [epi.scale, epi.bias].into_iter().flatten() {
+                // SAFETY: columns col0..col0 + len are in the row's vector (as long as the sink's
+                // width); a prefetch reads nothing architecturally.
+                unsafe {
+                    let p = v.as_ptr().add(col0);
+                    _mm_prefetch::<_MM_HINT_T0>(p.cast());
+                    _mm_prefetch::<_MM_HINT_T0>(p.add(len - 1).cast());
+                }
+            }
+        }
+    }
     for i in 0..R {
         // SAFETY: row t0 + i is in the sink (contract) and columns col0..col0 + len are in the row;
         // a prefetch reads nothing architecturally.
