@@ -1,5 +1,5 @@
 //! `vera bench --adapters K`: a batch whose rows use K different adapters (row `t` uses adapter
-//! `t % K`), timed four ways in the same rounds:
+//! `t % K`, or with `--rows runs` K contiguous runs of rows), timed four ways in the same rounds:
 //!
 //! - `single`: the fused forward with one adapter on every row (what the batch would cost if it
 //!   used one adapter: the target of the mixed kernel);
@@ -19,10 +19,24 @@ use vera_kernels::{
 use crate::bench::{interleaved_medians, Method};
 use crate::workload::{Shape, Workload};
 
+/// How one many-adapter case is run.
+#[derive(Clone, Copy, Debug)]
+pub struct Setup {
+    /// The number of adapters K.
+    pub adapters: usize,
+    /// K contiguous runs of rows instead of row t using adapter t % K.
+    pub runs: bool,
+    pub threads: usize,
+    /// Also time the per-adapter dense baseline.
+    pub dense: bool,
+    pub budget: Duration,
+}
+
 /// One measured case of the many-adapter benchmark.
 pub struct MixedRow {
     pub shape: Shape,
     pub adapters: usize,
+    pub runs: bool,
     pub dtype: DType,
     pub threads: usize,
     pub isa: String,
@@ -39,10 +53,11 @@ impl MixedRow {
         let Shape { t, n, m, r } = self.shape;
         let dense = self.dense_ms.map_or("null".to_string(), |v| format!("{v:.6}"));
         format!(
-            "{{\"case\":\"{}_k{}\",\"t\":{t},\"n\":{n},\"m\":{m},\"r\":{r},\"adapters\":{},\"dtype\":\"{}\",\
+            "{{\"case\":\"{}_k{}{}\",\"t\":{t},\"n\":{n},\"m\":{m},\"r\":{r},\"adapters\":{},\"dtype\":\"{}\",\
              \"threads\":{},\"isa\":\"{}\",\"fused_ms\":{:.6},\"single_ms\":{:.6},\"mixed_ms\":{:.6},\"loop_ms\":{:.6},\"dense_ms\":{dense}}}",
             self.shape.name(),
             self.adapters,
+            if self.runs { "_runs" } else { "" },
             self.adapters,
             self.dtype,
             self.threads,
@@ -57,9 +72,9 @@ impl MixedRow {
     /// The table's header.
     pub fn header() -> String {
         format!(
-            "{:<26} {:>4} {:>5} {:>3} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8}",
+            "{:<26} {:>9} {:>5} {:>3} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8}",
             "case (T,n,m,r)",
-            "K",
+            "K (rows)",
             "dtype",
             "thr",
             "isa",
@@ -76,9 +91,9 @@ impl MixedRow {
     pub fn table_row(&self) -> String {
         let dense = self.dense_ms.map_or("-".to_string(), |v| format!("{v:.3}"));
         format!(
-            "{:<26} {:>4} {:>5} {:>3} {:>10} {:>10.3} {:>10.3} {:>10.3} {:>10} {:>9.3} {:>7.2}x",
+            "{:<26} {:>9} {:>5} {:>3} {:>10} {:>10.3} {:>10.3} {:>10.3} {:>10} {:>9.3} {:>7.2}x",
             self.shape.to_string(),
-            self.adapters,
+            format!("{} {}", self.adapters, if self.runs { "run" } else { "int" }),
             self.dtype.name(),
             self.threads,
             self.isa,
@@ -106,7 +121,7 @@ struct MixedWorkload<T> {
 }
 
 impl<T: Element> MixedWorkload<T> {
-    fn new(shape: Shape, k: usize) -> vera_kernels::Result<Self> {
+    fn new(shape: Shape, k: usize, runs: bool) -> vera_kernels::Result<Self> {
         let w = Workload::<T>::new(shape)?;
         let Shape { t, n, m, r } = shape;
         let mut g = TorchCpuGenerator::manual_seed(2);
@@ -120,8 +135,10 @@ impl<T: Element> MixedWorkload<T> {
             adapters.push(Adapter::new(draw(r), draw(m))?.with_bias(draw(m))?);
         }
         let bank = AdapterBank::new(&adapters)?;
-        let rows: Vec<i32> = (0..t).map(|i| (i % k) as i32).collect();
-        let rows_of = (0..k).map(|a| (0..t).filter(|i| i % k == a).collect()).collect();
+        // Runs: rows t * K / T .. of adapter 0, then 1, ...; interleaved: row t uses t % K.
+        let adapter_of = |i: usize| if runs { i * k / t.max(1) } else { i % k };
+        let rows: Vec<i32> = (0..t).map(|i| adapter_of(i) as i32).collect();
+        let rows_of = (0..k).map(|a| (0..t).filter(|&i| adapter_of(i) == a).collect()).collect();
         Ok(Self {
             w,
             adapters,
@@ -184,22 +201,18 @@ impl<T: Element> MixedWorkload<T> {
     }
 }
 
-fn run_typed<T: Element>(
-    shape: Shape,
-    k: usize,
-    threads: usize,
-    dense: bool,
-    budget: Duration,
-) -> vera_kernels::Result<MixedRow> {
-    let mut w = MixedWorkload::<T>::new(shape, k)?;
+fn run_typed<T: Element>(shape: Shape, s: Setup) -> vera_kernels::Result<MixedRow> {
+    let mut w = MixedWorkload::<T>::new(shape, s.adapters, s.runs)?;
     let methods: [Method<MixedWorkload<T>>; 3] = [MixedWorkload::single, MixedWorkload::mixed, MixedWorkload::looped];
-    let ms = interleaved_medians(&mut w, &methods, budget, 5)?;
-    let dense_ms = if dense { Some(interleaved_medians(&mut w, &[MixedWorkload::dense], budget, 3)?[0]) } else { None };
+    let ms = interleaved_medians(&mut w, &methods, s.budget, 5)?;
+    let dense_ms =
+        if s.dense { Some(interleaved_medians(&mut w, &[MixedWorkload::dense], s.budget, 3)?[0]) } else { None };
     Ok(MixedRow {
         shape,
-        adapters: k,
+        adapters: s.adapters,
+        runs: s.runs,
         dtype: T::DTYPE,
-        threads,
+        threads: s.threads,
         isa: active_isa::<T>().name().to_string(),
         single_ms: ms[0],
         mixed_ms: ms[1],
@@ -208,14 +221,7 @@ fn run_typed<T: Element>(
     })
 }
 
-/// Measures one case with `k` adapters on the current rayon pool.
-pub fn run(
-    shape: Shape,
-    k: usize,
-    dtype: DType,
-    threads: usize,
-    dense: bool,
-    budget: Duration,
-) -> vera_kernels::Result<MixedRow> {
-    with_element_type!(dtype, T => run_typed::<T>(shape, k, threads, dense, budget))
+/// Measures one case on the current rayon pool.
+pub fn run(shape: Shape, dtype: DType, setup: Setup) -> vera_kernels::Result<MixedRow> {
+    with_element_type!(dtype, T => run_typed::<T>(shape, setup))
 }

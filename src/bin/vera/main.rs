@@ -77,6 +77,11 @@ struct BenchArgs {
     /// each adapter's ΔW formed and applied to its rows. CPU only.
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..=65536))]
     adapters: Option<u32>,
+    /// With --adapters: how rows are assigned to adapters. `interleaved` (row t uses adapter
+    /// t % K: every block of rows reads every adapter's vectors, the worst case) or `runs` (K
+    /// contiguous runs of rows, as requests of K users batched one after the other).
+    #[arg(long = "rows", default_value = "interleaved", value_parser = ["interleaved", "runs"], requires = "adapters")]
+    rows_layout: String,
     /// Measure this machine's peaks first (f32 FMA, bf16 dot product, cache and memory read
     /// bandwidth) and print each case's share of the roofline that binds it.
     #[arg(long)]
@@ -126,7 +131,9 @@ fn bench(args: BenchArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot start {threads} threads: {e}"))?;
     let budget = Duration::from_millis(args.budget_ms);
     if let Some(k) = args.adapters {
-        return bench_adapters(&pool, &shapes, &dtypes, k as usize, threads, !args.no_dense, budget, args.json);
+        let runs = args.rows_layout == "runs";
+        let setup = bench_mixed::Setup { adapters: k as usize, runs, threads, dense: !args.no_dense, budget };
+        return bench_adapters(&pool, &shapes, &dtypes, setup, args.json);
     }
     let methods = bench::Methods { dense: !args.no_dense, backward: args.backward };
     let peak = args.peak.then(|| pool.install(|| peak::measure(threads)));
@@ -163,15 +170,11 @@ fn bench(args: BenchArgs) -> Result<(), String> {
 }
 
 /// `vera bench --adapters K`: see `bench_mixed`.
-#[allow(clippy::too_many_arguments)]
 fn bench_adapters(
     pool: &rayon::ThreadPool,
     shapes: &[Shape],
     dtypes: &[DType],
-    k: usize,
-    threads: usize,
-    dense: bool,
-    budget: Duration,
+    setup: bench_mixed::Setup,
     json: bool,
 ) -> Result<(), String> {
     if !json {
@@ -180,8 +183,8 @@ fn bench_adapters(
     for &dtype in dtypes {
         for &shape in shapes {
             let row = pool
-                .install(|| bench_mixed::run(shape, k, dtype, threads, dense, budget))
-                .map_err(|e| format!("case {shape} ({dtype}, {k} adapters): {e}"))?;
+                .install(|| bench_mixed::run(shape, dtype, setup))
+                .map_err(|e| format!("case {shape} ({dtype}, {} adapters): {e}", setup.adapters))?;
             println!("{}", if json { row.json() } else { row.table_row() });
         }
     }
