@@ -150,6 +150,10 @@ impl AdapterBank {
                 actual: rows.len(),
             });
         }
+        // The drivers index a call's rows with u32.
+        if u32::try_from(t).is_err() {
+            return Err(Error::SizeOverflow { what: "rows of a mixed-adapter call (at most 2^32 - 1)" });
+        }
         let k = self.len();
         match rows.iter().position(|&i| i != NO_ADAPTER && usize::try_from(i).map_or(true, |i| i >= k)) {
             Some(row) => Err(Error::AdapterIndex { row, index: i64::from(rows[row]), adapters: k }),

@@ -82,11 +82,6 @@ impl<'a, T> MatRef<'a, T> {
         &self.data[start..start + self.cols]
     }
 
-    /// The underlying slice from element `(0, 0)` on (at least the view's span).
-    pub(crate) fn as_slice(&self) -> &'a [T] {
-        self.data
-    }
-
     /// Element `(i, j)`, or `None` when out of range.
     pub fn get(&self, i: usize, j: usize) -> Option<&'a T> {
         self.row(i).and_then(|r| r.get(j))

@@ -228,12 +228,72 @@ fn transpose_block<O: Copy>(block: &[[O; PACK_KB]; MR], dst: &mut [O]) {
     }
 }
 
+/// The rows of a left operand to pack: a strided matrix, or rows gathered from one by index
+/// ([`Gathered`]: a mixed-adapter batch's rows sorted by adapter).
+pub(crate) trait RowSource<E> {
+    /// Rows of the operand.
+    fn rows(&self) -> usize;
+    /// Elements per row (k).
+    fn cols(&self) -> usize;
+    /// Row `t` of the operand.
+    fn row(&self, t: usize) -> &[E];
+}
+
+impl<E> RowSource<E> for MatRef<'_, E> {
+    fn rows(&self) -> usize {
+        MatRef::rows(self)
+    }
+    fn cols(&self) -> usize {
+        MatRef::cols(self)
+    }
+    #[inline(always)]
+    fn row(&self, t: usize) -> &[E] {
+        self.row_unchecked(t)
+    }
+}
+
+/// Rows `order[0]`, `order[1]`, ... of `mat`, in that order.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Gathered<'a, E> {
+    pub(crate) mat: MatRef<'a, E>,
+    pub(crate) order: &'a [u32],
+}
+
+impl<E> RowSource<E> for Gathered<'_, E> {
+    fn rows(&self) -> usize {
+        self.order.len()
+    }
+    fn cols(&self) -> usize {
+        self.mat.cols()
+    }
+    #[inline(always)]
+    fn row(&self, t: usize) -> &[E] {
+        self.mat.row_unchecked(self.order[t] as usize)
+    }
+}
+
+/// A source of 16-bit elements seen as their bits (bf16 rows for the pair kernels).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Bits<S, E>(pub(crate) S, pub(crate) std::marker::PhantomData<E>);
+
+impl<E: bytemuck::Pod, S: RowSource<E>> RowSource<u16> for Bits<S, E> {
+    fn rows(&self) -> usize {
+        self.0.rows()
+    }
+    fn cols(&self) -> usize {
+        self.0.cols()
+    }
+    #[inline(always)]
+    fn row(&self, t: usize) -> &[u16] {
+        bytemuck::cast_slice(self.0.row(t))
+    }
+}
+
 /// Packs `src` (`rows x k_len`, rows are the operand's rows) into `out`, widened to f32.
-pub(crate) fn pack_rows<'o, E: Element>(src: MatRef<'_, E>, out: &'o mut [f32]) -> Left<'o, f32> {
+pub(crate) fn pack_rows<'o, E: Element>(src: impl RowSource<E>, out: &'o mut [f32]) -> Left<'o, f32> {
     let (rows, k_len) = (src.rows(), src.cols());
     let out = &mut out[..Left::<f32>::len_for(rows, k_len)];
-    let lanes =
-        pack_tiles(rows, k_len, out, |t, k0, dst| E::widen_slice(&src.row_unchecked(t)[k0..k0 + dst.len()], dst));
+    let lanes = pack_tiles(rows, k_len, out, |t, k0, dst| E::widen_slice(&src.row(t)[k0..k0 + dst.len()], dst));
     Left { data: out, rows, k_len, lanes }
 }
 
@@ -241,7 +301,7 @@ pub(crate) fn pack_rows<'o, E: Element>(src: MatRef<'_, E>, out: &'o mut [f32]) 
 /// vector over k: `row_scale(t)` for row `t`, or zeros for a row where that is `None` (a row
 /// without an adapter in a mixed call).
 pub(crate) fn pack_rows_scaled<'o, 's, E: Element>(
-    src: MatRef<'_, E>,
+    src: impl RowSource<E>,
     row_scale: impl Fn(usize) -> Option<&'s [f32]>,
     out: &'o mut [f32],
 ) -> Left<'o, f32> {
@@ -249,7 +309,7 @@ pub(crate) fn pack_rows_scaled<'o, 's, E: Element>(
     let out = &mut out[..Left::<f32>::len_for(rows, k_len)];
     let lanes = pack_tiles(rows, k_len, out, |t, k0, dst| match row_scale(t) {
         Some(scale) => {
-            E::widen_slice(&src.row_unchecked(t)[k0..k0 + dst.len()], dst);
+            E::widen_slice(&src.row(t)[k0..k0 + dst.len()], dst);
             for (d, s) in dst.iter_mut().zip(&scale[k0..]) {
                 *d *= s;
             }
@@ -279,7 +339,7 @@ pub(crate) fn pack_cols<'o, E: Element>(src: MatRef<'_, E>, out: &'o mut [f32]) 
 
 /// Packs bf16 rows (`rows x n`, as bits) into k-pairs: each u32 holds elements `2p` (low half)
 /// and `2p + 1` (high half, 0 past `n`), `k_len = ceil(n / 2)`.
-pub(crate) fn pack_pairs<'o>(src: MatRef<'_, u16>, out: &'o mut [u32]) -> Left<'o, u32> {
+pub(crate) fn pack_pairs<'o>(src: impl RowSource<u16>, out: &'o mut [u32]) -> Left<'o, u32> {
     pack_pairs_with(src, out, u32::from)
 }
 
@@ -291,12 +351,12 @@ pub(crate) fn pack_pairs_rounded<'o>(src: MatRef<'_, f32>, out: &'o mut [u32]) -
 
 /// Packs `src` into k-pairs of the 16 bits `bits` gives each element (see [`pack_pairs`]).
 #[inline(always)]
-fn pack_pairs_with<'o, E: Copy>(src: MatRef<'_, E>, out: &'o mut [u32], bits: impl Fn(E) -> u32) -> Left<'o, u32> {
+fn pack_pairs_with<'o, E: Copy>(src: impl RowSource<E>, out: &'o mut [u32], bits: impl Fn(E) -> u32) -> Left<'o, u32> {
     let (rows, n) = (src.rows(), src.cols());
     let k_len = n.div_ceil(2);
     let out = &mut out[..Left::<u32>::len_for(rows, k_len)];
     let lanes = pack_tiles(rows, k_len, out, |t, p0, dst| {
-        let row = &src.row_unchecked(t)[2 * p0..n.min(2 * (p0 + dst.len()))];
+        let row = &src.row(t)[2 * p0..n.min(2 * (p0 + dst.len()))];
         let (pairs, rest) = row.as_chunks::<2>();
         for (d, &[lo, hi]) in dst.iter_mut().zip(pairs) {
             *d = bits(lo) | (bits(hi) << 16);

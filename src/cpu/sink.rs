@@ -39,11 +39,13 @@ impl Epilogue<'_> {
 }
 
 /// Per-row epilogues (the mixed-adapter calls): row `t` of the sink takes `rows[t]`, its own
-/// adapter's epilogue, resolved once per block by the driver (see `drivers::row_epilogues`). A row
-/// without one (`None`) is left as it is when accumulating, and set to zero otherwise.
+/// adapter's epilogue, resolved once per block by the driver (see `drivers::row_epilogues`), and
+/// lands in row `dst[t]` of the output (rows sorted by adapter), or row `t` without `dst`. A row
+/// without an epilogue (`None`) is left as it is when accumulating, and set to zero otherwise.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RowEpilogues<'a> {
     pub(crate) rows: &'a [Option<Epilogue<'a>>],
+    pub(crate) dst: Option<&'a [u32]>,
     pub(crate) accumulate: bool,
 }
 
@@ -52,6 +54,12 @@ impl<'a> RowEpilogues<'a> {
     #[inline(always)]
     pub(crate) fn row(&self, t: usize) -> Option<Epilogue<'a>> {
         self.rows[t]
+    }
+
+    /// The output row that row `t` is stored in.
+    #[inline(always)]
+    pub(crate) fn out_row(&self, t: usize) -> usize {
+        self.dst.map_or(t, |d| d[t] as usize)
     }
 }
 
@@ -109,7 +117,8 @@ impl<T: Element> Sink<'_, T> {
         }
     }
 
-    /// Stores `vals` as columns `col0 .. col0 + vals.len()` of local row `row` (element by element:
+    /// Stores `vals` as columns `col0 .. col0 + vals.len()` of local row `row` (of the output row
+    /// `RowEpilogues::out_row` names, for a `RowEpilogue` sink; element by element:
     /// the portable kernels' path; the SIMD tiers have vector versions of the same arithmetic).
     ///
     /// # Safety
@@ -132,7 +141,7 @@ impl<T: Element> Sink<'_, T> {
                     }
                 }
                 Sink::RowEpilogue { out, rows } => {
-                    let dst = &mut out.row_mut(row)[col0..col0 + vals.len()];
+                    let dst = &mut out.row_mut(rows.out_row(row))[col0..col0 + vals.len()];
                     match rows.row(row) {
                         Some(epi) => {
                             for (c, (d, &v)) in dst.iter_mut().zip(vals).enumerate() {

@@ -86,7 +86,7 @@ impl RowBank {
             r: 0,
             m,
         };
-        row_epilogues(bank, 0, self.ids.len(), true, accumulate).to_vec()
+        row_epilogues(bank, (0, self.ids.len()), None, true, accumulate).to_vec()
     }
 
     /// What the per-row epilogue must give at `(row, col)` (scalar definition).
@@ -116,14 +116,14 @@ fn sinks<'a, T: Element>(
             "row epilogue, accumulate",
             Box::new(move |mut y: MatMut<'_, T>| Sink::RowEpilogue {
                 out: y.as_ptr_mat(),
-                rows: RowEpilogues { rows: &bank.accumulate, accumulate: true },
+                rows: RowEpilogues { rows: &bank.accumulate, dst: None, accumulate: true },
             }),
         ),
         (
             "row epilogue, overwrite",
             Box::new(move |mut y: MatMut<'_, T>| Sink::RowEpilogue {
                 out: y.as_ptr_mat(),
-                rows: RowEpilogues { rows: &bank.overwrite, accumulate: false },
+                rows: RowEpilogues { rows: &bank.overwrite, dst: None, accumulate: false },
             }),
         ),
         (

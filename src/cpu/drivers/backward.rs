@@ -236,8 +236,8 @@ impl<T: Element> Block<'_, T> {
                         Sink::Epilogue { out, epi: Epilogue { scale: None, bias: None, accumulate: self.accumulate } }
                     }
                     RowScales::Bank(b) => {
-                        resolved = row_epilogues(b, t0, tb, false, accumulate);
-                        Sink::RowEpilogue { out, rows: RowEpilogues { rows: &resolved[..tb], accumulate } }
+                        resolved = row_epilogues(b, (t0, tb), None, false, accumulate);
+                        Sink::RowEpilogue { out, rows: RowEpilogues { rows: &resolved[..tb], dst: None, accumulate } }
                     }
                 };
                 self.product(gl, &self.transposed.a_t, n, &sink);

@@ -4,8 +4,11 @@
 
 use super::{row_epilogues, RowScales, Weights};
 use crate::cpu::kernels::{Kernels, Layout};
+use std::marker::PhantomData;
+
 use crate::cpu::pack::{
-    pack_pairs, pack_pairs_rounded, pack_projections, pack_rows, Left, PackedProjections, WeightPanels, NR,
+    pack_pairs, pack_pairs_rounded, pack_projections, pack_rows, Bits, Gathered, Left, PackedProjections, RowSource,
+    WeightPanels, NR,
 };
 use crate::cpu::parallel::{for_blocks, for_panels, with_scratch};
 use crate::cpu::sink::{Epilogue, RowEpilogues, Sink};
@@ -46,19 +49,18 @@ pub(crate) fn packed_or_owned<'p, T: Element>(
 pub(crate) fn down<T: Element>(
     kern: &Kernels<T>,
     packed: &PackedProjections<T>,
-    x: MatRef<'_, T>,
+    x: impl RowSource<T>,
     scratch: &mut [f32],
     r: usize,
     sink: &Sink<'_, T>,
     split: bool,
 ) {
-    product(kern, &packed.down, x, (scratch, pack_bits_as_pairs::<T>), r, sink, split);
+    product(kern, &packed.down, x, (scratch, pack_bits_as_pairs), r, sink, split);
 }
 
 /// Packs 16-bit elements (bf16: pair kernels only exist for it) by their bits into k-pairs.
-fn pack_bits_as_pairs<'o, T: Element>(x: MatRef<'_, T>, out: &'o mut [u32]) -> Left<'o, u32> {
-    let bits: &[u16] = bytemuck::cast_slice(x.as_slice());
-    pack_pairs(MatRef::new(bits, x.rows(), x.cols(), x.row_stride()).expect("same extent as x"), out)
+fn pack_bits_as_pairs<'o, T: Element>(x: impl RowSource<T>, out: &'o mut [u32]) -> Left<'o, u32> {
+    pack_pairs(Bits(x, PhantomData), out)
 }
 
 /// `y (op)= epilogue(u·Bᵀ)` for the rows of `u` (the up-projection), packing `u` into `scratch`
@@ -78,11 +80,11 @@ pub(crate) fn up<T: Element>(
 
 /// `sink <- left · weightsᵀ` over the first `cols` columns, with `left` packed into the scratch in
 /// the kernels' layout: widened to f32 rows, or by `pairs` into k-pairs for the pair kernels.
-fn product<T: Element, E: Element>(
+fn product<T: Element, E: Element, S: RowSource<E>>(
     kern: &Kernels<T>,
     weights: &WeightPanels<T>,
-    left: MatRef<'_, E>,
-    (scratch, pairs): (&mut [f32], impl for<'o> FnOnce(MatRef<'_, E>, &'o mut [u32]) -> Left<'o, u32>),
+    left: S,
+    (scratch, pairs): (&mut [f32], impl for<'o> FnOnce(S, &'o mut [u32]) -> Left<'o, u32>),
     cols: usize,
     sink: &Sink<'_, T>,
     split: bool,
@@ -155,42 +157,74 @@ fn fused<T: Element>(
     let mut owned = None;
     let packed = packed_or_owned(kern, &w, &mut owned);
     let accumulate = mode == Mode::Accumulate;
+    // A bank's rows run sorted by adapter: a block then holds few adapters, whose vectors stay in
+    // cache for its stores (with row t using adapter t % 64, every block of a 512-row batch read all
+    // 64 adapters' vectors: 0.89x of one adapter's time, against 0.98x sorted; one thread,
+    // 512x4096x4096, r = 256, f32). Rows without an adapter are left out, unless h is asked for;
+    // under overwrite they are zeroed here.
+    let order = match s {
+        RowScales::One(_) => None,
+        RowScales::Bank(b) => {
+            let order = adapter_order(b.rows, b.has_bias.len(), h.is_some());
+            if !accumulate && order.len() < rows {
+                for (t, _) in b.rows.iter().enumerate().filter(|(_, &k)| k < 0) {
+                    y.row_mut(t).expect("row map validated against y").fill(T::from_f32(0.0));
+                }
+            }
+            Some(order)
+        }
+    };
+    let run = order.as_ref().map_or(rows, Vec::len);
     let yp = y.as_ptr_mat();
-    let flops = 2.0 * (rows * r * (n + m)) as f64;
-    for_blocks(rows, BLOCK_ROWS, flops, |t0, tb, split| {
+    let flops = 2.0 * (run * r * (n + m)) as f64;
+    for_blocks(run, BLOCK_ROWS, flops, |t0, tb, split| {
         let packed_u = up_scratch(tb, r);
         with_scratch(tb * r + packed_u + down_scratch(tb, n), |buf| {
             let (u, rest) = buf.split_at_mut(tb * r);
             let (ul, xl) = rest.split_at_mut(packed_u);
-            let xb = x.row_range(t0, tb);
             let mut um = MatMut::from_slice(u, tb, r).expect("scratch sized tb * r");
+            let block_order = order.as_deref().map(|o| &o[t0..t0 + tb]);
             match (s, h) {
                 // u = lambda_d ⊙ (x·Aᵀ), scaled as it is stored into this block's scratch ...
                 (RowScales::One(s), None) => {
-                    down(kern, packed, xb, xl, r, &Sink::F32 { out: um.as_ptr_mat(), scale: Some(s.lambda_d) }, split);
+                    let sink = Sink::F32 { out: um.as_ptr_mat(), scale: Some(s.lambda_d) };
+                    down(kern, packed, x.row_range(t0, tb), xl, r, &sink, split);
                 }
-                // ... or h = x·Aᵀ (into the caller's h, or into u), then u = lambda_d ⊙ h with each
-                // row's own lambda_d: the same product as the scaled store's (`scale[col] · acc`).
-                (s, h) => {
-                    let hb = h.map_or(um.as_ptr_mat(), |h| h.sub(t0, tb, 0, r));
-                    down(kern, packed, xb, xl, r, &Sink::F32 { out: hb, scale: None }, split);
+                // ... or h = x·Aᵀ into the caller's h, then u = lambda_d ⊙ h: the same product as
+                // the scaled store's (`scale[col] · acc`) ...
+                (RowScales::One(s), Some(h)) => {
+                    let hb = h.sub(t0, tb, 0, r);
+                    down(kern, packed, x.row_range(t0, tb), xl, r, &Sink::F32 { out: hb, scale: None }, split);
                     for (t, urow) in u.chunks_mut(r).enumerate() {
-                        let Some(s) = s.row(t0 + t) else {
+                        // SAFETY: rows t0..t0 + tb of the caller's h are this block's, written
+                        // just above, and h is not this scratch.
+                        let hrow = unsafe { hb.row_mut(t) };
+                        for ((uv, hv), d) in urow.iter_mut().zip(hrow.iter()).zip(s.lambda_d) {
+                            *uv = d * hv;
+                        }
+                    }
+                }
+                // ... or, for a bank, h = x·Aᵀ of the block's rows (gathered in adapter order) into
+                // u, copied to the caller's h when asked for, then scaled by each row's lambda_d.
+                (RowScales::Bank(b), h) => {
+                    let order = block_order.expect("a bank's call has a row order");
+                    let sink = Sink::F32 { out: um.as_ptr_mat(), scale: None };
+                    down(kern, packed, Gathered { mat: x, order }, xl, r, &sink, split);
+                    for (urow, &row) in u.chunks_mut(r).zip(order) {
+                        let row = row as usize;
+                        if let Some(h) = h {
+                            // SAFETY: each row of the call is in one block only, so row `row` of h
+                            // is this block's.
+                            unsafe { h.row_mut(row) }.copy_from_slice(urow);
+                        }
+                        match b.row(row) {
+                            Some(s) => {
+                                for (uv, d) in urow.iter_mut().zip(s.lambda_d) {
+                                    *uv *= d;
+                                }
+                            }
                             // A row without an adapter: its u is never read (its epilogue skips it).
-                            urow.fill(0.0);
-                            continue;
-                        };
-                        if h.is_some() {
-                            // SAFETY: rows t0..t0 + tb of the caller's h are this block's, written
-                            // just above, and h is not this scratch.
-                            let hrow = unsafe { hb.row_mut(t) };
-                            for ((uv, hv), d) in urow.iter_mut().zip(hrow.iter()).zip(s.lambda_d) {
-                                *uv = d * hv;
-                            }
-                        } else {
-                            for (uv, d) in urow.iter_mut().zip(s.lambda_d) {
-                                *uv *= d;
-                            }
+                            None => urow.fill(0.0),
                         }
                     }
                 }
@@ -198,19 +232,43 @@ fn fused<T: Element>(
             // ... then up-projected at once, while it is in cache.
             if m > 0 {
                 let u = MatRef::from_slice(u, tb, r).expect("scratch sized tb * r");
-                let out = yp.sub(t0, tb, 0, m);
                 let resolved;
                 let sink = match s {
-                    RowScales::One(s) => {
-                        Sink::Epilogue { out, epi: Epilogue { scale: Some(s.lambda_b), bias: s.bias, accumulate } }
-                    }
+                    RowScales::One(s) => Sink::Epilogue {
+                        out: yp.sub(t0, tb, 0, m),
+                        epi: Epilogue { scale: Some(s.lambda_b), bias: s.bias, accumulate },
+                    },
                     RowScales::Bank(b) => {
-                        resolved = row_epilogues(b, t0, tb, true, accumulate);
-                        Sink::RowEpilogue { out, rows: RowEpilogues { rows: &resolved[..tb], accumulate } }
+                        resolved = row_epilogues(b, (t0, tb), order.as_deref(), true, accumulate);
+                        let rows = RowEpilogues { rows: &resolved[..tb], dst: block_order, accumulate };
+                        Sink::RowEpilogue { out: yp, rows }
                     }
                 };
                 up(kern, packed, u, ul, m, &sink, split);
             }
         });
     });
+}
+
+/// The rows of a bank's call sorted by adapter (stable: ascending within an adapter), as `u32`
+/// row indices; the rows without an adapter last when `keep_none`, else left out.
+fn adapter_order(rows: &[i32], adapters: usize, keep_none: bool) -> Vec<u32> {
+    // Counting sort: bucket k for adapter k, bucket `adapters` for rows without one.
+    let bucket = |id: i32| usize::try_from(id).unwrap_or(adapters);
+    let mut start = vec![0usize; adapters + 2];
+    for &id in rows {
+        start[bucket(id) + 1] += 1;
+    }
+    for b in 1..start.len() {
+        start[b] += start[b - 1];
+    }
+    let len = if keep_none { rows.len() } else { start[adapters] };
+    let mut order = vec![0u32; rows.len()];
+    for (t, &id) in rows.iter().enumerate() {
+        let b = bucket(id);
+        order[start[b]] = u32::try_from(t).expect("rows of a call fit u32");
+        start[b] += 1;
+    }
+    order.truncate(len);
+    order
 }

@@ -21,20 +21,23 @@ pub(crate) struct Weights<'a, T> {
     pub packed: Option<&'a PackedProjections<T>>,
 }
 
-/// The epilogues of rows `t0..t0 + rows` of a bank's call (`rows <= BLOCK_ROWS`), resolved once per
-/// block so that the stores read one entry per row: each row's `lambda_b` and bias when `scaled`
-/// (the mixed forward), neither otherwise (the mixed backward's `dx`); `None` for a row without an
-/// adapter.
-pub(crate) fn row_epilogues(
-    bank: BankScales<'_>,
-    t0: usize,
-    rows: usize,
+/// The epilogues of a block of a bank's call, resolved once per block so that the stores read one
+/// entry per row: for rows `t0..t0 + rows` of the call, or with `order` for rows `order[t0..]`.
+/// Each row's `lambda_b` and bias when `scaled` (the mixed forward), neither otherwise (the mixed
+/// backward's `dx`); `None` for a row without an adapter.
+pub(crate) fn row_epilogues<'a>(
+    bank: BankScales<'a>,
+    (t0, rows): (usize, usize),
+    order: Option<&[u32]>,
     scaled: bool,
     accumulate: bool,
-) -> [Option<Epilogue<'_>>; forward::BLOCK_ROWS] {
+) -> [Option<Epilogue<'a>>; forward::BLOCK_ROWS] {
     assert!(rows <= forward::BLOCK_ROWS, "a block has at most BLOCK_ROWS rows");
     std::array::from_fn(|t| {
-        let s = if t < rows { bank.row(t0 + t)? } else { return None };
+        if t >= rows {
+            return None;
+        }
+        let s = bank.row(order.map_or(t0 + t, |o| o[t0 + t] as usize))?;
         let (scale, bias) = if scaled { (Some(s.lambda_b), s.bias) } else { (None, None) };
         Some(Epilogue { scale, bias, accumulate })
     })

@@ -167,7 +167,7 @@ unsafe fn store_tile<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, c
             }
             Sink::RowEpilogue { out, rows } => {
                 for (i, a) in acc.iter().enumerate() {
-                    let p = out.row_mut(t0 + i).as_mut_ptr().add(col0);
+                    let p = out.row_mut(rows.out_row(t0 + i)).as_mut_ptr().add(col0);
                     match rows.row(t0 + i) {
                         // Each row its own adapter's vectors: the arithmetic of the arm above.
                         Some(epi) => {
@@ -339,10 +339,10 @@ unsafe fn fma_block<S: Simd16, const R: usize, const P: usize>(
 /// Rows `t0..t0 + R` are in the sink.
 #[inline(always)]
 pub(super) unsafe fn prefetch_old<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, col0: usize) {
-    let out = match sink {
-        Sink::Epilogue { out, epi } if epi.accumulate => out,
-        Sink::RowEpilogue { out, rows } if rows.accumulate => out,
-        Sink::Update { out, op } if *op != Update::Overwrite => out,
+    let (out, dst) = match sink {
+        Sink::Epilogue { out, epi } if epi.accumulate => (out, None),
+        Sink::RowEpilogue { out, rows } if rows.accumulate => (out, Some(rows)),
+        Sink::Update { out, op } if *op != Update::Overwrite => (out, None),
         _ => return,
     };
     let len = NR.min(out.cols().saturating_sub(col0));
@@ -369,7 +369,7 @@ pub(super) unsafe fn prefetch_old<T: Simd16, const R: usize>(sink: &Sink<'_, T>,
         // SAFETY: row t0 + i is in the sink (contract) and columns col0..col0 + len are in the row;
         // a prefetch reads nothing architecturally.
         unsafe {
-            let row = out.row_mut(t0 + i).as_ptr().add(col0);
+            let row = out.row_mut(dst.map_or(t0 + i, |d| d.out_row(t0 + i))).as_ptr().add(col0);
             _mm_prefetch::<_MM_HINT_T0>(row.cast());
             _mm_prefetch::<_MM_HINT_T0>(row.add(len - 1).cast());
         }
