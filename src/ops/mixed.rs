@@ -34,9 +34,11 @@ fn checked_layer<'p, T: Element>(
 /// is left as it is under [`Mode::Accumulate`] and zeroed under [`Mode::Overwrite`].
 ///
 /// It costs what [`forward`](crate::forward) costs for one adapter: `x·Aᵀ` and `u·Bᵀ` run once
-/// over all rows; only the scales are per row. Row for row, the result has the same bits as a
-/// [`forward`](crate::forward) call with that row's adapter, and is bitwise identical for any
-/// number of threads. Scratch as for [`forward`](crate::forward).
+/// over all rows; only the scales are per row. The rows run sorted by adapter (gathered as they
+/// are packed), so that a block of rows reads few adapters' vectors; rows without an adapter are
+/// skipped. Row for row, the result has the same bits as a [`forward`](crate::forward) call with
+/// that row's adapter, and is bitwise identical for any number of threads. Memory: the scratch of
+/// [`forward`](crate::forward), plus the row order (`T·4` bytes) and a count per adapter.
 ///
 /// Errors (before anything is written): as [`forward`](crate::forward), with the bank in the
 /// place of the adapter; [`Error::LengthMismatch`](crate::Error::LengthMismatch) when `rows` does
