@@ -6,251 +6,22 @@
 //! the tiles of a group. Tiles of at most 4 rows (decode) run over 2-4 panels per call, for enough
 //! independent accumulator chains. Each accumulator is one chain over k in order, whatever R (or
 //! the number of panels) is, so the tile a row falls in never changes its result. Column tails are
-//! handled with masked loads and stores. The loop nest around these kernels is
-//! `cpu::macro_kernel`; the bf16 `vdpbf16ps` kernel, which shares this file's stores, is in
-//! `avx512bf16`.
+//! handled with masked loads and stores (`avx512_store`, shared with the bf16 `vdpbf16ps` kernel
+//! in `avx512bf16`). The loop nest around these kernels is `cpu::macro_kernel`.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 use std::ops::Range;
-
-use half::{bf16, f16};
 
 use super::avx2::Simd8;
 use crate::cpu::isa::{Isa, Vendor};
 use crate::cpu::kernels::{Kernels, Layout, PeakInstruction, TierFacts};
 use crate::cpu::macro_kernel::{self, MicroKernel};
 use crate::cpu::pack::{Left, Panels, MR, NR};
-use crate::cpu::sink::{Sink, Update};
-use crate::dtype::Element;
+use crate::cpu::sink::Sink;
 
-/// Element types the AVX-512 kernels load and store.
-pub trait Simd16: Element {
-    /// Widens 16 consecutive elements at `p` to f32.
-    ///
-    /// # Safety
-    /// 16 elements are readable at `p`; AVX-512F/BW/VL and F16C are available.
-    unsafe fn load16(p: *const Self) -> __m512;
-    /// Widens the elements of `p` selected by `mask` (others read as 0, never touched).
-    ///
-    /// # Safety
-    /// The selected elements are readable; AVX-512F/BW/VL and F16C are available.
-    unsafe fn load16_masked(p: *const Self, mask: __mmask16) -> __m512;
-    /// Rounds `v` to this type (to nearest, ties to even) and stores the lanes selected by `mask`.
-    ///
-    /// # Safety
-    /// The selected elements are writable; AVX-512F/BW/VL and F16C are available.
-    unsafe fn store16_masked(p: *mut Self, mask: __mmask16, v: __m512);
-}
-
-impl Simd16 for f32 {
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn load16(p: *const f32) -> __m512 {
-        // SAFETY: 16 readable f32 at p (caller).
-        unsafe { _mm512_loadu_ps(p) }
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn load16_masked(p: *const f32, mask: __mmask16) -> __m512 {
-        // SAFETY: masked-off lanes are not accessed; selected ones are readable (caller).
-        unsafe { _mm512_maskz_loadu_ps(mask, p) }
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn store16_masked(p: *mut f32, mask: __mmask16, v: __m512) {
-        // SAFETY: selected lanes are writable (caller).
-        unsafe { _mm512_mask_storeu_ps(p, mask, v) }
-    }
-}
-
-impl Simd16 for f16 {
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn load16(p: *const f16) -> __m512 {
-        // SAFETY: 16 readable f16 (32 bytes) at p (caller).
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn load16_masked(p: *const f16, mask: __mmask16) -> __m512 {
-        // SAFETY: masked-off lanes are not accessed (caller guarantees the selected ones).
-        unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p.cast())) }
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn store16_masked(p: *mut f16, mask: __mmask16, v: __m512) {
-        // SAFETY: selected lanes are writable (caller).
-        unsafe {
-            let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
-            _mm256_mask_storeu_epi16(p.cast(), mask, h)
-        }
-    }
-}
-
-/// bf16 bits in the low 16 of each 32-bit lane, widened to f32 (exact).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-fn bf16_bits_to_f32(bits: __m256i) -> __m512 {
-    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
-}
-
-impl Simd16 for bf16 {
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn load16(p: *const bf16) -> __m512 {
-        // SAFETY: 16 readable bf16 (32 bytes) at p (caller).
-        bf16_bits_to_f32(unsafe { _mm256_loadu_si256(p.cast()) })
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn load16_masked(p: *const bf16, mask: __mmask16) -> __m512 {
-        // SAFETY: masked-off lanes are not accessed (caller guarantees the selected ones).
-        bf16_bits_to_f32(unsafe { _mm256_maskz_loadu_epi16(mask, p.cast()) })
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn store16_masked(p: *mut bf16, mask: __mmask16, v: __m512) {
-        // Round to nearest even in integer arithmetic, NaN kept quiet: the same rule as
-        // half::bf16::from_f32, so every tier rounds outputs identically.
-        let bits = _mm512_castps_si512(v);
-        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
-        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))));
-        let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
-        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-        let out = _mm512_mask_blend_epi32(nan, rounded, quiet);
-        // SAFETY: selected lanes are writable (caller).
-        unsafe { _mm256_mask_storeu_epi16(p.cast(), mask, _mm512_cvtepi32_epi16(out)) }
-    }
-}
-
-/// The mask of the first `n` (<= 16) lanes.
-#[inline(always)]
-fn lanes(n: usize) -> __mmask16 {
-    if n >= 16 {
-        0xffff
-    } else {
-        ((1u32 << n) - 1) as __mmask16
-    }
-}
-
-/// Stores an `R x 32` tile at local rows `t0..t0 + R`, columns `col0..col0 + 32` (clipped).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-unsafe fn store_tile<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, col0: usize, acc: &[[__m512; 2]; R]) {
-    let n = NR.min(sink.cols() - col0);
-    let m = [lanes(n), lanes(n.saturating_sub(16))];
-    // SAFETY (whole body): rows t0..t0+R are in the sink and owned by this thread, columns are
-    // clipped to the sink's width by the masks (the kernel's contract, see `gemm`).
-    unsafe {
-        match sink {
-            Sink::F32 { out, scale } => {
-                let sc = scale.map(|s| [0, 1].map(|h| f32::load16_masked(s.as_ptr().add(col0 + 16 * h), m[h])));
-                for (i, a) in acc.iter().enumerate() {
-                    let p = out.row_mut(t0 + i).as_mut_ptr().add(col0);
-                    for h in 0..2 {
-                        let v = match sc {
-                            Some(s) => _mm512_mul_ps(s[h], a[h]),
-                            None => a[h],
-                        };
-                        f32::store16_masked(p.add(16 * h), m[h], v);
-                    }
-                }
-            }
-            Sink::Epilogue { out, epi } => {
-                let sc = epi.scale.map(|s| [0, 1].map(|h| f32::load16_masked(s.as_ptr().add(col0 + 16 * h), m[h])));
-                let bi = epi.bias.map(|b| [0, 1].map(|h| f32::load16_masked(b.as_ptr().add(col0 + 16 * h), m[h])));
-                for (i, a) in acc.iter().enumerate() {
-                    let p = out.row_mut(t0 + i).as_mut_ptr().add(col0);
-                    epilogue_row(p, a, sc, bi, epi.accumulate, m);
-                }
-            }
-            Sink::RowEpilogue { out, rows } => {
-                for (i, a) in acc.iter().enumerate() {
-                    let p = out.row_mut(rows.out_row(t0 + i)).as_mut_ptr().add(col0);
-                    match rows.row(t0 + i) {
-                        // Each row its own adapter's vectors: the arithmetic of the arm above.
-                        Some(epi) => {
-                            let load =
-                                |v: &[f32]| [0, 1].map(|h| f32::load16_masked(v.as_ptr().add(col0 + 16 * h), m[h]));
-                            epilogue_row(p, a, epi.scale.map(load), epi.bias.map(load), epi.accumulate, m);
-                        }
-                        None if rows.accumulate => {}
-                        None => {
-                            for (h, &mask) in m.iter().enumerate() {
-                                T::store16_masked(p.add(16 * h), mask, _mm512_setzero_ps());
-                            }
-                        }
-                    }
-                }
-            }
-            Sink::Update { out, op } => {
-                for (i, a) in acc.iter().enumerate() {
-                    let p = out.row_mut(t0 + i).as_mut_ptr().add(col0);
-                    for h in 0..2 {
-                        let v = match op {
-                            Update::Add => _mm512_add_ps(T::load16_masked(p.add(16 * h), m[h]), a[h]),
-                            Update::Sub => _mm512_sub_ps(T::load16_masked(p.add(16 * h), m[h]), a[h]),
-                            Update::Overwrite => a[h],
-                        };
-                        T::store16_masked(p.add(16 * h), m[h], v);
-                    }
-                }
-            }
-            Sink::Panels { out } => {
-                for (i, a) in acc.iter().enumerate() {
-                    let p = out.row_ptr(t0 + i, col0);
-                    for h in 0..2 {
-                        T::store16_masked(p.add(16 * h), m[h], a[h]);
-                    }
-                }
-            }
-            Sink::ColumnDot { .. } => {
-                // Column sums take one multiply-add per element, next to the k loop's r: the
-                // scalar definition is fast enough, and keeps one order of additions.
-                let mut row = [0.0f32; NR];
-                for (i, a) in acc.iter().enumerate() {
-                    _mm512_storeu_ps(row.as_mut_ptr(), a[0]);
-                    _mm512_storeu_ps(row.as_mut_ptr().add(16), a[1]);
-                    sink.store_row(t0 + i, col0, &row[..n]);
-                }
-            }
-        }
-    }
-}
-
-/// One row of an epilogue store: `scale·acc`, `+ bias`, `+ old`, in [`Epilogue::apply`](crate::cpu::sink::Epilogue::apply)'s order
-/// (`sc` / `bi`: the row's scale and bias at this tile's columns, when there are any).
-///
-/// # Safety
-/// `p` points at the row's first column of the tile; the masks clip it to the sink's width.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-unsafe fn epilogue_row<T: Simd16>(
-    p: *mut T,
-    a: &[__m512; 2],
-    sc: Option<[__m512; 2]>,
-    bi: Option<[__m512; 2]>,
-    accumulate: bool,
-    m: [__mmask16; 2],
-) {
-    for h in 0..2 {
-        let mut v = match sc {
-            Some(s) => _mm512_mul_ps(s[h], a[h]),
-            None => a[h],
-        };
-        if let Some(b) = bi {
-            v = _mm512_add_ps(v, b[h]);
-        }
-        // SAFETY: the row's columns col0.. are in the sink up to the masks (this fn's contract).
-        unsafe {
-            if accumulate {
-                v = _mm512_add_ps(v, T::load16_masked(p.add(16 * h), m[h]));
-            }
-            T::store16_masked(p.add(16 * h), m[h], v);
-        }
-    }
-}
+pub(crate) use super::avx512_store::Simd16;
+pub(super) use super::avx512_store::{prefetch_old, store_acc, zero_acc, Acc};
 
 /// Units of k per cache block of the f32-FMA kernels: a panel's block (`KC x 32` weights, 8 KiB in
 /// f32) stays in L1 while every row tile of a group runs over it. Measured on an Intel CPU with a
@@ -265,28 +36,6 @@ pub(super) const GROUP: usize = 8;
 /// Panels per call for tiles of 1, 2, 3, 4 rows (decode): `2·R·P` accumulator chains, at least 8
 /// (one-thread T = 1 and T = 2 calls were 15-28% faster than with one panel per call).
 pub(super) const DECODE_PANELS: [usize; 4] = [4, 4, 2, 2];
-
-/// Partial sums of one row tile.
-pub(super) type Acc = [[__m512; 2]; MR];
-
-/// Zeroed partial sums.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-pub(super) fn zero_acc() -> Acc {
-    [[_mm512_setzero_ps(); 2]; MR]
-}
-
-/// Stores rows `..R` of a tile's partial sums (see [`store_tile`]).
-///
-/// # Safety
-/// As [`store_tile`].
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-pub(super) unsafe fn store_acc<T: Simd16, const R: usize>(acc: &Acc, sink: &Sink<'_, T>, t0: usize, col0: usize) {
-    let tile: &[[__m512; 2]; R] = acc[..R].try_into().expect("R <= MR");
-    // SAFETY: forwarded.
-    unsafe { store_tile::<T, R>(sink, t0, col0, tile) }
-}
 
 /// Room for one staged block of f32 weights (`KC x NR`, 8 KiB), aligned for full-vector loads.
 #[repr(C, align(64))]
@@ -327,52 +76,6 @@ unsafe fn fma_block<S: Simd16, const R: usize, const P: usize>(
     }
     for (accq, aq) in acc.iter_mut().zip(&a) {
         accq[..R].copy_from_slice(aq);
-    }
-}
-
-/// Asks for the old values a tile's store will read (`y` when accumulating, `W` for a merge) while
-/// its k loop runs. Those rows lie a row stride apart and each is visited for one tile's columns at
-/// a time, so the hardware prefetchers miss them: `perf record` of a bf16 prefill call at r = 256
-/// put 11% of its time in `store_tile`, nearly all on the load of `y`.
-///
-/// # Safety
-/// Rows `t0..t0 + R` are in the sink.
-#[inline(always)]
-pub(super) unsafe fn prefetch_old<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, col0: usize) {
-    let (out, dst) = match sink {
-        Sink::Epilogue { out, epi } if epi.accumulate => (out, None),
-        Sink::RowEpilogue { out, rows } if rows.accumulate => (out, Some(rows)),
-        Sink::Update { out, op } if *op != Update::Overwrite => (out, None),
-        _ => return,
-    };
-    let len = NR.min(out.cols().saturating_sub(col0));
-    if len == 0 {
-        return;
-    }
-    // Each row of a mixed batch reads its own adapter's lambda_b and bias: rows of a bank table
-    // that no other row of the tile shares, so ask for them too.
-    if let Sink::RowEpilogue { rows, .. } = sink {
-        for i in 0..R {
-            let Some(epi) = rows.row(t0 + i) else { continue };
-            for v in [epi.scale, epi.bias].into_iter().flatten() {
-                // SAFETY: columns col0..col0 + len are in the row's vector (as long as the sink's
-                // width); a prefetch reads nothing architecturally.
-                unsafe {
-                    let p = v.as_ptr().add(col0);
-                    _mm_prefetch::<_MM_HINT_T0>(p.cast());
-                    _mm_prefetch::<_MM_HINT_T0>(p.add(len - 1).cast());
-                }
-            }
-        }
-    }
-    for i in 0..R {
-        // SAFETY: row t0 + i is in the sink (contract) and columns col0..col0 + len are in the row;
-        // a prefetch reads nothing architecturally.
-        unsafe {
-            let row = out.row_mut(dst.map_or(t0 + i, |d| d.out_row(t0 + i))).as_ptr().add(col0);
-            _mm_prefetch::<_MM_HINT_T0>(row.cast());
-            _mm_prefetch::<_MM_HINT_T0>(row.add(len - 1).cast());
-        }
     }
 }
 
