@@ -21,6 +21,11 @@
 //!   Vars) comes from candle. `loss.backward()` reaches the Vars, and any candle-nn optimizer
 //!   trains them.
 //!
+//! [`VeraBankLinear`] holds a bank of adapters for the same projections instead of one, and takes
+//! each row's adapter id with the input (many fine-tunes served, or trained, in one batch, at one
+//! adapter's cost): row for row it gives what a [`VeraLinear`] with that row's adapter gives, bit
+//! for bit, on the same two paths (the crate's [`forward_mixed`] and [`backward_mixed`]).
+//!
 //! [`to_peft_adapter`] collects trained layers into a [`PeftAdapter`] that
 //! [`save`](PeftAdapter::save) writes as a PEFT directory.
 //!
@@ -70,6 +75,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod bank;
+mod bank_op;
 mod export;
 mod infer_op;
 mod layer;
@@ -78,6 +85,7 @@ mod projections;
 mod storage;
 mod train_op;
 
+pub use bank::{VeraBankLinear, VeraBankVars};
 pub use export::to_peft_adapter;
 pub use linear::{VeraLinear, VeraVars};
 pub use projections::VeraProjections;
@@ -91,16 +99,19 @@ use candle_nn::{Linear, Module};
 use half::{bf16, f16};
 
 use crate::adapter::Adapter;
+use crate::bank::{AdapterBank, NO_ADAPTER};
 use crate::dtype::{DType, Element};
 use crate::error::Error;
 use crate::mat::{MatMut, MatRef};
-use crate::ops::{backward, forward, forward_train, Gradients};
-use crate::peft::{PeftAdapter, ProjectionSizes, Tensor as PeftTensor, VeraConfig, VeraModule};
+use crate::ops::{backward, backward_mixed, forward, forward_mixed, forward_train, forward_train_mixed, Gradients};
+use crate::peft::{PeftAdapter, PeftAdapters, ProjectionSizes, Tensor as PeftTensor, VeraConfig, VeraModule};
 use crate::projections::Projections;
 use crate::types::Mode;
 use crate::with_element_type;
 
 // Each part sees the others through `use super::*`.
+use bank::*;
+use bank_op::*;
 use infer_op::*;
 use layer::*;
 use storage::*;

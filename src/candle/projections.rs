@@ -28,6 +28,14 @@ impl VeraProjections {
         Ok(Self::new(adapter.projections::<f32>(sizes).map_err(wrap)?))
     }
 
+    /// The projections shared by a set of PEFT adapters (see [`PeftAdapters::projections`]), for a
+    /// [`VeraBankLinear`](crate::candle::VeraBankLinear) holding them.
+    ///
+    /// Errors: those of [`PeftAdapters::projections`], as candle errors.
+    pub fn from_peft_adapters(adapters: &PeftAdapters, sizes: Option<ProjectionSizes>) -> candle_core::Result<Self> {
+        Ok(Self::new(adapters.projections::<f32>(sizes).map_err(wrap)?))
+    }
+
     /// The f32 projections.
     pub fn f32(&self) -> &Projections<f32> {
         &self.f32

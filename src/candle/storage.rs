@@ -64,11 +64,16 @@ pub(super) fn f32_values(t: &Tensor, what: &str, len: usize) -> candle_core::Res
 
 /// A candle error for a tensor that is not on the CPU, the only device this module runs on.
 pub(super) fn check_cpu(x: &Tensor) -> candle_core::Result<()> {
+    check_cpu_for(x, "VeraLinear")
+}
+
+/// [`check_cpu`] for the layer type `layer`, which the message names.
+pub(super) fn check_cpu_for(x: &Tensor, layer: &str) -> candle_core::Result<()> {
     if x.device().is_cpu() {
         Ok(())
     } else {
         Err(misuse(format!(
-            "VeraLinear runs on the CPU only (x is on {:?}); vera-kernels' CUDA backend is not wired into candle",
+            "{layer} runs on the CPU only (x is on {:?}); vera-kernels' CUDA backend is not wired into candle",
             x.device().location()
         )))
     }

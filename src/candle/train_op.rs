@@ -156,17 +156,7 @@ impl TrainOp {
         grad_res: &Tensor,
     ) -> candle_core::Result<Grads2> {
         let adapter = self.adapter(&f32_values(vectors, "the adapter's vectors", self.vectors_len())?)?;
-        // candle may hand a strided or broadcast gradient (e.g. from a mean); the kernels read rows.
-        let dy = grad_res.contiguous()?;
-        if dy.dims() != res.dims() || dy.dtype() != res.dtype() {
-            return Err(misuse(format!(
-                "the output's gradient is {:?} {:?}, expected {:?} {:?} (the output's)",
-                dy.dtype(),
-                dy.dims(),
-                res.dtype(),
-                res.dims()
-            )));
-        }
+        let dy = output_gradient(res, grad_res)?;
         let x = x.contiguous()?;
         let want_dx = x.track_op();
         let dtype = element_dtype("x", x.dtype())?;
@@ -231,4 +221,21 @@ impl CustomOp3 for TrainOp {
         let dbase = base.track_op().then(|| grad_res.clone());
         Ok((dx, dbase, dvectors))
     }
+}
+
+/// The gradient candle hands a training op's backward for its output `res`, contiguous (candle may
+/// hand a strided or broadcast one, e.g. from a mean; the kernels read rows), checked against the
+/// output's shape and dtype.
+pub(super) fn output_gradient(res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Tensor> {
+    let dy = grad_res.contiguous()?;
+    if dy.dims() != res.dims() || dy.dtype() != res.dtype() {
+        return Err(misuse(format!(
+            "the output's gradient is {:?} {:?}, expected {:?} {:?} (the output's)",
+            dy.dtype(),
+            dy.dims(),
+            res.dtype(),
+            res.dims()
+        )));
+    }
+    Ok(dy)
 }
