@@ -22,6 +22,10 @@ pub(crate) struct Operands<'a> {
     pub lambda_d: &'a Buffer,
     pub lambda_b: &'a Buffer,
     pub bias: Option<&'a Buffer>,
+    /// A bank's per-adapter bias flags (with its bias table); `None` for one adapter.
+    pub has_bias: Option<&'a Buffer>,
+    /// The row map of a mixed-adapter call; `None` for one adapter.
+    pub rows_adapter: Option<&'a Buffer>,
     pub part: &'a mut Buffer,
     pub u: &'a mut Buffer,
     pub counters: &'a mut Buffer,
@@ -44,6 +48,8 @@ impl<'a> Operands<'a> {
             lambda_d: &adapter.lambda_d,
             lambda_b: &adapter.lambda_b,
             bias: adapter.bias.as_ref(),
+            has_bias: None,
+            rows_adapter: None,
             part: scratch.part,
             u: scratch.u,
             counters: scratch.counters,
