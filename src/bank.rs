@@ -140,6 +140,19 @@ impl AdapterBank {
         (self.lambda_d.len() + self.lambda_b.len() + self.bias.len()) * size_of::<f32>()
     }
 
+    /// Every adapter's bias, `[K, m]` row-major, zeros for the adapters without one; empty when no
+    /// adapter has a bias. (What the CUDA backend uploads.)
+    #[cfg(any(feature = "cuda", feature = "cuda-emulation"))]
+    pub(crate) fn bias_table(&self) -> &[f32] {
+        &self.bias
+    }
+
+    /// Whether each adapter has a bias (`[K]`).
+    #[cfg(any(feature = "cuda", feature = "cuda-emulation"))]
+    pub(crate) fn has_bias(&self) -> &[bool] {
+        &self.has_bias
+    }
+
     /// Checks a call's row → adapter map: one entry per row of `x`, each in `0..len()` or
     /// [`NO_ADAPTER`].
     pub(crate) fn check_rows(&self, rows: &[i32], t: usize) -> Result<()> {
