@@ -10,13 +10,64 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// u[t][j] = lambda_d[j] * (the split partials summed in split order). Every path to u goes through
-// this one function (with splits == 1 the sum is the one partial), so u is the same bits whichever
-// block of a group finished last. The partials were written by other blocks: read them from L2.
-__device__ __forceinline__ float reduce_splits(const DownParams& p, int t, int j) {
+// How the kernels see a call's row -> adapter map (compat.cuh). The code that reads an adapter's
+// vectors (where u is stored, the up-projection's epilogue) is compiled for both views and picks one
+// with a uniform branch on the map pointer (with_rows): with OneAdapter, row t's adapter is the
+// constant 0 and the tables' row offsets fold to 0, so a single-adapter call runs the code it ran
+// before row maps existed; with RowMap, each row looks its adapter up (from L1: the map is T ints).
+// Where compiling twice made ptxas spill (the f32 tile's u store, on sm_80), AnyRows tests the
+// pointer per lookup instead.
+struct OneAdapter {
+    __device__ __forceinline__ int adapter(int) const { return 0; }
+    __device__ __forceinline__ bool has_bias(const UpParams& p, int) const { return p.bias != nullptr; }
+};
+
+struct RowMap {
+    const int* rows;
+    __device__ __forceinline__ int adapter(int t) const { return rows[t]; }
+    __device__ __forceinline__ bool has_bias(const UpParams& p, int k) const {
+        return p.bias && (!p.has_bias || p.has_bias[k] != 0);
+    }
+};
+
+// Calls f(OneAdapter{}) without a row map, f(RowMap{rows_adapter}) with one.
+template <typename F> __device__ __forceinline__ void with_rows(const int* rows_adapter, F f) {
+    if (rows_adapter) {
+        f(RowMap{rows_adapter});
+    } else {
+        f(OneAdapter{});
+    }
+}
+
+// Both views in one, the map tested per lookup (the compiler may still split the code on the map
+// pointer, which is uniform: it does for the 16-bit tiles' u store).
+struct AnyRows {
+    const int* rows;
+    __device__ __forceinline__ int adapter(int t) const { return rows ? rows[t] : 0; }
+};
+
+// The offset of row t's lambda_d in the table (k_t * ld_lambda_d), or -1 for a row without
+// adapter. Offsets, not pointers, so that every table access stays a global load from a
+// parameter's address; the host keeps K * r within an int.
+template <typename Rows> __device__ __forceinline__ int lambda_d_row(const DownParams& p, Rows rows, int t) {
+    const int k = rows.adapter(t);
+    return k < 0 ? -1 : k * p.ld_lambda_d;
+}
+
+// u[t][j] from its sum over k: lambda_d[k_t][j] * sum, with `row` = lambda_d_row(p, rows, t); zero
+// for a row without adapter (which the up-projection does not store into y).
+__device__ __forceinline__ float scale_u(const DownParams& p, int row, int j, float sum) {
+    return row < 0 ? 0.0f : p.lambda_d[row + j] * sum;
+}
+
+// u[t][j] = lambda_d[k_t][j] * (the split partials summed in split order). Every path to u goes
+// through this one function (with splits == 1 the sum is the one partial), so u is the same bits
+// whichever block of a group finished last. The partials were written by other blocks: read them
+// from L2.
+template <typename Rows> __device__ __forceinline__ float reduce_splits(const DownParams& p, Rows rows, int t, int j) {
     float sum = 0.0f;
     for (int s = 0; s < p.splits; ++s) sum += __ldcg(&p.part[((size_t)s * p.rows + t) * p.r + j]);
-    return p.lambda_d[j] * sum;
+    return scale_u(p, lambda_d_row(p, rows, t), j, sum);
 }
 
 // Called by every thread of a block after it has written its split's partials: true in the block
@@ -35,13 +86,34 @@ __device__ __forceinline__ bool completes_group(const DownParams& p, int group) 
     return last != 0;
 }
 
-// The up-projection's epilogue for one output element: lambda_b, bias and the base fused, in the
-// order the CPU defines it (src/cpu/sink.rs, Epilogue::apply: scale, then bias, then the old value),
-// so that both backends round alike.
-template <typename T> __device__ __forceinline__ void store_output(const UpParams& p, int t, int i, float v) {
+// One row's epilogue: the offset of its adapter's row in the lambda_b and bias tables
+// (k_t * ld_lambda_b; -1 for a row without adapter; the host keeps K * m within an int) and
+// whether that adapter has a bias.
+struct RowEpilogue {
+    int row;
+    bool bias;
+};
+
+template <typename Rows> __device__ __forceinline__ RowEpilogue row_epilogue(const UpParams& p, Rows rows, int t) {
+    const int k = rows.adapter(t);
+    if (k < 0) return RowEpilogue{-1, false};
+    return RowEpilogue{k * p.ld_lambda_b, rows.has_bias(p, k)};
+}
+
+// The up-projection's epilogue for one output element of row t, with that row's adapter as `rows`
+// maps it: lambda_b, bias and the base fused, in the order the CPU defines it (src/cpu/sink.rs,
+// Epilogue::apply: scale, then bias, then the old value), so that both backends round alike. A
+// row without adapter is left as it is when accumulating and set to zero otherwise.
+template <typename T, typename Rows>
+__device__ __forceinline__ void store_output(const UpParams& p, Rows rows, int t, int i, float v) {
+    const RowEpilogue e = row_epilogue(p, rows, t);
     T* y = static_cast<T*>(p.y) + (size_t)t * p.ldy + i;
-    float out = p.lambda_b[i] * v;
-    if (p.bias) out += p.bias[i];
+    if (e.row < 0) {
+        if (!p.accumulate) *y = from_f32<T>(0.0f);
+        return;
+    }
+    float out = p.lambda_b[e.row + i] * v;
+    if (e.bias) out += p.bias[e.row + i];
     if (p.accumulate) out += to_f32(*y);
     *y = from_f32<T>(out);
 }

@@ -62,34 +62,52 @@ __device__ __forceinline__ void load16_f32(const T* p, int valid, bool aligned, 
 
 // Parameter blocks, passed by value as the kernels' only argument. Pointers are device addresses
 // (64-bit); all pointer fields come first so that the layout has no padding on either side.
+//
+// Every row t of a call has an adapter k_t, whose rows of the lambda (and bias) tables it takes.
+// One adapter (CudaStream::forward): rows_adapter is null, k_t = 0 for every row, and the tables'
+// row strides are 0. A mixed-adapter call (CudaStream::forward_mixed): the tables are a bank's
+// [K, r] and [K, m], with strides r and m, and rows_adapter[t] is k_t in 0..K, or NO_ADAPTER for a
+// row without an adapter: its u row is zero, and its y row is left as it is (accumulate) or set to
+// zero (overwrite).
 
-// The down-projection and lambda_d: u[t][j] = lambda_d[j] * sum_k x[t][k] * a[j][k], for t < rows,
-// j < r. With splits > 1 the k range is split over blocks (split s covers
+// The row index that means "no adapter" in rows_adapter (vera_kernels::NO_ADAPTER).
+constexpr int NO_ADAPTER = -1;
+
+// The down-projection and lambda_d: u[t][j] = lambda_d[k_t][j] * sum_k x[t][k] * a[j][k], for
+// t < rows, j < r. With splits > 1 the k range is split over blocks (split s covers
 // [s * k_split, min(n, (s + 1) * k_split))): each block writes its partial sums to part[s][t][j],
 // and the last block of a group of outputs to finish (counted in counters[group], which it resets
 // to zero) sums the splits in split order, so u does not depend on which block finished last.
 struct DownParams {
-    const void* x;         // [rows, n], row stride ldx
-    const void* a;         // [r, n] (the layer's slice of the packed A), row stride lda (multiple of 8)
-    const float* lambda_d; // [r]
-    void* u;               // [rows, r], row stride ldu: f32 from the GEMV kernels, the dtype from the tile kernels
-    float* part;           // [splits, rows, r], dense (unused when splits == 1)
-    unsigned* counters;    // one per output group, zero between calls (unused when splits == 1)
+    const void* x;           // [rows, n], row stride ldx
+    const void* a;           // [r, n] (the layer's slice of the packed A), row stride lda (multiple of 8)
+    const float* lambda_d;   // [K, r], row stride ld_lambda_d
+    const int* rows_adapter; // [rows]: k_t in 0..K or NO_ADAPTER; null: one adapter (k_t = 0)
+    void* u;                 // [rows, r], row stride ldu: f32 from the GEMV kernels, the dtype from the tile kernels
+    float* part;             // [splits, rows, r], dense (unused when splits == 1)
+    unsigned* counters;      // one per output group, zero between calls (unused when splits == 1)
     int rows, n, r, ldx;
     int lda, k_split, splits, ldu;
-    int x_aligned;         // x and ldx allow 16-byte loads
-    int pad_;
+    int x_aligned;           // x and ldx allow 16-byte loads
+    int ld_lambda_d;         // r for a bank, 0 for one adapter
 };
 
 // The up-projection with the epilogue fused:
-// y[t][i] = (accumulate ? y[t][i] : 0) + lambda_b[i] * sum_j u[t][j] * b[i][j] + bias[i].
+// y[t][i] = (accumulate ? y[t][i] : 0) + lambda_b[k_t][i] * sum_j u[t][j] * b[i][j] + bias[k_t][i],
+// the bias added only when adapter k_t has one.
 struct UpParams {
-    const void* u;         // [rows, r], row stride ldu (as DownParams::u)
-    const void* b;         // [m, r] (the layer's slice of the packed B), row stride ldb (multiple of 8)
-    const float* lambda_b; // [m]
-    const float* bias;     // [m] or null
-    void* y;               // [rows, m], row stride ldy
+    const void* u;           // [rows, r], row stride ldu (as DownParams::u)
+    const void* b;           // [m, r] (the layer's slice of the packed B), row stride ldb (multiple of 8)
+    const float* lambda_b;   // [K, m], row stride ld_lambda_b
+    const float* bias;       // [K, m], row stride ld_lambda_b; null when no adapter of the call has a bias
+    const int* has_bias;     // [K]: non-zero for an adapter with a bias; null: all have one (if bias is set)
+    const int* rows_adapter; // [rows], as DownParams::rows_adapter
+    void* y;                 // [rows, m], row stride ldy
     int rows, r, m, ldb;
     int ldu, ldy, accumulate;
-    int pad_;
+    int ld_lambda_b;         // m for a bank, 0 for one adapter
 };
+
+// The sizes src/cuda/params.rs asserts for its mirrors of these blocks: 7 pointers, then the ints.
+static_assert(sizeof(DownParams) == 7 * 8 + 10 * 4, "DownParams must match src/cuda/params.rs");
+static_assert(sizeof(UpParams) == 7 * 8 + 8 * 4, "UpParams must match src/cuda/params.rs");

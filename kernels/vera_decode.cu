@@ -8,6 +8,9 @@
 //                                 block of a row group sums the splits, in order).
 //   vera_up_gemv_t<TT>_<dtype>:   y[t][i] (+)= lambda_b[i] · (u[t] · B[i]) + bias[i], with u in
 //                                 shared memory for the whole block.
+//
+// The lambdas and the bias are those of row t's adapter (compat.cuh): one for every row, or each
+// row's own in a mixed-adapter call.
 #include "common.cuh"
 
 constexpr int GEMV_WARPS = 4;          // warps per block of the down-projection
@@ -52,9 +55,11 @@ template <typename T, int TT> __device__ void down_gemv(const DownParams& p) {
     }
     if (p.splits == 1) {
         if (j < p.r && lane == 0)
+            with_rows(p.rows_adapter, [&](auto map) {
 #pragma unroll
-            for (int t = 0; t < TT; ++t)
-                if (t < rows) u[(size_t)t * p.ldu + j] = p.lambda_d[j] * (0.0f + sum[t]);
+                for (int t = 0; t < TT; ++t)
+                    if (t < rows) u[(size_t)t * p.ldu + j] = scale_u(p, lambda_d_row(p, map, t), j, 0.0f + sum[t]);
+            });
         return;
     }
     if (j < p.r && lane == 0)
@@ -62,10 +67,12 @@ template <typename T, int TT> __device__ void down_gemv(const DownParams& p) {
         for (int t = 0; t < TT; ++t)
             if (t < rows) p.part[((size_t)blockIdx.y * p.rows + t) * p.r + j] = sum[t];
     if (completes_group(p, blockIdx.x)) {
-        for (int e = threadIdx.x; e < GEMV_WARPS * rows; e += blockDim.x) {
-            const int jj = blockIdx.x * GEMV_WARPS + e % GEMV_WARPS, t = e / GEMV_WARPS;
-            if (jj < p.r) u[(size_t)t * p.ldu + jj] = reduce_splits(p, t, jj);
-        }
+        with_rows(p.rows_adapter, [&](auto map) {
+            for (int e = threadIdx.x; e < GEMV_WARPS * rows; e += blockDim.x) {
+                const int jj = blockIdx.x * GEMV_WARPS + e % GEMV_WARPS, t = e / GEMV_WARPS;
+                if (jj < p.r) u[(size_t)t * p.ldu + jj] = reduce_splits(p, map, t, jj);
+            }
+        });
     }
 }
 
@@ -105,7 +112,10 @@ template <typename T, int TT> __device__ void up_gemv(const UpParams& p) {
 #pragma unroll
         for (int t = 0; t < TT; ++t) {
             const float sum = warp_sum(acc[t]);
-            if (lane == 0 && t < rows) store_output<T>(p, t, i, sum);
+            // The map pointer is the same for the whole grid, so the compiler may take the test out
+            // of the loop (a dispatch around the loop made ptxas spill on sm_90).
+            if (lane == 0 && t < rows)
+                with_rows(p.rows_adapter, [&](auto map) { store_output<T>(p, map, t, i, sum); });
         }
     }
 }

@@ -9,6 +9,9 @@
 //                           are too few tiles to fill the GPU (the last block of a tile sums the
 //                           splits, in order).
 //   vera_up_tile_<dtype>:   a 64x64 tile of y = u·Bᵀ with lambda_b, bias and the base add fused.
+//
+// The lambdas and the bias are those of row t's adapter (compat.cuh): one for every row, or each
+// row's own in a mixed-adapter call.
 #include "common.cuh"
 #include "ptx.cuh"
 
@@ -122,10 +125,14 @@ template <typename F> __device__ __forceinline__ void for_each_acc(const float (
 template <typename TU, typename Each>
 __device__ __forceinline__ void store_u_tile(const DownParams& p, int row0, int col0, Each each) {
     TU* u = static_cast<TU*>(p.u);
+    // The row map tested per lookup (common.cuh): compiled once per view, the f32 tile spilled on
+    // sm_80; the compiler takes the uniform test out of the unrolled stores where it pays.
+    const AnyRows map{p.rows_adapter};
     if (p.splits == 1) {
         each([&](int rr, int cc, float v) {
             const int t = row0 + rr, j = col0 + cc;
-            if (t < p.rows && j < p.r) u[(size_t)t * p.ldu + j] = from_f32<TU>(p.lambda_d[j] * (0.0f + v));
+            if (t < p.rows && j < p.r)
+                u[(size_t)t * p.ldu + j] = from_f32<TU>(scale_u(p, lambda_d_row(p, map, t), j, 0.0f + v));
         });
         return;
     }
@@ -137,7 +144,7 @@ __device__ __forceinline__ void store_u_tile(const DownParams& p, int row0, int 
     if (completes_group(p, blockIdx.x + gridDim.x * blockIdx.y)) {
         for (int e = threadIdx.x; e < BM * BN; e += blockDim.x) {
             const int t = row0 + e / BN, j = col0 + e % BN;
-            if (t < p.rows && j < p.r) u[(size_t)t * p.ldu + j] = from_f32<TU>(reduce_splits(p, t, j));
+            if (t < p.rows && j < p.r) u[(size_t)t * p.ldu + j] = from_f32<TU>(reduce_splits(p, map, t, j));
         }
     }
 }
@@ -167,9 +174,11 @@ template <typename T> __device__ void up_mma(const UpParams& p) {
     mma_tile<T>(
         sm, 0, p.r, [&](T (*dst)[SK], int k0) { load_rows(dst, u, p.ldu, row0, p.rows, k0, p.r, true); },
         [&](T (*dst)[SK], int k0) { load_rows(dst, b, p.ldb, col0, p.m, k0, p.r, true); }, acc);
-    for_each_acc(acc, [&](int rr, int cc, float v) {
-        const int t = row0 + rr, i = col0 + cc;
-        if (t < p.rows && i < p.m) store_output<T>(p, t, i, v);
+    with_rows(p.rows_adapter, [&](auto map) {
+        for_each_acc(acc, [&](int rr, int cc, float v) {
+            const int t = row0 + rr, i = col0 + cc;
+            if (t < p.rows && i < p.m) store_output<T>(p, map, t, i, v);
+        });
     });
 }
 
@@ -242,8 +251,10 @@ __device__ void up_simt(const UpParams& p) {
     simt_tile(
         0, p.r, [&](int rr, int j) { return row0 + rr < p.rows ? u[(size_t)(row0 + rr) * p.ldu + j] : 0.0f; },
         [&](int cc, int j) { return col0 + cc < p.m ? b[(size_t)(col0 + cc) * p.ldb + j] : 0.0f; }, acc);
-    for_each_simt_acc(acc, [&](int rr, int cc, float v) {
-        if (row0 + rr < p.rows && col0 + cc < p.m) store_output<float>(p, row0 + rr, col0 + cc, v);
+    with_rows(p.rows_adapter, [&](auto map) {
+        for_each_simt_acc(acc, [&](int rr, int cc, float v) {
+            if (row0 + rr < p.rows && col0 + cc < p.m) store_output<float>(p, map, row0 + rr, col0 + cc, v);
+        });
     });
 }
 

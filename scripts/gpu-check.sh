@@ -13,8 +13,9 @@
 #   1. preflight: nvidia-smi (clocks too), ldd of the binaries, where libcuda is found;
 #   2. the GPU tests, on the GPU only (VERA_KERNELS_SKIP_EMULATION=1) and required to find it
 #      (VERA_KERNELS_EXPECT_GPU=1), each test in its own process with CUDA_LAUNCH_BLOCKING=1 (not
-#      the tests of asynchronous work) and a small proptest shrink budget: tests/cuda_forward.rs
-#      and tests/cuda_gpu_scale.rs (model sizes, 500 back-to-back calls, two threads/streams);
+#      the tests of asynchronous work) and a small proptest shrink budget: tests/cuda_forward.rs,
+#      tests/cuda_mixed.rs (mixed-adapter batches) and tests/cuda_gpu_scale.rs (model sizes, 500
+#      back-to-back calls, two threads/streams);
 #   3. ours and PyTorch's PEFT path timed the same way (CUDA events around each call, median):
 #      the `vera bench` suite with L2 warm, then the decode shapes with A and B out of L2;
 #   4. cuobjdump -sass -res-usage on the carried fatbin (registers, spills, instruction mix);
@@ -32,7 +33,7 @@ cd "$(dirname "$0")/.."
 
 readonly BUNDLE=target/gpu-bundle
 readonly FEATURES=cuda,cuda-emulation
-readonly TEST_BINARIES=(cuda_forward cuda_gpu_scale)
+readonly TEST_BINARIES=(cuda_forward cuda_mixed cuda_gpu_scale)
 # The whole run; the steps get STEPS_S of it, packing the results the rest.
 readonly TIME_BOX_S=240
 readonly STEPS_S=225

@@ -140,25 +140,23 @@ impl AdapterBank {
         (self.lambda_d.len() + self.lambda_b.len() + self.bias.len()) * size_of::<f32>()
     }
 
+    /// Every adapter's bias, `[K, m]` row-major, zeros for the adapters without one; empty when no
+    /// adapter has a bias. (What the CUDA backend uploads.)
+    #[cfg(any(feature = "cuda", feature = "cuda-emulation"))]
+    pub(crate) fn bias_table(&self) -> &[f32] {
+        &self.bias
+    }
+
+    /// Whether each adapter has a bias (`[K]`).
+    #[cfg(any(feature = "cuda", feature = "cuda-emulation"))]
+    pub(crate) fn has_bias(&self) -> &[bool] {
+        &self.has_bias
+    }
+
     /// Checks a call's row → adapter map: one entry per row of `x`, each in `0..len()` or
     /// [`NO_ADAPTER`].
     pub(crate) fn check_rows(&self, rows: &[i32], t: usize) -> Result<()> {
-        if rows.len() != t {
-            return Err(Error::LengthMismatch {
-                what: "row adapters (one index per row of x)",
-                expected: t,
-                actual: rows.len(),
-            });
-        }
-        // The drivers index a call's rows with u32.
-        if u32::try_from(t).is_err() {
-            return Err(Error::SizeOverflow { what: "rows of a mixed-adapter call (at most 2^32 - 1)" });
-        }
-        let k = self.len();
-        match rows.iter().position(|&i| i != NO_ADAPTER && usize::try_from(i).map_or(true, |i| i >= k)) {
-            Some(row) => Err(Error::AdapterIndex { row, index: i64::from(rows[row]), adapters: k }),
-            None => Ok(()),
-        }
+        check_row_map(rows, t, self.len())
     }
 
     /// The bank and a checked row map as the drivers take them.
@@ -172,5 +170,25 @@ impl AdapterBank {
             r: self.r,
             m: self.m,
         }
+    }
+}
+
+/// Checks a mixed-adapter call's row → adapter map against a bank of `adapters` adapters: one entry
+/// per row of `x` (`t` rows), each in `0..adapters` or [`NO_ADAPTER`]. Every backend's check.
+pub(crate) fn check_row_map(rows: &[i32], t: usize, adapters: usize) -> Result<()> {
+    if rows.len() != t {
+        return Err(Error::LengthMismatch {
+            what: "row adapters (one index per row of x)",
+            expected: t,
+            actual: rows.len(),
+        });
+    }
+    // The drivers index a call's rows with u32.
+    if u32::try_from(t).is_err() {
+        return Err(Error::SizeOverflow { what: "rows of a mixed-adapter call (at most 2^32 - 1)" });
+    }
+    match rows.iter().position(|&i| i != NO_ADAPTER && usize::try_from(i).map_or(true, |i| i >= adapters)) {
+        Some(row) => Err(Error::AdapterIndex { row, index: i64::from(rows[row]), adapters }),
+        None => Ok(()),
     }
 }

@@ -21,40 +21,15 @@ use proptest::test_runner::{Config, TestRunner};
 use vera_kernels::cuda::{CudaDevice, CudaStream};
 use vera_kernels::{bf16, f16, reference, Adapter, Element, Error, MatMut, MatRef, Mode, Projections};
 
-use gpu::{emulation_skipped, gpu_expected};
+use gpu::{gpu_expected, skipped_emulation};
 
 /// Random cases per dtype on the emulated device (slow: one CUDA thread at a time) and on a GPU.
 const EMULATED_CASES: u32 = 40;
 const GPU_CASES: u32 = 400;
 
-/// The emulated device, unless `VERA_KERNELS_SKIP_EMULATION=1` (or the build has no emulation).
-fn emulated_device() -> Option<CudaDevice> {
-    #[cfg(feature = "cuda-emulation")]
-    if !emulation_skipped() {
-        return Some(CudaDevice::emulated());
-    }
-    None
-}
-
-/// The emulated device when `VERA_KERNELS_SKIP_EMULATION=1` left it out of [`devices`].
-fn skipped_emulation() -> Option<CudaDevice> {
-    #[cfg(feature = "cuda-emulation")]
-    if emulation_skipped() {
-        return Some(CudaDevice::emulated());
-    }
-    None
-}
-
-/// The devices to test, each with how many random cases it can afford per dtype. Never empty:
-/// skipping the emulation on a machine without a GPU would test nothing, which is a failure.
+/// The devices to test, each with how many random cases it can afford per dtype.
 fn devices() -> Vec<(CudaDevice, u32)> {
-    let mut devices: Vec<(CudaDevice, u32)> = emulated_device().into_iter().map(|d| (d, EMULATED_CASES)).collect();
-    match CudaDevice::new(0) {
-        Ok(gpu) => devices.push((gpu, GPU_CASES)),
-        Err(e) => assert!(!gpu_expected(), "VERA_KERNELS_EXPECT_GPU=1 but no GPU: {e}"),
-    }
-    assert!(!devices.is_empty(), "no device to test: VERA_KERNELS_SKIP_EMULATION=1 and no GPU");
-    devices
+    gpu::devices(EMULATED_CASES, GPU_CASES)
 }
 
 #[test]

@@ -179,6 +179,8 @@ pub(crate) unsafe fn forward(
     let (x, a, b) = (ops.x.driver("x")?, ops.a.driver("projections")?, ops.b.driver("projections")?);
     let (lambda_d, lambda_b) = (ops.lambda_d.driver("adapter")?, ops.lambda_b.driver("adapter")?);
     let bias = ops.bias.map(|b| b.driver("adapter")).transpose()?;
+    let has_bias = ops.has_bias.map(|b| b.driver("adapter bank")).transpose()?;
+    let rows_adapter = ops.rows_adapter.map(|b| b.driver("row map")).transpose()?;
     let (part, u) = (ops.part.driver_mut("workspace")?, ops.u.driver_mut("workspace")?);
     let (counters, y) = (ops.counters.driver_mut("workspace")?, ops.y.driver_mut("y")?);
     // The guards make later work on other streams wait for these reads and writes; they are
@@ -189,12 +191,14 @@ pub(crate) unsafe fn forward(
     let (lambda_d, _gd) = lambda_d.device_ptr(stream);
     let (lambda_b, _gl) = lambda_b.device_ptr(stream);
     let bias = bias.map(|s| s.device_ptr(stream));
+    let has_bias = has_bias.map(|s| s.device_ptr(stream));
+    let rows_adapter = rows_adapter.map(|s| s.device_ptr(stream));
     let (part, _gp) = part.device_ptr_mut(stream);
     let (u, _gu) = u.device_ptr_mut(stream);
     let (counters, _gc) = counters.device_ptr_mut(stream);
     let (y, _gy) = y.device_ptr_mut(stream);
-    let bias = bias.as_ref().map(|(p, _)| *p);
-    let at = Addresses { x, a, b, lambda_d, lambda_b, bias, part, u, counters, y };
+    let [bias, has_bias, rows_adapter] = [&bias, &has_bias, &rows_adapter].map(|p| p.as_ref().map(|(p, _)| *p));
+    let at = Addresses { x, a, b, lambda_d, lambda_b, bias, has_bias, rows_adapter, part, u, counters, y };
     let (down, up) = params::launch_params(plan, call, &at)?;
     // SAFETY: `plan.down` names a down-projection kernel and `plan.up` an up-projection kernel
     // (plan.rs), which take DownParams and UpParams; every address is a live slice of this

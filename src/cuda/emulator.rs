@@ -35,6 +35,8 @@ pub(crate) unsafe fn forward(plan: &Plan, call: &Call, ops: Operands<'_>) -> Res
         lambda_d: ops.lambda_d.host("adapter")?.address(),
         lambda_b: ops.lambda_b.host("adapter")?.address(),
         bias: ops.bias.map(|b| b.host("adapter").map(|h| h.address())).transpose()?,
+        has_bias: ops.has_bias.map(|b| b.host("adapter bank").map(|h| h.address())).transpose()?,
+        rows_adapter: ops.rows_adapter.map(|b| b.host("row map").map(|h| h.address())).transpose()?,
         part: ops.part.host_mut("workspace")?.address_mut(),
         u: ops.u.host_mut("workspace")?.address_mut(),
         counters: ops.counters.host_mut("workspace")?.address_mut(),

@@ -1,19 +1,58 @@
-//! The host side of one [`CudaStream::forward`] call, between its checks and a backend's launch:
-//! the checks themselves, the stream's reusable workspace and its sizes, and the buffers handed to
-//! the backend, which supplies their addresses to the shared [`launch_params`] fill.
+//! The host side of one [`CudaStream::forward`] or [`CudaStream::forward_mixed`] call, between its
+//! checks and a backend's launch: the checks themselves, the stream's reusable workspace and its
+//! sizes, and the buffers handed to the backend, which supplies their addresses to the shared
+//! [`launch_params`] fill.
 //!
 //! [`launch_params`]: super::params::launch_params
 
 use super::buffer::Buffer;
 use super::params::{to_i32, Call, Strides};
 use super::plan::Plan;
-use super::{CudaStream, DeviceAdapter, DeviceMatrix, DeviceProjections, StreamKind};
+use super::{CudaStream, DeviceAdapter, DeviceAdapterBank, DeviceMatrix, DeviceProjections, DeviceRowMap, StreamKind};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
-use crate::types::{self, Mode};
+use crate::types::{self, AdapterDims, Mode};
+
+/// The adapter side of a forward call: one adapter's vectors, or a bank's tables with the call's
+/// row map.
+#[derive(Clone, Copy)]
+pub(crate) struct ScaleBuffers<'a> {
+    pub lambda_d: &'a Buffer,
+    pub lambda_b: &'a Buffer,
+    pub bias: Option<&'a Buffer>,
+    /// A bank's per-adapter bias flags (with its bias table).
+    pub has_bias: Option<&'a Buffer>,
+    /// The row map of a mixed-adapter call.
+    pub rows_adapter: Option<&'a Buffer>,
+}
+
+impl<'a> ScaleBuffers<'a> {
+    /// One adapter for every row.
+    pub(crate) fn adapter(adapter: &'a DeviceAdapter) -> Self {
+        ScaleBuffers {
+            lambda_d: &adapter.lambda_d,
+            lambda_b: &adapter.lambda_b,
+            bias: adapter.bias.as_ref(),
+            has_bias: None,
+            rows_adapter: None,
+        }
+    }
+
+    /// Each row's own adapter of `bank`, as `rows` names it.
+    pub(crate) fn bank(bank: &'a DeviceAdapterBank, rows: &'a DeviceRowMap) -> Self {
+        ScaleBuffers {
+            lambda_d: &bank.lambda_d,
+            lambda_b: &bank.lambda_b,
+            bias: bank.bias.as_ref(),
+            has_bias: bank.has_bias.as_ref(),
+            rows_adapter: Some(&rows.buf),
+        }
+    }
+}
 
 /// The buffers of one forward call: the operands, and the stream's workspace grown for this call.
-/// Built only by [`CudaStream::forward`], after [`CudaStream::check_forward`] and
+/// Built only by [`CudaStream::forward`] and [`CudaStream::forward_mixed`], after their checks
+/// ([`CudaStream::check_forward`], [`CudaStream::check_forward_mixed`]) and
 /// [`Workspace::reserve`], so every buffer holds what the call's kernels read or write.
 pub(crate) struct Operands<'a> {
     pub x: &'a Buffer,
@@ -22,6 +61,10 @@ pub(crate) struct Operands<'a> {
     pub lambda_d: &'a Buffer,
     pub lambda_b: &'a Buffer,
     pub bias: Option<&'a Buffer>,
+    /// A bank's per-adapter bias flags (with its bias table); `None` for one adapter.
+    pub has_bias: Option<&'a Buffer>,
+    /// The row map of a mixed-adapter call; `None` for one adapter.
+    pub rows_adapter: Option<&'a Buffer>,
     pub part: &'a mut Buffer,
     pub u: &'a mut Buffer,
     pub counters: &'a mut Buffer,
@@ -29,10 +72,10 @@ pub(crate) struct Operands<'a> {
 }
 
 impl<'a> Operands<'a> {
-    /// The operands of `projections`, `adapter`, `x` and `y`, with the workspace `scratch`.
+    /// The operands of `projections`, `scales`, `x` and `y`, with the workspace `scratch`.
     pub(crate) fn new<T>(
         projections: &'a DeviceProjections<T>,
-        adapter: &'a DeviceAdapter,
+        scales: ScaleBuffers<'a>,
         x: &'a DeviceMatrix<T>,
         y: &'a mut DeviceMatrix<T>,
         scratch: Scratch<'a>,
@@ -41,9 +84,11 @@ impl<'a> Operands<'a> {
             x: &x.buf,
             a: &projections.a,
             b: &projections.b,
-            lambda_d: &adapter.lambda_d,
-            lambda_b: &adapter.lambda_b,
-            bias: adapter.bias.as_ref(),
+            lambda_d: scales.lambda_d,
+            lambda_b: scales.lambda_b,
+            bias: scales.bias,
+            has_bias: scales.has_bias,
+            rows_adapter: scales.rows_adapter,
             part: scratch.part,
             u: scratch.u,
             counters: scratch.counters,
@@ -65,23 +110,61 @@ impl CudaStream {
         y: &DeviceMatrix<T>,
         mode: Mode,
     ) -> Result<Call> {
-        let (rows, n, m, r) = (x.rows, x.cols, y.cols, projections.r);
+        let dims = AdapterDims { r: adapter.r, m: adapter.m };
+        let buffers = [(&adapter.lambda_d, "adapter"), (adapter.bias.as_ref().unwrap_or(&adapter.lambda_b), "adapter")];
+        self.check_call(projections, dims, None, &buffers, x, y, mode)
+    }
+
+    /// [`CudaStream::check_forward`] for a mixed-adapter call: the bank in the place of the
+    /// adapter, and the row map checked as on the CPU (one entry per row of `x`, each an adapter of
+    /// the bank or [`NO_ADAPTER`](crate::NO_ADAPTER)) against its host copy.
+    pub(super) fn check_forward_mixed<T: Element>(
+        &self,
+        projections: &DeviceProjections<T>,
+        bank: &DeviceAdapterBank,
+        rows: &DeviceRowMap,
+        x: &DeviceMatrix<T>,
+        y: &DeviceMatrix<T>,
+        mode: Mode,
+    ) -> Result<Call> {
+        let dims = AdapterDims { r: bank.r, m: bank.m };
+        let buffers = [
+            (&bank.lambda_d, "adapter bank"),
+            (bank.bias.as_ref().unwrap_or(&bank.lambda_b), "adapter bank"),
+            (bank.has_bias.as_ref().unwrap_or(&bank.lambda_b), "adapter bank"),
+            (&rows.buf, "row map"),
+        ];
+        self.check_call(projections, dims, Some((&rows.rows, bank.k)), &buffers, x, y, mode)
+    }
+
+    /// The checks both calls share, in the CPU's order: the layer within the projections, the
+    /// shapes, the row map (`rows` and the bank's size, for a mixed call), then that every buffer
+    /// (the `scales`' and the operands') is on this stream's device.
+    #[allow(clippy::too_many_arguments)]
+    fn check_call<T: Element>(
+        &self,
+        projections: &DeviceProjections<T>,
+        dims: AdapterDims,
+        rows: Option<(&[i32], usize)>,
+        scales: &[(&Buffer, &'static str)],
+        x: &DeviceMatrix<T>,
+        y: &DeviceMatrix<T>,
+        mode: Mode,
+    ) -> Result<Call> {
+        let (t, n, m, r) = (x.rows, x.cols, y.cols, projections.r);
         types::check_fits(n, m, projections.n_max, projections.m_max)?;
         let layer = types::LayerDims { r, n, m };
-        let adapter_dims = types::AdapterDims { r: adapter.r, m: adapter.m };
-        types::check_forward(layer, adapter_dims, [rows, n], Some(([y.rows, m], types::Y)))?;
-        let buffers: [(&Buffer, &'static str); 5] = [
-            (&projections.a, "projections"),
-            (&adapter.lambda_d, "adapter"),
-            (&x.buf, "x"),
-            (&y.buf, "y"),
-            (adapter.bias.as_ref().unwrap_or(&adapter.lambda_b), "adapter"),
-        ];
-        if let Some((_, what)) = buffers.iter().find(|(b, _)| !b.is_on(&self.kind)) {
+        types::check_forward(layer, dims, [t, n], Some(([y.rows, m], types::Y)))?;
+        if let Some((rows, adapters)) = rows {
+            crate::bank::check_row_map(rows, t, adapters)?;
+        }
+        let operands: [(&Buffer, &'static str); 3] = [(&projections.a, "projections"), (&x.buf, "x"), (&y.buf, "y")];
+        let mut buffers = operands[..1].iter().chain(scales).chain(&operands[1..]);
+        if let Some((_, what)) = buffers.find(|(b, _)| !b.is_on(&self.kind)) {
             return Err(Error::DeviceMismatch { what });
         }
         let strides = Strides { x: x.row_stride, a: projections.lda, b: projections.ldb, y: y.row_stride };
-        Call::new(layer, rows, strides, std::mem::size_of::<T>(), mode)
+        Call::new(layer, t, strides, std::mem::size_of::<T>(), mode)
     }
 }
 

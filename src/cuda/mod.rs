@@ -8,12 +8,18 @@
 //!   for tests on machines without a GPU).
 //! - Work is issued on a [`CudaStream`] (the device's default stream, or [`CudaDevice::new_stream`]).
 //!   Host↔device copies happen only in the calls that say so ([`CudaStream::upload`],
-//!   [`CudaStream::download`], ...); [`CudaStream::forward`] only launches kernels.
+//!   [`CudaStream::download`], ...); [`CudaStream::forward`] and [`CudaStream::forward_mixed`] only
+//!   launch kernels.
 //!   [`CudaStream::timer`] measures the device time of work on a stream with CUDA events.
 //! - [`DeviceProjections`] holds the shared A and B once per model, packed (rows padded to 16 bytes)
 //!   for the kernels; every layer's forward slices it, like [`Projections::slice`](crate::Projections::slice).
 //!   [`DeviceAdapter`] holds one layer's lambdas and bias (f32). [`DeviceMatrix`] holds `x` and `y`
 //!   with any row stride.
+//! - Mixed-adapter batches, as the CPU [`forward_mixed`](crate::forward_mixed):
+//!   [`DeviceAdapterBank`] holds one layer's [`AdapterBank`], [`DeviceRowMap`] a batch's row →
+//!   adapter map (uploaded once per batch and used by every layer), and
+//!   [`CudaStream::forward_mixed`] runs the same two kernels as [`CudaStream::forward`], each row
+//!   with its own adapter's scales.
 //!
 //! Semantics are those of the CPU [`forward`](crate::forward): `y (+)= lambda_b ⊙ ((lambda_d ⊙
 //! (x·Aᵀ))·Bᵀ) + bias`, [`Mode::Accumulate`] or [`Mode::Overwrite`], the same validation errors, and
@@ -44,13 +50,14 @@ use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 
 use crate::adapter::Adapter;
+use crate::bank::AdapterBank;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mat::{MatMut, MatRef};
 use crate::types::Mode;
 
 use buffer::Buffer;
-use forward::{Operands, Workspace, WorkspaceSizes};
+use forward::{Operands, ScaleBuffers, Workspace, WorkspaceSizes};
 use params::{to_i32, Call};
 use plan::Plan;
 
@@ -324,6 +331,86 @@ impl std::fmt::Debug for DeviceAdapter {
     }
 }
 
+/// One layer's [`AdapterBank`] in device memory (f32): `lambda_d [K, r]`, `lambda_b [K, m]` and,
+/// when any adapter has a bias, the bias table `[K, m]` with a flag per adapter, for
+/// [`CudaStream::forward_mixed`]. Made by [`CudaStream::upload_bank`].
+pub struct DeviceAdapterBank {
+    lambda_d: Buffer,
+    lambda_b: Buffer,
+    bias: Option<Buffer>,
+    /// `[K]` i32, non-zero for an adapter with a bias; present with `bias`.
+    has_bias: Option<Buffer>,
+    k: usize,
+    r: usize,
+    m: usize,
+}
+
+impl DeviceAdapterBank {
+    /// The number of adapters `K`.
+    pub fn len(&self) -> usize {
+        self.k
+    }
+
+    /// Always `false`: a bank holds at least one adapter.
+    pub fn is_empty(&self) -> bool {
+        self.k == 0
+    }
+
+    /// The rank `r` shared by every adapter.
+    pub fn rank(&self) -> usize {
+        self.r
+    }
+
+    /// The layer's `out_features` `m`.
+    pub fn out_features(&self) -> usize {
+        self.m
+    }
+}
+
+impl std::fmt::Debug for DeviceAdapterBank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceAdapterBank")
+            .field("k", &self.k)
+            .field("r", &self.r)
+            .field("m", &self.m)
+            .field("bias", &self.bias.is_some())
+            .finish()
+    }
+}
+
+/// A batch's row → adapter map in device memory, for [`CudaStream::forward_mixed`]: one `i32` per
+/// token row, an index into the layer's [`DeviceAdapterBank`] or [`NO_ADAPTER`](crate::NO_ADAPTER).
+/// Made by [`CudaStream::upload_row_map`], once per batch: every layer's call of that batch uses it
+/// (the banks of all layers index the same adapters). It keeps a host copy, against which each call
+/// checks the indices before it launches anything.
+pub struct DeviceRowMap {
+    buf: Buffer,
+    rows: Vec<i32>,
+}
+
+impl DeviceRowMap {
+    /// The number of token rows it maps.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether it maps no rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The map, as uploaded (the host copy).
+    pub fn rows(&self) -> &[i32] {
+        &self.rows
+    }
+}
+
+impl std::fmt::Debug for DeviceRowMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceRowMap").field("rows", &self.rows.len()).finish()
+    }
+}
+
 /// Rounds a row length up to a multiple of 8 elements (16 bytes for 16-bit types, 32 for f32).
 fn padded(len: usize) -> Result<usize> {
     len.checked_next_multiple_of(8).ok_or(Error::SizeOverflow { what: "padded projection row" })
@@ -434,6 +521,43 @@ impl CudaStream {
         })
     }
 
+    /// Copies one layer's [`AdapterBank`] (every adapter's lambdas, and the biases with a flag per
+    /// adapter, f32) to the device, for [`CudaStream::forward_mixed`].
+    ///
+    /// Errors: [`Error::SizeOverflow`] when a table (`K·r` or `K·m` values) does not fit the
+    /// kernels' 32-bit indices; [`Error::Cuda`] when a copy fails.
+    pub fn upload_bank(&self, bank: &AdapterBank) -> Result<DeviceAdapterBank> {
+        to_i32(bank.lambda_d().len(), "lambda_d table of the adapter bank (K·r)")?;
+        to_i32(bank.lambda_b().len(), "lambda_b table of the adapter bank (K·m)")?;
+        let up = |v: &[f32]| Buffer::from_host(&self.kind, bytemuck::cast_slice(v));
+        let (bias, has_bias) = match bank.bias_table() {
+            [] => (None, None),
+            table => {
+                let flags: Vec<i32> = bank.has_bias().iter().map(|&b| i32::from(b)).collect();
+                (Some(up(table)?), Some(Buffer::from_host(&self.kind, bytemuck::cast_slice(&flags))?))
+            }
+        };
+        Ok(DeviceAdapterBank {
+            lambda_d: up(bank.lambda_d())?,
+            lambda_b: up(bank.lambda_b())?,
+            bias,
+            has_bias,
+            k: bank.len(),
+            r: bank.rank(),
+            m: bank.out_features(),
+        })
+    }
+
+    /// Copies a batch's row → adapter map (one index per token row: an adapter of the bank, or
+    /// [`NO_ADAPTER`](crate::NO_ADAPTER)) to the device, for [`CudaStream::forward_mixed`]. Upload
+    /// it once per batch and pass it to every layer's call: the calls then only launch kernels.
+    ///
+    /// The indices are checked by each call against its bank (the map does not know the bank), so
+    /// this does not fail on them; errors: [`Error::Cuda`] when the copy fails.
+    pub fn upload_row_map(&self, rows: &[i32]) -> Result<DeviceRowMap> {
+        Ok(DeviceRowMap { buf: Buffer::from_host(&self.kind, bytemuck::cast_slice(rows))?, rows: rows.to_vec() })
+    }
+
     /// The fused VeRA forward pass on this stream: `y (+)= lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ) +
     /// bias` with `x [T, n]`, `y [T, m]` and the layer's `A[:, :n]`, `B[:m, :]` sliced from
     /// `projections`, as the CPU [`forward`](crate::forward) computes it. Asynchronous: the result is
@@ -453,6 +577,54 @@ impl CudaStream {
         mode: Mode,
     ) -> Result<()> {
         let call = self.check_forward(projections, adapter, x, y, mode)?;
+        // SAFETY: `check_forward` checked the call: lambda_d holds r f32, lambda_b and the bias m.
+        unsafe { self.run(projections, ScaleBuffers::adapter(adapter), &call, x, y) }
+    }
+
+    /// The fused VeRA forward pass of a mixed-adapter batch on this stream, as the CPU
+    /// [`forward_mixed`](crate::forward_mixed) computes it: for every row `t` of `x [T, n]`,
+    /// `y[t] (+)= bank[rows[t]](x[t])`, where a row whose index is
+    /// [`NO_ADAPTER`](crate::NO_ADAPTER) is left as it is under [`Mode::Accumulate`] and set to
+    /// zero under [`Mode::Overwrite`]. The same two kernels as [`CudaStream::forward`] at the same
+    /// cost (both products once over all rows); each row reads its own adapter's scales. Row for
+    /// row, the result has the bits of a [`CudaStream::forward`] call with that row's adapter on
+    /// the same shapes. Asynchronous, and like [`CudaStream::forward`] it only launches kernels:
+    /// the row map is already on the device ([`CudaStream::upload_row_map`], once per batch; a
+    /// copy per call from pageable host memory could make the host wait for the stream).
+    ///
+    /// Errors (checked before anything is launched): as [`CudaStream::forward`], with the bank in
+    /// the place of the adapter; [`Error::LengthMismatch`] when `rows` does not map every row of
+    /// `x`; [`Error::AdapterIndex`] for an index outside `0..bank.len()` other than `NO_ADAPTER`;
+    /// [`Error::DeviceMismatch`] for a bank or row map of another device.
+    pub fn forward_mixed<T: Element>(
+        &self,
+        projections: &DeviceProjections<T>,
+        bank: &DeviceAdapterBank,
+        rows: &DeviceRowMap,
+        x: &DeviceMatrix<T>,
+        y: &mut DeviceMatrix<T>,
+        mode: Mode,
+    ) -> Result<()> {
+        let call = self.check_forward_mixed(projections, bank, rows, x, y, mode)?;
+        // SAFETY: `check_forward_mixed` checked the call: the bank's tables hold K·r (lambda_d) and
+        // K·m (lambda_b, the bias) f32 and K flags; the row map holds one index per row of x, each
+        // in 0..K or NO_ADAPTER.
+        unsafe { self.run(projections, ScaleBuffers::bank(bank, rows), &call, x, y) }
+    }
+
+    /// Plans a checked call, grows the workspace for it, and launches its two kernels.
+    ///
+    /// # Safety
+    /// `call` must come from the checks of `projections`, `x`, `y` and the adapter (or bank and
+    /// row map) behind `scales`, so that `scales` hold what the kernels read for it.
+    unsafe fn run<T: Element>(
+        &self,
+        projections: &DeviceProjections<T>,
+        scales: ScaleBuffers<'_>,
+        call: &Call,
+        x: &DeviceMatrix<T>,
+        y: &mut DeviceMatrix<T>,
+    ) -> Result<()> {
         if call.is_empty() {
             return Ok(());
         }
@@ -460,14 +632,15 @@ impl CudaStream {
         let plan = plan::plan(T::DTYPE, rows, x.cols, r, y.cols, self.device.multiprocessors());
         let sizes = WorkspaceSizes::new(&plan, rows, r, std::mem::size_of::<T>())?;
         let mut workspace = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
-        let operands = Operands::new(projections, adapter, x, y, workspace.reserve(&self.kind, sizes)?);
-        // SAFETY: `check_forward` checked the operands against the call's shapes (and each backend
-        // refuses a buffer of the other kind): x and y span (rows-1)·ld + cols elements (built by
-        // `upload`/`zeros`), A and B hold r·lda and m_max·ldb elements with n <= n_max <= lda and
-        // m <= m_max, lambda_d holds r f32, lambda_b and the bias m. `reserve` grew the workspace
-        // to the plan's `sizes`: splits·rows·r f32 partial sums, rows·ldu elements of u, and one
-        // counter per group, zero (new, or set back to zero by the call that last used them).
-        let launched = unsafe { self.launch(&plan, &call, operands) };
+        let operands = Operands::new(projections, scales, x, y, workspace.reserve(&self.kind, sizes)?);
+        // SAFETY: the call's checks (the caller's obligation) checked the operands against its
+        // shapes (and each backend refuses a buffer of the other kind): x and y span
+        // (rows-1)·ld + cols elements (built by `upload`/`zeros`), A and B hold r·lda and
+        // m_max·ldb elements with n <= n_max <= lda and m <= m_max, and the scales what the caller
+        // says. `reserve` grew the workspace to the plan's `sizes`: splits·rows·r f32 partial
+        // sums, rows·ldu elements of u, and one counter per group, zero (new, or set back to zero
+        // by the call that last used them).
+        let launched = unsafe { self.launch(&plan, call, operands) };
         if launched.is_err() {
             workspace.reset_counters();
         }

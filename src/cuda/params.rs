@@ -7,13 +7,16 @@ use super::plan::Plan;
 use crate::error::{Error, Result};
 use crate::types::{LayerDims, Mode};
 
-/// `u[t][j] = lambda_d[j] · Σ_k x[t][k] · a[j][k]`, k split over `splits` blocks.
+/// `u[t][j] = lambda_d[k_t][j] · Σ_k x[t][k] · a[j][k]`, k split over `splits` blocks, with `k_t`
+/// row `t`'s adapter: `rows_adapter[t]`, or 0 for every row when `rows_adapter` is null (one
+/// adapter, `ld_lambda_d` 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct DownParams {
     pub x: u64,
     pub a: u64,
     pub lambda_d: u64,
+    pub rows_adapter: u64,
     pub u: u64,
     pub part: u64,
     pub counters: u64,
@@ -26,10 +29,12 @@ pub(crate) struct DownParams {
     pub splits: i32,
     pub ldu: i32,
     pub x_aligned: i32,
-    pub pad: i32,
+    pub ld_lambda_d: i32,
 }
 
-/// `y[t][i] (+)= lambda_b[i] · Σ_j u[t][j] · b[i][j] + bias[i]`.
+/// `y[t][i] (+)= lambda_b[k_t][i] · Σ_j u[t][j] · b[i][j] + bias[k_t][i]`, the bias added when
+/// adapter `k_t` has one (`has_bias[k_t]`, or every adapter when `has_bias` is null and `bias` is
+/// not); `k_t` as in [`DownParams`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct UpParams {
@@ -37,6 +42,8 @@ pub(crate) struct UpParams {
     pub b: u64,
     pub lambda_b: u64,
     pub bias: u64,
+    pub has_bias: u64,
+    pub rows_adapter: u64,
     pub y: u64,
     pub rows: i32,
     pub r: i32,
@@ -45,12 +52,13 @@ pub(crate) struct UpParams {
     pub ldu: i32,
     pub ldy: i32,
     pub accumulate: i32,
-    pub pad: i32,
+    pub ld_lambda_b: i32,
 }
 
-// The C side has the same fields in the same order with no padding: 6 or 5 pointers, then ints.
-const _: () = assert!(std::mem::size_of::<DownParams>() == 6 * 8 + 10 * 4);
-const _: () = assert!(std::mem::size_of::<UpParams>() == 5 * 8 + 8 * 4);
+// The C side has the same fields in the same order with no padding: 7 pointers, then ints
+// (kernels/compat.cuh asserts the same sizes).
+const _: () = assert!(std::mem::size_of::<DownParams>() == 7 * 8 + 10 * 4);
+const _: () = assert!(std::mem::size_of::<UpParams>() == 7 * 8 + 8 * 4);
 
 /// Kernel parameters are 32-bit: every size and stride must fit in an `i32`.
 pub(crate) fn to_i32(v: usize, what: &'static str) -> Result<i32> {
@@ -122,10 +130,18 @@ pub(crate) struct Addresses {
     pub x: u64,
     pub a: u64,
     pub b: u64,
+    /// One adapter's `lambda_d [r]` and `lambda_b [m]`, or a bank's `[K, r]` and `[K, m]` tables.
     pub lambda_d: u64,
     pub lambda_b: u64,
-    /// `None` for an adapter without bias (the kernels read a null pointer as "no bias").
+    /// `None` for an adapter without bias, or a bank in which no adapter has one (the kernels
+    /// read a null pointer as "no bias").
     pub bias: Option<u64>,
+    /// A bank's per-adapter bias flags (`[K]` i32), when it has a bias table; `None` for one
+    /// adapter.
+    pub has_bias: Option<u64>,
+    /// A mixed-adapter call's row map (`[rows]` i32): with it the lambdas and bias are a bank's
+    /// tables, `None` for one adapter.
+    pub rows_adapter: Option<u64>,
     /// The workspace: split partial sums, u (written by the down-projection, read by the up), and
     /// the split counters.
     pub part: u64,
@@ -140,10 +156,17 @@ pub(crate) struct Addresses {
 /// Errors: [`Error::SizeOverflow`] when the plan's split or u stride does not fit an `i32`.
 pub(crate) fn launch_params(plan: &Plan, call: &Call, at: &Addresses) -> Result<(DownParams, UpParams)> {
     let ldu = to_i32(plan.ldu, "row stride of u")?;
+    // A bank's tables hold one row per adapter, r and m long; one adapter is every row's adapter
+    // 0, at stride 0.
+    let (ld_lambda_d, ld_lambda_b) = match at.rows_adapter {
+        Some(_) => (call.r, call.m),
+        None => (0, 0),
+    };
     let down = DownParams {
         x: at.x,
         a: at.a,
         lambda_d: at.lambda_d,
+        rows_adapter: at.rows_adapter.unwrap_or(0),
         u: at.u,
         part: at.part,
         counters: at.counters,
@@ -156,13 +179,15 @@ pub(crate) fn launch_params(plan: &Plan, call: &Call, at: &Addresses) -> Result<
         splits: to_i32(plan.splits, "k splits")?,
         ldu,
         x_aligned: vector_aligned(at.x, call.x_stride_bytes),
-        pad: 0,
+        ld_lambda_d,
     };
     let up = UpParams {
         u: at.u,
         b: at.b,
         lambda_b: at.lambda_b,
         bias: at.bias.unwrap_or(0),
+        has_bias: at.has_bias.unwrap_or(0),
+        rows_adapter: at.rows_adapter.unwrap_or(0),
         y: at.y,
         rows: call.rows,
         r: call.r,
@@ -171,7 +196,7 @@ pub(crate) fn launch_params(plan: &Plan, call: &Call, at: &Addresses) -> Result<
         ldu,
         ldy: call.ldy,
         accumulate: i32::from(call.accumulate),
-        pad: 0,
+        ld_lambda_b,
     };
     Ok((down, up))
 }
@@ -188,6 +213,8 @@ mod tests {
         lambda_d: 0x4000,
         lambda_b: 0x5000,
         bias: None,
+        has_bias: None,
+        rows_adapter: None,
         part: 0x6000,
         u: 0x7000,
         counters: 0x8000,
@@ -209,6 +236,7 @@ mod tests {
                 x: 0x1000,
                 a: 0x2000,
                 lambda_d: 0x4000,
+                rows_adapter: 0,
                 u: 0x7000,
                 part: 0x6000,
                 counters: 0x8000,
@@ -221,7 +249,7 @@ mod tests {
                 splits: plan.splits as i32,
                 ldu: plan.ldu as i32,
                 x_aligned: 1,
-                pad: 0,
+                ld_lambda_d: 0,
             }
         );
         assert_eq!(
@@ -231,6 +259,8 @@ mod tests {
                 b: 0x3000,
                 lambda_b: 0x5000,
                 bias: 0,
+                has_bias: 0,
+                rows_adapter: 0,
                 y: 0x9000,
                 rows: 5,
                 r: 10,
@@ -239,7 +269,7 @@ mod tests {
                 ldu: plan.ldu as i32,
                 ldy: 70,
                 accumulate: 1,
-                pad: 0,
+                ld_lambda_b: 0,
             }
         );
     }
@@ -253,6 +283,16 @@ mod tests {
         let unaligned_x = Addresses { x: 0x1008, bias: Some(0xa000), ..ADDRESSES };
         let (down, up) = launch_params(&plan, &call(104, 2, Mode::Accumulate), &unaligned_x).unwrap();
         assert_eq!((down.x_aligned, up.bias), (0, 0xa000));
+    }
+
+    #[test]
+    fn a_row_map_makes_the_lambdas_and_bias_tables_of_one_row_per_adapter() {
+        let plan = crate::cuda::plan::plan(DType::F32, 5, 100, 10, 70, 132);
+        let bank = Addresses { bias: Some(0xa000), has_bias: Some(0xb000), rows_adapter: Some(0xc000), ..ADDRESSES };
+        let (down, up) = launch_params(&plan, &call(104, 4, Mode::Accumulate), &bank).unwrap();
+        assert_eq!((down.rows_adapter, down.lambda_d, down.ld_lambda_d), (0xc000, 0x4000, 10));
+        assert_eq!((up.rows_adapter, up.lambda_b, up.ld_lambda_b), (0xc000, 0x5000, 70));
+        assert_eq!((up.bias, up.has_bias), (0xa000, 0xb000));
     }
 
     #[test]

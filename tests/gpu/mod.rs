@@ -1,4 +1,5 @@
-//! Which CUDA devices the GPU test files test, from two switches that scripts/gpu-check.sh sets:
+//! Which CUDA devices the GPU test files test ([`devices`]), from two switches that
+//! scripts/gpu-check.sh sets:
 //!
 //! - `VERA_KERNELS_EXPECT_GPU=1`: a GPU must be found; a missing one fails the test instead of
 //!   skipping it (so a run on the GPU machine cannot pass without testing the GPU).
@@ -23,6 +24,37 @@ pub fn gpu_expected() -> bool {
 /// Whether `VERA_KERNELS_SKIP_EMULATION=1`: the emulated device is then left out of the tests.
 pub fn emulation_skipped() -> bool {
     switch("VERA_KERNELS_SKIP_EMULATION")
+}
+
+/// The emulated device, unless `VERA_KERNELS_SKIP_EMULATION=1` (or the build has no emulation).
+pub fn emulated_device() -> Option<CudaDevice> {
+    #[cfg(feature = "cuda-emulation")]
+    if !emulation_skipped() {
+        return Some(CudaDevice::emulated());
+    }
+    None
+}
+
+/// The emulated device when `VERA_KERNELS_SKIP_EMULATION=1` left it out of [`devices`].
+pub fn skipped_emulation() -> Option<CudaDevice> {
+    #[cfg(feature = "cuda-emulation")]
+    if emulation_skipped() {
+        return Some(CudaDevice::emulated());
+    }
+    None
+}
+
+/// The devices to test, each with how many random cases it can afford (`emulated_cases` on the
+/// emulation, `gpu_cases` on a GPU). Never empty: skipping the emulation on a machine without a GPU
+/// would test nothing, which is a failure.
+pub fn devices(emulated_cases: u32, gpu_cases: u32) -> Vec<(CudaDevice, u32)> {
+    let mut devices: Vec<(CudaDevice, u32)> = emulated_device().into_iter().map(|d| (d, emulated_cases)).collect();
+    match CudaDevice::new(0) {
+        Ok(gpu) => devices.push((gpu, gpu_cases)),
+        Err(e) => assert!(!gpu_expected(), "VERA_KERNELS_EXPECT_GPU=1 but no GPU: {e}"),
+    }
+    assert!(!devices.is_empty(), "no device to test: VERA_KERNELS_SKIP_EMULATION=1 and no GPU");
+    devices
 }
 
 /// GPU 0, or `None` when there is none (with one line on stderr per process saying so and why);
