@@ -25,16 +25,7 @@ impl BankOp<'_> {
         t: usize,
         base: Option<&[T]>,
     ) -> candle_core::Result<Vec<T>> {
-        let (n, m) = (self.layer.in_features, self.layer.out_features);
-        let projections = self.layer.projections.get::<T>();
-        let (mut y, mode) = match base {
-            Some(b) => (b.to_vec(), Mode::Accumulate),
-            None => (vec![T::default(); buffer_len("y [T, out_features]", t, m)?], Mode::Overwrite),
-        };
-        let x = MatRef::from_slice(x, t, n).map_err(wrap)?;
-        let y_view = MatMut::from_slice(&mut y, t, m).map_err(wrap)?;
-        forward_mixed(projections, self.bank, self.rows, x, y_view, mode).map_err(wrap)?;
-        Ok(y)
+        run_layer(self.layer, x, t, base, |p, x, y, mode| forward_mixed(p, self.bank, self.rows, x, y, mode))
     }
 
     /// [`BankOp::run`] on candle storage: `x` (and the base output, when given) read as `T`, the

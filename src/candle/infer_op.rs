@@ -22,16 +22,7 @@ impl VeraOp {
         t: usize,
         base: Option<&[T]>,
     ) -> candle_core::Result<Vec<T>> {
-        let (n, m) = (self.layer.in_features, self.layer.out_features);
-        let projections = self.layer.projections.get::<T>();
-        let (mut y, mode) = match base {
-            Some(b) => (b.to_vec(), Mode::Accumulate),
-            None => (vec![T::default(); buffer_len("y [T, out_features]", t, m)?], Mode::Overwrite),
-        };
-        let x = MatRef::from_slice(x, t, n).map_err(wrap)?;
-        let y_view = MatMut::from_slice(&mut y, t, m).map_err(wrap)?;
-        forward(projections, &self.adapter, x, y_view, mode).map_err(wrap)?;
-        Ok(y)
+        run_layer(&self.layer, x, t, base, |p, x, y, mode| forward(p, &self.adapter, x, y, mode))
     }
 
     /// [`VeraOp::run`] on candle storage: `x` (and the base output, when given) read as `T`, the
@@ -81,4 +72,25 @@ impl CustomOp2 for VeraOp {
         let storage = with_element_type!(dtype, T => self.run_storage::<T>((xs, xl), t, Some((bs, bl)))?);
         Ok((storage, Shape::from(dims)))
     }
+}
+
+/// A layer's forward for `x [t, n]`: `call(projections, x, y, mode)` into a copy of `base`
+/// (accumulating) when given, else into zeros (overwriting); returns `y`. Shared by the
+/// single-adapter and the bank ops.
+pub(super) fn run_layer<T: Element + candle_core::WithDType>(
+    layer: &Layer,
+    x: &[T],
+    t: usize,
+    base: Option<&[T]>,
+    call: impl FnOnce(&Projections<T>, MatRef<'_, T>, MatMut<'_, T>, Mode) -> crate::error::Result<()>,
+) -> candle_core::Result<Vec<T>> {
+    let (n, m) = (layer.in_features, layer.out_features);
+    let (mut y, mode) = match base {
+        Some(b) => (b.to_vec(), Mode::Accumulate),
+        None => (vec![T::default(); buffer_len("y [T, out_features]", t, m)?], Mode::Overwrite),
+    };
+    let x = MatRef::from_slice(x, t, n).map_err(wrap)?;
+    let y_view = MatMut::from_slice(&mut y, t, m).map_err(wrap)?;
+    call(layer.projections.get::<T>(), x, y_view, mode).map_err(wrap)?;
+    Ok(y)
 }
