@@ -39,6 +39,14 @@ pub enum Error {
         /// Which computation.
         what: &'static str,
     },
+    /// A buffer whose size the caller chose (projections of `n_max` columns, a benchmark shape, …)
+    /// could not be allocated: the size fits the integer types but not this machine's memory.
+    OutOfMemory {
+        /// Which buffer.
+        what: &'static str,
+        /// The bytes asked for.
+        bytes: usize,
+    },
     /// A vector's length is not what the shapes around it require.
     LengthMismatch {
         /// Which vector.
@@ -238,6 +246,9 @@ impl fmt::Display for Error {
             ),
             Error::SizeOverflow { what } => {
                 write!(f, "{what}: too large (the size overflows the integer type that indexes it)")
+            }
+            Error::OutOfMemory { what, bytes } => {
+                write!(f, "{what}: cannot allocate {bytes} bytes ({:.1} GiB)", *bytes as f64 / (1u64 << 30) as f64)
             }
             Error::LengthMismatch { what, expected, actual } => {
                 write!(f, "{what}: expected length {expected}, got {actual}")

@@ -28,6 +28,7 @@
 #![deny(missing_docs)]
 
 mod adapter;
+mod alloc;
 mod bank;
 pub mod baseline;
 #[cfg(feature = "candle")]

@@ -1,5 +1,6 @@
 //! The frozen projections A `[r, n_max]` and B `[m_max, r]` shared by every layer of a model.
 
+use crate::alloc::{self, product as checked_len};
 use crate::cpu::drivers::Weights;
 use crate::cpu::pack::{PackCache, TransposedProjections};
 use crate::cpu::Layout;
@@ -47,10 +48,6 @@ impl<T: Element> std::fmt::Debug for Projections<T> {
     }
 }
 
-fn checked_len(what: &'static str, rows: usize, cols: usize) -> Result<usize> {
-    rows.checked_mul(cols).ok_or(Error::SizeOverflow { what })
-}
-
 impl<T: Element> Projections<T> {
     /// Generates the projections exactly as HuggingFace PEFT does for `projection_prng_key = seed`.
     ///
@@ -64,21 +61,21 @@ impl<T: Element> Projections<T> {
         if r == 0 {
             return Err(Error::ZeroRank);
         }
-        let mut a = vec![0.0f32; checked_len("A = [r, n_max]", r, n_max)?];
-        let mut b = vec![0.0f32; checked_len("B = [m_max, r]", m_max, r)?];
+        // Sizes typed by a person (`--n-max`): a typo must be an `Err`, not an aborted process.
+        let mut a = alloc::filled("A = [r, n_max]", checked_len("A = [r, n_max]", r, n_max)?, 0.0f32)?;
+        let mut b = alloc::filled("B = [m_max, r]", checked_len("B = [m_max, r]", m_max, r)?, 0.0f32)?;
         let mut g = TorchCpuGenerator::manual_seed(seed);
         let bound_a = (6.0 / n_max as f64).sqrt();
         let bound_b = (6.0 / r as f64).sqrt();
         g.fill_uniform_f32(&mut a, -bound_a, bound_a);
         g.fill_uniform_f32(&mut b, -bound_b, bound_b);
-        Ok(Self {
-            a: a.into_iter().map(T::from_f32).collect(),
-            b: b.into_iter().map(T::from_f32).collect(),
-            r,
-            n_max,
-            m_max,
-            packed: PackCache::default(),
-        })
+        // f32 → f32 reuses the buffers (in-place collect); other dtypes need new ones.
+        let (a, b) = if T::DTYPE == crate::DType::F32 {
+            (a.into_iter().map(T::from_f32).collect(), b.into_iter().map(T::from_f32).collect())
+        } else {
+            (alloc::map("A = [r, n_max]", &a, T::from_f32)?, alloc::map("B = [m_max, r]", &b, T::from_f32)?)
+        };
+        Ok(Self { a, b, r, n_max, m_max, packed: PackCache::default() })
     }
 
     /// Takes A `[r, n_max]` and B `[m_max, r]` as row-major arrays.

@@ -367,6 +367,10 @@ fn failures_are_one_line_with_no_output() {
         (fwd(&[("--adapter", seeded), ("--n-max", "64")]), "--m-max"),
         (fwd(&[("--adapter", seeded), ("--n-max", "64"), ("--m-max", "32")]), "m_max = 32"),
         (fwd(&[("--adapter", seeded), ("--n-max", "40"), ("--m-max", "64")]), "in_features = 48"),
+        // Typos in a size: one line saying what could not be had, not an aborted process.
+        (fwd(&[("--adapter", seeded), ("--n-max", "99999999999"), ("--m-max", "64")]), "cannot allocate"),
+        (fwd(&[("--adapter", seeded), ("--n-max", "4000000000"), ("--m-max", "64")]), "A = [r, n_max]"),
+        (fwd(&[("--adapter", seeded), ("--n-max", "64"), ("--m-max", "18446744073709551615")]), "too large"),
         (fwd(&[("--adapter", saved), ("--n-max", "48"), ("--m-max", "64")]), "base_model.vera_A"),
         (fwd(&[("--module", "layers.7")]), "no module \"layers.7\""),
         (fwd(&[("--input-key", "nope")]), "no tensor \"nope\" (it has \"layers.0.adapter_y\", "),
@@ -449,5 +453,19 @@ fn failures_are_one_line_with_no_output() {
     for (args, needle) in &cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         fails(&args, &out, needle);
+    }
+}
+
+#[test]
+fn bench_shapes_too_large_for_memory_are_one_line() {
+    for (shape, needle) in [
+        ("4000000000,4096,64,8", "x = [T, n]: cannot allocate 65536000000000 bytes"),
+        ("1,4000000,4000000,8", "the dense baseline's ΔW = [m, n]: cannot allocate"),
+        ("99999999999,99999999999,99999999999,99999999999", "A = [r, n_max]: too large"),
+    ] {
+        let out = vera(&["bench", "--shape", shape, "--dtype", "f32", "--budget-ms", "1"]);
+        assert_ne!(out.code, 0, "vera bench --shape {shape} succeeded");
+        assert_eq!(out.stderr.lines().count(), 1, "{shape}: stderr is not one line:\n{}", out.stderr);
+        assert!(out.stderr.contains(needle), "{needle:?} not in {}", out.stderr);
     }
 }

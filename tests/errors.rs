@@ -3,7 +3,7 @@
 
 use vera_kernels::baseline::{dense_forward, unfused_forward, DenseBuffers};
 use vera_kernels::{
-    delta_weight, forward, merge, Adapter, DType, Error, Isa, LayerProjections, MatMut, MatRef, Mode, Projections,
+    bf16, delta_weight, forward, merge, Adapter, DType, Error, Isa, LayerProjections, MatMut, MatRef, Mode, Projections,
 };
 
 fn proj() -> Projections<f32> {
@@ -35,6 +35,33 @@ fn size_overflow() {
     assert!(matches!(e, Error::SizeOverflow { .. }), "{e:?}");
     let e = Projections::<f32>::from_arrays(vec![], vec![], usize::MAX, 3, 1).unwrap_err();
     assert!(matches!(e, Error::SizeOverflow { .. }), "{e:?}");
+    let e = Projections::<f32>::from_seed(0, 16, usize::MAX / 8, 64).unwrap_err();
+    assert_eq!(e, Error::SizeOverflow { what: "A = [r, n_max]" });
+}
+
+#[test]
+fn out_of_memory() {
+    // 2^56 elements fit usize but no machine's memory: an Err before anything is touched.
+    let n_max = 1usize << 52;
+    let e = Projections::<bf16>::from_seed(0, 16, n_max, 64).unwrap_err();
+    assert_eq!(e, Error::OutOfMemory { what: "A = [r, n_max]", bytes: 16 * n_max * 4 });
+    assert!(e.to_string().starts_with("A = [r, n_max]: cannot allocate 288230376151711744 bytes"), "{e}");
+    // The dense baseline's ΔW is [m, n]: far more than the projections it is formed from.
+    let (n, m) = (1usize << 20, 1usize << 20);
+    let p = Projections::<f32>::from_arrays(vec![0.0; n], vec![0.0; m], 1, n, m).unwrap();
+    let a = Adapter::new(vec![1.0], vec![1.0; m]).unwrap();
+    let x = vec![0.0f32; n];
+    let mut y = vec![0.0f32; m];
+    let e = dense_forward(
+        &p,
+        &a,
+        MatRef::from_slice(&x, 1, n).unwrap(),
+        MatMut::from_slice(&mut y, 1, m).unwrap(),
+        Mode::Overwrite,
+        &mut DenseBuffers::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::OutOfMemory { what, .. } if what.contains("ΔW")), "{e:?}");
 }
 
 #[test]

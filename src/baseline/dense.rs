@@ -8,6 +8,7 @@ use crate::cpu::pack::{pack_cols, pack_rows, Left, Panels, NR};
 use crate::cpu::parallel::{for_blocks, for_panels, with_scratch};
 use crate::cpu::sink::{Epilogue, Sink};
 use crate::dtype::Element;
+use crate::error::Result;
 use crate::mat::{MatMut, MatRef};
 use crate::projections::LayerProjections;
 use crate::types::Mode;
@@ -29,10 +30,10 @@ pub(super) fn dense<T: Element>(
     mut y: MatMut<'_, T>,
     mode: Mode,
     bufs: &mut DenseBuffers<T>,
-) {
+) -> Result<()> {
     let (rows, n, r, m) = (x.rows(), x.cols(), layer.rank(), layer.out_features());
     if m == 0 {
-        return;
+        return Ok(());
     }
     let (a, b) = (layer.a(), layer.b());
     let (ld, lb) = (s.lambda_d, s.lambda_b);
@@ -43,7 +44,8 @@ pub(super) fn dense<T: Element>(
     let left = pack_cols(a, &mut bufs.a_packed);
     let dw = match &mut bufs.dw {
         Some(p) if p.cols() == m && p.k_cap() == n => p,
-        slot => slot.insert(Panels::with_shape(m, n)),
+        // [m, n] may be far larger than anything the caller passed (A and B are [r, n] and [m, r]).
+        slot => slot.insert(Panels::with_shape("the dense baseline's ΔW = [m, n]", m, n)?),
     };
     let dwp = dw.as_mut_ptr();
     for_blocks(n, BLOCK_ROWS, 2.0 * (m * n * r) as f64, |k0, kb, split| {
@@ -64,4 +66,5 @@ pub(super) fn dense<T: Element>(
             for_panels(m.div_ceil(NR), split, |range| unsafe { (kern.gemm)(left, dw, range, &sink) });
         });
     });
+    Ok(())
 }

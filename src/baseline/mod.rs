@@ -30,8 +30,7 @@ pub fn dense_forward<T: Element>(
     buffers: &mut DenseBuffers<T>,
 ) -> Result<()> {
     let layer = checked_layer(projections, adapter, &x, [y.rows(), y.cols()])?;
-    dense::dense(kernels::current::<T>(), layer, scales(adapter), x, y, mode, buffers);
-    Ok(())
+    dense::dense(kernels::current::<T>(), layer, scales(adapter), x, y, mode, buffers)
 }
 
 /// The unfused peer: `h = x·Aᵀ` for every row into `h` (f32 `[T, r]`, caller-provided), then

@@ -9,7 +9,9 @@
 use std::sync::OnceLock;
 
 use super::kernels::Layout;
+use crate::alloc;
 use crate::dtype::Element;
+use crate::error::Result;
 use crate::mat::MatRef;
 
 /// Columns per weight panel (two 512-bit vectors of f32).
@@ -61,12 +63,14 @@ impl<W> Panels<W> {
         &self.data[p * self.k_cap * NR..(p + 1) * self.k_cap * NR]
     }
 
-    /// Empty panels sized for `cols` columns of `k_cap` (contents unspecified until written).
-    pub(crate) fn with_shape(cols: usize, k_cap: usize) -> Self
+    /// Empty panels sized for `cols` columns of `k_cap` (contents unspecified until written), or an
+    /// `Err` naming `what` when that many elements overflow or cannot be allocated.
+    pub(crate) fn with_shape(what: &'static str, cols: usize, k_cap: usize) -> Result<Self>
     where
         W: Default + Clone,
     {
-        Self { data: vec![W::default(); cols.div_ceil(NR) * k_cap * NR], cols, k_cap }
+        let len = alloc::product(what, cols.div_ceil(NR) * NR, k_cap)?;
+        Ok(Self { data: alloc::filled(what, len, W::default())?, cols, k_cap })
     }
 
     /// A raw handle for kernels that write panels from several threads.

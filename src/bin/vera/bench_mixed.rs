@@ -17,7 +17,7 @@ use vera_kernels::{
 };
 
 use crate::bench::{interleaved_medians, Method};
-use crate::workload::{Shape, Workload};
+use crate::workload::{buffer, Shape, Workload};
 
 /// How one many-adapter case is run.
 #[derive(Clone, Copy, Debug)]
@@ -145,8 +145,8 @@ impl<T: Element> MixedWorkload<T> {
             bank,
             rows,
             rows_of,
-            xk: vec![T::default(); t * n],
-            yk: vec![T::default(); t * m],
+            xk: buffer("x gathered per adapter", t, n, T::default())?,
+            yk: buffer("y gathered per adapter", t, m, T::default())?,
             dense: DenseBuffers::default(),
         })
     }

@@ -6,7 +6,9 @@ use std::str::FromStr;
 
 use vera_kernels::baseline::{dense_forward, unfused_forward, DenseBuffers};
 use vera_kernels::rng::TorchCpuGenerator;
-use vera_kernels::{backward, forward, forward_train, Adapter, Element, Gradients, MatMut, MatRef, Mode, Projections};
+use vera_kernels::{
+    backward, forward, forward_train, Adapter, Element, Error, Gradients, MatMut, MatRef, Mode, Projections,
+};
 
 /// `T` tokens through a layer with `n` inputs, `m` outputs and VeRA rank `r`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +68,17 @@ impl FromStr for Shape {
     }
 }
 
+/// `rows · cols` copies of `value`: a shape typed on the command line that does not fit in memory
+/// is an `Err` naming the buffer, not an aborted process.
+pub fn buffer<V: Clone>(what: &'static str, rows: usize, cols: usize, value: V) -> vera_kernels::Result<Vec<V>> {
+    let len = rows.checked_mul(cols).ok_or(Error::SizeOverflow { what })?;
+    let bytes = len.checked_mul(size_of::<V>()).ok_or(Error::SizeOverflow { what })?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| Error::OutOfMemory { what, bytes })?;
+    v.resize(len, value);
+    Ok(v)
+}
+
 /// Inputs and buffers of one case in element type `T`.
 pub struct Workload<T> {
     pub shape: Shape,
@@ -87,17 +100,18 @@ impl<T: Element> Workload<T> {
         let Shape { t, n, m, r } = shape;
         let projections = Projections::<T>::from_seed(0, r, n, m)?;
         let mut g = TorchCpuGenerator::manual_seed(1);
-        let mut draw = |len: usize| {
-            let mut v = vec![0.0f32; len];
+        let mut draw = |what: &'static str, rows: usize, cols: usize| -> vera_kernels::Result<Vec<f32>> {
+            let mut v = buffer(what, rows, cols, 0.0f32)?;
             g.fill_uniform_f32(&mut v, -1.0, 1.0);
-            v
+            Ok(v)
         };
-        let adapter = Adapter::new(draw(r), draw(m))?.with_bias(draw(m))?;
-        let x = draw(t * n).into_iter().map(T::from_f32).collect();
-        let y = draw(t * m).into_iter().map(T::from_f32).collect();
-        let dy = draw(t * m).into_iter().map(T::from_f32).collect();
-        let grads = (vec![0.0; r], vec![0.0; m], vec![0.0; m], vec![T::default(); t * n]);
-        Ok(Self { shape, projections, adapter, x, y, dense: DenseBuffers::default(), h: vec![0.0; t * r], dy, grads })
+        let adapter = Adapter::new(draw("lambda_d", 1, r)?, draw("lambda_b", 1, m)?)?.with_bias(draw("bias", 1, m)?)?;
+        let x = draw("x = [T, n]", t, n)?.into_iter().map(T::from_f32).collect();
+        let y = draw("y = [T, m]", t, m)?.into_iter().map(T::from_f32).collect();
+        let dy = draw("dy = [T, m]", t, m)?.into_iter().map(T::from_f32).collect();
+        let grads = (vec![0.0; r], vec![0.0; m], vec![0.0; m], buffer("dx = [T, n]", t, n, T::default())?);
+        let h = buffer("h = [T, r]", t, r, 0.0)?;
+        Ok(Self { shape, projections, adapter, x, y, dense: DenseBuffers::default(), h, dy, grads })
     }
 
     /// The fused kernel, accumulating into y.
