@@ -303,12 +303,24 @@ inline size_t shared_size() {
     return __start_vera_emu_shared ? static_cast<size_t>(__stop_vera_emu_shared - __start_vera_emu_shared) : 0;
 }
 
+// Copies shared-section bytes. Under AddressSanitizer the section holds instrumented globals with
+// poisoned redzones between them (build.rs moves them there after compilation), so the copy must
+// not be checked: an uninstrumented loop the compiler may not turn back into memcpy.
+#if defined(__SANITIZE_ADDRESS__)
+__attribute__((no_sanitize_address, noinline, optimize("no-tree-loop-distribute-patterns"))) inline void
+copy_shared(unsigned char* dst, const unsigned char* src, size_t n) {
+    for (size_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+#else
+inline void copy_shared(unsigned char* dst, const unsigned char* src, size_t n) { std::memcpy(dst, src, n); }
+#endif
+
 // Concurrent schedule: puts block b's shared memory into the section (saving the live block's).
 inline void make_live(Launch* L, Block* b) {
     const size_t n = shared_size();
     if (n) {
-        if (L->live) std::memcpy(L->live->image.data(), shared_begin(), n);
-        std::memcpy(shared_begin(), b->image.data(), n);
+        if (L->live) copy_shared(L->live->image.data(), shared_begin(), n);
+        copy_shared(shared_begin(), b->image.data(), n);
     }
     L->live = b;
     // How many yield points the scheduler stays with this block (at most), unless a fence or an
