@@ -23,9 +23,15 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=build");
     println!("cargo:rerun-if-changed=kernels");
-    for var in
-        ["NVCC", "CUDA_HOME", "CUDA_PATH", "CUDA_COMPUTE_CAP", "VERA_KERNELS_ALLOW_SPILLS", "VERA_KERNELS_PTXAS_REPORT"]
-    {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "CUDA_COMPUTE_CAP",
+        "VERA_KERNELS_ALLOW_SPILLS",
+        "VERA_KERNELS_PTXAS_REPORT",
+        "VERA_EMU_SANITIZE",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
@@ -185,7 +191,8 @@ fn build_emulation(kernels: &Path, sources: &[PathBuf], out: &Path) {
         prelude.push(format!("#include \"{}\"", emu.join("runtime.cpp").display()));
     }
     let unity = unity(out, "vera_kernels_emu.cpp", &prelude, sources);
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .std("c++17")
         .file(&unity)
@@ -197,6 +204,56 @@ fn build_emulation(kernels: &Path, sources: &[PathBuf], out: &Path) {
         .warnings(false)
         .flag_if_supported("-Wno-unknown-pragmas")
         // The kernels reinterpret vector loads as element arrays, as CUDA allows.
-        .flag("-fno-strict-aliasing")
-        .compile("vera_kernels_emu");
+        .flag("-fno-strict-aliasing");
+    // VERA_EMU_SANITIZE=1: the emulation (not the Rust code) with AddressSanitizer and
+    // UndefinedBehaviorSanitizer; run the tests with the ASan runtime preloaded (kernels/emu/README.md).
+    if env::var_os("VERA_EMU_SANITIZE").is_some_and(|v| v == "1") {
+        build.flag("-fsanitize=address,undefined").flag("-fno-sanitize-recover=all").flag("-fno-omit-frame-pointer");
+        println!("cargo:rustc-link-lib=dylib=asan");
+        println!("cargo:rustc-link-lib=dylib=ubsan");
+    }
+    let objects = build.compile_intermediates();
+    for object in &objects {
+        move_shared_statics(object);
+    }
+    cc::Build::new().cpp(true).objects(&objects).compile("vera_kernels_emu");
+}
+
+/// Moves the function-local statics of the kernels (their `__shared__` variables) into the section
+/// `vera_emu_shared`, whose bytes the emulator's concurrent schedule swaps per block. cuda_emu.h
+/// asks for that section, but g++ drops the attribute on statics in function templates (GCC bug
+/// 70435), and most kernels are templates; with -fdata-sections (cc's default) each such static has
+/// its own section, which objcopy renames. Statics of the emulator (namespace vera_emu) and of the
+/// C++ library stay where they are; kernel code has no other function-local statics.
+fn move_shared_statics(object: &Path) {
+    let objdump = env::var("OBJDUMP").unwrap_or_else(|_| "objdump".into());
+    let objcopy = env::var("OBJCOPY").unwrap_or_else(|_| "objcopy".into());
+    let listing = Command::new(&objdump)
+        .args(["-h", "-w"])
+        .arg(object)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {objdump} (binutils) on {}: {e}", object.display()));
+    if !listing.status.success() {
+        panic!("{objdump} -h failed on {}: {}", object.display(), String::from_utf8_lossy(&listing.stderr));
+    }
+    let mut renames = Vec::new();
+    for line in String::from_utf8_lossy(&listing.stdout).lines() {
+        let Some(name) = line.split_whitespace().nth(1) else { continue };
+        let Some(symbol) = name.strip_prefix(".bss.").or_else(|| name.strip_prefix(".data.")) else { continue };
+        let library = ["_ZZN8vera_emu", "_ZZNSt", "_ZZNKSt", "_ZZN9__gnu_cxx"].iter().any(|p| symbol.starts_with(p));
+        if symbol.starts_with("_ZZ") && !library {
+            renames.push(format!("--rename-section={name}=vera_emu_shared"));
+        }
+    }
+    if renames.is_empty() {
+        return;
+    }
+    let status = Command::new(&objcopy)
+        .args(&renames)
+        .arg(object)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {objcopy} (binutils) on {}: {e}", object.display()));
+    if !status.success() {
+        panic!("{objcopy} failed to move the __shared__ variables of {}", object.display());
+    }
 }

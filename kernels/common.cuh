@@ -70,17 +70,29 @@ template <typename Rows> __device__ __forceinline__ float reduce_splits(const Do
     return scale_u(p, lambda_d_row(p, rows, t), j, sum);
 }
 
-// Called by every thread of a block after it has written its split's partials: true in the block
-// that completes `group` (all its splits written), which must then reduce the group's outputs.
-// The counter is left at zero for the next call.
+// Called by every thread of a block after it has written its split's partials (with __stcg, read
+// back with __ldcg: L2 is where blocks meet): true in the block that completes `group` (all its
+// splits written), which must then reduce the group's outputs. The counter is left at zero for the
+// next call.
+//
+// The handshake, under the CUDA memory model: the barrier orders every thread's partials before
+// thread 0's fence (bar.sync synchronises the block, and a gpu-scope fence is cumulative: it
+// covers the writes its thread has observed), so the fence and the relaxed atomic form a release.
+// The block that takes the counter to `splits` has observed, through the atomics on one counter,
+// every other block's release; its fence after the atomic is the acquire side, and the second
+// barrier extends it to the threads that read the partials. One fence per block on each side,
+// not one per thread.
 __device__ __forceinline__ bool completes_group(const DownParams& p, int group) {
     __shared__ int last;
-    __threadfence();  // this block's partials are visible device-wide before it is counted
     __syncthreads();
     if (threadIdx.x == 0) {
+        __threadfence();  // release: this block's partials before its count
         const unsigned done = atomicAdd(&p.counters[group], 1u);
         last = done + 1 == (unsigned)p.splits;
-        if (last) p.counters[group] = 0;
+        if (last) {
+            __threadfence();  // acquire: the other blocks' partials after their counts
+            p.counters[group] = 0;
+        }
     }
     __syncthreads();
     return last != 0;

@@ -49,6 +49,9 @@ template <typename T> struct Vec16 { static constexpr int N = 16 / sizeof(T); };
 template <typename T>
 __device__ __forceinline__ void load16_f32(const T* p, int valid, bool aligned, float* out) {
     constexpr int N = Vec16<T>::N;
+#ifdef VERA_EMULATION
+    ::vera_emu::maybe_yield();  // a global read: a switch point in the emulator's concurrent schedule
+#endif
     if (aligned && valid >= N) {
         uint4 raw = *reinterpret_cast<const uint4*>(p);
         const T* e = reinterpret_cast<const T*>(&raw);

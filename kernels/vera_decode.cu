@@ -65,7 +65,7 @@ template <typename T, int TT> __device__ void down_gemv(const DownParams& p) {
     if (j < p.r && lane == 0)
 #pragma unroll
         for (int t = 0; t < TT; ++t)
-            if (t < rows) p.part[((size_t)blockIdx.y * p.rows + t) * p.r + j] = sum[t];
+            if (t < rows) __stcg(&p.part[((size_t)blockIdx.y * p.rows + t) * p.r + j], sum[t]);
     if (completes_group(p, blockIdx.x)) {
         with_rows(p.rows_adapter, [&](auto map) {
             for (int e = threadIdx.x; e < GEMV_WARPS * rows; e += blockDim.x) {

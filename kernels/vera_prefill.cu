@@ -139,7 +139,7 @@ __device__ __forceinline__ void store_u_tile(const DownParams& p, int row0, int 
     float* part = p.part + (size_t)blockIdx.z * p.rows * p.r;
     each([&](int rr, int cc, float v) {
         const int t = row0 + rr, j = col0 + cc;
-        if (t < p.rows && j < p.r) part[(size_t)t * p.r + j] = v;
+        if (t < p.rows && j < p.r) __stcg(&part[(size_t)t * p.r + j], v);
     });
     if (completes_group(p, blockIdx.x + gridDim.x * blockIdx.y)) {
         for (int e = threadIdx.x; e < BM * BN; e += blockDim.x) {

@@ -42,6 +42,7 @@
 #include <thread>
 #include <tuple>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 #include <chrono>
@@ -75,11 +76,13 @@
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
-// Blocks of one launch run one at a time on one OS thread, so a function-local static is exactly
-// "one copy per block, shared by all its threads". Only statically sized __shared__ arrays are
-// supported (no `extern __shared__`), and `static __shared__` would expand to `static static`.
-// Unlike on the GPU, the contents persist from one block (and launch) to the next.
-#define __shared__ static
+// A __shared__ variable is a static in the section vera_emu_shared. In the sequential schedule
+// blocks run one at a time, so the one copy is exactly "one per block, shared by its threads" (and,
+// unlike on the GPU, the contents persist from one block and launch to the next). In the concurrent
+// schedule the runtime saves and restores the whole section when it switches between blocks, so
+// each resident block has its own copy. Only statically sized __shared__ arrays are supported (no
+// `extern __shared__`), and `static __shared__` would expand to `static static`.
+#define __shared__ static __attribute__((section("vera_emu_shared")))
 // `__restrict__` is understood by g++ as is.
 
 #define VERA_EMU_STRINGIFY_(x) #x
@@ -183,7 +186,23 @@ const uint3& cur_thread_idx();
 const uint3& cur_block_idx();
 const dim3& cur_block_dim();
 const dim3& cur_grid_dim();
+// The current launch runs in the concurrent schedule (emu/README.md).
+inline thread_local bool g_concurrent = false;
 }  // namespace detail
+
+// Concurrent schedule only (no-ops otherwise, and outside kernels). A point where the scheduler may
+// switch to another thread, of this block or (`sync`: more likely) of another one.
+void yield_point(bool sync);
+inline void maybe_yield(bool sync = false) {
+    if (__builtin_expect(detail::g_concurrent, false)) yield_point(sync);
+}
+// __threadfence: makes the caller's buffered __stcg stores, and those of its block made before a
+// __syncthreads it has passed since, visible to other blocks.
+void fence();
+// __stcg / __ldcg: the store is buffered (visible to its own block only) until a fence, the end of
+// the launch, or a random drain; the load sees its block's buffered stores, else memory.
+void store_cg(void* p, const void* v, size_t size);
+void load_cg(const void* p, void* out, size_t size);
 
 // Linear thread id in the block (x fastest), lane and warp of the calling CUDA thread.
 unsigned thread_linear();
@@ -295,10 +314,14 @@ inline void __syncwarp(unsigned mask = 0xffffffffu, const char* file = __builtin
     unsigned got;
     ::vera_emu::warp_exchange_view(::vera_emu::WarpOp::Syncwarp, mask, true, false, nullptr, 0, &got, file, line);
 }
-// Fibers run one at a time and see each other's writes immediately.
-inline void __threadfence() {}
+// Fibers run one at a time and see each other's plain writes immediately. In the concurrent
+// schedule a device-wide fence publishes the caller's buffered __stcg stores (see fence()); a block
+// sees its own stores anyway, so __threadfence_block stays a no-op.
+inline void __threadfence() {
+    if (::vera_emu::detail::g_concurrent) ::vera_emu::fence();
+}
 inline void __threadfence_block() {}
-inline void __threadfence_system() {}
+inline void __threadfence_system() { __threadfence(); }
 inline unsigned __activemask() { return ::vera_emu::live_lane_mask(); }
 [[noreturn]] inline void __trap() { ::vera_emu::fail("kernel executed __trap()"); }
 
@@ -426,60 +449,80 @@ inline int __reduce_max_sync(unsigned mask, int v, const char* file = __builtin_
 }
 
 // ---------------------------------------------------------------------------------------------
-// Atomics. Fibers never switch inside these, so plain read-modify-write is atomic.
+// Atomics. Fibers never switch inside these, so plain read-modify-write is atomic. They act on
+// memory directly (not on buffered __stcg stores). In the concurrent schedule each is a likely
+// switch point before and after.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 inline T atomicAdd(T* p, T v) {
+    ::vera_emu::maybe_yield(true);
     T old = *p;
     *p = static_cast<T>(old + v);
+    ::vera_emu::maybe_yield(true);
     return old;
 }
 template <typename T>
 inline T atomicSub(T* p, T v) {
+    ::vera_emu::maybe_yield(true);
     T old = *p;
     *p = static_cast<T>(old - v);
+    ::vera_emu::maybe_yield(true);
     return old;
 }
 template <typename T>
 inline T atomicMax(T* p, T v) {
+    ::vera_emu::maybe_yield(true);
     T old = *p;
     *p = old < v ? v : old;
+    ::vera_emu::maybe_yield(true);
     return old;
 }
 template <typename T>
 inline T atomicMin(T* p, T v) {
+    ::vera_emu::maybe_yield(true);
     T old = *p;
     *p = v < old ? v : old;
+    ::vera_emu::maybe_yield(true);
     return old;
 }
 template <typename T>
 inline T atomicExch(T* p, T v) {
+    ::vera_emu::maybe_yield(true);
     T old = *p;
     *p = v;
+    ::vera_emu::maybe_yield(true);
     return old;
 }
 template <typename T>
 inline T atomicCAS(T* p, T compare, T v) {
+    ::vera_emu::maybe_yield(true);
     T old = *p;
     if (old == compare) *p = v;
+    ::vera_emu::maybe_yield(true);
     return old;
 }
 template <typename T>
 inline T atomicAnd(T* p, T v) {
+    ::vera_emu::maybe_yield(true);
     T old = *p;
     *p = old & v;
+    ::vera_emu::maybe_yield(true);
     return old;
 }
 template <typename T>
 inline T atomicOr(T* p, T v) {
+    ::vera_emu::maybe_yield(true);
     T old = *p;
     *p = old | v;
+    ::vera_emu::maybe_yield(true);
     return old;
 }
 template <typename T>
 inline T atomicXor(T* p, T v) {
+    ::vera_emu::maybe_yield(true);
     T old = *p;
     *p = old ^ v;
+    ::vera_emu::maybe_yield(true);
     return old;
 }
 
@@ -490,10 +533,28 @@ template <typename T>
 inline T __ldg(const T* p) {
     return *p;
 }
-// Loads that bypass L1 (for data other blocks wrote): one level of memory here.
+// Loads that bypass L1 (for data other blocks wrote): one level of memory here, except that in the
+// concurrent schedule they see the buffered __stcg stores of their own block only.
 template <typename T>
 inline T __ldcg(const T* p) {
+    static_assert(std::is_trivially_copyable<T>::value, "__ldcg of a trivially copyable type");
+    if (::vera_emu::detail::g_concurrent) {
+        T v;
+        ::vera_emu::load_cg(p, &v, sizeof v);
+        return v;
+    }
     return *p;
+}
+// Stores that bypass L1 (for data other blocks read). In the concurrent schedule they are buffered
+// per block until a __threadfence (emu/README.md): a missing fence loses them.
+template <typename T>
+inline void __stcg(T* p, T v) {
+    static_assert(std::is_trivially_copyable<T>::value, "__stcg of a trivially copyable type");
+    if (::vera_emu::detail::g_concurrent) {
+        ::vera_emu::store_cg(p, &v, sizeof v);
+        return;
+    }
+    *p = v;
 }
 inline float __fmaf_rn(float a, float b, float c) { return ::fmaf(a, b, c); }
 inline float __fadd_rn(float a, float b) { return a + b; }

@@ -165,6 +165,7 @@ inline void cp_async_16(void* smem, const void* gmem, int src_bytes, const char*
     if (src_bytes > 0 && (reinterpret_cast<::uintptr_t>(gmem) & 15u) != 0)
         ::vera_emu::fail("cp.async at %s:%d: global address %p is not 16-byte aligned", ::vera_emu::base_name(file),
                          line, gmem);
+    ::vera_emu::maybe_yield();  // a global read: a switch point in the concurrent schedule
     unsigned char* d = static_cast<unsigned char*>(smem);
     if (src_bytes > 0) __builtin_memcpy(d, gmem, static_cast<unsigned long>(src_bytes));
     for (int i = src_bytes; i < 16; ++i) d[i] = 0;

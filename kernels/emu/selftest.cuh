@@ -336,4 +336,65 @@ extern "C" __global__ void vera_emu_selftest_vector_types(const float* f, const 
 }
 VERA_EMU_REGISTER(vera_emu_selftest_vector_types)
 
+// Split-K completion protocols (emu/README.md, "Concurrent schedule"). Grid (groups, splits),
+// 64 threads. Block (g, s) writes its partials part[s][g][t] with __stcg; the block that completes
+// group g sums the splits in order with __ldcg into out[g][t]. `variant`:
+//   0: the protocol of common.cuh (barrier, one fence, atomic, fence in the last block);
+//   1: broken, no fence: the partials may not be visible when the last block reads them;
+//   2: broken, the block is counted before it writes its partials (the fence comes too late).
+// Counters start at zero and are left at zero.
+extern "C" __global__ void vera_emu_selftest_splitk(unsigned* part, unsigned* out, unsigned* counters, int variant) {
+    __shared__ int last;
+    const unsigned g = blockIdx.x, s = blockIdx.y, groups = gridDim.x, splits = gridDim.y, t = threadIdx.x;
+    unsigned* mine = &part[(s * groups + g) * 64 + t];
+    const unsigned value = 1000u * (g + 1) + 17u * (s + 1) + t;
+    if (variant != 2) __stcg(mine, value);
+    __syncthreads();
+    if (t == 0) {
+        if (variant == 0) __threadfence();
+        const unsigned done = atomicAdd(&counters[g], 1u);
+        last = done + 1 == splits;
+        if (last) {
+            if (variant == 0) __threadfence();
+            counters[g] = 0;
+        }
+    }
+    __syncthreads();
+    if (variant == 2) {
+        __stcg(mine, value);
+        __threadfence();
+        __syncthreads();
+    }
+    if (!last) return;
+    unsigned sum = 0;
+    for (unsigned k = 0; k < splits; ++k) sum += __ldcg(&part[(k * groups + g) * 64 + t]);
+    out[g * 64 + t] = sum;
+}
+VERA_EMU_REGISTER(vera_emu_selftest_splitk)
+
+// Every block keeps its own __shared__ array across switch points (barriers, atomics, fences,
+// global loads); bad[block] counts the values that changed. Thread 0 also takes a ticket from
+// `order` when the block starts and when it ends: tickets[block] = {start, end}.
+extern "C" __global__ void vera_emu_selftest_shared_per_block(unsigned* order, unsigned* tickets, unsigned* bad,
+                                                            const unsigned* in) {
+    __shared__ unsigned s[128];
+    const unsigned b = blockIdx.x, t = threadIdx.x;
+    if (t == 0) tickets[2 * b] = atomicAdd(order, 1u);
+    s[t] = b * 1000u + t;
+    unsigned wrong = 0;
+    for (int i = 0; i < 8; ++i) {
+        __syncthreads();
+        const unsigned v = __ldcg(&in[(t + i) % 128]);
+        atomicAdd(&bad[gridDim.x], v);  // a switch point; the sum is not checked
+        __threadfence();
+        wrong += s[(t + 1) % 128] != b * 1000u + (t + 1) % 128;
+        __syncthreads();
+        s[t] = b * 1000u + t;
+    }
+    if (wrong) atomicAdd(&bad[b], wrong);
+    __syncthreads();
+    if (t == 0) tickets[2 * b + 1] = atomicAdd(order, 1u);
+}
+VERA_EMU_REGISTER(vera_emu_selftest_shared_per_block)
+
 #endif  // VERA_EMU_SELFTEST_CUH

@@ -560,6 +560,90 @@ void test_half() {
     }
 }
 
+// One launch of vera_emu_selftest_splitk (3 groups x 5 splits); true when every group's sum is right
+// and the counters are back at zero.
+bool splitk_correct(int variant) {
+    const unsigned groups = 3, splits = 5;
+    std::vector<unsigned> part(groups * splits * 64, 0), out(groups * 64, 0xffffffffu), counters(groups, 0);
+    unsigned* pp = part.data();
+    unsigned* po = out.data();
+    unsigned* pc = counters.data();
+    CHECK(launch("vera_emu_selftest_splitk", dim3(groups, splits), dim3(64), {&pp, &po, &pc, &variant}) == 0,
+          "launch variant %d", variant);
+    bool ok = true;
+    for (unsigned g = 0; g < groups; ++g) {
+        ok = ok && counters[g] == 0;
+        for (unsigned t = 0; t < 64; ++t) {
+            unsigned want = 0;
+            for (unsigned k = 0; k < splits; ++k) want += 1000u * (g + 1) + 17u * (k + 1) + t;
+            ok = ok && out[g * 64 + t] == want;
+        }
+    }
+    return ok;
+}
+
+void set_schedule(const char* spec) {
+    const int rc = vera_emu_set_schedule(spec);
+    CHECK(rc == 0, "vera_emu_set_schedule(%s) -> %d", spec, rc);
+}
+
+void test_concurrent() {
+    section("concurrent schedule: shared memory per block, interleaved blocks, split-K completion protocols");
+    CHECK(vera_emu_set_schedule("concurrent:") == -1 && vera_emu_set_schedule("concurrent:1:0") == -1 &&
+              vera_emu_set_schedule("random") == -1,
+          "malformed schedules must be refused");
+    const unsigned nb = 12;
+    std::vector<unsigned> in(128);
+    for (unsigned i = 0; i < 128; ++i) in[i] = i;
+    const unsigned* pin = in.data();
+    // Returns true if the blocks' start/end tickets interleave (some block starts before another ends).
+    auto shared_run = [&](const char* what) {
+        unsigned order = 0;
+        std::vector<unsigned> tickets(2 * nb, 0), bad(nb + 1, 0);
+        unsigned* po = &order;
+        unsigned* pt = tickets.data();
+        unsigned* pb = bad.data();
+        CHECK(launch("vera_emu_selftest_shared_per_block", dim3(nb), dim3(128), {&po, &pt, &pb, &pin}) == 0,
+              "launch (%s)", what);
+        for (unsigned b = 0; b < nb; ++b) CHECK(bad[b] == 0, "%s: block %u saw %u foreign shared values", what, b, bad[b]);
+        bool interleaved = false;
+        for (unsigned b = 0; b < nb; ++b) interleaved = interleaved || tickets[2 * b + 1] != tickets[2 * b] + 1;
+        return interleaved;
+    };
+    set_schedule("sequential");
+    CHECK(!shared_run("sequential"), "the sequential schedule runs blocks one after another");
+    int interleaved = 0;
+    char spec[64];
+    for (int seed = 1; seed <= 4; ++seed) {
+        std::snprintf(spec, sizeof spec, "concurrent:%d", seed);
+        set_schedule(spec);
+        interleaved += shared_run(spec);
+    }
+    CHECK(interleaved > 0, "no seed interleaved the blocks");
+    std::printf("  blocks interleaved with %d of 4 seeds\n", interleaved);
+
+    // The correct protocol passes with every schedule; each broken one passes sequentially and fails
+    // concurrently with some seeds.
+    const char* names[3] = {"correct (fence, count, fence)", "broken: no fence", "broken: counted before written"};
+    const int seeds = 12;
+    for (int variant = 0; variant < 3; ++variant) {
+        set_schedule("sequential");
+        CHECK(splitk_correct(variant), "%s fails in the sequential schedule", names[variant]);
+        int failed = 0;
+        for (int seed = 1; seed <= seeds; ++seed) {
+            std::snprintf(spec, sizeof spec, "concurrent:%d", seed);
+            set_schedule(spec);
+            failed += !splitk_correct(variant);
+        }
+        std::printf("  %s: wrong with %d of %d seeds\n", names[variant], failed, seeds);
+        if (variant == 0)
+            CHECK(failed == 0, "the correct protocol failed with %d seeds", failed);
+        else
+            CHECK(failed > 0, "%s was not caught by any of %d seeds", names[variant], seeds);
+    }
+    set_schedule(std::getenv("VERA_EMU_SCHEDULE"));
+}
+
 }  // namespace
 
 int main() {
@@ -576,6 +660,7 @@ int main() {
     test_vector_types();
     test_threads();
     test_half();
+    test_concurrent();
     std::printf("%d checks, %d failures\n", g_checks, g_failures);
     std::printf(g_failures == 0 ? "SELFTEST PASSED\n" : "SELFTEST FAILED\n");
     return g_failures == 0 ? 0 : 1;
