@@ -13,8 +13,8 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use vera_kernels::{
     backward, backward_mixed, bf16, delta_weight, f16, forward, forward_mixed, forward_train, forward_train_mixed,
-    merge, reference, tier_facts, unmerge, Adapter, AdapterBank, Element, Gradients, LayerProjections, MatMut,
-    MatRef, Mode, Projections, NO_ADAPTER,
+    merge, reference, tier_facts, unmerge, Adapter, AdapterBank, Element, Gradients, LayerProjections, MatMut, MatRef,
+    Mode, Projections, NO_ADAPTER,
 };
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -152,7 +152,11 @@ fn run_absurd(absurd: &Absurd) {
                         && (rows - 1).checked_mul(stride).and_then(|s| s.checked_add(cols)).is_some_and(|s| s <= len))
             };
             let v = MatRef::new(&buf[..len], rows, cols, stride);
-            assert_eq!(v.is_ok(), fits(rows) && stride >= cols, "MatRef::new({rows}, {cols}, {stride}) on {len}: {v:?}");
+            assert_eq!(
+                v.is_ok(),
+                fits(rows) && stride >= cols,
+                "MatRef::new({rows}, {cols}, {stride}) on {len}: {v:?}"
+            );
             let w = MatMut::new(&mut out[..len], rows, cols, stride);
             assert_eq!(w.is_ok(), fits(rows) && stride >= cols, "MatMut::new({rows}, {cols}, {stride}) on {len}");
             // A view that was accepted runs through an op with an output of as many rows: a
@@ -426,7 +430,8 @@ fn run<T: Element>(c: &Case) {
             let h = vec![0.25f32; t * r];
             let hv = saved_h.then(|| MatRef::new(&h, t, r, r.max(1)).unwrap());
             let g_len = usize::from(f.grad_len);
-            let (mut gd, mut gb, mut gbias) = (vec![0.0f32; k * r + g_len], vec![0.0f32; k * m_l], vec![0.0f32; k * m_l]);
+            let (mut gd, mut gb, mut gbias) =
+                (vec![0.0f32; k * r + g_len], vec![0.0f32; k * m_l], vec![0.0f32; k * m_l]);
             let mut dx = vec![T::default(); t * n_l];
             let mut grads = Gradients::new(&mut gd, &mut gb);
             if with_bias {
@@ -458,7 +463,8 @@ fn bank(
 
 /// One adapter index per row (or `NO_ADAPTER`); with `bad`, one out of range.
 fn row_map(t: usize, k: usize, bad: bool, vals: &mut Values) -> Vec<i32> {
-    let mut rows: Vec<i32> = (0..t).map(|_| (vals.next() * 64.0) as i32).map(|v| v.rem_euclid(k as i32 + 1) - 1).collect();
+    let mut rows: Vec<i32> =
+        (0..t).map(|_| (vals.next() * 64.0) as i32).map(|v| v.rem_euclid(k as i32 + 1) - 1).collect();
     if bad {
         let v = if vals.next() > 0.0 { k as i32 } else { -2 };
         match rows.first_mut() {
@@ -475,12 +481,26 @@ fn expect(sized: bool, consistent: bool, res: &vera_kernels::Result<()>, what: &
         assert!(!e.to_string().is_empty());
     }
     if sized {
-        assert_eq!(res.is_ok(), consistent, "{what}: {res:?} for a {} call", if consistent { "consistent" } else { "faulty" });
+        assert_eq!(
+            res.is_ok(),
+            consistent,
+            "{what}: {res:?} for a {} call",
+            if consistent { "consistent" } else { "faulty" }
+        );
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn check_rows<T: Element>(y: &[T], y0: &[T], t: usize, m: usize, stride: usize, want: &[f64], bound: &[f64], what: &str) {
+fn check_rows<T: Element>(
+    y: &[T],
+    y0: &[T],
+    t: usize,
+    m: usize,
+    stride: usize,
+    want: &[f64],
+    bound: &[f64],
+    what: &str,
+) {
     for ti in 0..t {
         for i in 0..m {
             let got = y[ti * stride + i].to_f64();
@@ -489,7 +509,11 @@ fn check_rows<T: Element>(y: &[T], y0: &[T], t: usize, m: usize, stride: usize, 
         }
         for i in m..stride {
             if ti * stride + i < y.len() {
-                assert_eq!(y[ti * stride + i].to_f64().to_bits(), y0[ti * stride + i].to_f64().to_bits(), "padding written");
+                assert_eq!(
+                    y[ti * stride + i].to_f64().to_bits(),
+                    y0[ti * stride + i].to_f64().to_bits(),
+                    "padding written"
+                );
             }
         }
     }

@@ -98,8 +98,7 @@ const MAX_SIZE_ARG: u64 = 4096;
 
 fn scratch() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::Builder::new().prefix("vera-fuzz-cli").tempdir().expect("a scratch directory"))
-        .path()
+    DIR.get_or_init(|| tempfile::Builder::new().prefix("vera-fuzz-cli").tempdir().expect("a scratch directory")).path()
 }
 
 fn decode(tokens: &[u8], dir: &Path) -> Vec<OsString> {
@@ -137,7 +136,9 @@ fn decode(tokens: &[u8], dir: &Path) -> Vec<OsString> {
 
 /// Whether argv asks for projections larger than `MAX_SIZE_ARG` (then the case is skipped).
 fn asks_for_huge_sizes(argv: &[OsString]) -> bool {
-    let huge = |v: &str| v.trim().parse::<u64>().map_or(v.len() > 4 && v.bytes().any(|b| b.is_ascii_digit()), |n| n > MAX_SIZE_ARG);
+    let huge = |v: &str| {
+        v.trim().parse::<u64>().map_or(v.len() > 4 && v.bytes().any(|b| b.is_ascii_digit()), |n| n > MAX_SIZE_ARG)
+    };
     argv.windows(2).any(|w| {
         let flag = w[0].to_string_lossy();
         (flag == "--n-max" || flag == "--m-max") && huge(&w[1].to_string_lossy())
