@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use vera_kernels::{active_isa, tier_facts, with_element_type, DType, Element, PeakInstruction};
 
-use crate::peak::Peak;
-use crate::workload::{Shape, Workload};
+use super::peak::Peak;
+use super::workload::{Shape, Workload};
 
 /// One measured case.
 pub struct Row {
@@ -190,7 +190,7 @@ pub fn peak_line(p: &Peak) -> String {
         p.f32_gflops,
         bf16,
         p.cache_gbps,
-        crate::peak::CACHE_BYTES_PER_THREAD >> 20,
+        super::peak::CACHE_BYTES_PER_THREAD >> 20,
         p.memory_gbps
     )
 }

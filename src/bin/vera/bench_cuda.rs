@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use vera_kernels::cuda::{CudaDevice, CudaStream, DeviceProjections};
 use vera_kernels::{with_element_type, DType, Element, MatRef, Mode};
 
-use crate::bench::{json_line, Times};
-use crate::workload::{Shape, Workload};
+use super::bench::{json_line, Times};
+use super::workload::{Shape, Workload};
 
 /// Untimed calls before the first sample (at least one pass over the rotated copies, too).
 pub const WARMUP_CALLS: usize = 10;

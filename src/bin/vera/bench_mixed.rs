@@ -16,8 +16,8 @@ use vera_kernels::{
     active_isa, forward, forward_mixed, with_element_type, Adapter, AdapterBank, DType, Element, MatMut, MatRef, Mode,
 };
 
-use crate::bench::{interleaved_medians, Method};
-use crate::workload::{buffer, Shape, Workload};
+use super::bench::{interleaved_medians, Method};
+use super::workload::{buffer, Shape, Workload};
 
 /// How one many-adapter case is run.
 #[derive(Clone, Copy, Debug)]

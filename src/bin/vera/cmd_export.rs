@@ -10,7 +10,7 @@ use clap::Args;
 use vera_kernels::peft::{InFeatures, LoraExportOptions, PeftAdapter};
 use vera_kernels::{DType, Error};
 
-use crate::cmd_peft::{message, print, SizeArgs};
+use super::cmd_peft::{message, print, SizeArgs};
 
 /// `vera export-lora`.
 #[derive(Args)]

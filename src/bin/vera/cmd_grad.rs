@@ -13,7 +13,7 @@ use clap::Args;
 use vera_kernels::peft::{write_safetensors, PeftAdapter, ProjectionSizes, Tensor, TensorFile};
 use vera_kernels::{backward, with_element_type, DType, Element, Error, Gradients, MatMut, MatRef, Mode};
 
-use crate::cmd_peft::{check_in_features, message, module, print, shape_text, tensor, SizeArgs};
+use super::cmd_peft::{check_in_features, message, module, print, shape_text, tensor, SizeArgs};
 
 /// `vera grad`.
 #[derive(Args)]

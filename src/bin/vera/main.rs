@@ -236,7 +236,13 @@ fn bench_cuda(_args: BenchArgs) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    run(std::env::args_os())
+}
+
+/// The whole command for the arguments `args` (the program name first): what `main` runs, as a
+/// function so that the fuzz target `cli` (fuzz/) can run the command in-process.
+pub(crate) fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => return cmd_peft::usage_error(e),
     };
