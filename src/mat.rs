@@ -244,6 +244,32 @@ impl<T> MatPtr<T> {
         // caller's contract.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.row_stride), self.cols) }
     }
+
+    /// Columns `c0 .. c0 + len` of row `i` as a mutable slice. Threads that split a row's columns
+    /// must each take only their own columns: a slice over the whole row would be a `&mut` aliasing
+    /// the columns another thread writes (a data race, as Miri reports).
+    ///
+    /// # Safety
+    /// `i < rows`, `c0 + len <= cols`, and no other thread reads or writes these columns of row `i`
+    /// while the slice lives.
+    #[inline(always)]
+    pub(crate) unsafe fn cols_mut<'s>(&self, i: usize, c0: usize, len: usize) -> &'s mut [T] {
+        debug_assert!(i < self.rows && c0 + len <= self.cols);
+        // SAFETY: in range of the validated extent (caller's contract); exclusivity likewise.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.row_stride + c0), len) }
+    }
+
+    /// The address of element `(i, c0)`, without making a reference (for the vector stores and
+    /// prefetches of the SIMD tiers).
+    ///
+    /// # Safety
+    /// `i < rows` and `c0 <= cols`.
+    #[inline(always)]
+    pub(crate) unsafe fn at(&self, i: usize, c0: usize) -> *mut T {
+        debug_assert!(i < self.rows && c0 <= self.cols);
+        // SAFETY: in range of the validated extent (caller's contract).
+        unsafe { self.ptr.add(i * self.row_stride + c0) }
+    }
 }
 
 #[cfg(test)]

@@ -129,19 +129,19 @@ impl<T: Element> Sink<'_, T> {
         unsafe {
             match self {
                 Sink::F32 { out, scale } => {
-                    let dst = &mut out.row_mut(row)[col0..col0 + vals.len()];
+                    let dst = out.cols_mut(row, col0, vals.len());
                     for (c, (d, &v)) in dst.iter_mut().zip(vals).enumerate() {
                         *d = scale.map_or(v, |s| s[col0 + c] * v);
                     }
                 }
                 Sink::Epilogue { out, epi } => {
-                    let dst = &mut out.row_mut(row)[col0..col0 + vals.len()];
+                    let dst = out.cols_mut(row, col0, vals.len());
                     for (c, (d, &v)) in dst.iter_mut().zip(vals).enumerate() {
                         *d = T::from_f32(epi.apply(col0 + c, v, d.to_f32()));
                     }
                 }
                 Sink::RowEpilogue { out, rows } => {
-                    let dst = &mut out.row_mut(rows.out_row(row))[col0..col0 + vals.len()];
+                    let dst = out.cols_mut(rows.out_row(row), col0, vals.len());
                     match rows.row(row) {
                         Some(epi) => {
                             for (c, (d, &v)) in dst.iter_mut().zip(vals).enumerate() {
@@ -153,7 +153,7 @@ impl<T: Element> Sink<'_, T> {
                     }
                 }
                 Sink::Update { out, op } => {
-                    let dst = &mut out.row_mut(row)[col0..col0 + vals.len()];
+                    let dst = out.cols_mut(row, col0, vals.len());
                     for (d, &v) in dst.iter_mut().zip(vals) {
                         *d = T::from_f32(op.apply(d.to_f32(), v));
                     }

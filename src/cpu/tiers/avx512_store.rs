@@ -135,7 +135,7 @@ unsafe fn store_tile<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, c
             Sink::F32 { out, scale } => {
                 let sc = scale.map(|s| [0, 1].map(|h| f32::load16_masked(s.as_ptr().add(col0 + 16 * h), m[h])));
                 for (i, a) in acc.iter().enumerate() {
-                    let p = out.row_mut(t0 + i).as_mut_ptr().add(col0);
+                    let p = out.at(t0 + i, col0);
                     for h in 0..2 {
                         let v = match sc {
                             Some(s) => _mm512_mul_ps(s[h], a[h]),
@@ -149,13 +149,13 @@ unsafe fn store_tile<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, c
                 let sc = epi.scale.map(|s| [0, 1].map(|h| f32::load16_masked(s.as_ptr().add(col0 + 16 * h), m[h])));
                 let bi = epi.bias.map(|b| [0, 1].map(|h| f32::load16_masked(b.as_ptr().add(col0 + 16 * h), m[h])));
                 for (i, a) in acc.iter().enumerate() {
-                    let p = out.row_mut(t0 + i).as_mut_ptr().add(col0);
+                    let p = out.at(t0 + i, col0);
                     epilogue_row(p, a, sc, bi, epi.accumulate, m);
                 }
             }
             Sink::RowEpilogue { out, rows } => {
                 for (i, a) in acc.iter().enumerate() {
-                    let p = out.row_mut(rows.out_row(t0 + i)).as_mut_ptr().add(col0);
+                    let p = out.at(rows.out_row(t0 + i), col0);
                     match rows.row(t0 + i) {
                         // Each row its own adapter's vectors: the arithmetic of the arm above.
                         Some(epi) => {
@@ -174,7 +174,7 @@ unsafe fn store_tile<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, c
             }
             Sink::Update { out, op } => {
                 for (i, a) in acc.iter().enumerate() {
-                    let p = out.row_mut(t0 + i).as_mut_ptr().add(col0);
+                    let p = out.at(t0 + i, col0);
                     for h in 0..2 {
                         let v = match op {
                             Update::Add => _mm512_add_ps(T::load16_masked(p.add(16 * h), m[h]), a[h]),
@@ -301,7 +301,7 @@ pub(super) unsafe fn prefetch_old<T: Simd16, const R: usize>(sink: &Sink<'_, T>,
         // SAFETY: row t0 + i is in the sink (contract) and columns col0..col0 + len are in the row;
         // a prefetch reads nothing architecturally.
         unsafe {
-            let row = out.row_mut(dst.map_or(t0 + i, |d| d.out_row(t0 + i))).as_ptr().add(col0);
+            let row = out.at(dst.map_or(t0 + i, |d| d.out_row(t0 + i)), col0).cast_const();
             _mm_prefetch::<_MM_HINT_T0>(row.cast());
             _mm_prefetch::<_MM_HINT_T0>(row.add(len - 1).cast());
         }
