@@ -180,6 +180,16 @@ proptest! {
     fn backward_bf16_within_bound(c in case()) { check::<bf16>(&c)?; }
 }
 
+/// The fixed edge cases of `common::edge_cases`, every dtype: the run `.ci/run` makes under Miri.
+#[test]
+fn edge_cases_every_dtype() {
+    for c in common::edge_cases() {
+        check::<f32>(&c).unwrap();
+        check::<f16>(&c).unwrap();
+        check::<bf16>(&c).unwrap();
+    }
+}
+
 #[test]
 fn gradients_are_bitwise_identical_for_1_2_and_3_threads() {
     // Decode (one block: columns split across threads) and prefill (blocks in parallel), large

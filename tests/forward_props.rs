@@ -169,6 +169,20 @@ proptest! {
     fn merge_bf16_within_bound(c in case()) { check_merge::<bf16>(&c)?; }
 }
 
+/// The fixed edge cases of `common::edge_cases`, every dtype, forward and merge: the run `.ci/run`
+/// makes under Miri (where the property tests above are out of reach), and a quick check here.
+#[test]
+fn edge_cases_every_dtype() {
+    for c in common::edge_cases() {
+        check_forward::<f32>(&c).unwrap();
+        check_forward::<f16>(&c).unwrap();
+        check_forward::<bf16>(&c).unwrap();
+        check_merge::<f32>(&c).unwrap();
+        check_merge::<f16>(&c).unwrap();
+        check_merge::<bf16>(&c).unwrap();
+    }
+}
+
 #[test]
 fn zero_rows_is_a_no_op() {
     let proj = Projections::<f32>::from_seed(1, 4, 8, 8).unwrap();

@@ -315,6 +315,20 @@ proptest! {
     fn mixed_backward_bf16_within_bound(mx in mixed()) { check_backward::<bf16>(&mx)?; }
 }
 
+/// The fixed edge cases of `common::edge_cases` with banks of 1 to 3 adapters, every dtype, forward
+/// and backward: the run `.ci/run` makes under Miri.
+#[test]
+fn edge_cases_every_dtype() {
+    for (i, c) in common::edge_cases().into_iter().enumerate() {
+        let mx = Mixed { c, k: 1 + i % 3, seed: i as u64 };
+        check_forward::<f32>(&mx).unwrap();
+        check_forward::<f16>(&mx).unwrap();
+        check_forward::<bf16>(&mx).unwrap();
+        check_backward::<f32>(&mx).unwrap();
+        check_backward::<bf16>(&mx).unwrap();
+    }
+}
+
 /// Decode (one block: columns split across threads) and prefill (blocks in parallel), large enough
 /// to split without the lowered threshold too.
 fn big_cases() -> [Mixed; 2] {

@@ -122,3 +122,28 @@ pub fn kdim(max_random: usize) -> impl proptest::strategy::Strategy<Value = usiz
     use proptest::prelude::*;
     prop_oneof![4 => dim(max_random), 1 => prop::sample::select(vec![63usize, 64, 65, 129, 255, 256, 257, 513])]
 }
+
+/// The fixed cases the Miri runs use (Miri interprets every instruction, so the random property
+/// tests' shapes are out of its reach): one of each edge the CPU drivers have, at the smallest size
+/// that reaches it. Row tiles of 8, vector widths of 8 and 16, panels of 32 columns, k blocks of 64,
+/// blocks of `BLOCK_ROWS` rows; row strides wider than the rows; accumulate and overwrite; with and
+/// without bias.
+#[allow(dead_code)] // used by the property tests' Miri runs only
+pub fn edge_cases() -> Vec<Case> {
+    let block = vera_kernels::BLOCK_ROWS;
+    [
+        // (t, n, m, r), (n_extra, m_extra, x_pad, y_pad), (bias, accumulate)
+        ((1, 1, 1, 1), (0, 0, 0, 0), (false, false)),
+        ((9, 17, 33, 5), (3, 2, 1, 2), (true, true)),
+        ((3, 65, 7, 65), (0, 1, 0, 3), (true, false)),
+        ((2, 5, 129, 2), (1, 0, 2, 1), (false, true)),
+        ((8, 16, 32, 8), (0, 0, 0, 0), (true, false)),
+        ((block + 1, 3, 9, 3), (2, 1, 1, 0), (false, true)),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, ((t, n, m, r), pads, (bias, accumulate)))| {
+        Case::from_draw(((t, n, m, r), pads, (bias, accumulate, i as u64)))
+    })
+    .collect()
+}
