@@ -127,7 +127,9 @@ pub(crate) fn has_avx512_bf16() -> bool {
 pub(crate) fn vendor() -> Vendor {
     static VENDOR: OnceLock<Vendor> = OnceLock::new();
     *VENDOR.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
+        // Miri cannot run `cpuid` (inline assembly); under it only the portable tier runs, for
+        // which the vendor does not matter.
+        #[cfg(all(target_arch = "x86_64", not(miri)))]
         {
             // SAFETY: cpuid leaf 0 exists on every x86-64 CPU. (`__cpuid` is a safe function on
             // newer toolchains than this crate's minimum; the block keeps older ones compiling.)
