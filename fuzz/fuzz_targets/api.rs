@@ -2,7 +2,8 @@
 //! `Ok` and within the f64 reference's derived error bound (`vera_kernels::reference`, as
 //! `tests/forward_props.rs` checks it), or an `Err`; never a panic. A case is consistent (every
 //! length and shape agrees) or carries exactly the inconsistencies drawn, so the target also checks
-//! that consistent calls succeed and inconsistent ones fail.
+//! that consistent calls succeed and inconsistent ones fail. Every CPU tier this machine has runs
+//! (chosen by the case's `dtype` byte).
 //!
 //! Sizes stay small (T ≤ 24, n, m ≤ 96, r ≤ 40) so that a case runs in well under a millisecond;
 //! `Absurd` cases give views, projections and banks sizes up to `usize::MAX` over short buffers,
@@ -13,8 +14,8 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use vera_kernels::{
     backward, backward_mixed, bf16, delta_weight, f16, forward, forward_mixed, forward_train, forward_train_mixed,
-    merge, reference, tier_facts, unmerge, Adapter, AdapterBank, Element, Gradients, LayerProjections, MatMut, MatRef,
-    Mode, Projections, NO_ADAPTER,
+    merge, reference, tier_facts, unmerge, with_isa, Adapter, AdapterBank, Element, Gradients, Isa, LayerProjections,
+    MatMut, MatRef, Mode, Projections, NO_ADAPTER,
 };
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -130,11 +131,14 @@ fuzz_target!(|case: Case| {
         run_absurd(absurd);
         return;
     }
-    match case.dtype % 3 {
+    // The dtype from `dtype % 3`, the CPU tier (of those this machine has) from the rest.
+    let isas: Vec<Isa> = Isa::available().collect();
+    let isa = isas[usize::from(case.dtype / 3) % isas.len()];
+    with_isa(isa, || match case.dtype % 3 {
         0 => run::<f32>(&case),
         1 => run::<f16>(&case),
         _ => run::<bf16>(&case),
-    }
+    });
 });
 
 /// Views, projections and layers of absurd sizes over short buffers: refused, never allocated.
