@@ -148,7 +148,7 @@ fn run<T: Element>(p: &Projections<T>, c: Call) -> Result<(), String> {
             let mut h = vec![0.0f32; c.t * r];
             call(&mut || {
                 let ym = MatMut::new(&mut y, c.t, c.m, ys).unwrap();
-                if c.seed % 2 == 0 {
+                if c.seed.is_multiple_of(2) {
                     forward(p, &adapters[0], xv, ym, mode(c.accumulate)).unwrap();
                 } else {
                     let hm = MatMut::from_slice(&mut h, c.t, r).unwrap();
@@ -381,7 +381,7 @@ fn soak_every_operation_dtype_and_tier_against_the_reference_with_flat_memory() 
             panic!("call {made} (dtype {}, run seed {seed}) {c:?}: {e}", ["f32", "f16", "bf16"][(made % 3) as usize]);
         }
         made += 1;
-        if made % 64 == 0 {
+        if made.is_multiple_of(64) {
             if let Some(rss) = resident_bytes() {
                 samples.push((made, rss));
             }
