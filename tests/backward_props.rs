@@ -11,8 +11,8 @@ use common::{dim, inputs, kdim, to, values, Case};
 use proptest::prelude::*;
 use vera_kernels::rng::TorchCpuGenerator;
 use vera_kernels::{
-    backward, bf16, f16, forward, forward_train, reference, tier_facts, with_isa, Adapter, DType, Element, Gradients,
-    Isa, MatMut, MatRef, Mode, Projections, BLOCK_ROWS,
+    backward, bf16, f16, forward, forward_train, reference, tier_facts, with_isa, Adapter, Element, Gradients, Isa,
+    MatMut, MatRef, Mode, Projections, BLOCK_ROWS,
 };
 
 const EPS: f64 = 5.960_464_477_539_063e-8;
@@ -190,12 +190,7 @@ proptest! {
 fn edge_cases_every_dtype() {
     for (i, c) in common::edge_cases().into_iter().enumerate() {
         for dtype in common::edge_dtypes(i) {
-            match dtype {
-                DType::F32 => check::<f32>(&c),
-                DType::F16 => check::<f16>(&c),
-                DType::BF16 => check::<bf16>(&c),
-            }
-            .unwrap();
+            vera_kernels::with_element_type!(dtype, T => check::<T>(&c)).unwrap();
         }
     }
 }

@@ -13,8 +13,11 @@
 //!   bits a single stream gets.
 #![cfg(feature = "cuda")]
 
+mod common;
 mod gpu;
 
+// SplitMix64: fast enough to fill the 45M-element inputs of the largest shapes in a blink.
+use common::SplitMix64 as Rng;
 use vera_kernels::cuda::{CudaDevice, CudaStream, DeviceAdapter, DeviceMatrix, DeviceProjections};
 use vera_kernels::{bf16, f16, reference, Adapter, Element, MatRef, Mode, Projections};
 
@@ -42,33 +45,6 @@ fn model_shapes() -> Vec<Shape> {
         }
     }
     shapes
-}
-
-/// SplitMix64: fast enough to fill the 45M-element inputs of the largest shapes in a blink.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[-scale, scale)`.
-    fn value(&mut self, scale: f32) -> f32 {
-        let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        (2.0 * unit - 1.0) * scale
-    }
-
-    fn values(&mut self, len: usize, scale: f32) -> Vec<f32> {
-        (0..len).map(|_| self.value(scale)).collect()
-    }
-
-    fn elements<T: Element>(&mut self, len: usize, scale: f32) -> Vec<T> {
-        (0..len).map(|_| T::from_f32(self.value(scale))).collect()
-    }
 }
 
 /// The rows of a `t`-row output checked against the reference: the first, the last and one

@@ -11,8 +11,8 @@ use common::{dim, inputs, kdim, split_pool, to, values, Case, Inputs};
 use proptest::prelude::*;
 use vera_kernels::rng::TorchCpuGenerator;
 use vera_kernels::{
-    bf16, f16, forward_layer, merge, reference, tier_facts, unmerge, with_isa, Adapter, DType, Element, Isa,
-    LayerProjections, MatMut, MatRef, Mode, Projections, BLOCK_ROWS,
+    bf16, f16, forward_layer, merge, reference, tier_facts, unmerge, with_isa, Adapter, Element, Isa, LayerProjections,
+    MatMut, MatRef, Mode, Projections, BLOCK_ROWS,
 };
 
 /// An output width (m): as [`dim`], and now and then one of four or more 32-column panels (with and
@@ -179,12 +179,8 @@ proptest! {
 fn edge_cases_every_dtype() {
     for (i, c) in common::edge_cases().into_iter().enumerate() {
         for dtype in common::edge_dtypes(i) {
-            match dtype {
-                DType::F32 => check_forward::<f32>(&c).and_then(|()| check_merge::<f32>(&c)),
-                DType::F16 => check_forward::<f16>(&c).and_then(|()| check_merge::<f16>(&c)),
-                DType::BF16 => check_forward::<bf16>(&c).and_then(|()| check_merge::<bf16>(&c)),
-            }
-            .unwrap();
+            vera_kernels::with_element_type!(dtype, T => check_forward::<T>(&c).and_then(|()| check_merge::<T>(&c)))
+                .unwrap();
         }
     }
 }

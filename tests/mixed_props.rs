@@ -20,7 +20,7 @@ use proptest::prelude::*;
 use vera_kernels::rng::TorchCpuGenerator;
 use vera_kernels::{
     backward, backward_mixed, bf16, f16, forward, forward_mixed, forward_train, forward_train_mixed, reference,
-    with_isa, Adapter, AdapterBank, DType, Element, Error, Gradients, Isa, MatMut, MatRef, Mode, Numerics, BLOCK_ROWS,
+    with_isa, Adapter, AdapterBank, Element, Error, Gradients, Isa, MatMut, MatRef, Mode, Numerics, BLOCK_ROWS,
     NO_ADAPTER,
 };
 
@@ -332,12 +332,7 @@ fn edge_cases_every_dtype() {
     for (i, c) in common::edge_cases().into_iter().enumerate() {
         let mx = Mixed { c, k: 1 + i % 3, seed: i as u64 };
         for dtype in common::edge_dtypes(i) {
-            match dtype {
-                DType::F32 => check_forward::<f32>(&mx).and_then(|()| check_backward::<f32>(&mx)),
-                DType::F16 => check_forward::<f16>(&mx).and_then(|()| check_backward::<f16>(&mx)),
-                DType::BF16 => check_forward::<bf16>(&mx).and_then(|()| check_backward::<bf16>(&mx)),
-            }
-            .unwrap();
+            vera_kernels::with_element_type!(dtype, T => check_forward::<T>(&mx).and_then(|()| check_backward::<T>(&mx))).unwrap();
         }
     }
 }

@@ -16,7 +16,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{split_pool, to, values};
+use common::{split_pool, to, values, SplitMix64};
 use vera_kernels::rng::TorchCpuGenerator;
 use vera_kernels::{
     backward, backward_mixed, bf16, f16, forward, forward_mixed, forward_train, merge, reference, tier_facts, unmerge,
@@ -39,29 +39,12 @@ const WIDTH_MAX: usize = 160;
 /// `f32` unit roundoff: one more f32 addition under accumulate.
 const EPS: f64 = 5.960_464_477_539_063e-8;
 
-/// SplitMix64: the run's own shape generator (the values come from the crate's torch generator).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// Mostly small (1 to `small`), one time in eight an edge up to `WIDTH_MAX`.
-    fn dim(&mut self, small: usize, edges: &[usize]) -> usize {
-        if self.below(8) == 0 {
-            edges[self.below(edges.len())]
-        } else {
-            1 + self.below(small)
-        }
+/// Mostly small (1 to `small`), one time in eight an edge up to `WIDTH_MAX`.
+fn dim(rng: &mut SplitMix64, small: usize, edges: &[usize]) -> usize {
+    if rng.below(8) == 0 {
+        edges[rng.below(edges.len())]
+    } else {
+        1 + rng.below(small)
     }
 }
 
@@ -84,20 +67,20 @@ struct Call {
 
 const OPS: usize = 6;
 
-fn draw_call(rng: &mut Rng, isas: &[Isa]) -> Call {
+fn draw_call(rng: &mut SplitMix64, isas: &[Isa]) -> Call {
     Call {
         op: rng.below(OPS),
         isa: isas[rng.below(isas.len())],
         rank: rng.below(RANKS.len()),
-        t: rng.dim(12, &[BLOCK_ROWS + 1, 17, 33]),
-        n: rng.dim(48, &[65, 129, WIDTH_MAX]),
-        m: rng.dim(48, &[33, 129, WIDTH_MAX]),
+        t: dim(rng, 12, &[BLOCK_ROWS + 1, 17, 33]),
+        n: dim(rng, 48, &[65, 129, WIDTH_MAX]),
+        m: dim(rng, 48, &[33, 129, WIDTH_MAX]),
         x_pad: rng.below(3),
         y_pad: rng.below(3),
         accumulate: rng.below(2) == 0,
         bias: rng.below(2) == 0,
         k: 1 + rng.below(3),
-        seed: rng.next(),
+        seed: rng.next_u64(),
     }
 }
 
@@ -366,7 +349,7 @@ fn soak_every_operation_dtype_and_tier_against_the_reference_with_flat_memory() 
     let seed = env_or("VERA_SOAK_SEED", 1);
     let isas: Vec<Isa> = Isa::available().collect();
     let sets = Sets { f32: sets(), f16: sets(), bf16: sets() };
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     let mut samples: Vec<(u64, u64)> = Vec::new();
     let start = Instant::now();
     let mut made = 0u64;

@@ -173,3 +173,36 @@ pub fn edge_dtypes(i: usize) -> Vec<vera_kernels::DType> {
         all.to_vec()
     }
 }
+
+/// SplitMix64: a tiny, fast generator for the tests' own draws (shapes, and the values of inputs too
+/// large for torch's generator to fill in a blink).
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// Uniform in `[-scale, scale)`.
+    pub fn value(&mut self, scale: f32) -> f32 {
+        let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        (2.0 * unit - 1.0) * scale
+    }
+
+    pub fn values(&mut self, len: usize, scale: f32) -> Vec<f32> {
+        (0..len).map(|_| self.value(scale)).collect()
+    }
+
+    pub fn elements<T: vera_kernels::Element>(&mut self, len: usize, scale: f32) -> Vec<T> {
+        (0..len).map(|_| T::from_f32(self.value(scale))).collect()
+    }
+}
