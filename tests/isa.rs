@@ -1,6 +1,6 @@
 //! Tier selection in one process: `with_isa` makes every available tier the active one on the
 //! calling thread, lowers a tier the CPU lacks, restores the previous one, and leaves other threads
-//! alone; f32 and f16 never report the bf16 dot-product tier. (How `VERA_KERNELS_ISA`, the
+//! alone; f32 and f16 never report the bf16 dot-product or AMX tiers. (How `VERA_KERNELS_ISA`, the
 //! detected tier and the vendor combine is the table test of `lower` in `src/cpu/isa.rs`.)
 
 use vera_kernels::{active_isa, bf16, f16, tier_facts, with_isa, Isa, Layout};
@@ -11,8 +11,8 @@ fn with_isa_selects_each_available_tier_on_this_thread() {
     for isa in Isa::available() {
         with_isa(isa, || {
             assert_eq!(active_isa::<bf16>(), isa);
-            // f32 and f16 have no use for the bf16 dot-product instruction.
-            let plain = if isa == Isa::Avx512Bf16 { Isa::Avx512 } else { isa };
+            // f32 and f16 have no use for the bf16 dot-product or tile instructions.
+            let plain = if isa >= Isa::Avx512Bf16 { Isa::Avx512 } else { isa };
             assert_eq!(active_isa::<f32>(), plain);
             assert_eq!(active_isa::<f16>(), plain);
             // Another thread still runs the process-wide tier.
@@ -41,11 +41,13 @@ fn the_facts_follow_the_tier() {
     for isa in Isa::available() {
         let facts = with_isa(isa, tier_facts::<bf16>);
         assert_eq!(facts.isa, isa);
-        // Only the bf16 dot-product tier packs pairs, rounds u and flushes subnormals.
-        let pairs = isa == Isa::Avx512Bf16;
-        assert_eq!(facts.layout == Layout::Pairs, pairs);
-        assert_eq!(facts.numerics().rounds_u, pairs);
-        assert_eq!(facts.numerics().flushes_subnormals, pairs);
+        // Only the bf16 dot-product tier packs pairs, and only the AMX tier tiles; only those two
+        // round u and flush subnormals.
+        assert_eq!(facts.layout == Layout::Pairs, isa == Isa::Avx512Bf16);
+        assert_eq!(facts.layout == Layout::Tiles, isa == Isa::Amx);
+        let bf16_products = isa >= Isa::Avx512Bf16;
+        assert_eq!(facts.numerics().rounds_u, bf16_products);
+        assert_eq!(facts.numerics().flushes_subnormals, bf16_products);
         let f32_facts = with_isa(isa, tier_facts::<f32>);
         assert_eq!(f32_facts.layout, Layout::Wide);
         assert!(!f32_facts.rounds_u);

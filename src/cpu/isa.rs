@@ -17,6 +17,10 @@ pub enum Isa {
     Avx512,
     /// AVX-512 plus AVX512_BF16: bf16 products with `vdpbf16ps` (other dtypes as `Avx512`).
     Avx512Bf16,
+    /// AVX512_BF16 plus Intel AMX-BF16 (and the operating system's leave to use its tile data):
+    /// bf16 products of many rows on `tdpbf16ps` tiles, of few rows (decode) as `Avx512Bf16`;
+    /// other dtypes as `Avx512`.
+    Amx,
 }
 
 /// The CPU vendor, as far as the choice of a default tier cares.
@@ -30,7 +34,7 @@ pub(crate) enum Vendor {
 
 impl Isa {
     /// Every tier, slowest first.
-    pub const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
+    pub const ALL: [Isa; 5] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx];
 
     /// The tier's name, as `vera bench` prints it and `VERA_KERNELS_ISA` takes it.
     pub fn name(self) -> &'static str {
@@ -39,6 +43,7 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Amx => "amx",
         }
     }
 
@@ -49,7 +54,7 @@ impl Isa {
     }
 
     /// The tier used when nothing is asked for: [`Isa::detected`], except that `avx512bf16` is
-    /// only the default on AMD CPUs. On the Intel CPU these kernels were measured on (Sapphire
+    /// only the default on AMD CPUs (on an Intel CPU with AMX, `amx` is the default). On the Intel CPU these kernels were measured on (Sapphire
     /// Rapids class), `vdpbf16ps` ran at half the FMA rate and the bf16 products were about 25%
     /// faster on the `avx512` tier (f32 FMAs on weights widened once per cache block); on AMD Zen 4
     /// it runs at twice the FMA rate.
@@ -58,7 +63,7 @@ impl Isa {
     }
 
     /// The tier in use: [`Isa::preferred`], or the tier named by the environment variable
-    /// `VERA_KERNELS_ISA` (`avx512bf16`, `avx512`, `avx2` or `portable`) when it is set, lowered to
+    /// `VERA_KERNELS_ISA` (`amx`, `avx512bf16`, `avx512`, `avx2` or `portable`) when it is set, lowered to
     /// [`Isa::detected`] if this CPU lacks it. Other values are ignored (`vera bench` rejects them).
     /// Read once per process.
     pub fn selected() -> Isa {
@@ -66,6 +71,23 @@ impl Isa {
         *SELECTED.get_or_init(|| {
             let asked = std::env::var("VERA_KERNELS_ISA").ok().and_then(|v| v.parse::<Isa>().ok());
             lower(asked, Isa::detected(), vendor())
+        })
+    }
+
+    /// Why this process cannot run this tier (the CPU lacks its instructions, or, for `amx`, the
+    /// operating system does not grant tile state), or `None` when it can.
+    pub fn unavailable_reason(self) -> Option<&'static str> {
+        if self <= Isa::detected() {
+            return None;
+        }
+        Some(match self {
+            Isa::Portable => unreachable!("every CPU runs the portable tier"),
+            Isa::Avx2 => "this CPU lacks AVX2, FMA or F16C",
+            Isa::Avx512 => "this CPU lacks AVX-512 F/BW/VL",
+            Isa::Avx512Bf16 => "this CPU lacks AVX512_BF16",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx if has_avx512_bf16() => super::tiers::amx::usable().err().unwrap_or("AMX is not usable"),
+            Isa::Amx => "this CPU lacks AVX512_BF16 or AMX-BF16",
         })
     }
 
@@ -88,6 +110,9 @@ pub(crate) fn lower(asked: Option<Isa>, detected: Isa, vendor: Vendor) -> Isa {
 fn detect() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
+        if has_avx512_bf16() && super::tiers::amx::usable().is_ok() {
+            return Isa::Amx;
+        }
         if has_avx512_bf16() {
             return Isa::Avx512Bf16;
         }
@@ -179,6 +204,10 @@ mod tests {
             (Some(Avx512), Portable, Vendor::Other, Portable),
             (Some(Avx2), Avx512Bf16, Vendor::Amd, Avx2),
             (Some(Portable), Avx512Bf16, Vendor::Other, Portable),
+            (None, Amx, Vendor::Other, Amx),
+            (Some(Avx512Bf16), Amx, Vendor::Other, Avx512Bf16),
+            (Some(Amx), Avx512Bf16, Vendor::Other, Avx512Bf16),
+            (Some(Amx), Avx512, Vendor::Amd, Avx512),
         ];
         for (asked, detected, vendor, want) in table {
             assert_eq!(lower(asked, detected, vendor), want, "{asked:?} {detected:?} {vendor:?}");
@@ -193,6 +222,13 @@ mod tests {
         }
         let err = "avx1024".parse::<Isa>().unwrap_err().to_string();
         assert!(err.contains("avx1024"), "{err}");
+    }
+
+    #[test]
+    fn a_tier_is_unavailable_exactly_when_it_is_above_the_detected_one() {
+        for isa in Isa::ALL {
+            assert_eq!(isa.unavailable_reason().is_none(), isa <= Isa::detected(), "{isa}");
+        }
     }
 
     #[test]

@@ -14,11 +14,11 @@ use std::sync::OnceLock;
 use half::{bf16, f16};
 
 use super::isa::Isa;
-use super::pack::{Left, Panels};
+use super::pack::{Left, Panels, RowPairs};
 use super::sink::Sink;
 use super::tiers::portable;
 #[cfg(target_arch = "x86_64")]
-use super::tiers::{avx2, avx512, avx512bf16};
+use super::tiers::{amx, avx2, avx512, avx512bf16};
 use crate::dtype::Element;
 use crate::types::Numerics;
 
@@ -26,6 +26,8 @@ use crate::types::Numerics;
 pub(crate) type GemmFn<W, T> = unsafe fn(Left<'_, f32>, &Panels<W>, Range<usize>, &Sink<'_, T>);
 /// The same with bf16 activations (as bits) against k-pair panels (`vdpbf16ps`), `n` elements.
 pub(crate) type PairGemmFn<T> = unsafe fn(Left<'_, u32>, usize, &Panels<u32>, Range<usize>, &Sink<'_, T>);
+/// The same with bf16 activations as row-major pairs against k-pair panels (AMX tiles).
+pub(crate) type TileGemmFn<T> = unsafe fn(RowPairs<'_>, usize, &Panels<u32>, Range<usize>, &Sink<'_, T>);
 
 /// How the projections and the left operands are laid out for a tier's products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -35,14 +37,22 @@ pub enum Layout {
     /// bf16 weights and left operands as k-pairs, each u32 = (element 2p, element 2p + 1)
     /// (`vdpbf16ps`).
     Pairs,
+    /// bf16 weights as in `Pairs` (16 pair rows of a panel are an AMX tile in VNNI layout as they
+    /// are); left operands as row-major pairs (`tdpbf16ps`).
+    Tiles,
 }
 
 impl Layout {
     /// Every layout (the index of each is its slot in a packing cache).
-    pub(crate) const ALL: [Layout; 2] = [Layout::Wide, Layout::Pairs];
+    pub(crate) const ALL: [Layout; 3] = [Layout::Wide, Layout::Pairs, Layout::Tiles];
 
+    /// The slot of the layout's packed weights in a packing cache: `Tiles` reads the weights
+    /// `Pairs` packs, so the two share one copy.
     pub(crate) fn index(self) -> usize {
-        self as usize
+        match self {
+            Layout::Tiles => Layout::Pairs as usize,
+            _ => self as usize,
+        }
     }
 }
 
@@ -53,6 +63,8 @@ pub enum PeakInstruction {
     F32Fma,
     /// bf16 pair dot product into f32 (`vdpbf16ps`).
     Bf16Dot,
+    /// AMX bf16 tile product into f32 (`tdpbf16ps`).
+    AmxBf16,
 }
 
 /// What a tier's kernels for one element type are and do: the facts drivers, error bounds and
@@ -100,6 +112,8 @@ pub struct Kernels<T: 'static> {
     pub(crate) gemm_f32: GemmFn<f32, T>,
     /// bf16 k-pair products, for [`Layout::Pairs`].
     pub(crate) gemm_pairs: Option<PairGemmFn<T>>,
+    /// bf16 products on AMX tiles, for [`Layout::Tiles`].
+    pub(crate) gemm_tiles: Option<TileGemmFn<T>>,
 }
 
 impl<T> Kernels<T> {
@@ -123,6 +137,8 @@ impl<T: Element> TierElement for T {}
 /// The table of `isa` for `T` (`isa` is one this CPU has).
 fn build<T: Element + TierElement>(isa: Isa) -> Kernels<T> {
     match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Amx => amx::kernels::<T>(super::isa::vendor()),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Bf16 => avx512bf16::kernels::<T>(super::isa::vendor()),
         #[cfg(target_arch = "x86_64")]

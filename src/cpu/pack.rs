@@ -372,6 +372,68 @@ fn pack_pairs_with<'o, E: Copy>(src: impl RowSource<E>, out: &'o mut [u32], bits
     Left { data: out, rows, k_len, lanes }
 }
 
+/// Rows per AMX tile: a left operand in [`RowPairs`] is zero-padded to a multiple of this many rows.
+pub(crate) const TILE_ROWS: usize = 16;
+
+/// A left operand as row-major bf16 k-pairs, for AMX tiles (`tileloadd` reads 16 rows of 16 pairs,
+/// a row stride apart): pair `p` of row `t` at `data[t * stride + p]`, each u32 = (element 2p, element
+/// 2p + 1, 0 past `n`); rows past `rows` up to a multiple of [`TILE_ROWS`] are zero.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowPairs<'a> {
+    pub(crate) data: &'a [u32],
+    pub(crate) rows: usize,
+    /// Pairs per row: `ceil(n / 2)`.
+    pub(crate) k_len: usize,
+    /// Pairs from one row to the next.
+    pub(crate) stride: usize,
+}
+
+impl RowPairs<'_> {
+    /// The row stride for `k_len` pairs: a whole number of 64-byte lines, plus one, so that the 16
+    /// rows of a tile do not all fall in the same L1 set (a 2048-pair row, n = 4096, is 8 KiB: a
+    /// power-of-two stride would map every row of a tile to one set of the 12-way L1).
+    pub(crate) fn stride_for(k_len: usize) -> usize {
+        k_len.next_multiple_of(16) + 16
+    }
+
+    /// u32s a packed `rows x k_len` operand takes.
+    pub(crate) fn len_for(rows: usize, k_len: usize) -> usize {
+        rows.next_multiple_of(TILE_ROWS) * Self::stride_for(k_len)
+    }
+}
+
+/// Packs bf16 rows (`rows x n`, as bits) as row-major k-pairs for AMX tiles (see [`RowPairs`]).
+pub(crate) fn pack_row_pairs<'o>(src: impl RowSource<u16>, out: &'o mut [u32]) -> RowPairs<'o> {
+    pack_row_pairs_with(src, out, u32::from)
+}
+
+/// `src` (f32) rounded to bf16 (to nearest, ties to even) and packed like [`pack_row_pairs`].
+pub(crate) fn pack_row_pairs_rounded<'o>(src: MatRef<'_, f32>, out: &'o mut [u32]) -> RowPairs<'o> {
+    pack_row_pairs_with(src, out, bf16_bits)
+}
+
+#[inline(always)]
+fn pack_row_pairs_with<'o, E: Copy>(src: impl RowSource<E>, out: &'o mut [u32], bits: impl Fn(E) -> u32) -> RowPairs<'o> {
+    let (rows, n) = (src.rows(), src.cols());
+    let k_len = n.div_ceil(2);
+    let stride = RowPairs::stride_for(k_len);
+    let out = &mut out[..RowPairs::len_for(rows, k_len)];
+    for (t, dst) in out.chunks_exact_mut(stride).enumerate() {
+        if t >= rows {
+            dst.fill(0);
+            continue;
+        }
+        let (pairs, rest) = src.row(t)[..n].as_chunks::<2>();
+        for (d, &[lo, hi]) in dst.iter_mut().zip(pairs) {
+            *d = bits(lo) | (bits(hi) << 16);
+        }
+        if let [last] = rest {
+            dst[pairs.len()] = bits(*last);
+        }
+    }
+    RowPairs { data: out, rows, k_len, stride }
+}
+
 /// `v` rounded to bf16 (to nearest, ties to even; NaN stays a quiet NaN), as its 16 bits: the same
 /// result as `half::bf16::from_f32`, without a branch on the value for finite inputs, so that the
 /// packing loop stays cheap (it was 12% of a bf16 prefill call through `half`).
@@ -393,7 +455,8 @@ pub(crate) enum WeightPanels<T> {
     /// [`Layout::Wide`]: A `[r, n_max]` as `r`-column panels over k = n, or B `[m_max, r]` as
     /// `m`-column panels over k = r.
     Wide(Panels<T>),
-    /// [`Layout::Pairs`]: bf16 weights as panels over k-pairs, each u32 = (W[j][2p], W[j][2p + 1]).
+    /// [`Layout::Pairs`] and [`Layout::Tiles`]: bf16 weights as panels over k-pairs, each u32 =
+    /// (W[j][2p], W[j][2p + 1]).
     Pairs(Panels<u32>),
 }
 
@@ -444,7 +507,7 @@ pub(crate) fn pack_projections<T: Element>(a: MatRef<'_, T>, b: MatRef<'_, T>, l
     let pack = |w: MatRef<'_, T>| {
         let k = w.cols();
         match layout {
-            Layout::Pairs => {
+            Layout::Pairs | Layout::Tiles => {
                 // Only bf16 has pair kernels: its bits are the top half of its f32 value.
                 let bits = |j: usize, c: usize| if c < k { w.row_unchecked(j)[c].to_f32().to_bits() >> 16 } else { 0 };
                 WeightPanels::Pairs(Panels::from_fn(w.rows(), k.div_ceil(2), |j, p| {

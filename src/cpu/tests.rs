@@ -6,7 +6,7 @@
 use super::drivers::row_epilogues;
 use super::isa::Isa;
 use super::kernels::{kernels_on, Kernels};
-use super::pack::{pack_pairs, pack_rows, Panels, NR};
+use super::pack::{pack_pairs, pack_row_pairs, pack_rows, Panels, RowPairs, NR};
 use super::scales::BankScales;
 use super::sink::{Epilogue, RowEpilogues, Sink, Update};
 use crate::dtype::Element;
@@ -238,40 +238,78 @@ fn every_tier_rounds_bf16_stores_bit_for_bit_as_half() {
     check_all_tiers::<bf16>();
 }
 
+/// bf16 products of `rows x m` inputs with the identity as pair panels, through every sink, checked
+/// element by element against [`expected`]; `run(x bits, identity, sink)` runs one kernel.
+fn check_pair_products(
+    isa: Isa,
+    (rows, m): (usize, usize),
+    run: impl Fn(MatRef<'_, u16>, &Panels<u32>, &Sink<'_, bf16>),
+) {
+    // bf16 inputs of normal magnitude (vdpbf16ps and tdpbf16ps flush subnormals), and the identity
+    // as pairs.
+    let x: Vec<bf16> = values(rows * m, 7).into_iter().map(|v| bf16::from_f32(v.clamp(-1e20, 1e20))).collect();
+    let x: Vec<bf16> = x.into_iter().map(|v| if v.to_f32().abs() < 1e-30 { bf16::ONE } else { v }).collect();
+    let one = u32::from(bf16::ONE.to_bits());
+    let identity = Panels::from_fn(m, m.div_ceil(2), |c, p| match c.checked_sub(2 * p) {
+        Some(0) => one,
+        Some(1) => one << 16,
+        _ => 0,
+    });
+    let old: Vec<bf16> = values(rows * m, 8).into_iter().map(bf16::from_f32).collect();
+    let scale = values(m, 9).iter().map(|v| v.clamp(-4.0, 4.0)).collect::<Vec<_>>();
+    let bias = values(m, 10).iter().map(|v| v.clamp(-1e6, 1e6)).collect::<Vec<_>>();
+    let bank = RowBank::new(&scale, &bias);
+    let resolved = Resolved { accumulate: bank.resolved(true), overwrite: bank.resolved(false) };
+    let bits: Vec<u16> = x.iter().map(|v| v.to_bits()).collect();
+    for (what, make) in sinks::<bf16>(&scale, &bias, &resolved) {
+        let mut y = old.clone();
+        let sink = make(MatMut::from_slice(&mut y, rows, m).unwrap());
+        run(MatRef::from_slice(&bits, rows, m).unwrap(), &identity, &sink);
+        for (idx, got) in y.iter().enumerate() {
+            let (row, col) = (idx / m, idx % m);
+            let want = expected(what, (&scale, &bias, &bank), [row, col], x[row * m + col].to_f32() + 0.0, old[idx]);
+            assert_eq!(got.to_bits(), want.to_bits(), "{isa} {what}: y[{row},{col}] = {got:?}, want {want:?}");
+        }
+    }
+}
+
 #[test]
 fn the_pair_kernels_store_through_the_same_sinks() {
     for isa in Isa::available() {
         let kern = kernels_on::<bf16>(isa);
         let Some(gemm_pairs) = kern.gemm_pairs else { continue };
         let (rows, m) = (11, 45);
-        // bf16 inputs of normal magnitude (vdpbf16ps flushes subnormals), and the identity as pairs.
-        let x: Vec<bf16> = values(rows * m, 7).into_iter().map(|v| bf16::from_f32(v.clamp(-1e20, 1e20))).collect();
-        let x: Vec<bf16> = x.into_iter().map(|v| if v.to_f32().abs() < 1e-30 { bf16::ONE } else { v }).collect();
-        let one = u32::from(bf16::ONE.to_bits());
-        let identity = Panels::from_fn(m, m.div_ceil(2), |c, p| match c.checked_sub(2 * p) {
-            Some(0) => one,
-            Some(1) => one << 16,
-            _ => 0,
-        });
-        let old: Vec<bf16> = values(rows * m, 8).into_iter().map(bf16::from_f32).collect();
-        let scale = values(m, 9).iter().map(|v| v.clamp(-4.0, 4.0)).collect::<Vec<_>>();
-        let bias = values(m, 10).iter().map(|v| v.clamp(-1e6, 1e6)).collect::<Vec<_>>();
-        let bank = RowBank::new(&scale, &bias);
-        let resolved = Resolved { accumulate: bank.resolved(true), overwrite: bank.resolved(false) };
-        for (what, make) in sinks::<bf16>(&scale, &bias, &resolved) {
-            let mut y = old.clone();
-            let sink = make(MatMut::from_slice(&mut y, rows, m).unwrap());
-            let bits: Vec<u16> = x.iter().map(|v| v.to_bits()).collect();
+        check_pair_products(isa, (rows, m), |bits, identity, sink| {
             let mut scratch = vec![0u32; rows.div_ceil(8) * 8 * m.div_ceil(2)];
-            let left = pack_pairs(MatRef::from_slice(&bits, rows, m).unwrap(), &mut scratch);
+            let left = pack_pairs(bits, &mut scratch);
             // SAFETY: the pair panels hold ceil(m / 2) pair rows; the sink covers rows x m.
-            unsafe { gemm_pairs(left, m, &identity, 0..m.div_ceil(NR), &sink) };
-            for (idx, got) in y.iter().enumerate() {
-                let (row, col) = (idx / m, idx % m);
-                let want =
-                    expected(what, (&scale, &bias, &bank), [row, col], x[row * m + col].to_f32() + 0.0, old[idx]);
-                assert_eq!(got.to_bits(), want.to_bits(), "{isa} {what}: y[{row},{col}] = {got:?}, want {want:?}");
-            }
+            unsafe { gemm_pairs(left, m, identity, 0..m.div_ceil(NR), sink) };
+        });
+    }
+}
+
+/// The AMX tile kernel on the identity: 2 x 2 blocks (32 rows), a 1 x 2 remainder (5 rows) and a
+/// lone 1 x 2 block (16 rows and fewer); widths with tile steps and a tail of pairs (45: one
+/// 16-pair step, 6 pairs, and an odd last element; 64: two whole steps; 97: three steps and an odd
+/// element).
+#[test]
+fn the_tile_kernels_store_through_the_same_sinks() {
+    let mut ran = false;
+    for isa in Isa::available() {
+        let kern = kernels_on::<bf16>(isa);
+        let Some(gemm_tiles) = kern.gemm_tiles else { continue };
+        for (rows, m) in [(37, 45), (16, 64), (3, 97), (64, 33)] {
+            check_pair_products(isa, (rows, m), |bits, identity, sink| {
+                let mut scratch = vec![0u32; RowPairs::len_for(rows, m.div_ceil(2))];
+                let left = pack_row_pairs(bits, &mut scratch);
+                // SAFETY: the tier is available (its table exists); the pair panels hold ceil(m / 2)
+                // pair rows; the sink covers rows x m.
+                unsafe { gemm_tiles(left, m, identity, 0..m.div_ceil(NR), sink) };
+            });
         }
+        ran = true;
+    }
+    if !ran {
+        println!("AMX tile kernels not tested: {}", Isa::Amx.unavailable_reason().unwrap_or("?"));
     }
 }

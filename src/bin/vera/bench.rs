@@ -184,11 +184,16 @@ pub fn run(
 /// The machine's peaks, as printed before the table.
 pub fn peak_line(p: &Peak) -> String {
     let bf16 = p.bf16_gflops.map_or("n/a".to_string(), |v| format!("{v:.0}"));
+    let amx = match p.amx_gflops {
+        Ok(v) => format!("{v:.0}"),
+        Err(why) => format!("n/a ({why})"),
+    };
     format!(
-        "peak ({} threads): f32 FMA {:.0} GFLOP/s, bf16 dot {} GFLOP/s, read {:.0} GB/s from cache ({} MiB/thread), {:.0} GB/s from memory",
+        "peak ({} threads): f32 FMA {:.0} GFLOP/s, bf16 dot {} GFLOP/s, AMX bf16 {} GFLOP/s, read {:.0} GB/s from cache ({} MiB/thread), {:.0} GB/s from memory",
         p.threads,
         p.f32_gflops,
         bf16,
+        amx,
         p.cache_gbps,
         super::peak::CACHE_BYTES_PER_THREAD >> 20,
         p.memory_gbps
@@ -211,14 +216,15 @@ impl Row {
     ///
     /// The compute bound is the FLOPs at the peak of the tier's instruction: the f32 FMA peak, or
     /// for a tier whose bf16 products run on `vdpbf16ps` (both products), the bf16 dot-product
-    /// peak. For decode, the bytes bound is the bytes moved at `read_gbps`: the read bandwidth measured on a buffer of the same size, so of
+    /// peak, or on AMX tiles, the AMX peak. For decode, the bytes bound is the bytes moved at `read_gbps`: the read bandwidth measured on a buffer of the same size, so of
     /// the level of the memory hierarchy those bytes live in between calls. The roofline that binds
     /// is the larger of the two times: a decode case with a large enough rank and T is
     /// compute-bound, and then the share of the bytes bound is printed after it.
     pub fn roofline(&self, p: &Peak, read_gbps: Option<f64>) -> (f64, String) {
         let secs = self.fused_ms * 1e-3;
-        let rate = match (self.peak, p.bf16_gflops) {
-            (PeakInstruction::Bf16Dot, Some(bf)) => bf,
+        let rate = match (self.peak, p.bf16_gflops, p.amx_gflops) {
+            (PeakInstruction::Bf16Dot, Some(bf), _) => bf,
+            (PeakInstruction::AmxBf16, _, Ok(amx)) => amx,
             _ => p.f32_gflops,
         };
         let compute_s = self.shape.fused_flops() / (rate * 1e9);
@@ -296,7 +302,11 @@ mod tests {
     use super::*;
 
     fn row(shape: Shape, dtype: DType, isa: &str, fused_ms: f64) -> Row {
-        let peak = if isa == "avx512bf16" { PeakInstruction::Bf16Dot } else { PeakInstruction::F32Fma };
+        let peak = match isa {
+            "avx512bf16" => PeakInstruction::Bf16Dot,
+            "amx" => PeakInstruction::AmxBf16,
+            _ => PeakInstruction::F32Fma,
+        };
         Row {
             shape,
             dtype,
@@ -311,7 +321,7 @@ mod tests {
     }
 
     const PEAK: Peak =
-        Peak { threads: 2, f32_gflops: 200.0, bf16_gflops: Some(400.0), cache_gbps: 100.0, memory_gbps: 40.0 };
+        Peak { threads: 2, f32_gflops: 200.0, bf16_gflops: Some(400.0), amx_gflops: Ok(3200.0), cache_gbps: 100.0, memory_gbps: 40.0 };
 
     #[test]
     fn the_larger_bound_binds() {
@@ -329,6 +339,11 @@ mod tests {
         // The same case in bf16 on vdpbf16ps: twice the rate halves the compute bound.
         let bf = row(Shape { t: 8, n: 4096, m: 4096, r: 1024 }, DType::BF16, "avx512bf16", 1.0);
         assert!((bf.roofline(&PEAK, Some(100.0)).0 - 33.55).abs() < 0.01);
+        // Prefill on AMX tiles: 2·512·(768 + 768)·1024 = 1.61 GFLOP take 503 us at 3.2 TFLOP/s.
+        let amx = row(Shape { t: 512, n: 768, m: 768, r: 1024 }, DType::BF16, "amx", 1.0);
+        let (pct, level) = amx.roofline(&PEAK, None);
+        assert!((pct - 50.33).abs() < 0.01, "{pct}");
+        assert_eq!(level, "compute");
         // Prefill: compute only.
         let pre = row(Shape { t: 512, n: 768, m: 768, r: 1024 }, DType::F32, "avx512", 10.0);
         let (pct, level) = pre.roofline(&PEAK, None);

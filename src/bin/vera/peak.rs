@@ -1,5 +1,5 @@
 //! `vera bench --peak`: this machine's roofline, measured with built-in loops: f32 FMA and bf16
-//! dot-product throughput, and read bandwidth from cache and from memory, for 1 and all threads.
+//! dot-product and AMX tile throughput, and read bandwidth from cache and from memory, for 1 and all threads.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -14,6 +14,8 @@ pub struct Peak {
     pub f32_gflops: f64,
     /// bf16 dot-product throughput (`vdpbf16ps`), GFLOP/s, if the CPU has it.
     pub bf16_gflops: Option<f64>,
+    /// AMX bf16 tile throughput (`tdpbf16ps`), GFLOP/s, or why it was not measured.
+    pub amx_gflops: Result<f64, &'static str>,
     /// Read bandwidth from a buffer that fits in the last-level cache, GB/s.
     pub cache_gbps: f64,
     /// Read bandwidth from a buffer far larger than the caches, GB/s.
@@ -88,6 +90,64 @@ mod x86 {
     }
 }
 
+/// The AMX peak loop.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use std::arch::asm;
+
+    /// Palette 1, eight tiles of 16 rows x 64 bytes.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    /// `iters` x 4 independent `tdpbf16ps` on tiles loaded once (four C tiles, two A, two B, as the
+    /// kernels' register block): 4 · 16 · 16 · 32 · 2 FLOPs per iteration.
+    ///
+    /// # Safety
+    /// The CPU has AMX-BF16 and the OS granted this process tile data (`Isa::Amx` is available).
+    pub unsafe fn tile_loop(iters: usize) -> f32 {
+        let mut cfg = Config([0; 64]);
+        cfg.0[0] = 1;
+        for t in 0..8 {
+            cfg.0[16 + 2 * t] = 64;
+            cfg.0[48 + t] = 16;
+        }
+        // 16 rows of 32 bf16 ones (0x3f80), as pairs.
+        let ones = [0x3f80_3f80u32; 16 * 16];
+        let mut out = [0.0f32; 16 * 16];
+        // SAFETY: tile data is granted (contract); the configuration is valid; each load reads 16
+        // rows of 64 bytes of `ones`, the store writes 16 rows of 64 bytes of `out`.
+        unsafe {
+            asm!(
+                "ldtilecfg [{cfg}]",
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "tileloadd tmm4, [{src} + {stride} * 1]",
+                "tileloadd tmm5, [{src} + {stride} * 1]",
+                "tileloadd tmm6, [{src} + {stride} * 1]",
+                "tileloadd tmm7, [{src} + {stride} * 1]",
+                "2:",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "dec {iters}",
+                "jnz 2b",
+                "tilestored [{dst} + {stride} * 1], tmm0",
+                "tilerelease",
+                cfg = in(reg) cfg.0.as_ptr(),
+                src = in(reg) ones.as_ptr(),
+                dst = in(reg) out.as_mut_ptr(),
+                stride = in(reg) 64usize,
+                iters = inout(reg) iters.max(1) => _,
+                options(nostack),
+            );
+        }
+        out[0]
+    }
+}
+
 /// GFLOP/s of `f` (which does `flops_per_iter · iters` FLOPs) on every thread of the pool at once.
 fn throughput(threads: usize, flops_per_iter: f64, f: impl Fn(usize) -> f32 + Sync) -> f64 {
     let iters = ITERS / 4;
@@ -155,10 +215,19 @@ pub fn measure(threads: usize) -> Peak {
     };
     #[cfg(not(target_arch = "x86_64"))]
     let (f32_gflops, bf16_gflops) = (0.0, None);
+    let amx_gflops = match vera_kernels::Isa::Amx.unavailable_reason() {
+        Some(why) => Err(why),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the AMX tier is available: AMX-BF16 is present and tile data granted.
+        None => Ok(throughput(threads, 4.0 * 16.0 * 16.0 * 32.0 * 2.0, |n| unsafe { amx::tile_loop(n / 16) })),
+        #[cfg(not(target_arch = "x86_64"))]
+        None => Err("no AMX off x86-64"),
+    };
     Peak {
         threads,
         f32_gflops,
         bf16_gflops,
+        amx_gflops,
         cache_gbps: read_bandwidth(threads, CACHE_BYTES_PER_THREAD, 20),
         memory_gbps: read_bandwidth(threads, 1 << 30, 2),
     }

@@ -7,8 +7,8 @@ use crate::cpu::kernels::{Kernels, Layout};
 use std::marker::PhantomData;
 
 use crate::cpu::pack::{
-    pack_pairs, pack_pairs_rounded, pack_projections, pack_rows, Bits, Gathered, Left, PackedProjections, RowSource,
-    WeightPanels, NR,
+    pack_pairs, pack_pairs_rounded, pack_projections, pack_row_pairs, pack_row_pairs_rounded, pack_rows, Bits,
+    Gathered, Left, PackedProjections, RowPairs, RowSource, WeightPanels, NR,
 };
 use crate::cpu::parallel::{for_blocks, for_panels, with_scratch};
 use crate::cpu::sink::{Epilogue, RowEpilogues, Sink};
@@ -20,16 +20,20 @@ use crate::types::Mode;
 /// `BLOCK_ROWS · (2r + n)` f32 at most (see [`forward`]).
 pub(crate) const BLOCK_ROWS: usize = 64;
 
-/// Scratch (f32 elements) [`down`] needs to pack `rows x n` activations.
+/// Scratch (f32 elements) [`down`] needs to pack `rows x n` activations, in any layout.
 pub(crate) fn down_scratch(rows: usize, n: usize) -> usize {
-    // k-pairs (u32) take no more room than f32 elements.
-    Left::<f32>::len_for(rows, n)
+    left_scratch(rows, n)
 }
 
-/// Scratch (f32 elements) [`up`] needs to pack `rows x r` of `u`.
+/// Scratch (f32 elements) [`up`] needs to pack `rows x r` of `u`, in any layout.
 pub(crate) fn up_scratch(rows: usize, r: usize) -> usize {
-    // k-pairs (u32) take no more room than f32 elements.
-    Left::<f32>::len_for(rows, r)
+    left_scratch(rows, r)
+}
+
+/// Scratch (f32 elements) a `rows x k` left operand takes packed in any layout (k-pairs, as u32,
+/// take no more room than f32 elements; row-major pairs for tiles are padded).
+fn left_scratch(rows: usize, k: usize) -> usize {
+    Left::<f32>::len_for(rows, k).max(RowPairs::len_for(rows, k.div_ceil(2)))
 }
 
 /// The model's packed projections, or a copy packed for this call into `owned`.
@@ -44,6 +48,37 @@ pub(crate) fn packed_or_owned<'p, T: Element>(
     }
 }
 
+/// How a product's left operand is packed into 16-bit pairs: bf16 bits as they are (`x`), or f32
+/// rounded to bf16 (`u`, as PEFT rounds it), into `Left` tiles or into row-major pairs for AMX.
+trait PackPairs<S> {
+    fn tiles<'o>(&self, src: S, out: &'o mut [u32]) -> Left<'o, u32>;
+    fn rows<'o>(&self, src: S, out: &'o mut [u32]) -> RowPairs<'o>;
+}
+
+/// 16-bit elements (bf16: pair kernels only exist for it) by their bits.
+struct AsBits<T>(PhantomData<T>);
+
+impl<T: Element, S: RowSource<T>> PackPairs<S> for AsBits<T> {
+    fn tiles<'o>(&self, src: S, out: &'o mut [u32]) -> Left<'o, u32> {
+        pack_pairs(Bits(src, PhantomData), out)
+    }
+    fn rows<'o>(&self, src: S, out: &'o mut [u32]) -> RowPairs<'o> {
+        pack_row_pairs(Bits(src, PhantomData), out)
+    }
+}
+
+/// f32 rounded to bf16.
+struct Rounded;
+
+impl<'a> PackPairs<MatRef<'a, f32>> for Rounded {
+    fn tiles<'o>(&self, src: MatRef<'a, f32>, out: &'o mut [u32]) -> Left<'o, u32> {
+        pack_pairs_rounded(src, out)
+    }
+    fn rows<'o>(&self, src: MatRef<'a, f32>, out: &'o mut [u32]) -> RowPairs<'o> {
+        pack_row_pairs_rounded(src, out)
+    }
+}
+
 /// `sink[t, j] <- Σ_k x[t, k]·A[j, k]` for the rows of `x` (the down-projection), packing `x`
 /// into `scratch` first, in the layout of the kernels.
 pub(crate) fn down<T: Element>(
@@ -55,12 +90,7 @@ pub(crate) fn down<T: Element>(
     sink: &Sink<'_, T>,
     split: bool,
 ) {
-    product(kern, &packed.down, x, (scratch, pack_bits_as_pairs), r, sink, split);
-}
-
-/// Packs 16-bit elements (bf16: pair kernels only exist for it) by their bits into k-pairs.
-fn pack_bits_as_pairs<'o, T: Element>(x: impl RowSource<T>, out: &'o mut [u32]) -> Left<'o, u32> {
-    pack_pairs(Bits(x, PhantomData), out)
+    product(kern, &packed.down, x, (scratch, AsBits(PhantomData)), r, sink, split);
 }
 
 /// `y (op)= epilogue(u·Bᵀ)` for the rows of `u` (the up-projection), packing `u` into `scratch`
@@ -75,28 +105,35 @@ pub(crate) fn up<T: Element>(
     sink: &Sink<'_, T>,
     split: bool,
 ) {
-    product(kern, &packed.up, u, (scratch, pack_pairs_rounded), m, sink, split);
+    product(kern, &packed.up, u, (scratch, Rounded), m, sink, split);
 }
 
 /// `sink <- left · weightsᵀ` over the first `cols` columns, with `left` packed into the scratch in
-/// the kernels' layout: widened to f32 rows, or by `pairs` into k-pairs for the pair kernels.
+/// the kernels' layout: widened to f32 rows, or by `pairs` into k-pairs for the pair kernels, or
+/// into row-major pairs for the tile kernels.
 fn product<T: Element, E: Element, S: RowSource<E>>(
     kern: &Kernels<T>,
     weights: &WeightPanels<T>,
     left: S,
-    (scratch, pairs): (&mut [f32], impl for<'o> FnOnce(S, &'o mut [u32]) -> Left<'o, u32>),
+    (scratch, pairs): (&mut [f32], impl PackPairs<S>),
     cols: usize,
     sink: &Sink<'_, T>,
     split: bool,
 ) {
     let panels = cols.div_ceil(NR);
     let k = left.cols();
-    match (kern.facts().layout, kern.gemm_pairs) {
-        (Layout::Pairs, Some(gemm_pairs)) => {
+    match (kern.facts().layout, kern.gemm_pairs, kern.gemm_tiles) {
+        (Layout::Tiles, _, Some(gemm_tiles)) => {
             let p = weights.pairs();
-            let left = pairs(left, bytemuck::cast_slice_mut(scratch));
+            let left = pairs.rows(left, bytemuck::cast_slice_mut(scratch));
             // SAFETY: the panels hold ceil(k_max / 2) >= ceil(k / 2) pair rows; the caller owns
             // the sink's rows, and for_panels hands out disjoint panel ranges.
+            for_panels(panels, split, |range| unsafe { gemm_tiles(left, k, p, range, sink) });
+        }
+        (Layout::Pairs, Some(gemm_pairs), _) => {
+            let p = weights.pairs();
+            let left = pairs.tiles(left, bytemuck::cast_slice_mut(scratch));
+            // SAFETY: as above.
             for_panels(panels, split, |range| unsafe { gemm_pairs(left, k, p, range, sink) });
         }
         _ => {

@@ -279,5 +279,6 @@ pub(crate) fn kernels<T: Simd8>() -> Kernels<T> {
         gemm: gemm::<T, T>,
         gemm_f32: gemm::<f32, T>,
         gemm_pairs: None,
+        gemm_tiles: None,
     }
 }

@@ -311,5 +311,6 @@ pub(crate) fn kernels<T: Simd16 + Simd8>(vendor: Vendor) -> Kernels<T> {
         gemm: if f16_ymm { gemm_narrow_ymm::<T, T> } else { gemm::<T, T> },
         gemm_f32: gemm::<f32, T>,
         gemm_pairs: None,
+        gemm_tiles: None,
     }
 }

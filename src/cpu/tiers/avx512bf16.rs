@@ -103,7 +103,7 @@ impl<T: Simd16> MicroKernel<T> for Pairs<'_> {
 /// AVX-512F/BW/VL, FMA, F16C and AVX512_BF16 are present; `left.k_len == ceil(n / 2)`; otherwise
 /// as `macro_kernel::gemm`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
-unsafe fn gemm_pairs<T: Simd16>(
+pub(super) unsafe fn gemm_pairs<T: Simd16>(
     left: Left<'_, u32>,
     n: usize,
     right: &Panels<u32>,
@@ -159,7 +159,7 @@ unsafe fn blocked_path<T: Simd16>(
 
 /// The facts of this tier's bf16 kernels: pairs, `u` rounded to bf16, and `vdpbf16ps` flushes
 /// subnormal inputs and results to zero.
-const FACTS: TierFacts = TierFacts {
+pub(super) const FACTS: TierFacts = TierFacts {
     isa: Isa::Avx512Bf16,
     kc: KC_PAIRS,
     layout: Layout::Pairs,

@@ -135,5 +135,6 @@ pub(crate) fn kernels<T: Element>() -> Kernels<T> {
         gemm: gemm::<T, T>,
         gemm_f32: gemm::<f32, T>,
         gemm_pairs: None,
+        gemm_tiles: None,
     }
 }
