@@ -29,6 +29,10 @@ pub(crate) type PairGemmFn<T> = unsafe fn(Left<'_, u32>, usize, &Panels<u32>, Ra
 /// The same with bf16 activations as row-major pairs against k-pair panels (AMX tiles).
 pub(crate) type TileGemmFn<T> = unsafe fn(RowPairs<'_>, usize, &Panels<u32>, Range<usize>, &Sink<'_, T>);
 
+/// Rows of `x` per block of the fused forward on most tiers (see [`TierFacts::block_rows`]): the
+/// unit of parallel work for large `T`. Scratch per thread is `block_rows · (2r + n)` f32 at most.
+pub(crate) const BLOCK_ROWS: usize = 64;
+
 /// How the projections and the left operands are laid out for a tier's products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Layout {
@@ -82,6 +86,9 @@ pub struct TierFacts {
     pub kc: usize,
     /// Row tiles per group that share a panel's k block from L1.
     pub group: usize,
+    /// Rows per block of the fused forward at most (the unit of parallel work, sharing one pass over
+    /// the projections).
+    pub block_rows: usize,
     /// Panels per micro-kernel call for a call of 1, 2, 3, 4 rows (decode); 0: the blocked path.
     pub decode_panels: [usize; 4],
     /// How operands are packed.

@@ -19,26 +19,71 @@ pub(crate) const NR: usize = 32;
 /// Rows per micro-kernel tile.
 pub(crate) const MR: usize = 8;
 
-/// Weights packed into column panels of `NR`, each `[k_cap][NR]`.
-#[derive(Clone, Debug, PartialEq)]
+/// Weights packed into column panels of `NR`, each `[k_cap][NR]`, the first panel starting on a
+/// 64-byte boundary (and so every panel, as `k_cap·NR` elements are a whole number of 64-byte
+/// lines): AMX tile loads of rows that straddle two lines ran 6.7x slower (50 cycles a tile,
+/// against 8) on the Intel machine of the README's table, and cut a tile step from 90% of the
+/// tile peak to 33%.
+#[derive(Debug)]
 pub struct Panels<W> {
+    /// `ALIGN_SLACK` more elements than the panels take; they start at `data[offset]`.
     data: Vec<W>,
+    offset: usize,
     cols: usize,
     k_cap: usize,
+}
+
+/// Bytes of alignment of packed operands (one cache line, one AMX tile row).
+pub(crate) const ALIGN: usize = 64;
+
+/// The offset of the first `ALIGN`-aligned element of `v` (0 for zero-sized or empty).
+fn aligned_offset<W>(v: &[W]) -> usize {
+    let off = v.as_ptr().align_offset(ALIGN);
+    if off == usize::MAX { 0 } else { off.min(v.len()) }
+}
+
+/// Elements of slack an aligned buffer of `W` needs.
+const fn align_slack<W>() -> usize {
+    ALIGN / if size_of::<W>() == 0 { 1 } else { size_of::<W>() }
+}
+
+impl<W: Clone> Clone for Panels<W> {
+    fn clone(&self) -> Self {
+        // A copy of the vector lies elsewhere: move the panels to its own aligned offset.
+        let mut data = self.data.clone();
+        let offset = aligned_offset(&data);
+        if offset < self.offset {
+            data.rotate_left(self.offset - offset);
+        } else {
+            data.rotate_right(offset - self.offset);
+        }
+        Self { data, offset, cols: self.cols, k_cap: self.k_cap }
+    }
+}
+
+impl<W: PartialEq> PartialEq for Panels<W> {
+    fn eq(&self, other: &Self) -> bool {
+        let len = self.num_panels() * self.k_cap * NR;
+        (self.cols, self.k_cap) == (other.cols, other.k_cap)
+            && self.data[self.offset..self.offset + len] == other.data[other.offset..other.offset + len]
+    }
 }
 
 impl<W: Copy + Default> Panels<W> {
     /// Packs `cols` columns of `k_cap` elements each, `get(col, k)`.
     pub(crate) fn from_fn(cols: usize, k_cap: usize, get: impl Fn(usize, usize) -> W) -> Self {
         let np = cols.div_ceil(NR);
-        let mut data = vec![W::default(); np * k_cap * NR];
+        let data = vec![W::default(); np * k_cap * NR + align_slack::<W>()];
+        let offset = aligned_offset(&data);
+        let mut p = Self { data, offset, cols, k_cap };
+        let packed = &mut p.data[offset..];
         for c in 0..cols {
             let base = (c / NR) * k_cap * NR + c % NR;
             for k in 0..k_cap {
-                data[base + k * NR] = get(c, k);
+                packed[base + k * NR] = get(c, k);
             }
         }
-        Self { data, cols, k_cap }
+        p
     }
 }
 
@@ -60,7 +105,8 @@ impl<W> Panels<W> {
 
     /// Panel `p` as `[k_cap][NR]`.
     pub(crate) fn panel(&self, p: usize) -> &[W] {
-        &self.data[p * self.k_cap * NR..(p + 1) * self.k_cap * NR]
+        let at = self.offset + p * self.k_cap * NR;
+        &self.data[at..at + self.k_cap * NR]
     }
 
     /// Empty panels sized for `cols` columns of `k_cap` (contents unspecified until written), or an
@@ -70,12 +116,17 @@ impl<W> Panels<W> {
         W: Default + Clone,
     {
         let len = alloc::product(what, cols.div_ceil(NR) * NR, k_cap)?;
-        Ok(Self { data: alloc::filled(what, len, W::default())?, cols, k_cap })
+        // (A saturated length fails to allocate, with the same error.)
+        let len = len.saturating_add(align_slack::<W>());
+        let data = alloc::filled(what, len, W::default())?;
+        let offset = aligned_offset(&data);
+        Ok(Self { data, offset, cols, k_cap })
     }
 
     /// A raw handle for kernels that write panels from several threads.
     pub(crate) fn as_mut_ptr(&mut self) -> PanelsPtr<W> {
-        PanelsPtr { ptr: self.data.as_mut_ptr(), cols: self.cols, k_cap: self.k_cap, row0: 0 }
+        // SAFETY: offset <= data.len() (aligned_offset).
+        PanelsPtr { ptr: unsafe { self.data.as_mut_ptr().add(self.offset) }, cols: self.cols, k_cap: self.k_cap, row0: 0 }
     }
 }
 
@@ -375,30 +426,38 @@ fn pack_pairs_with<'o, E: Copy>(src: impl RowSource<E>, out: &'o mut [u32], bits
 /// Rows per AMX tile: a left operand in [`RowPairs`] is zero-padded to a multiple of this many rows.
 pub(crate) const TILE_ROWS: usize = 16;
 
-/// A left operand as row-major bf16 k-pairs, for AMX tiles (`tileloadd` reads 16 rows of 16 pairs,
-/// a row stride apart): pair `p` of row `t` at `data[t * stride + p]`, each u32 = (element 2p, element
-/// 2p + 1, 0 past `n`); rows past `rows` up to a multiple of [`TILE_ROWS`] are zero.
+/// A left operand as bf16 k-pairs in AMX tiles: rows in tiles of [`TILE_ROWS`], each tile's k
+/// range in steps of 16 pairs, and each (tile, step) the 16 x 16 pairs `tileloadd` reads, stored
+/// as one contiguous KiB (rows 64 bytes apart). So a row tile's steps are one sequential stream;
+/// in row-major order the 16 rows of a tile are 16 streams a row apart, more than the L2
+/// prefetcher follows (a down-projection, n = 4096, ran at about a quarter of the tile peak).
+/// Each u32 = (element 2p, element 2p + 1, 0 past `n`); pairs past `k_len` up to a whole step,
+/// and rows past `rows` up to a whole tile, are zero.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RowPairs<'a> {
     pub(crate) data: &'a [u32],
     pub(crate) rows: usize,
     /// Pairs per row: `ceil(n / 2)`.
     pub(crate) k_len: usize,
-    /// Pairs from one row to the next.
-    pub(crate) stride: usize,
+    /// Steps of 16 pairs per row tile: `ceil(k_len / 16)`.
+    pub(crate) steps: usize,
 }
 
 impl RowPairs<'_> {
-    /// The row stride for `k_len` pairs: a whole number of 64-byte lines, plus one, so that the 16
-    /// rows of a tile do not all fall in the same L1 set (a 2048-pair row, n = 4096, is 8 KiB: a
-    /// power-of-two stride would map every row of a tile to one set of the 12-way L1).
-    pub(crate) fn stride_for(k_len: usize) -> usize {
-        k_len.next_multiple_of(16) + 16
+    /// Pairs per step, and u32s per (tile, step) block.
+    pub(crate) const STEP: usize = 16;
+    const BLOCK: usize = TILE_ROWS * Self::STEP;
+
+    /// u32s a buffer for a packed `rows x k_len` operand must hold: its tiles, and room to start
+    /// them on a 64-byte boundary (see [`Panels`]: unaligned tile loads are 6.7x slower).
+    pub(crate) fn len_for(rows: usize, k_len: usize) -> usize {
+        rows.div_ceil(TILE_ROWS) * k_len.div_ceil(Self::STEP) * Self::BLOCK + align_slack::<u32>()
     }
 
-    /// u32s a packed `rows x k_len` operand takes.
-    pub(crate) fn len_for(rows: usize, k_len: usize) -> usize {
-        rows.next_multiple_of(TILE_ROWS) * Self::stride_for(k_len)
+    /// The index of pair `p` of row `t`.
+    #[inline(always)]
+    pub(crate) fn index(&self, t: usize, p: usize) -> usize {
+        ((t / TILE_ROWS * self.steps + p / Self::STEP) * TILE_ROWS + t % TILE_ROWS) * Self::STEP + p % Self::STEP
     }
 }
 
@@ -416,22 +475,27 @@ pub(crate) fn pack_row_pairs_rounded<'o>(src: MatRef<'_, f32>, out: &'o mut [u32
 fn pack_row_pairs_with<'o, E: Copy>(src: impl RowSource<E>, out: &'o mut [u32], bits: impl Fn(E) -> u32) -> RowPairs<'o> {
     let (rows, n) = (src.rows(), src.cols());
     let k_len = n.div_ceil(2);
-    let stride = RowPairs::stride_for(k_len);
-    let out = &mut out[..RowPairs::len_for(rows, k_len)];
-    for (t, dst) in out.chunks_exact_mut(stride).enumerate() {
-        if t >= rows {
-            dst.fill(0);
-            continue;
-        }
+    let offset = aligned_offset(out);
+    let out = &mut out[offset..offset + RowPairs::len_for(rows, k_len) - align_slack::<u32>()];
+    let steps = k_len.div_ceil(RowPairs::STEP);
+    let layout = RowPairs { data: &[], rows, k_len, steps };
+    if rows % TILE_ROWS != 0 || k_len % RowPairs::STEP != 0 {
+        out.fill(0);
+    }
+    for t in 0..rows {
         let (pairs, rest) = src.row(t)[..n].as_chunks::<2>();
-        for (d, &[lo, hi]) in dst.iter_mut().zip(pairs) {
-            *d = bits(lo) | (bits(hi) << 16);
+        // One step (16 pairs, 64 contiguous bytes) at a time.
+        for (s, chunk) in pairs.chunks(RowPairs::STEP).enumerate() {
+            let at = layout.index(t, s * RowPairs::STEP);
+            for (d, &[lo, hi]) in out[at..at + chunk.len()].iter_mut().zip(chunk) {
+                *d = bits(lo) | (bits(hi) << 16);
+            }
         }
         if let [last] = rest {
-            dst[pairs.len()] = bits(*last);
+            out[layout.index(t, pairs.len())] = bits(*last);
         }
     }
-    RowPairs { data: out, rows, k_len, stride }
+    RowPairs { data: out, rows, k_len, steps }
 }
 
 /// `v` rounded to bf16 (to nearest, ties to even; NaN stays a quiet NaN), as its 16 bits: the same

@@ -291,14 +291,14 @@ fn the_pair_kernels_store_through_the_same_sinks() {
 /// The AMX tile kernel on the identity: 2 x 2 blocks (32 rows), a 1 x 2 remainder (5 rows) and a
 /// lone 1 x 2 block (16 rows and fewer); widths with tile steps and a tail of pairs (45: one
 /// 16-pair step, 6 pairs, and an odd last element; 64: two whole steps; 97: three steps and an odd
-/// element).
+/// element; 1100: three k slices, the last of 2 steps, with partial sums kept between them).
 #[test]
 fn the_tile_kernels_store_through_the_same_sinks() {
     let mut ran = false;
     for isa in Isa::available() {
         let kern = kernels_on::<bf16>(isa);
         let Some(gemm_tiles) = kern.gemm_tiles else { continue };
-        for (rows, m) in [(37, 45), (16, 64), (3, 97), (64, 33)] {
+        for (rows, m) in [(37, 45), (16, 64), (3, 97), (64, 33), (35, 1100)] {
             check_pair_products(isa, (rows, m), |bits, identity, sink| {
                 let mut scratch = vec![0u32; RowPairs::len_for(rows, m.div_ceil(2))];
                 let left = pack_row_pairs(bits, &mut scratch);

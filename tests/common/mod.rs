@@ -104,7 +104,8 @@ pub fn inputs<T: vera_kernels::Element>(c: &Case) -> Inputs<T> {
 
 /// A dimension for the property tests: small random sizes, 1, primes, and one past every block /
 /// tile / vector width the CPU kernels use (8-row tiles, 8 and 16 lanes, 32-column panels, 32-row
-/// merge blocks, BLOCK_ROWS-row blocks), plus an exact panel width.
+/// merge blocks, AMX's 16-row tiles and 32-row blocks, BLOCK_ROWS-row blocks), plus an exact panel
+/// width.
 pub fn dim(max_random: usize) -> impl proptest::strategy::Strategy<Value = usize> {
     use proptest::prelude::*;
     let block = vera_kernels::BLOCK_ROWS;
@@ -117,10 +118,11 @@ pub fn dim(max_random: usize) -> impl proptest::strategy::Strategy<Value = usize
 }
 
 /// A reduction length (n, r, or m for the backward's `g`): as [`dim`], and now and then one around
-/// the kernels' k block (64), so that partial blocks and several blocks are hit.
+/// the kernels' k blocks (64 elements; AMX: tile steps of 32 elements, slices of 512), so that
+/// partial blocks and several blocks are hit (1057: three AMX slices and an odd element).
 pub fn kdim(max_random: usize) -> impl proptest::strategy::Strategy<Value = usize> {
     use proptest::prelude::*;
-    prop_oneof![4 => dim(max_random), 1 => prop::sample::select(vec![63usize, 64, 65, 129, 255, 256, 257, 513])]
+    prop_oneof![4 => dim(max_random), 1 => prop::sample::select(vec![63usize, 64, 65, 129, 255, 256, 257, 513, 1057])]
 }
 
 /// The fixed cases the Miri runs use (Miri interprets every instruction, so the random property

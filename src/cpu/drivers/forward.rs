@@ -16,9 +16,7 @@ use crate::dtype::Element;
 use crate::mat::{MatMut, MatPtr, MatRef};
 use crate::types::Mode;
 
-/// Rows of `x` per block: the unit of parallel work for large `T`. Scratch per thread is
-/// `BLOCK_ROWS · (2r + n)` f32 at most (see [`forward`]).
-pub(crate) const BLOCK_ROWS: usize = 64;
+pub(crate) use crate::cpu::kernels::BLOCK_ROWS;
 
 /// Scratch (f32 elements) [`down`] needs to pack `rows x n` activations, in any layout.
 pub(crate) fn down_scratch(rows: usize, n: usize) -> usize {
@@ -148,8 +146,9 @@ fn product<T: Element, E: Element, S: RowSource<E>>(
 /// The fused forward pass `y (+)= lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ) + bias`, with one adapter for
 /// every row or (a bank's mixed forward) each row's own.
 ///
-/// Scratch: each block of [`BLOCK_ROWS`] rows holds its `u` (`rows · r` f32), `u` packed for the
-/// up-projection (`rows · r`) and `x` packed for the down-projection (`rows · n`).
+/// Scratch: each block of rows (the tier's `block_rows`, [`BLOCK_ROWS`] for a bank's call) holds
+/// its `u` (`rows · r` f32), `u` packed for the up-projection (`rows · r`) and `x` packed for the
+/// down-projection (`rows · n`).
 pub(crate) fn forward<T: Element>(
     kern: &Kernels<T>,
     w: Weights<'_, T>,
@@ -214,7 +213,17 @@ fn fused<T: Element>(
     let run = order.as_ref().map_or(rows, Vec::len);
     let yp = y.as_ptr_mat();
     let flops = 2.0 * (run * r * (n + m)) as f64;
-    for_blocks(run, BLOCK_ROWS, flops, |t0, tb, split| {
+    // Blocks of the tier's size, shrunk (not below BLOCK_ROWS) to spread the rows evenly over the
+    // threads; a bank's blocks hold at most BLOCK_ROWS rows (its per-block epilogue table). A row's
+    // result does not depend on the block it falls in.
+    let block = match s {
+        RowScales::One(_) => {
+            let even = run.div_ceil(rayon::current_num_threads()).next_multiple_of(32);
+            kern.facts().block_rows.min(even).max(BLOCK_ROWS)
+        }
+        RowScales::Bank(_) => BLOCK_ROWS,
+    };
+    for_blocks(run, block, flops, |t0, tb, split| {
         let packed_u = up_scratch(tb, r);
         with_scratch(tb * r + packed_u + down_scratch(tb, n), |buf| {
             let (u, rest) = buf.split_at_mut(tb * r);

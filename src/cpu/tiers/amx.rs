@@ -157,24 +157,31 @@ static CONFIG: TileConfig = TileConfig::new();
 
 /// One 32 x 32 f32 block of outputs, as the C tiles store it (row stride 128 bytes).
 #[repr(C, align(64))]
+#[derive(Clone, Copy)]
 struct CBlock([[f32; NR]; BLOCK]);
 
-/// `c[..32][..32] = a[..32][0..16·steps pairs] · panel[0..16·steps pairs]` on tiles.
+/// The C tiles' starting values for the first k slice.
+static ZERO: CBlock = CBlock([[0.0; NR]; BLOCK]);
+
+/// `c_out[..32][..32] = c_in + a[..32][16·steps pairs] · panel[16·steps pairs]` on tiles: the C tiles
+/// loaded from `c_in`, `steps` tile steps, and stored to `c_out`, all in one `asm!` block.
 ///
 /// # Safety
-/// Tile data is usable and [`CONFIG`] loaded on this thread; `a` points at 32 rows of at least
-/// `16·steps` pairs, `a_stride` bytes apart; `b` at a panel of at least `16·steps` pair rows.
+/// Tile data is usable and [`CONFIG`] loaded on this thread; `a` and `a1` point at `steps`
+/// consecutive packed tiles (1 KiB each, rows 64 bytes apart: `pack::RowPairs`) of rows 0-15 and
+/// 16-31; `b` at a panel's rows of at least `16·steps` pairs; `c_in` and `c_out` at 32 x 32 f32
+/// blocks.
 #[inline(always)]
-unsafe fn tiles_2x2(a: *const u32, a_stride: usize, b: *const u32, steps: usize, c: &mut CBlock) {
-    let c0 = c.0.as_mut_ptr().cast::<f32>();
-    // SAFETY: each tileloadd reads 16 rows of 64 bytes inside the operands (contract); the stores
-    // write 16 rows of 64 bytes inside the 4 KiB block.
+unsafe fn tiles_2x2(a: *const u32, a1: *const u32, b: *const u32, steps: usize, c_in: *const CBlock, c_out: *mut CBlock) {
+    let (ci, co) = (c_in.cast::<f32>(), c_out.cast::<f32>());
+    // SAFETY: each tileloadd reads 16 rows of 64 bytes inside the operands or `c_in` (contract);
+    // the stores write 16 rows of 64 bytes inside `c_out`.
     unsafe {
         asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
+            "tileloadd tmm0, [{ci0} + {sc} * 1]",
+            "tileloadd tmm1, [{ci0} + {sc} * 1 + 64]",
+            "tileloadd tmm2, [{ci1} + {sc} * 1]",
+            "tileloadd tmm3, [{ci1} + {sc} * 1 + 64]",
             "test {steps}, {steps}",
             "jz 3f",
             "2:",
@@ -186,24 +193,26 @@ unsafe fn tiles_2x2(a: *const u32, a_stride: usize, b: *const u32, steps: usize,
             "tileloadd tmm5, [{a1} + {sa} * 1]",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {a0}, 64",
-            "add {a1}, 64",
+            "add {a0}, 1024",
+            "add {a1}, 1024",
             "add {b}, 2048",
             "dec {steps}",
             "jnz 2b",
             "3:",
-            "tilestored [{c0} + {sc} * 1], tmm0",
-            "tilestored [{c0} + {sc} * 1 + 64], tmm1",
-            "tilestored [{c1} + {sc} * 1], tmm2",
-            "tilestored [{c1} + {sc} * 1 + 64], tmm3",
+            "tilestored [{co0} + {sc} * 1], tmm0",
+            "tilestored [{co0} + {sc} * 1 + 64], tmm1",
+            "tilestored [{co1} + {sc} * 1], tmm2",
+            "tilestored [{co1} + {sc} * 1 + 64], tmm3",
             a0 = inout(reg) a => _,
-            a1 = inout(reg) a.byte_add(TILE_ROWS * a_stride) => _,
-            sa = in(reg) a_stride,
+            a1 = inout(reg) a1 => _,
+            sa = in(reg) 64usize,
             b = inout(reg) b => _,
             sb = in(reg) NR * 4,
             steps = inout(reg) steps => _,
-            c0 = in(reg) c0,
-            c1 = in(reg) c0.add(TILE_ROWS * NR),
+            ci0 = in(reg) ci,
+            ci1 = in(reg) ci.add(TILE_ROWS * NR),
+            co0 = in(reg) co,
+            co1 = in(reg) co.add(TILE_ROWS * NR),
             sc = in(reg) NR * 4,
             options(nostack),
         );
@@ -213,15 +222,15 @@ unsafe fn tiles_2x2(a: *const u32, a_stride: usize, b: *const u32, steps: usize,
 /// [`tiles_2x2`] for the first 16 rows only (a block of at most 16 real rows).
 ///
 /// # Safety
-/// As [`tiles_2x2`], for 16 rows of `a` and of `c`.
+/// As [`tiles_2x2`], for the tiles of `a` only and 16 rows of the C blocks.
 #[inline(always)]
-unsafe fn tiles_1x2(a: *const u32, a_stride: usize, b: *const u32, steps: usize, c: &mut CBlock) {
-    let c0 = c.0.as_mut_ptr().cast::<f32>();
+unsafe fn tiles_1x2(a: *const u32, b: *const u32, steps: usize, c_in: *const CBlock, c_out: *mut CBlock) {
+    let (ci, co) = (c_in.cast::<f32>(), c_out.cast::<f32>());
     // SAFETY: as in tiles_2x2, for the first A and C tiles only.
     unsafe {
         asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
+            "tileloadd tmm0, [{ci0} + {sc} * 1]",
+            "tileloadd tmm1, [{ci0} + {sc} * 1 + 64]",
             "test {steps}, {steps}",
             "jz 3f",
             "2:",
@@ -230,53 +239,54 @@ unsafe fn tiles_1x2(a: *const u32, a_stride: usize, b: *const u32, steps: usize,
             "tileloadd tmm7, [{b} + {sb} * 1 + 64]",
             "tdpbf16ps tmm0, tmm4, tmm6",
             "tdpbf16ps tmm1, tmm4, tmm7",
-            "add {a0}, 64",
+            "add {a0}, 1024",
             "add {b}, 2048",
             "dec {steps}",
             "jnz 2b",
             "3:",
-            "tilestored [{c0} + {sc} * 1], tmm0",
-            "tilestored [{c0} + {sc} * 1 + 64], tmm1",
+            "tilestored [{co0} + {sc} * 1], tmm0",
+            "tilestored [{co0} + {sc} * 1 + 64], tmm1",
             a0 = inout(reg) a => _,
-            sa = in(reg) a_stride,
+            sa = in(reg) 64usize,
             b = inout(reg) b => _,
             sb = in(reg) NR * 4,
             steps = inout(reg) steps => _,
-            c0 = in(reg) c0,
+            ci0 = in(reg) ci,
+            co0 = in(reg) co,
             sc = in(reg) NR * 4,
             options(nostack),
         );
     }
 }
 
-/// Adds pairs `p0..full` (and, for an odd `n`, its last element) of rows `..rows` of the block
-/// into `c`, in k order, as the `vdpbf16ps` kernel adds them.
+/// Adds pairs `p0..full` (and, for an odd `n`, its last element) of rows `t0..t0 + rows` of the
+/// left operand into `c`, in k order, as the `vdpbf16ps` kernel adds them.
 ///
 /// # Safety
-/// AVX-512F/BW/VL and AVX512_BF16 are present; `a` points at `rows` rows of `ceil(n / 2)` pairs,
-/// `a_stride` bytes apart; `b` at a panel of at least `ceil(n / 2)` pair rows.
+/// AVX-512F/BW/VL and AVX512_BF16 are present; `t0 + rows` are rows of `left`, whose `k_len` is
+/// `ceil(n / 2)`; `b` points at a panel of at least `ceil(n / 2)` pair rows.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
-unsafe fn tail(a: *const u32, a_stride: usize, b: *const u32, n: usize, p0: usize, rows: usize, c: &mut CBlock) {
+unsafe fn tail(left: &RowPairs<'_>, t0: usize, b: *const u32, n: usize, p0: usize, rows: usize, c: &mut CBlock) {
     let full = n / 2;
     if p0 == full && n.is_multiple_of(2) {
         return;
     }
     let lo = |v: __m512i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
-    // SAFETY: every access is inside the operands and the block (contract).
-    unsafe {
-        for (i, crow) in c.0.iter_mut().enumerate().take(rows) {
-            let ar = a.byte_add(i * a_stride);
+    for (i, crow) in c.0.iter_mut().enumerate().take(rows) {
+        let pair = |p: usize| left.data[left.index(t0 + i, p)];
+        // SAFETY: every load is inside the panel (contract) and the block's row.
+        unsafe {
             let mut acc = [_mm512_loadu_ps(crow.as_ptr()), _mm512_loadu_ps(crow.as_ptr().add(16))];
             for p in p0..full {
-                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ar.add(p) as i32));
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair(p) as i32));
                 for (h, ah) in acc.iter_mut().enumerate() {
                     let w: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16 * h).cast()));
                     *ah = _mm512_dpbf16_ps(*ah, x, w);
                 }
             }
             if n % 2 == 1 {
-                let x = _mm512_set1_ps(f32::from_bits((*ar.add(full) & 0xffff) << 16));
+                let x = _mm512_set1_ps(f32::from_bits((pair(full) & 0xffff) << 16));
                 for (h, ah) in acc.iter_mut().enumerate() {
                     let w = lo(_mm512_loadu_si512(b.add(full * NR + 16 * h).cast()));
                     *ah = _mm512_fmadd_ps(x, w, *ah);
@@ -320,8 +330,24 @@ unsafe fn store_block<T: Simd16>(c: &CBlock, rows: usize, sink: &Sink<'_, T>, t0
     }
 }
 
+/// Tile steps (16 pairs each) per k slice: 512 pairs (1024 elements). Slices let a block's left
+/// slice stay in L2 while the panels stream past it: at n = 4096, r = 1024 (T = 512, 2 threads)
+/// 512-pair slices were 7% faster than 256-pair ones and 6% faster than none; at n = 768 (one
+/// slice) 256-pair slices cost 10% (interleaved runs, `scripts/ab-bench.py`, bf16).
+const SLICE_STEPS: usize = 32;
+
+thread_local! {
+    /// Each thread's partial sums between k slices: one [`CBlock`] per (panel, 32-row block).
+    static PARTIALS: std::cell::RefCell<Vec<CBlock>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// bf16 products of row-major pairs (`n` elements) against pair panels on AMX tiles (see the module
 /// docs): `sink[row, col] <- Σ_k left[row, k]·right[col, k]` for the panels in `range`.
+///
+/// Loop nest: for each k slice of [`SLICE_STEPS`] tile steps, for each panel, for each 32-row
+/// block, in order; between slices each block's partial sums wait in f32 in [`PARTIALS`] (stored
+/// and reloaded exactly, so the slicing does not change any result). The last slice adds the tail
+/// and stores through the sink; a one-slice product (k up to 512 elements) needs no partials.
 ///
 /// # Safety
 /// [`usable`] is `Ok`; AVX-512F/BW/VL, FMA, F16C and AVX512_BF16 are present; `left.k_len ==
@@ -331,44 +357,75 @@ unsafe fn store_block<T: Simd16>(c: &CBlock, rows: usize, sink: &Sink<'_, T>, t0
 unsafe fn gemm_tiles<T: Simd16>(left: RowPairs<'_>, n: usize, right: &Panels<u32>, range: Range<usize>, sink: &Sink<'_, T>) {
     debug_assert_eq!(left.k_len, n.div_ceil(2));
     debug_assert!(left.k_len <= right.k_cap() && usable().is_ok());
+    let panels = range.start..range.end.min(sink.cols().div_ceil(NR));
+    if panels.is_empty() || left.rows == 0 {
+        return;
+    }
     let steps = (n / 2) / STEP;
-    let a_stride = left.stride * 4;
-    let cols = sink.cols();
+    let slices = steps.div_ceil(SLICE_STEPS).max(1);
+    let blocks = left.rows.div_ceil(BLOCK);
     let mut c = CBlock([[0.0; NR]; BLOCK]);
-    // SAFETY: tile data is usable (contract); the configuration is a valid palette-1 one.
-    unsafe { asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly)) };
-    for p in range {
-        let col0 = p * NR;
-        if col0 >= cols {
-            break;
+    PARTIALS.with_borrow_mut(|partials| {
+        if slices > 1 {
+            partials.resize(panels.len() * blocks, ZERO);
         }
-        let b = right.panel(p).as_ptr();
-        for t0 in (0..left.rows).step_by(BLOCK) {
-            let rows = BLOCK.min(left.rows - t0);
-            let a = left.data[t0 * left.stride..].as_ptr();
-            // SAFETY: the left operand has rows padded to 16 (zeros) of `stride >= k_len` pairs, so
-            // a block's 16 or 32 rows exist; the panel holds k_len >= 16·steps pair rows.
-            unsafe {
-                if rows > TILE_ROWS {
-                    tiles_2x2(a, a_stride, b, steps, &mut c);
-                } else {
-                    tiles_1x2(a, a_stride, b, steps, &mut c);
+        // SAFETY: tile data is usable (contract); the configuration is a valid palette-1 one.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly)) };
+        for s in 0..slices {
+            let s0 = s * SLICE_STEPS;
+            let sl = SLICE_STEPS.min(steps - s0.min(steps));
+            let last = s + 1 == slices;
+            for (pi, p) in panels.clone().enumerate() {
+                let b = right.panel(p)[s0 * STEP * NR..].as_ptr();
+                for (bi, t0) in (0..left.rows).step_by(BLOCK).enumerate() {
+                    let rows = BLOCK.min(left.rows - t0);
+                    let a = left.data[left.index(t0, s0 * STEP)..].as_ptr();
+                    let part = if slices > 1 { &raw mut partials[pi * blocks + bi] } else { &raw mut c };
+                    let c_in: *const CBlock = if s == 0 { &ZERO } else { part };
+                    let c_out = if last { &raw mut c } else { part };
+                    // SAFETY: the left operand's rows are padded to whole tiles (zeros) and each
+                    // tile holds `steps >= s0 + sl` packed steps, so a block's 16 or 32 rows exist
+                    // from step s0 on for sl steps; the panel holds k_len >= 16·(s0 + sl) pair rows;
+                    // the C blocks are 32 x 32.
+                    unsafe {
+                        if rows > TILE_ROWS {
+                            let a1 = left.data[left.index(t0 + TILE_ROWS, s0 * STEP)..].as_ptr();
+                            tiles_2x2(a, a1, b, sl, c_in, c_out);
+                        } else {
+                            tiles_1x2(a, b, sl, c_in, c_out);
+                        }
+                    }
+                    if last {
+                        let b = right.panel(p).as_ptr();
+                        // SAFETY: as above, for the whole k range of these rows and this panel;
+                        // the sink's rows and columns are this call's (contract).
+                        unsafe {
+                            tail(&left, t0, b, n, steps * STEP, rows, &mut c);
+                            store_block(&c, rows, sink, t0, p * NR);
+                        }
+                    }
                 }
-                tail(a, a_stride, b, n, steps * STEP, rows, &mut c);
-                store_block(&c, rows, sink, t0, col0);
             }
         }
-    }
-    // SAFETY: releases this thread's tile state (no tile holds anything needed).
-    unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        // SAFETY: releases this thread's tile state (no tile holds anything needed).
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    });
 }
+
+/// Rows per block of the fused forward: a block reads the whole of A and B once (r = 1024: 16 MiB
+/// of weights, from L3), which on tiles takes about as long as a 64-row block's products. Against
+/// 64-row blocks, 256 made T = 512 (2 threads, bf16) 1.27x faster at r = 1024 and n = m = 4096,
+/// 1.13x at m = 11008, 1.06x at n = m = 768 and 1.02x at r = 256 (`scripts/ab-bench.py
+/// --per-case`, 3 rounds, medians of the paired ratios).
+const BLOCK_ROWS: usize = 256;
 
 /// The facts of this tier's bf16 kernels: those of `avx512bf16` (pair weights, `u` rounded to bf16,
 /// subnormals flushed: `tdpbf16ps` flushes them too), on tiles.
 const FACTS: TierFacts = TierFacts {
     isa: Isa::Amx,
+    block_rows: BLOCK_ROWS,
     mr: BLOCK,
-    kc: 0,
+    kc: SLICE_STEPS * STEP,
     layout: Layout::Tiles,
     peak: PeakInstruction::AmxBf16,
     ..avx512bf16::FACTS
@@ -382,4 +439,5 @@ pub(crate) fn kernels<T: Simd16 + Simd8>(vendor: Vendor) -> Kernels<T> {
     }
     Kernels { facts: FACTS, gemm_tiles: Some(gemm_tiles::<T>), ..table }
 }
+
 

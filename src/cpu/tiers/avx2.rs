@@ -270,6 +270,7 @@ pub(crate) fn kernels<T: Simd8>() -> Kernels<T> {
             nr: NR,
             kc: KC,
             group: GROUP,
+            block_rows: crate::cpu::kernels::BLOCK_ROWS,
             decode_panels: DECODE_PANELS,
             layout: Layout::Wide,
             rounds_u: false,

@@ -295,6 +295,7 @@ pub(super) const FACTS: TierFacts = TierFacts {
     nr: NR,
     kc: KC,
     group: GROUP,
+    block_rows: crate::cpu::kernels::BLOCK_ROWS,
     decode_panels: DECODE_PANELS,
     layout: Layout::Wide,
     rounds_u: false,

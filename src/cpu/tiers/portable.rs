@@ -126,6 +126,7 @@ pub(crate) fn kernels<T: Element>() -> Kernels<T> {
             nr: NR,
             kc: KC,
             group: GROUP,
+            block_rows: crate::cpu::kernels::BLOCK_ROWS,
             decode_panels: [0; 4],
             layout: Layout::Wide,
             rounds_u: false,
