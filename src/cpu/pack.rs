@@ -39,7 +39,11 @@ pub(crate) const ALIGN: usize = 64;
 /// The offset of the first `ALIGN`-aligned element of `v` (0 for zero-sized or empty).
 fn aligned_offset<W>(v: &[W]) -> usize {
     let off = v.as_ptr().align_offset(ALIGN);
-    if off == usize::MAX { 0 } else { off.min(v.len()) }
+    if off == usize::MAX {
+        0
+    } else {
+        off.min(v.len())
+    }
 }
 
 /// Elements of slack an aligned buffer of `W` needs.
@@ -126,7 +130,12 @@ impl<W> Panels<W> {
     /// A raw handle for kernels that write panels from several threads.
     pub(crate) fn as_mut_ptr(&mut self) -> PanelsPtr<W> {
         // SAFETY: offset <= data.len() (aligned_offset).
-        PanelsPtr { ptr: unsafe { self.data.as_mut_ptr().add(self.offset) }, cols: self.cols, k_cap: self.k_cap, row0: 0 }
+        PanelsPtr {
+            ptr: unsafe { self.data.as_mut_ptr().add(self.offset) },
+            cols: self.cols,
+            k_cap: self.k_cap,
+            row0: 0,
+        }
     }
 }
 
@@ -472,7 +481,11 @@ pub(crate) fn pack_row_pairs_rounded<'o>(src: MatRef<'_, f32>, out: &'o mut [u32
 }
 
 #[inline(always)]
-fn pack_row_pairs_with<'o, E: Copy>(src: impl RowSource<E>, out: &'o mut [u32], bits: impl Fn(E) -> u32) -> RowPairs<'o> {
+fn pack_row_pairs_with<'o, E: Copy>(
+    src: impl RowSource<E>,
+    out: &'o mut [u32],
+    bits: impl Fn(E) -> u32,
+) -> RowPairs<'o> {
     let (rows, n) = (src.rows(), src.cols());
     let k_len = n.div_ceil(2);
     let offset = aligned_offset(out);
@@ -629,6 +642,53 @@ impl<T: Element> PackCache<T> {
     pub(crate) fn bytes(&self) -> usize {
         let packed: usize = self.slots.iter().filter_map(OnceLock::get).map(PackedProjections::bytes).sum();
         packed + self.transposed.get().map_or(0, TransposedProjections::bytes)
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    #[test]
+    fn panels_start_on_a_line_and_clones_are_realigned_and_equal() {
+        // Several sizes, so that the allocator hands out differently aligned vectors.
+        for (cols, k_cap) in [(1, 1), (33, 7), (64, 129), (5, 1000)] {
+            let p = Panels::from_fn(cols, k_cap, |c, k| (c * 1000 + k) as u32);
+            let copies: Vec<Panels<u32>> = (0..8).map(|_| p.clone()).collect();
+            for q in std::iter::once(&p).chain(&copies) {
+                assert_eq!(q.panel(0).as_ptr() as usize % ALIGN, 0, "{cols} x {k_cap}");
+                assert!(*q == p);
+                for c in 0..cols {
+                    assert_eq!(q.panel(c / NR)[(k_cap - 1) * NR + c % NR], (c * 1000 + k_cap - 1) as u32);
+                }
+            }
+            let other = Panels::from_fn(cols, k_cap, |c, k| (c * 1000 + k) as u32 + u32::from(c + k == 0));
+            assert!(other != p, "a changed element must make the panels differ");
+        }
+    }
+
+    #[test]
+    fn row_pairs_start_on_a_line_and_hold_each_pair_where_index_says() {
+        for (rows, n) in [(1usize, 1usize), (3, 33), (17, 64), (40, 97)] {
+            let src: Vec<u16> = (0..rows * n).map(|i| (i % 65_000) as u16 + 1).collect();
+            let k_len = n.div_ceil(2);
+            // Every start offset in a line, from a buffer of leftovers.
+            for shift in 0..16 {
+                let mut buf = vec![u32::MAX; RowPairs::len_for(rows, k_len) + shift];
+                let left = pack_row_pairs(MatRef::from_slice(&src, rows, n).unwrap(), &mut buf[shift..]);
+                assert_eq!(left.data.as_ptr() as usize % ALIGN, 0);
+                for t in 0..rows.next_multiple_of(TILE_ROWS) {
+                    for p in 0..k_len.next_multiple_of(RowPairs::STEP) {
+                        let e = |k: usize| if t < rows && k < n { u32::from(src[t * n + k]) } else { 0 };
+                        assert_eq!(
+                            left.data[left.index(t, p)],
+                            e(2 * p) | (e(2 * p + 1) << 16),
+                            "{rows}x{n} t {t} p {p}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
 

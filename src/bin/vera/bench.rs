@@ -320,8 +320,14 @@ mod tests {
         }
     }
 
-    const PEAK: Peak =
-        Peak { threads: 2, f32_gflops: 200.0, bf16_gflops: Some(400.0), amx_gflops: Ok(3200.0), cache_gbps: 100.0, memory_gbps: 40.0 };
+    const PEAK: Peak = Peak {
+        threads: 2,
+        f32_gflops: 200.0,
+        bf16_gflops: Some(400.0),
+        amx_gflops: Ok(3200.0),
+        cache_gbps: 100.0,
+        memory_gbps: 40.0,
+    };
 
     #[test]
     fn the_larger_bound_binds() {

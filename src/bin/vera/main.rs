@@ -136,6 +136,13 @@ fn bench(args: BenchArgs) -> Result<(), String> {
         return bench_adapters(&pool, &shapes, &dtypes, setup, args.json);
     }
     let methods = bench::Methods { dense: !args.no_dense, backward: args.backward };
+    // A CPU with AMX whose tier is off (the OS refused tile state): say why, since bf16 then runs
+    // several times slower. (A CPU without AMX, the common case, needs no note.)
+    if let Some(why) = vera_kernels::Isa::Amx.unavailable_reason() {
+        if !why.starts_with("this CPU") {
+            eprintln!("note: the amx tier is off: {why}");
+        }
+    }
     let peak = args.peak.then(|| pool.install(|| peak::measure(threads)));
     if let Some(p) = &peak {
         let line = bench::peak_line(p);

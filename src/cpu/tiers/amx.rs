@@ -59,30 +59,30 @@ pub(crate) fn usable() -> Result<(), &'static str> {
     *USABLE.get_or_init(check)
 }
 
+/// Miri cannot run `cpuid` or `syscall` (inline assembly).
+#[cfg(miri)]
 fn check() -> Result<(), &'static str> {
-    // Miri cannot run `cpuid` or `syscall` (inline assembly).
-    if cfg!(miri) {
-        return Err("not under Miri");
+    Err("not under Miri")
+}
+
+#[cfg(not(miri))]
+fn check() -> Result<(), &'static str> {
+    // SAFETY: cpuid runs on every x86-64 CPU; a leaf above the maximum returns unrelated values,
+    // which the check of leaf 0's maximum below discards.
+    #[allow(unused_unsafe)]
+    let (max, leaf1, leaf7) = unsafe { (__cpuid(0).eax, __cpuid(1), __cpuid_count(7, 0)) };
+    if max < 7 || leaf7.edx & (1 << 22) == 0 || leaf7.edx & (1 << 24) == 0 {
+        return Err("this CPU has no AMX-BF16");
     }
-    #[cfg(not(miri))]
-    {
-        // SAFETY: cpuid leaves 0, 1 and 7 exist on every x86-64 CPU that reports them (leaf 0's
-        // maximum is checked first).
-        #[allow(unused_unsafe)]
-        let (max, leaf1, leaf7) = unsafe { (__cpuid(0).eax, __cpuid(1), __cpuid_count(7, 0)) };
-        if max < 7 || leaf7.edx & (1 << 22) == 0 || leaf7.edx & (1 << 24) == 0 {
-            return Err("this CPU has no AMX-BF16");
-        }
-        if leaf1.ecx & (1 << 27) == 0 {
-            return Err("the OS has not enabled XSAVE");
-        }
-        // SAFETY: OSXSAVE (checked above) means XGETBV is available; XCR0 is register 0.
-        let xcr0 = unsafe { xgetbv0() };
-        if xcr0 & (0b11 << 17) != 0b11 << 17 {
-            return Err("the OS does not save AMX tile state (XCR0)");
-        }
-        request_tile_data()
+    if leaf1.ecx & (1 << 27) == 0 {
+        return Err("the OS has not enabled XSAVE");
     }
+    // SAFETY: OSXSAVE (checked above) means XGETBV is available; XCR0 is register 0.
+    let xcr0 = unsafe { xgetbv0() };
+    if xcr0 & (0b11 << 17) != 0b11 << 17 {
+        return Err("the OS does not save AMX tile state (XCR0)");
+    }
+    request_tile_data()
 }
 
 /// XCR0, read with XGETBV.
@@ -172,7 +172,14 @@ static ZERO: CBlock = CBlock([[0.0; NR]; BLOCK]);
 /// 16-31; `b` at a panel's rows of at least `16·steps` pairs; `c_in` and `c_out` at 32 x 32 f32
 /// blocks.
 #[inline(always)]
-unsafe fn tiles_2x2(a: *const u32, a1: *const u32, b: *const u32, steps: usize, c_in: *const CBlock, c_out: *mut CBlock) {
+unsafe fn tiles_2x2(
+    a: *const u32,
+    a1: *const u32,
+    b: *const u32,
+    steps: usize,
+    c_in: *const CBlock,
+    c_out: *mut CBlock,
+) {
     let (ci, co) = (c_in.cast::<f32>(), c_out.cast::<f32>());
     // SAFETY: each tileloadd reads 16 rows of 64 bytes inside the operands or `c_in` (contract);
     // the stores write 16 rows of 64 bytes inside `c_out`.
@@ -354,7 +361,13 @@ thread_local! {
 /// ceil(n / 2)` and the panels hold at least that many pair rows; the sink has `left.rows` rows
 /// owned by this call, and the columns of the panels in `range` are owned too.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
-unsafe fn gemm_tiles<T: Simd16>(left: RowPairs<'_>, n: usize, right: &Panels<u32>, range: Range<usize>, sink: &Sink<'_, T>) {
+unsafe fn gemm_tiles<T: Simd16>(
+    left: RowPairs<'_>,
+    n: usize,
+    right: &Panels<u32>,
+    range: Range<usize>,
+    sink: &Sink<'_, T>,
+) {
     debug_assert_eq!(left.k_len, n.div_ceil(2));
     debug_assert!(left.k_len <= right.k_cap() && usable().is_ok());
     let panels = range.start..range.end.min(sink.cols().div_ceil(NR));
@@ -439,5 +452,3 @@ pub(crate) fn kernels<T: Simd16 + Simd8>(vendor: Vendor) -> Kernels<T> {
     }
     Kernels { facts: FACTS, gemm_tiles: Some(gemm_tiles::<T>), ..table }
 }
-
-
