@@ -182,7 +182,11 @@ thread_local! {
 /// The kernels of `T` on `isa` (lowered to what this CPU has).
 pub(crate) fn kernels_on<T: Element>(isa: Isa) -> &'static Kernels<T> {
     let isa = isa.min(Isa::detected());
-    T::kernel_tables()[isa as usize].get_or_init(|| T::build_kernels(isa))
+    T::kernel_tables()[isa as usize].get_or_init(|| {
+        let table = T::build_kernels(isa);
+        assert!(table.facts.block_rows <= super::drivers::MAX_BLOCK_ROWS, "a tier's blocks fit MAX_BLOCK_ROWS");
+        table
+    })
 }
 
 /// The kernels of `T` in use on this thread: [`with_isa`]'s tier inside it, else [`Isa::selected`].

@@ -146,7 +146,7 @@ fn product<T: Element, E: Element, S: RowSource<E>>(
 /// The fused forward pass `y (+)= lambda_b ⊙ ((lambda_d ⊙ (x·Aᵀ))·Bᵀ) + bias`, with one adapter for
 /// every row or (a bank's mixed forward) each row's own.
 ///
-/// Scratch: each block of rows (the tier's `block_rows`, [`BLOCK_ROWS`] for a bank's call) holds
+/// Scratch: each block of rows (at most the tier's `block_rows`) holds
 /// its `u` (`rows · r` f32), `u` packed for the up-projection (`rows · r`) and `x` packed for the
 /// down-projection (`rows · n`).
 pub(crate) fn forward<T: Element>(
@@ -214,15 +214,9 @@ fn fused<T: Element>(
     let yp = y.as_ptr_mat();
     let flops = 2.0 * (run * r * (n + m)) as f64;
     // Blocks of the tier's size, shrunk (not below BLOCK_ROWS) to spread the rows evenly over the
-    // threads; a bank's blocks hold at most BLOCK_ROWS rows (its per-block epilogue table). A row's
-    // result does not depend on the block it falls in.
-    let block = match s {
-        RowScales::One(_) => {
-            let even = run.div_ceil(rayon::current_num_threads()).next_multiple_of(32);
-            kern.facts().block_rows.min(even).max(BLOCK_ROWS)
-        }
-        RowScales::Bank(_) => BLOCK_ROWS,
-    };
+    // threads. A row's result does not depend on the block it falls in.
+    let even = run.div_ceil(rayon::current_num_threads()).next_multiple_of(32);
+    let block = kern.facts().block_rows.min(even).max(BLOCK_ROWS);
     for_blocks(run, block, flops, |t0, tb, split| {
         let packed_u = up_scratch(tb, r);
         with_scratch(tb * r + packed_u + down_scratch(tb, n), |buf| {

@@ -21,6 +21,10 @@ pub(crate) struct Weights<'a, T> {
     pub packed: Option<&'a PackedProjections<T>>,
 }
 
+/// The most rows a block of any tier holds (`TierFacts::block_rows`; asserted when a table is
+/// built).
+pub(crate) const MAX_BLOCK_ROWS: usize = 256;
+
 /// The epilogues of a block of a bank's call, resolved once per block so that the stores read one
 /// entry per row: for rows `t0..t0 + rows` of the call, or with `order` for rows `order[t0..]`.
 /// Each row's `lambda_b` and bias when `scaled` (the mixed forward), neither otherwise (the mixed
@@ -31,8 +35,8 @@ pub(crate) fn row_epilogues<'a>(
     order: Option<&[u32]>,
     scaled: bool,
     accumulate: bool,
-) -> [Option<Epilogue<'a>>; forward::BLOCK_ROWS] {
-    assert!(rows <= forward::BLOCK_ROWS, "a block has at most BLOCK_ROWS rows");
+) -> [Option<Epilogue<'a>>; MAX_BLOCK_ROWS] {
+    assert!(rows <= MAX_BLOCK_ROWS, "a block has at most MAX_BLOCK_ROWS rows");
     std::array::from_fn(|t| {
         if t >= rows {
             return None;
