@@ -4,7 +4,8 @@
 //! that broadcast one `left` element per row and multiply it with `NR` consecutive columns of
 //! `right`. So `right` (the weights) is packed once into column panels: panel `p` holds columns
 //! `p·NR .. p·NR + NR` as `[k][NR]`, zero-padded past the last column. `left` (activations, `u`,
-//! ...) is packed per call into [`Left`] tiles of `MR` rows, `[k][MR]` each.
+//! ...) is packed per call into [`Left`] tiles of `MR` rows, `[k][MR]` each; for AMX tiles (which
+//! multiply a whole 16 x 32 block of `left` at once), into [`RowPairs`] instead.
 
 use std::sync::OnceLock;
 
