@@ -20,8 +20,12 @@ pub struct Numerics {
     /// `u = lambda_d ⊙ h` is rounded to the activation dtype before the up-projection (as PEFT
     /// does), instead of staying in f32.
     pub rounds_u: bool,
-    /// Subnormal inputs and results are flushed to zero (`vdpbf16ps`).
+    /// Subnormal inputs and results are flushed to zero (`vdpbf16ps`, `tdpbf16ps`).
     pub flushes_subnormals: bool,
+    /// The backward's products take their left operands (`lambda_d ⊙ h`, `dy ⊙ lambda_b`,
+    /// `g ⊙ lambda_d`) rounded to the activation dtype, as PEFT's autograd does in bf16, and flush
+    /// subnormals (the `amx` tier's tiles), instead of keeping them in f32.
+    pub rounds_backward: bool,
 }
 
 /// The sizes of one layer's projections: A `[r, n]` sliced from `[r, n_max]`, B `[m, r]` sliced

@@ -48,6 +48,8 @@ fn the_facts_follow_the_tier() {
         let bf16_products = isa >= Isa::Avx512Bf16;
         assert_eq!(facts.numerics().rounds_u, bf16_products);
         assert_eq!(facts.numerics().flushes_subnormals, bf16_products);
+        // Only the tiles run the backward on bf16 operands.
+        assert_eq!(facts.numerics().rounds_backward, isa == Isa::Amx);
         let f32_facts = with_isa(isa, tier_facts::<f32>);
         assert_eq!(f32_facts.layout, Layout::Wide);
         assert!(!f32_facts.rounds_u);

@@ -194,7 +194,10 @@ fn run<T: Element>(p: &Projections<T>, c: Call) -> Result<(), String> {
             let (mut ld, mut lb, mut bias, mut dx) = (old_ld.clone(), old_lb.clone(), old_b.clone(), old_x.clone());
             let mut h = vec![0.0f32; c.t * r];
             let saved = c.op == 3;
-            let mut numerics = Numerics::default();
+            // The f32-FMA kernels' numerics (a recomputed h), or those of a tier whose backward runs
+            // on tiles, or with a saved h those of the forward that saved it.
+            let tier = with_isa(c.isa, tier_facts::<T>).numerics();
+            let mut numerics = if tier.rounds_backward { tier } else { Numerics::default() };
             if saved {
                 let mut y = y0.clone();
                 call(&mut || {

@@ -104,7 +104,12 @@ pub struct TierFacts {
 impl TierFacts {
     /// The numerics of these kernels, as the error bounds of [`crate::reference`] take them.
     pub fn numerics(&self) -> Numerics {
-        Numerics { rounds_u: self.rounds_u, flushes_subnormals: self.flushes_subnormals }
+        Numerics {
+            rounds_u: self.rounds_u,
+            flushes_subnormals: self.flushes_subnormals,
+            // Only the tile kernels run the backward on bf16 operands (`drivers::backward`).
+            rounds_backward: self.layout == Layout::Tiles,
+        }
     }
 }
 

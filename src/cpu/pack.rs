@@ -512,6 +512,37 @@ fn pack_row_pairs_with<'o, E: Copy>(
     RowPairs { data: out, rows, k_len, steps }
 }
 
+/// Packs the rows of `src`, each multiplied element by element by its own scale vector over k
+/// (`row_scale(t)`, or zeros where that is `None`) in f32 and rounded to bf16, like
+/// [`pack_row_pairs`]: the backward's left operands for AMX tiles (`lambda_d ⊙ h`, `dy ⊙ lambda_b`,
+/// `g ⊙ lambda_d`, rounded to bf16 as PEFT's autograd rounds them).
+pub(crate) fn pack_row_pairs_scaled<'o, 's, E: Element>(
+    src: impl RowSource<E>,
+    row_scale: impl Fn(usize) -> Option<&'s [f32]>,
+    out: &'o mut [u32],
+) -> RowPairs<'o> {
+    let (rows, n) = (src.rows(), src.cols());
+    let k_len = n.div_ceil(2);
+    let offset = aligned_offset(out);
+    let out = &mut out[offset..offset + RowPairs::len_for(rows, k_len) - align_slack::<u32>()];
+    let layout = RowPairs { data: &[], rows, k_len, steps: k_len.div_ceil(RowPairs::STEP) };
+    if rows % TILE_ROWS != 0 || k_len % RowPairs::STEP != 0 {
+        out.fill(0);
+    }
+    for t in 0..rows {
+        let row = &src.row(t)[..n];
+        let scale = row_scale(t);
+        let bits = |k: usize| match scale {
+            Some(s) if k < n => bf16_bits(row[k].to_f32() * s[k]),
+            _ => 0,
+        };
+        for p in 0..k_len {
+            out[layout.index(t, p)] = bits(2 * p) | (bits(2 * p + 1) << 16);
+        }
+    }
+    RowPairs { data: out, ..layout }
+}
+
 /// `v` rounded to bf16 (to nearest, ties to even; NaN stays a quiet NaN), as its 16 bits: the same
 /// result as `half::bf16::from_f32`, without a branch on the value for finite inputs, so that the
 /// packing loop stays cheap (it was 12% of a bf16 prefill call through `half`).
@@ -605,6 +636,9 @@ pub(crate) fn pack_projections<T: Element>(a: MatRef<'_, T>, b: MatRef<'_, T>, l
 pub struct TransposedProjections<T> {
     pub(crate) a_t: Panels<T>,
     pub(crate) b_t: Panels<T>,
+    /// The same as bf16 k-pair panels (AMX tiles), made on first use: Aᵀ over pairs of r, Bᵀ over
+    /// pairs of m_max.
+    pairs: OnceLock<(Panels<u32>, Panels<u32>)>,
 }
 
 impl<T: Element> TransposedProjections<T> {
@@ -612,11 +646,33 @@ impl<T: Element> TransposedProjections<T> {
     pub(crate) fn pack(a: MatRef<'_, T>, b: MatRef<'_, T>) -> Self {
         let a_t = Panels::from_fn(a.cols(), a.rows(), |col, j| a.row_unchecked(j)[col]);
         let b_t = Panels::from_fn(b.cols(), b.rows(), |col, i| b.row_unchecked(i)[col]);
-        Self { a_t, b_t }
+        Self { a_t, b_t, pairs: OnceLock::new() }
+    }
+
+    /// Aᵀ and Bᵀ as k-pair panels, for [`Layout::Tiles`] (bf16 only: an element's bits are the top
+    /// half of its f32 value), packed now if needed.
+    pub(crate) fn pairs(&self) -> (&Panels<u32>, &Panels<u32>) {
+        let (a, b) = self.pairs.get_or_init(|| {
+            let pairs = |w: &Panels<T>| {
+                let k = w.k_cap();
+                let bits = |c: usize, kk: usize| {
+                    if kk < k {
+                        w.panel(c / NR)[kk * NR + c % NR].to_f32().to_bits() >> 16
+                    } else {
+                        0
+                    }
+                };
+                Panels::from_fn(w.cols(), k.div_ceil(2), |c, p| bits(c, 2 * p) | (bits(c, 2 * p + 1) << 16))
+            };
+            (pairs(&self.a_t), pairs(&self.b_t))
+        });
+        (a, b)
     }
 
     fn bytes(&self) -> usize {
-        (self.a_t.num_panels() * self.a_t.k_cap() + self.b_t.num_panels() * self.b_t.k_cap()) * NR * size_of::<T>()
+        let wide = (self.a_t.num_panels() * self.a_t.k_cap() + self.b_t.num_panels() * self.b_t.k_cap()) * NR;
+        let pairs = self.pairs.get().map_or(0, |(a, b)| (a.num_panels() * a.k_cap() + b.num_panels() * b.k_cap()) * NR);
+        wide * size_of::<T>() + pairs * 4
     }
 }
 

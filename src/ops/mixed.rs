@@ -6,7 +6,7 @@ use super::train::{check_len, check_shape, Gradients};
 use crate::bank::AdapterBank;
 use crate::cpu::drivers::backward::{self, BackwardWeights, Grads};
 use crate::cpu::drivers::{forward, RowScales};
-use crate::cpu::kernels::{self, Layout};
+use crate::cpu::kernels;
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::mat::{MatMut, MatRef};
@@ -144,7 +144,7 @@ pub fn backward_mixed<T: Element>(
         check_shape("dx (must be [T, in_features])", [dx.rows(), dx.cols()], [t, n])?;
     }
     let kern = kernels::current::<T>();
-    let bw = BackwardWeights { w: layer.weights(Layout::Wide), transposed: Some(projections.transposed()) };
+    let bw = BackwardWeights { w: layer.weights(backward::layout(kern)), transposed: Some(projections.transposed()) };
     let Gradients { lambda_d, lambda_b, bias, x: dx } = grads;
     let grads = Grads { lambda_d, lambda_b, bias, x: dx, accumulate: mode == Mode::Accumulate };
     backward::backward(kern, bw, RowScales::Bank(bank.scales(rows)), x, dy, saved_h, grads);

@@ -6,7 +6,7 @@ use crate::adapter::Adapter;
 use crate::cpu::drivers::backward::{self, BackwardWeights, Grads};
 use crate::cpu::drivers::forward;
 use crate::cpu::drivers::RowScales;
-use crate::cpu::kernels::{self, Layout};
+use crate::cpu::kernels;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mat::{MatMut, MatRef};
@@ -100,10 +100,13 @@ pub fn forward_train<T: Element>(
 /// with `h = x·Aᵀ` (recomputed, or `saved_h` from [`forward_train`]) and `v = (lambda_d ⊙ h)·Bᵀ`,
 /// which is never stored. With [`Mode::Accumulate`] every gradient is added to the buffer's contents
 /// (gradient accumulation over micro-batches; `dx` onto the frozen layer's `dy·W0`), with
-/// [`Mode::Overwrite`] written over them. Products accumulate in f32; the λ and bias gradients are
-/// f32, `dx` is rounded once into `T`. Column sums over rows are made per block of
-/// [`BLOCK_ROWS`](crate::BLOCK_ROWS) rows and the blocks added in order, so the gradients are
-/// bitwise identical for any number of threads. Scratch is bounded as for the forward.
+/// [`Mode::Overwrite`] written over them. Products accumulate in f32 (their left operands, `lambda_d
+/// ⊙ h`, `dy ⊙ lambda_b` and `g ⊙ lambda_d`, are rounded to bf16 on the `amx` tier's tiles, as
+/// PEFT's autograd rounds them in bf16; f32 elsewhere); the λ and bias gradients are f32, `dx` is
+/// rounded once into `T`. Column sums over rows are made per block of the tier's `block_rows`
+/// ([`BLOCK_ROWS`](crate::BLOCK_ROWS), 256 on `amx`) rows and the blocks added in order, so the
+/// gradients are bitwise identical for any number of threads. Scratch is bounded as for the
+/// forward.
 ///
 /// Errors (before anything is written): as [`forward`](crate::forward), with `dy` in the place of
 /// `y`; [`Error::LengthMismatch`] when a gradient buffer's length is not `r` or `m`;
@@ -152,7 +155,7 @@ pub fn backward<T: Element>(
         check_shape("dx (must be [T, in_features])", [dx.rows(), dx.cols()], [t, n])?;
     }
     let kern = kernels::current::<T>();
-    let bw = BackwardWeights { w: layer.weights(Layout::Wide), transposed: Some(projections.transposed()) };
+    let bw = BackwardWeights { w: layer.weights(backward::layout(kern)), transposed: Some(projections.transposed()) };
     let Gradients { lambda_d, lambda_b, bias, x: dx } = grads;
     let grads = Grads { lambda_d, lambda_b, bias, x: dx, accumulate: mode == Mode::Accumulate };
     backward::backward(kern, bw, RowScales::One(scales(adapter)), x, dy, saved_h, grads);

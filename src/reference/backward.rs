@@ -106,6 +106,12 @@ pub fn backward<T: Element>(
 ///
 /// and, when `numerics.flushes_subnormals` (an `h` saved by a `vdpbf16ps` forward), the flushed
 /// parts of `h`, `2^-126 · (Σ_k |A_jk| + Σ_k |x_tk| + n)` per element, carried through the same sums.
+///
+/// When `numerics.rounds_backward` (the `amx` tier's tiles), each product's left operand is rounded
+/// to `T` (unit roundoff `u_T`) and its subnormals flushed: `v` gains `u_T·(1 + γ)·V +
+/// 2^-126·(Σ_j |B_ij| + r)`, `g` gains `u_T·(1 + γ)·G + 2^-126·(Σ_i |B_ij| + m)` (reaching
+/// `dlambda_d` through `Σ_t · H`), and `dx` gains `(|lambda_d| ⊙ (g's extra + u_T·(1 + γ)²·G))·|A|
+/// + 2^-126·(Σ_j |A_jk| + r)`, `V`, `G`, `H` the magnitudes the terms above use.
 pub fn backward_error_bound<T: Element>(
     layer: LayerProjections<'_, T>,
     adapter: &Adapter,
@@ -128,23 +134,39 @@ pub fn backward_error_bound<T: Element>(
         })
         .collect();
     let ftz_v = |t: usize, i: usize| (0..r).map(|j| ld[j] * b[i][j] * ftz[t][j]).sum::<f64>();
+    // With `rounds_backward` (tiles): each left operand element rounded to T (relative u_T), and each
+    // product's subnormal inputs and partial sums flushed (2^-126 per term of its k range).
+    let (u_t, tiny) = if numerics.rounds_backward { (T::UNIT_ROUNDOFF, F32_MIN_NORMAL) } else { (0.0, 0.0) };
+    let b_col_sum: Vec<f64> = (0..r).map(|j| b.iter().map(|bi| bi[j]).sum()).collect();
+    let a_col_sum: Vec<f64> = (0..n).map(|k| a.iter().map(|aj| aj[k]).sum()).collect();
     let g_lb = gamma(n + r + 2 * rows + 2, U32);
-    let lambda_b = (0..m).map(|i| (0..rows).map(|t| dyv(t, i) * (g_lb * p.v[t][i] + ftz_v(t, i))).sum()).collect();
+    // v = round(lambda_d ⊙ h)·Bᵀ: u_T on each element of u, and the flushed terms.
+    let round_v = |t: usize, i: usize| u_t * (1.0 + g_lb) * p.v[t][i] + tiny * (b[i].iter().sum::<f64>() + r as f64);
+    let lambda_b =
+        (0..m).map(|i| (0..rows).map(|t| dyv(t, i) * (g_lb * p.v[t][i] + ftz_v(t, i) + round_v(t, i))).sum()).collect();
     let g_ld = gamma(n + m + 2 * rows + 2, U32);
-    let lambda_d = (0..r).map(|j| (0..rows).map(|t| p.g[t][j] * (g_ld * p.h[t][j] + ftz[t][j])).sum()).collect();
+    // g = round(dy ⊙ lambda_b)·B: u_T on each element of dy ⊙ lambda_b, and the flushed terms.
+    let round_g = |t: usize, j: usize| u_t * (1.0 + g_ld) * p.g[t][j] + tiny * (b_col_sum[j] + m as f64);
+    let lambda_d = (0..r)
+        .map(|j| (0..rows).map(|t| p.g[t][j] * (g_ld * p.h[t][j] + ftz[t][j]) + round_g(t, j) * p.h[t][j]).sum())
+        .collect();
     let g_b = gamma(2 * rows, U32);
     let bias = (0..m).map(|i| g_b * (0..rows).map(|t| dyv(t, i)).sum::<f64>()).collect();
     let g_dx = gamma(m + r + 2, U32);
     let mut dx = vec![0.0; rows * n];
     for (t, row) in dx.chunks_mut(n.max(1)).enumerate().take(rows) {
+        // With tiles, g carries round_g, and g ⊙ lambda_d one more rounding to T.
+        let mut extra = vec![0.0; n];
         for (j, aj) in a.iter().enumerate() {
             let gl = ld[j] * p.g[t][j];
-            for (o, av) in row.iter_mut().zip(aj) {
+            let ge = ld[j] * (round_g(t, j) + u_t * (1.0 + g_dx) * (1.0 + g_ld) * p.g[t][j]);
+            for ((o, e), av) in row.iter_mut().zip(extra.iter_mut()).zip(aj) {
                 *o += gl * av;
+                *e += ge * av;
             }
         }
         for (k, o) in row.iter_mut().enumerate() {
-            let e = g_dx * *o;
+            let e = g_dx * *o + extra[k] + tiny * (a_col_sum[k] + r as f64);
             *o = e + T::UNIT_ROUNDOFF * (reference.x[t * n + k].abs() + e) + T::MIN_POSITIVE_SUBNORMAL / 2.0;
         }
     }

@@ -5,17 +5,20 @@
 //! dbias     = Σ_t dy          dx (+)= (g ⊙ lambda_d)·A
 //! ```
 //!
-//! Per block of [`BLOCK_ROWS`] rows: `h` (recomputed, or the training forward's), then `v` straight
+//! Per block of rows (the tier's `block_rows`: [`BLOCK_ROWS`](crate::BLOCK_ROWS), 256 on `amx`): `h` (recomputed, or the training forward's), then `v` straight
 //! into a column-sum sink (never stored), `g` into the block's scratch, the λ column sums, and `dx`
 //! through the epilogue sink. Each block's column sums are a partial result, added in block order
-//! (`parallel::reduce_in_order`): gradients are bitwise identical for any number of threads. All
-//! products run on the tier's f32-FMA kernels (`u` and `g` stay in f32 on every tier).
+//! (`parallel::reduce_in_order`): gradients are bitwise identical for any number of threads.
+//!
+//! The products run on the tier's f32-FMA kernels (`u`, `dy ⊙ lambda_b` and `g ⊙ lambda_d` stay in
+//! f32), except on a tier whose layout is [`Layout::Tiles`] (bf16 on `amx`): there all four run on
+//! AMX tiles, their left operands rounded to bf16 (as PEFT's autograd rounds them in bf16).
 
-use super::forward::BLOCK_ROWS;
 use super::{row_epilogues, RowScales, Weights};
-use crate::cpu::kernels::{Kernels, Layout};
+use crate::cpu::kernels::{Kernels, Layout, TileGemmFn};
 use crate::cpu::pack::{
-    pack_projections, pack_rows, pack_rows_scaled, Left, PackedProjections, Panels, TransposedProjections, NR,
+    pack_projections, pack_row_pairs, pack_row_pairs_scaled, pack_rows, pack_rows_scaled, Bits, Left,
+    PackedProjections, Panels, RowPairs, TransposedProjections, NR,
 };
 use crate::cpu::parallel::{for_panels, plan_blocks, reduce_in_order, with_scratch};
 use crate::cpu::sink::{Epilogue, RowEpilogues, Sink};
@@ -40,6 +43,15 @@ pub(crate) struct BackwardWeights<'a, T> {
     pub transposed: Option<&'a TransposedProjections<T>>,
 }
 
+/// The layout the backward packs the projections in for `kern`: [`Layout::Tiles`] where the tier
+/// has tile kernels for `T`, else [`Layout::Wide`] (the f32-FMA kernels).
+pub(crate) fn layout<T>(kern: &Kernels<T>) -> Layout {
+    match (kern.facts().layout, kern.gemm_tiles) {
+        (Layout::Tiles, Some(_)) => Layout::Tiles,
+        _ => Layout::Wide,
+    }
+}
+
 /// The backward pass (shapes validated by the front end): gradients into `grads`. `saved_h` is the
 /// training forward's `h` (`[T, r]` f32), or `None` to recompute it.
 pub(crate) fn backward<T: Element>(
@@ -56,7 +68,11 @@ pub(crate) fn backward<T: Element>(
     let mut owned = None;
     let packed: &PackedProjections<T> = match bw.w.packed {
         Some(p) => p,
-        None => owned.insert(pack_projections(bw.w.a, bw.w.b, Layout::Wide)),
+        None => owned.insert(pack_projections(bw.w.a, bw.w.b, layout(kern))),
+    };
+    let tiles = match layout(kern) {
+        Layout::Tiles => kern.gemm_tiles,
+        _ => None,
     };
     let mut owned_t = None;
     let transposed = match bw.transposed {
@@ -72,13 +88,17 @@ pub(crate) fn backward<T: Element>(
     let count = slots.adapters.len();
     // The column sums of one block: dlambda_d [slots, r], dlambda_b [slots, m], dbias [slots, m].
     let mut sums = vec![0.0f32; count * (r + 2 * m)];
-    let blocks = rows.div_ceil(BLOCK_ROWS);
+    // Blocks of the tier's size (fixed per tier: the blocks' partial sums are added in block order,
+    // so the block size, unlike the forward's, must not follow the thread count).
+    let block = kern.facts().block_rows;
+    let blocks = rows.div_ceil(block);
     // v and g sweep B (2·T·r·m each), dx sweeps A (2·T·r·n), and so does h when it is recomputed.
     let sweeps_of_a = if saved_h.is_some() { 1 } else { 2 };
     let plan = plan_blocks(blocks, 2.0 * (rows * r * (2 * m + sweeps_of_a * n)) as f64);
     let row_slots = slots.of_row.as_deref();
     let ctx = Block {
         kern,
+        tiles,
         packed,
         transposed,
         s,
@@ -94,8 +114,8 @@ pub(crate) fn backward<T: Element>(
         split: plan.split,
     };
     reduce_in_order(blocks, plan.width, &mut sums, |b, part| {
-        let t0 = b * BLOCK_ROWS;
-        ctx.run(t0, BLOCK_ROWS.min(rows - t0), part);
+        let t0 = b * block;
+        ctx.run(t0, block.min(rows - t0), part);
     });
     let (dld, rest) = sums.split_at(count * r);
     let (dlb, dbias) = rest.split_at(count * m);
@@ -152,6 +172,8 @@ impl Slots {
 /// What every block of one backward call shares.
 struct Block<'a, T: 'static> {
     kern: &'a Kernels<T>,
+    /// The tile kernels, when the projections are packed for them ([`layout`]).
+    tiles: Option<TileGemmFn<T>>,
     packed: &'a PackedProjections<T>,
     transposed: &'a TransposedProjections<T>,
     s: RowScales<'a>,
@@ -186,7 +208,8 @@ impl<T: Element> Block<'_, T> {
             None => Some(0),
         };
         let h_len = if self.saved_h.is_some() { 0 } else { tb * r };
-        let left_len = Left::<f32>::len_for(tb, n.max(m).max(r));
+        let k_max = n.max(m).max(r);
+        let left_len = Left::<f32>::len_for(tb, k_max).max(RowPairs::len_for(tb, k_max.div_ceil(2)));
         with_scratch(h_len + tb * r + left_len, |buf| {
             let (h_buf, rest) = buf.split_at_mut(h_len);
             let (g, left) = rest.split_at_mut(tb * r);
@@ -195,22 +218,40 @@ impl<T: Element> Block<'_, T> {
                 Some(h) => h.row_range(t0, tb),
                 None => {
                     let mut h = MatMut::from_slice(h_buf, tb, r).expect("scratch sized tb * r");
-                    let xl = pack_rows(x, left);
                     let sink = Sink::F32 { out: h.as_ptr_mat(), scale: None };
-                    self.product(xl, self.packed.down.wide(), r, &sink);
+                    match self.tiles {
+                        Some(tiles) => {
+                            let xl = pack_row_pairs(Bits(x, std::marker::PhantomData), bytemuck::cast_slice_mut(left));
+                            self.tile_product(tiles, xl, n, self.packed.down.pairs(), r, &sink);
+                        }
+                        None => self.product(pack_rows(x, left), self.packed.down.wide(), r, &sink),
+                    }
                     MatRef::from_slice(h_buf, tb, r).expect("scratch sized tb * r")
                 }
             };
             // dlambda_b = Σ_t dy ⊙ v with v = (lambda_d ⊙ h)·Bᵀ, summed as each tile of v is made.
-            let ul = pack_rows_scaled(h, |t| scales(t).map(|s| s.lambda_d), left);
             let mut dlb = MatMut::from_slice(dlb, count, m).expect("slots x m sums");
             let slots = self.row_slots.map(|s| &s[t0..t0 + tb]);
             let sink = Sink::ColumnDot { other: dy, sums: dlb.as_ptr_mat(), slots };
-            self.product(ul, self.packed.up.wide(), m, &sink);
+            let ld = |t: usize| scales(t).map(|s| s.lambda_d);
+            let lb = |t: usize| scales(t).map(|s| s.lambda_b);
+            match self.tiles {
+                Some(tiles) => {
+                    let ul = pack_row_pairs_scaled(h, ld, bytemuck::cast_slice_mut(left));
+                    self.tile_product(tiles, ul, r, self.packed.up.pairs(), m, &sink);
+                }
+                None => self.product(pack_rows_scaled(h, ld, left), self.packed.up.wide(), m, &sink),
+            }
             // g = (dy ⊙ lambda_b)·B, into the block's scratch.
             let mut gm = MatMut::from_slice(g, tb, r).expect("scratch sized tb * r");
-            let dyl = pack_rows_scaled(dy, |t| scales(t).map(|s| s.lambda_b), left);
-            self.product(dyl, &self.transposed.b_t, r, &Sink::F32 { out: gm.as_ptr_mat(), scale: None });
+            let sink = Sink::F32 { out: gm.as_ptr_mat(), scale: None };
+            match self.tiles {
+                Some(tiles) => {
+                    let dyl = pack_row_pairs_scaled(dy, lb, bytemuck::cast_slice_mut(left));
+                    self.tile_product(tiles, dyl, m, self.transposed.pairs().1, r, &sink);
+                }
+                None => self.product(pack_rows_scaled(dy, lb, left), &self.transposed.b_t, r, &sink),
+            }
             let g = MatRef::from_slice(g, tb, r).expect("scratch sized tb * r");
             // dlambda_d = Σ_t g ⊙ h and dbias = Σ_t dy, rows in order, each into its slot.
             for t in 0..tb {
@@ -227,7 +268,6 @@ impl<T: Element> Block<'_, T> {
             }
             // dx (+)= (g ⊙ lambda_d)·A.
             if let Some(dxp) = self.dxp {
-                let gl = pack_rows_scaled(g, |t| scales(t).map(|s| s.lambda_d), left);
                 let out = dxp.sub(t0, tb, 0, n);
                 let (accumulate, resolved);
                 accumulate = self.accumulate;
@@ -240,9 +280,32 @@ impl<T: Element> Block<'_, T> {
                         Sink::RowEpilogue { out, rows: RowEpilogues { rows: &resolved[..tb], dst: None, accumulate } }
                     }
                 };
-                self.product(gl, &self.transposed.a_t, n, &sink);
+                match self.tiles {
+                    Some(tiles) => {
+                        let gl = pack_row_pairs_scaled(g, ld, bytemuck::cast_slice_mut(left));
+                        self.tile_product(tiles, gl, r, self.transposed.pairs().0, n, &sink);
+                    }
+                    None => self.product(pack_rows_scaled(g, ld, left), &self.transposed.a_t, n, &sink),
+                }
             }
         });
+    }
+
+    /// `sink <- left · right` on tiles over the first `cols` columns of `right` (`k` elements of
+    /// k-pairs), split over the threads' panels when the plan says so.
+    fn tile_product(
+        &self,
+        tiles: TileGemmFn<T>,
+        left: RowPairs<'_>,
+        k: usize,
+        right: &Panels<u32>,
+        cols: usize,
+        sink: &Sink<'_, T>,
+    ) {
+        // SAFETY: the tile kernels exist only where the tier is usable; left.k_len = ceil(k / 2) <=
+        // right.k_cap (k is n <= n_max, r, or m <= m_max); the sink's rows are this block's, and
+        // for_panels hands out disjoint panel ranges.
+        for_panels(cols.div_ceil(NR), self.split, |range| unsafe { tiles(left, k, right, range, sink) });
     }
 
     /// `sink <- left · right` over the first `cols` columns of `right`, split over the threads'

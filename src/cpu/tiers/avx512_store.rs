@@ -193,14 +193,27 @@ unsafe fn store_tile<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, c
                     }
                 }
             }
-            Sink::ColumnDot { .. } => {
-                // Column sums take one multiply-add per element, next to the k loop's r: the
-                // scalar definition is fast enough, and keeps one order of additions.
-                let mut row = [0.0f32; NR];
+            Sink::ColumnDot { other, sums, slots } => {
+                // The scalar definition's arithmetic, 16 columns at a time: `sum + other·acc`,
+                // multiply then add (no FMA), rows in ascending order. (Element by element, this
+                // store was a large part of the AMX tier's backward, whose products are fast.)
                 for (i, a) in acc.iter().enumerate() {
-                    _mm512_storeu_ps(row.as_mut_ptr(), a[0]);
-                    _mm512_storeu_ps(row.as_mut_ptr().add(16), a[1]);
-                    sink.store_row(t0 + i, col0, &row[..n]);
+                    let row = t0 + i;
+                    let slot = match slots {
+                        Some(slots) => match usize::try_from(slots[row]) {
+                            Ok(slot) => slot,
+                            Err(_) => continue,
+                        },
+                        None => 0,
+                    };
+                    let o = other.row_unchecked(row).as_ptr().add(col0);
+                    // Only this call's columns of the sums (see `Sink::store_row`).
+                    let sp = sums.at(slot, col0);
+                    for h in 0..2 {
+                        let old = f32::load16_masked(sp.add(16 * h), m[h]);
+                        let prod = _mm512_mul_ps(T::load16_masked(o.add(16 * h), m[h]), a[h]);
+                        f32::store16_masked(sp.add(16 * h), m[h], _mm512_add_ps(old, prod));
+                    }
                 }
             }
         }
