@@ -1,5 +1,6 @@
-//! The AMX tier (Intel AMX-BF16): bf16 products on `tdpbf16ps` tiles; f32 and f16 products as the
-//! `avx512` tier.
+//! The AMX tier (Intel AMX-BF16): bf16 products on `tdpbf16ps` tiles, for the forward (both
+//! products), the training forward and the backward (`cpu::drivers::backward`: its left operands
+//! rounded to bf16); f32 and f16 products as the `avx512` tier.
 //!
 //! Every bf16 product runs on tiles, however few its rows: a tile computes each row from that row
 //! alone, so a row's result does not depend on the rows batched with it (a mixed-adapter batch
@@ -13,14 +14,16 @@
 //! VNNI pairs: row `p` of a B tile is pair `p` of 16 columns, which is how a 32-column pair panel
 //! (`pack::Panels<u32>`, `[pairs][32]`) already stores them, so the shared projections need no
 //! packing of their own: a tile is 16 rows of a panel, 128 bytes apart. The left operand is packed
-//! per call as row-major pairs (`pack::RowPairs`).
+//! per call tile by tile (`pack::RowPairs`). Every tile operand starts on a 64-byte line: a tile
+//! load whose rows straddle two lines took about 50 cycles here, against 8.
 //!
 //! Register blocking: 2 x 2 accumulator tiles (32 rows x one 32-column panel: 4 C, 2 A, 2 B tiles,
-//! four `tdpbf16ps` per four tile loads), the whole k range of complete 16-pair steps in one `asm!`
-//! block, then the C tiles stored into a 4 KiB block on the stack. The pairs past the last complete
-//! step (and an odd n's last element) are added there with `vdpbf16ps` (and one FMA) in k order,
-//! exactly as the `avx512bf16` kernel adds them, so that a weight past a layer's n is never read;
-//! the block then goes out through the AVX-512 tier's stores and sinks.
+//! four `tdpbf16ps` per four tile loads), the complete 16-pair steps of one k slice in one `asm!`
+//! block, the C tiles loaded from and stored to 4 KiB blocks in memory (partial sums between
+//! slices, exact in f32). After the last slice the pairs past the last complete step (and an odd
+//! n's last element) are added with `vdpbf16ps` (and one FMA) in k order, as the `avx512bf16`
+//! kernel adds them, so that a weight past a layer's n is never read; the block then goes out
+//! through the AVX-512 tier's stores and sinks.
 //!
 //! Stable Rust has no AMX intrinsics: the tile instructions are `asm!`, each block self-contained
 //! (the tile registers hold nothing from one block to the next, and the compiler never allocates
@@ -28,10 +31,11 @@
 //! [`usable`]; the tile configuration is per thread, loaded at the start of every product and
 //! released at its end.
 //!
-//! Loop nest: for each panel of the range, for each 32-row block of the left operand, in order (a
-//! column-sum sink adds rows in ascending order). Each output is one chain over k in order
-//! (`tdpbf16ps` steps, then the tail), whatever the thread or panel range, so results are
-//! bitwise the same for any thread count.
+//! Loop nest (this tier's own: its register block is tiles with a run-time row count, which
+//! `macro_kernel`'s trait does not express): for each k slice, for each panel of the range, for
+//! each 32-row block, in order (a column-sum sink adds rows in ascending order). Each output is
+//! one chain over k in order (slices of `tdpbf16ps` steps, then the tail), whatever the thread or
+//! panel range, so results are bitwise the same for any thread count.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
