@@ -136,28 +136,39 @@ fn request_tile_data() -> Result<(), &'static str> {
     Err("AMX is only used on Linux")
 }
 
-/// The 64-byte tile configuration (palette 1): tiles 0-3 are the C tiles (16 rows of 16 f32),
-/// 4-5 the A tiles (16 rows of 16 pairs), 6-7 the B tiles (16 pair rows of 16 columns); every
-/// row 64 bytes.
+/// The 64-byte tile configuration (palette 1): tiles 0-3 are the C tiles (16 f32 a row), 4-5 the
+/// A tiles (16 pairs a row), both of `rows` rows, and 6-7 the B tiles (16 pair rows of 16 columns);
+/// every row 64 bytes.
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
 impl TileConfig {
-    const fn new() -> Self {
+    const fn new(rows: usize) -> Self {
         let mut b = [0u8; 64];
         b[0] = 1; // palette
         let mut t = 0;
         while t < 8 {
             // colsb[t]: u16 at byte 16 + 2t; rows[t]: byte 48 + t.
             b[16 + 2 * t] = 64;
-            b[48 + t] = TILE_ROWS as u8;
+            b[48 + t] = if t < 6 { rows as u8 } else { TILE_ROWS as u8 };
             t += 1;
         }
         Self(b)
     }
 }
 
-static CONFIG: TileConfig = TileConfig::new();
+/// The configurations for products of 1 to 16 rows and more (`CONFIGS[min(rows, 16) - 1]`): a
+/// product of fewer than 16 rows (decode) loads and multiplies only its rows of A and C. Each row
+/// of a tile is computed from that row alone, so the bits are the same whatever the count.
+static CONFIGS: [TileConfig; TILE_ROWS] = {
+    let mut c = [const { TileConfig::new(TILE_ROWS) }; TILE_ROWS];
+    let mut r = 1;
+    while r < TILE_ROWS {
+        c[r - 1] = TileConfig::new(r);
+        r += 1;
+    }
+    c
+};
 
 /// One 32 x 32 f32 block of outputs, as the C tiles store it (row stride 128 bytes).
 #[repr(C, align(64))]
@@ -171,7 +182,7 @@ static ZERO: CBlock = CBlock([[0.0; NR]; BLOCK]);
 /// loaded from `c_in`, `steps` tile steps, and stored to `c_out`, all in one `asm!` block.
 ///
 /// # Safety
-/// Tile data is usable and [`CONFIG`] loaded on this thread; `a` and `a1` point at `steps`
+/// Tile data is usable and one of [`CONFIGS`] loaded on this thread; `a` and `a1` point at `steps`
 /// consecutive packed tiles (1 KiB each, rows 64 bytes apart: `pack::RowPairs`) of rows 0-15 and
 /// 16-31; `b` at a panel's rows of at least `16·steps` pairs; `c_in` and `c_out` at 32 x 32 f32
 /// blocks.
@@ -412,7 +423,8 @@ unsafe fn gemm_tiles<T: Simd16>(
             partials.resize(panels.len() * blocks, ZERO);
         }
         // SAFETY: tile data is usable (contract); the configuration is a valid palette-1 one.
-        unsafe { asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly)) };
+        let config = &CONFIGS[left.rows.min(TILE_ROWS) - 1];
+        unsafe { asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
         for s in 0..slices {
             let s0 = s * SLICE_STEPS;
             let sl = SLICE_STEPS.min(steps - s0.min(steps));
