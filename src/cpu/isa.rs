@@ -18,8 +18,7 @@ pub enum Isa {
     /// AVX-512 plus AVX512_BF16: bf16 products with `vdpbf16ps` (other dtypes as `Avx512`).
     Avx512Bf16,
     /// AVX512_BF16 plus Intel AMX-BF16 (and the operating system's leave to use its tile data):
-    /// bf16 products of many rows on `tdpbf16ps` tiles, of few rows (decode) as `Avx512Bf16`;
-    /// other dtypes as `Avx512`.
+    /// bf16 products on `tdpbf16ps` tiles, whatever their row count; other dtypes as `Avx512`.
     Amx,
 }
 

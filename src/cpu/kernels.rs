@@ -26,7 +26,8 @@ use crate::types::Numerics;
 pub(crate) type GemmFn<W, T> = unsafe fn(Left<'_, f32>, &Panels<W>, Range<usize>, &Sink<'_, T>);
 /// The same with bf16 activations (as bits) against k-pair panels (`vdpbf16ps`), `n` elements.
 pub(crate) type PairGemmFn<T> = unsafe fn(Left<'_, u32>, usize, &Panels<u32>, Range<usize>, &Sink<'_, T>);
-/// The same with bf16 activations as row-major pairs against k-pair panels (AMX tiles).
+/// The same with bf16 activations as k-pairs packed in tiles ([`RowPairs`]) against k-pair panels
+/// (AMX).
 pub(crate) type TileGemmFn<T> = unsafe fn(RowPairs<'_>, usize, &Panels<u32>, Range<usize>, &Sink<'_, T>);
 
 /// Rows of `x` per block of the fused forward on most tiers (see [`TierFacts::block_rows`]): the
@@ -42,7 +43,7 @@ pub enum Layout {
     /// (`vdpbf16ps`).
     Pairs,
     /// bf16 weights as in `Pairs` (16 pair rows of a panel are an AMX tile in VNNI layout as they
-    /// are); left operands as row-major pairs (`tdpbf16ps`).
+    /// are); left operands as k-pairs packed tile by tile (`tdpbf16ps`).
     Tiles,
 }
 

@@ -471,7 +471,7 @@ impl RowPairs<'_> {
     }
 }
 
-/// Packs bf16 rows (`rows x n`, as bits) as row-major k-pairs for AMX tiles (see [`RowPairs`]).
+/// Packs bf16 rows (`rows x n`, as bits) as k-pairs in AMX tiles (see [`RowPairs`]).
 pub(crate) fn pack_row_pairs<'o>(src: impl RowSource<u16>, out: &'o mut [u32]) -> RowPairs<'o> {
     pack_row_pairs_with(src, out, u32::from)
 }
@@ -481,22 +481,28 @@ pub(crate) fn pack_row_pairs_rounded<'o>(src: MatRef<'_, f32>, out: &'o mut [u32
     pack_row_pairs_with(src, out, bf16_bits)
 }
 
+/// The part of `out` a packed `rows x n` operand ([`RowPairs`]) takes, starting on a 64-byte line,
+/// zeroed where it has padding (rows past `rows`, pairs past `k_len`), and its layout (with no
+/// data yet).
+fn row_pairs_out(rows: usize, n: usize, out: &mut [u32]) -> (&mut [u32], RowPairs<'static>) {
+    let k_len = n.div_ceil(2);
+    let offset = aligned_offset(out);
+    let out = &mut out[offset..offset + RowPairs::len_for(rows, k_len) - align_slack::<u32>()];
+    if !rows.is_multiple_of(TILE_ROWS) || !k_len.is_multiple_of(RowPairs::STEP) {
+        out.fill(0);
+    }
+    (out, RowPairs { data: &[], rows, k_len, steps: k_len.div_ceil(RowPairs::STEP) })
+}
+
 #[inline(always)]
 fn pack_row_pairs_with<'o, E: Copy>(
     src: impl RowSource<E>,
     out: &'o mut [u32],
     bits: impl Fn(E) -> u32,
 ) -> RowPairs<'o> {
-    let (rows, n) = (src.rows(), src.cols());
-    let k_len = n.div_ceil(2);
-    let offset = aligned_offset(out);
-    let out = &mut out[offset..offset + RowPairs::len_for(rows, k_len) - align_slack::<u32>()];
-    let steps = k_len.div_ceil(RowPairs::STEP);
-    let layout = RowPairs { data: &[], rows, k_len, steps };
-    if rows % TILE_ROWS != 0 || k_len % RowPairs::STEP != 0 {
-        out.fill(0);
-    }
-    for t in 0..rows {
+    let n = src.cols();
+    let (out, layout) = row_pairs_out(src.rows(), n, out);
+    for t in 0..layout.rows {
         let (pairs, rest) = src.row(t)[..n].as_chunks::<2>();
         // One step (16 pairs, 64 contiguous bytes) at a time.
         for (s, chunk) in pairs.chunks(RowPairs::STEP).enumerate() {
@@ -509,7 +515,7 @@ fn pack_row_pairs_with<'o, E: Copy>(
             out[layout.index(t, pairs.len())] = bits(*last);
         }
     }
-    RowPairs { data: out, rows, k_len, steps }
+    RowPairs { data: out, ..layout }
 }
 
 /// Packs the rows of `src`, each multiplied element by element by its own scale vector over k
@@ -521,22 +527,16 @@ pub(crate) fn pack_row_pairs_scaled<'o, 's, E: Element>(
     row_scale: impl Fn(usize) -> Option<&'s [f32]>,
     out: &'o mut [u32],
 ) -> RowPairs<'o> {
-    let (rows, n) = (src.rows(), src.cols());
-    let k_len = n.div_ceil(2);
-    let offset = aligned_offset(out);
-    let out = &mut out[offset..offset + RowPairs::len_for(rows, k_len) - align_slack::<u32>()];
-    let layout = RowPairs { data: &[], rows, k_len, steps: k_len.div_ceil(RowPairs::STEP) };
-    if rows % TILE_ROWS != 0 || k_len % RowPairs::STEP != 0 {
-        out.fill(0);
-    }
-    for t in 0..rows {
+    let n = src.cols();
+    let (out, layout) = row_pairs_out(src.rows(), n, out);
+    for t in 0..layout.rows {
         let row = &src.row(t)[..n];
         let scale = row_scale(t);
         let bits = |k: usize| match scale {
             Some(s) if k < n => bf16_bits(row[k].to_f32() * s[k]),
             _ => 0,
         };
-        for p in 0..k_len {
+        for p in 0..layout.k_len {
             out[layout.index(t, p)] = bits(2 * p) | (bits(2 * p + 1) << 16);
         }
     }
@@ -556,6 +556,12 @@ pub(crate) fn bf16_bits(v: f32) -> u32 {
         // up; it cannot overflow for non-NaN bit patterns (all below 0xff80_0001).
         (b + 0x7fff + ((b >> 16) & 1)) >> 16
     }
+}
+
+/// The 16 bits of a bf16 weight for pair panels. Only bf16 has pair and tile kernels: its bits are
+/// the top half of its f32 value.
+fn bf16_weight_bits<T: Element>(v: T) -> u32 {
+    v.to_f32().to_bits() >> 16
 }
 
 /// Projection weights in one layout.
@@ -617,8 +623,7 @@ pub(crate) fn pack_projections<T: Element>(a: MatRef<'_, T>, b: MatRef<'_, T>, l
         let k = w.cols();
         match layout {
             Layout::Pairs | Layout::Tiles => {
-                // Only bf16 has pair kernels: its bits are the top half of its f32 value.
-                let bits = |j: usize, c: usize| if c < k { w.row_unchecked(j)[c].to_f32().to_bits() >> 16 } else { 0 };
+                let bits = |j: usize, c: usize| if c < k { bf16_weight_bits(w.row_unchecked(j)[c]) } else { 0 };
                 WeightPanels::Pairs(Panels::from_fn(w.rows(), k.div_ceil(2), |j, p| {
                     bits(j, 2 * p) | (bits(j, 2 * p + 1) << 16)
                 }))
@@ -655,13 +660,8 @@ impl<T: Element> TransposedProjections<T> {
         let (a, b) = self.pairs.get_or_init(|| {
             let pairs = |w: &Panels<T>| {
                 let k = w.k_cap();
-                let bits = |c: usize, kk: usize| {
-                    if kk < k {
-                        w.panel(c / NR)[kk * NR + c % NR].to_f32().to_bits() >> 16
-                    } else {
-                        0
-                    }
-                };
+                let bits =
+                    |c: usize, kk: usize| if kk < k { bf16_weight_bits(w.panel(c / NR)[kk * NR + c % NR]) } else { 0 };
                 Panels::from_fn(w.cols(), k.div_ceil(2), |c, p| bits(c, 2 * p) | (bits(c, 2 * p + 1) << 16))
             };
             (pairs(&self.a_t), pairs(&self.b_t))

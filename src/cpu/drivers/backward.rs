@@ -5,8 +5,9 @@
 //! dbias     = Σ_t dy          dx (+)= (g ⊙ lambda_d)·A
 //! ```
 //!
-//! Per block of rows (the tier's `block_rows`: [`BLOCK_ROWS`](crate::BLOCK_ROWS), 256 on `amx`): `h` (recomputed, or the training forward's), then `v` straight
-//! into a column-sum sink (never stored), `g` into the block's scratch, the λ column sums, and `dx`
+//! Per block of rows (the tier's `block_rows`: [`BLOCK_ROWS`](crate::BLOCK_ROWS), 256 on `amx`):
+//! `h` (recomputed, or the training forward's), then `v` straight into a column-sum sink (never
+//! stored), `g` into the block's scratch, the λ column sums, and `dx`
 //! through the epilogue sink. Each block's column sums are a partial result, added in block order
 //! (`parallel::reduce_in_order`): gradients are bitwise identical for any number of threads.
 //!
@@ -44,11 +45,13 @@ pub(crate) struct BackwardWeights<'a, T> {
 }
 
 /// The layout the backward packs the projections in for `kern`: [`Layout::Tiles`] where the tier
-/// has tile kernels for `T`, else [`Layout::Wide`] (the f32-FMA kernels).
+/// has tile kernels for `T` (only a `Tiles` table has them), else [`Layout::Wide`] (the f32-FMA
+/// kernels).
 pub(crate) fn layout<T>(kern: &Kernels<T>) -> Layout {
-    match (kern.facts().layout, kern.gemm_tiles) {
-        (Layout::Tiles, Some(_)) => Layout::Tiles,
-        _ => Layout::Wide,
+    if kern.gemm_tiles.is_some() {
+        Layout::Tiles
+    } else {
+        Layout::Wide
     }
 }
 
@@ -69,10 +72,6 @@ pub(crate) fn backward<T: Element>(
     let packed: &PackedProjections<T> = match bw.w.packed {
         Some(p) => p,
         None => owned.insert(pack_projections(bw.w.a, bw.w.b, layout(kern))),
-    };
-    let tiles = match layout(kern) {
-        Layout::Tiles => kern.gemm_tiles,
-        _ => None,
     };
     let mut owned_t = None;
     let transposed = match bw.transposed {
@@ -98,7 +97,7 @@ pub(crate) fn backward<T: Element>(
     let row_slots = slots.of_row.as_deref();
     let ctx = Block {
         kern,
-        tiles,
+        tiles: kern.gemm_tiles,
         packed,
         transposed,
         s,

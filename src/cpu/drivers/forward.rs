@@ -29,7 +29,7 @@ pub(crate) fn up_scratch(rows: usize, r: usize) -> usize {
 }
 
 /// Scratch (f32 elements) a `rows x k` left operand takes packed in any layout (k-pairs, as u32,
-/// take no more room than f32 elements; row-major pairs for tiles are padded).
+/// take no more room than f32 elements; pairs packed in tiles are padded).
 fn left_scratch(rows: usize, k: usize) -> usize {
     Left::<f32>::len_for(rows, k).max(RowPairs::len_for(rows, k.div_ceil(2)))
 }
@@ -47,7 +47,7 @@ pub(crate) fn packed_or_owned<'p, T: Element>(
 }
 
 /// How a product's left operand is packed into 16-bit pairs: bf16 bits as they are (`x`), or f32
-/// rounded to bf16 (`u`, as PEFT rounds it), into `Left` tiles or into row-major pairs for AMX.
+/// rounded to bf16 (`u`, as PEFT rounds it), into `Left` tiles or into AMX tiles (`RowPairs`).
 trait PackPairs<S> {
     fn tiles<'o>(&self, src: S, out: &'o mut [u32]) -> Left<'o, u32>;
     fn rows<'o>(&self, src: S, out: &'o mut [u32]) -> RowPairs<'o>;
@@ -108,7 +108,7 @@ pub(crate) fn up<T: Element>(
 
 /// `sink <- left · weightsᵀ` over the first `cols` columns, with `left` packed into the scratch in
 /// the kernels' layout: widened to f32 rows, or by `pairs` into k-pairs for the pair kernels, or
-/// into row-major pairs for the tile kernels.
+/// into AMX tiles of pairs for the tile kernels.
 fn product<T: Element, E: Element, S: RowSource<E>>(
     kern: &Kernels<T>,
     weights: &WeightPanels<T>,

@@ -51,7 +51,7 @@ use crate::cpu::pack::{Panels, RowPairs, MR, NR, TILE_ROWS};
 use crate::cpu::sink::Sink;
 
 /// Pairs of k per tile step (a tile row is 64 bytes: 16 pairs of bf16).
-const STEP: usize = 16;
+const STEP: usize = RowPairs::STEP;
 /// Rows of the register block: two A tiles.
 const BLOCK: usize = 2 * TILE_ROWS;
 
@@ -388,7 +388,7 @@ unsafe fn prefetch_block<T: Simd16>(sink: &Sink<'_, T>, t0: usize, rows: usize, 
     }
 }
 
-/// bf16 products of row-major pairs (`n` elements) against pair panels on AMX tiles (see the module
+/// bf16 products of k-pairs packed in tiles (`n` elements) against pair panels on AMX tiles (see the module
 /// docs): `sink[row, col] <- Σ_k left[row, k]·right[col, k]` for the panels in `range`.
 ///
 /// Loop nest: for each k slice of [`SLICE_STEPS`] tile steps, for each panel, for each 32-row
