@@ -64,27 +64,26 @@ pub(crate) fn for_panels(panels: usize, split: bool, f: impl Fn(Range<usize>) + 
     for_each_chunk(panels.div_ceil(chunk), threads, &|c| f(c * chunk..panels.min((c + 1) * chunk)));
 }
 
-/// Calls `f(c)` once for each chunk `c` in `0..chunks`, on `threads` threads at once.
+/// Calls `f(c)` once for each chunk `c` in `0..chunks`, on up to `threads` threads at once: the
+/// caller, which claims chunks at once, and `threads - 1` helpers handed to the pool, which claim
+/// what is left when they start. `f` must not wait for other work of the pool (the kernels it
+/// runs do not): the caller waits for the chunks the helpers claimed.
 ///
-/// Called from one of the pool's threads, the chunks are a parallel iterator. Called from outside
-/// the pool (an application's own thread: the usual case), the caller works too: it claims chunks
-/// at once, beside `threads - 1` helpers it hands to the pool, instead of sleeping until the pool's
-/// sleeping threads wake up, run everything and wake it again. On the 2-vCPU Intel VM of the
-/// README's table, a T = 1 f32 forward (4096 x 4096, r = 256, two such regions) took a median of
-/// 0.22 ms called from outside the pool against 0.14 ms from inside it (`examples/decode_latency.rs`);
-/// the helpers claim what the caller has not, so a helper that wakes late only does less.
+/// Decode makes such a split twice per call (the two products), and rayon's threads are asleep in
+/// between. With a parallel iterator, a caller outside the pool slept until both pool threads had
+/// woken and finished (and then waited to be woken itself), and one inside the pool waited for a
+/// late thief's half; here a helper that wakes late only does less. On the 2-vCPU Intel VM of the
+/// README's table, a T = 1 f32 forward (4096 x 4096, r = 256) called from an application's thread
+/// took a median of 0.20-0.24 ms with the iterator and 0.11-0.14 ms with claims
+/// (`examples/decode_latency.rs`).
 fn for_each_chunk(chunks: usize, threads: usize, f: &(dyn Fn(usize) + Sync)) {
-    if rayon::current_thread_index().is_some() {
-        (0..chunks).into_par_iter().for_each(f);
-        return;
-    }
     let claims =
         Arc::new(Claims { next: AtomicUsize::new(0), done: AtomicUsize::new(0), chunks, panic: Mutex::new(None) });
     // A helper reads `f` only once it has claimed a chunk below `chunks`, and this function
     // returns (or unwinds) only once every claimed chunk is done, so `f` is alive whenever it is
     // read; a helper that runs later claims nothing and never reads it.
     let f_static = FnPtr(erased_static(f));
-    for _ in 0..threads.min(chunks) {
+    for _ in 1..threads.min(chunks) {
         let (claims, f_static) = (Arc::clone(&claims), f_static);
         // SAFETY: see above: `claim` reads the closure only once it has claimed a chunk, while the
         // caller waits for that chunk.
