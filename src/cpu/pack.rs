@@ -433,7 +433,7 @@ fn pack_pairs_with<'o, E: Copy>(src: impl RowSource<E>, out: &'o mut [u32], bits
     Left { data: out, rows, k_len, lanes }
 }
 
-/// Rows per AMX tile: a left operand in [`RowPairs`] is zero-padded to a multiple of this many rows.
+/// Rows per AMX tile: a left operand in [`RowPairs`] takes room for a multiple of this many rows.
 pub(crate) const TILE_ROWS: usize = 16;
 
 /// A left operand as bf16 k-pairs in AMX tiles: rows in tiles of [`TILE_ROWS`], each tile's k
@@ -441,8 +441,10 @@ pub(crate) const TILE_ROWS: usize = 16;
 /// as one contiguous KiB (rows 64 bytes apart). So a row tile's steps are one sequential stream;
 /// in row-major order the 16 rows of a tile are 16 streams a row apart, more than the L2
 /// prefetcher follows (a down-projection, n = 4096, ran at about a quarter of the tile peak).
-/// Each u32 = (element 2p, element 2p + 1, 0 past `n`); pairs past `k_len` up to a whole step,
-/// and rows past `rows` up to a whole tile, are zero.
+/// Each u32 = (element 2p, element 2p + 1, 0 past `n`); pairs past `k_len` up to a whole step are
+/// zero, and so are rows past `rows` up to a whole tile when `rows > 16`. An operand of fewer
+/// rows (decode) leaves its padding rows as they were: the AMX tier configures its tiles with only
+/// its rows, so they are never read (and zeroing them wrote 16x a one-row operand).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RowPairs<'a> {
     pub(crate) data: &'a [u32],
@@ -482,16 +484,21 @@ pub(crate) fn pack_row_pairs_rounded<'o>(src: MatRef<'_, f32>, out: &'o mut [u32
 }
 
 /// The part of `out` a packed `rows x n` operand ([`RowPairs`]) takes, starting on a 64-byte line,
-/// zeroed where it has padding (rows past `rows`, pairs past `k_len`), and its layout (with no
-/// data yet).
+/// zeroed where it has padding that is read (see [`RowPairs`]), and its layout (with no data yet).
 fn row_pairs_out(rows: usize, n: usize, out: &mut [u32]) -> (&mut [u32], RowPairs<'static>) {
     let k_len = n.div_ceil(2);
     let offset = aligned_offset(out);
     let out = &mut out[offset..offset + RowPairs::len_for(rows, k_len) - align_slack::<u32>()];
-    if !rows.is_multiple_of(TILE_ROWS) || !k_len.is_multiple_of(RowPairs::STEP) {
+    let layout = RowPairs { data: &[], rows, k_len, steps: k_len.div_ceil(RowPairs::STEP) };
+    if rows > TILE_ROWS && !rows.is_multiple_of(TILE_ROWS) {
         out.fill(0);
+    } else if !k_len.is_multiple_of(RowPairs::STEP) {
+        for t in 0..rows {
+            let at = layout.index(t, k_len);
+            out[at..at + RowPairs::STEP - k_len % RowPairs::STEP].fill(0);
+        }
     }
-    (out, RowPairs { data: &[], rows, k_len, steps: k_len.div_ceil(RowPairs::STEP) })
+    (out, layout)
 }
 
 #[inline(always)]
@@ -726,7 +733,7 @@ mod layout_tests {
 
     #[test]
     fn row_pairs_start_on_a_line_and_hold_each_pair_where_index_says() {
-        for (rows, n) in [(1usize, 1usize), (3, 33), (17, 64), (40, 97)] {
+        for (rows, n) in [(1usize, 1usize), (3, 33), (16, 31), (17, 64), (40, 97)] {
             let src: Vec<u16> = (0..rows * n).map(|i| (i % 65_000) as u16 + 1).collect();
             let k_len = n.div_ceil(2);
             // Every start offset in a line, from a buffer of leftovers.
@@ -734,7 +741,8 @@ mod layout_tests {
                 let mut buf = vec![u32::MAX; RowPairs::len_for(rows, k_len) + shift];
                 let left = pack_row_pairs(MatRef::from_slice(&src, rows, n).unwrap(), &mut buf[shift..]);
                 assert_eq!(left.data.as_ptr() as usize % ALIGN, 0);
-                for t in 0..rows.next_multiple_of(TILE_ROWS) {
+                let padded = if rows > TILE_ROWS { rows.next_multiple_of(TILE_ROWS) } else { rows };
+                for t in 0..padded {
                     for p in 0..k_len.next_multiple_of(RowPairs::STEP) {
                         let e = |k: usize| if t < rows && k < n { u32::from(src[t * n + k]) } else { 0 };
                         assert_eq!(
