@@ -41,8 +41,10 @@ pub(super) const DECODE_PANELS: [usize; 4] = [4, 4, 2, 2];
 /// each read once per call) asks for its panels' rows: 512 (4 k-rows of an f32 panel, 8 of an f16
 /// one) made T = 8 (n = m = 4096, r = 1024, 2 threads) 1.34x faster in f32 and 1.06x in f16, and
 /// changed T = 1 by less than the noise; 1024 was no better (`scripts/ab-bench.py --per-case`,
-/// 5 rounds, Intel Xeon with AMX, paired medians). A staged block is in L1 and needs none.
-const IN_PLACE_PREFETCH: usize = 512;
+/// 5 rounds, Intel Xeon with AMX, paired medians). The `avx512bf16` tier's single-tile calls use
+/// it too: T = 8 r = 1024 0.83x the time, T = 1 0.97x, T = 512 unchanged (7 rounds, same CPU,
+/// `VERA_KERNELS_ISA=avx512bf16`). A staged block is in L1 and needs none.
+pub(super) const IN_PLACE_PREFETCH: usize = 512;
 
 /// Room for one staged block of f32 weights (`KC x NR`, 8 KiB), aligned for full-vector loads.
 #[repr(C, align(64))]

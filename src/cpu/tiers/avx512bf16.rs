@@ -11,7 +11,7 @@ use super::avx512::{self, avx512_acc_and_store, prefetch_old, store_acc, zero_ac
 use crate::cpu::isa::{Isa, Vendor};
 use crate::cpu::kernels::{Kernels, Layout, PeakInstruction, TierFacts};
 use crate::cpu::macro_kernel::{self, MicroKernel};
-use crate::cpu::pack::{Left, Panels, NR};
+use crate::cpu::pack::{Left, Panels, MR, NR};
 use crate::cpu::sink::Sink;
 
 /// Units of k (pairs) per cache block of the `vdpbf16ps` kernel, which only the AMD tier runs: 128
@@ -23,6 +23,9 @@ const KC_PAIRS: usize = 128;
 struct Pairs<'a> {
     left: Left<'a, u32>,
     n: usize,
+    /// Whether the call has a single row tile (decode): its panels are read once, from L3 or
+    /// memory, and are asked for ahead (see `avx512::IN_PLACE_PREFETCH`).
+    streams: bool,
 }
 
 impl<T: Simd16> MicroKernel<T> for Pairs<'_> {
@@ -54,6 +57,33 @@ impl<T: Simd16> MicroKernel<T> for Pairs<'_> {
         last: bool,
         acc: &mut [Acc; P],
     ) {
+        // SAFETY: forwarded (this trait method's contract).
+        unsafe {
+            if self.streams {
+                self.dot_block::<R, P, { avx512::IN_PLACE_PREFETCH }>(t0, sp, k0, kl, last, acc);
+            } else {
+                self.dot_block::<R, P, 0>(t0, sp, k0, kl, last, acc);
+            }
+        }
+    }
+}
+
+impl Pairs<'_> {
+    /// [`MicroKernel::run`], asking for each panel's pair rows `PREFETCH` bytes ahead (0: none).
+    ///
+    /// # Safety
+    /// As [`MicroKernel::run`]; AVX512_BF16 is present.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
+    unsafe fn dot_block<const R: usize, const P: usize, const PREFETCH: usize>(
+        &self,
+        t0: usize,
+        sp: [*const u32; P],
+        k0: usize,
+        kl: usize,
+        last: bool,
+        acc: &mut [Acc; P],
+    ) {
         // The blocks start at pair k0.
         let wp = sp.map(|s| s.wrapping_sub(k0 * NR));
         let (lp, lanes) = (self.left.tile(t0).as_ptr(), self.left.lanes);
@@ -65,6 +95,12 @@ impl<T: Simd16> MicroKernel<T> for Pairs<'_> {
             for p in k0..(k0 + kl).min(full) {
                 let bp = lp.add(p * lanes);
                 for (aq, &wq) in a.iter_mut().zip(&wp) {
+                    if PREFETCH > 0 {
+                        // A prefetch never faults, so the address may run past the panel's end.
+                        let ahead = wq.wrapping_add(p * NR).cast::<u8>().wrapping_add(PREFETCH);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast());
+                    }
                     let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wq.add(p * NR).cast()));
                     let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(wq.add(p * NR + 16).cast()));
                     for (i, ai) in aq.iter_mut().enumerate() {
@@ -112,7 +148,7 @@ pub(super) unsafe fn gemm_pairs<T: Simd16>(
 ) {
     debug_assert_eq!(left.k_len, n.div_ceil(2));
     let rows = left.rows;
-    let kern = Pairs { left, n };
+    let kern = Pairs { left, n, streams: rows <= MR };
     // SAFETY: forwarded.
     unsafe {
         if macro_kernel::takes_few::<Pairs<'_>, T>(rows) {
