@@ -475,22 +475,22 @@ impl RowPairs<'_> {
 
 /// Packs bf16 rows (`rows x n`, as bits) as k-pairs in AMX tiles (see [`RowPairs`]).
 pub(crate) fn pack_row_pairs<'o>(src: impl RowSource<u16>, out: &'o mut [u32]) -> RowPairs<'o> {
-    #[cfg(all(target_arch = "x86_64", not(miri)))]
-    if super::isa::has_avx512() {
-        // SAFETY: AVX-512F/BW/VL were detected just above.
-        return unsafe { avx512::pack_row_pairs(src, out) };
-    }
-    pack_row_pairs_with(src, out, u32::from)
+    pack_row_pairs_as(src, out, u32::from)
 }
 
 /// `src` (f32) rounded to bf16 (to nearest, ties to even) and packed like [`pack_row_pairs`].
 pub(crate) fn pack_row_pairs_rounded<'o>(src: MatRef<'_, f32>, out: &'o mut [u32]) -> RowPairs<'o> {
+    pack_row_pairs_as(src, out, bf16_bits)
+}
+
+/// [`pack_row_pairs_with`], compiled for AVX-512 where the CPU has it (see [`avx512`]).
+fn pack_row_pairs_as<'o, E: Copy>(src: impl RowSource<E>, out: &'o mut [u32], bits: impl Fn(E) -> u32) -> RowPairs<'o> {
     #[cfg(all(target_arch = "x86_64", not(miri)))]
     if super::isa::has_avx512() {
         // SAFETY: AVX-512F/BW/VL were detected just above.
-        return unsafe { avx512::pack_row_pairs_rounded(src, out) };
+        return unsafe { avx512::pack_row_pairs_with(src, out, bits) };
     }
-    pack_row_pairs_with(src, out, bf16_bits)
+    pack_row_pairs_with(src, out, bits)
 }
 
 /// The [`RowPairs`] packers compiled for AVX-512, which every CPU of the AMX tier (their only user)
@@ -500,35 +500,30 @@ pub(crate) fn pack_row_pairs_rounded<'o>(src: MatRef<'_, f32>, out: &'o mut [u32
 mod avx512 {
     use super::*;
 
-    /// [`super::pack_row_pairs`].
+    /// [`super::pack_row_pairs_with`].
     ///
     /// # Safety
     /// The CPU has AVX-512F, BW and VL.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn pack_row_pairs<'o>(src: impl RowSource<u16>, out: &'o mut [u32]) -> RowPairs<'o> {
-        pack_row_pairs_with(src, out, u32::from)
+    pub(super) unsafe fn pack_row_pairs_with<'o, E: Copy>(
+        src: impl RowSource<E>,
+        out: &'o mut [u32],
+        bits: impl Fn(E) -> u32,
+    ) -> RowPairs<'o> {
+        super::pack_row_pairs_with(src, out, bits)
     }
 
-    /// [`super::pack_row_pairs_rounded`].
+    /// [`super::pack_row_pairs_scaled_with`].
     ///
     /// # Safety
     /// The CPU has AVX-512F, BW and VL.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn pack_row_pairs_rounded<'o>(src: MatRef<'_, f32>, out: &'o mut [u32]) -> RowPairs<'o> {
-        pack_row_pairs_with(src, out, bf16_bits)
-    }
-
-    /// [`super::pack_row_pairs_scaled`].
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F, BW and VL.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn pack_row_pairs_scaled<'o, 's, E: Element>(
+    pub(super) unsafe fn pack_row_pairs_scaled_with<'o, 's, E: Element>(
         src: impl RowSource<E>,
         row_scale: impl Fn(usize) -> Option<&'s [f32]>,
         out: &'o mut [u32],
     ) -> RowPairs<'o> {
-        pack_row_pairs_scaled_with(src, row_scale, out)
+        super::pack_row_pairs_scaled_with(src, row_scale, out)
     }
 }
 
@@ -586,7 +581,7 @@ pub(crate) fn pack_row_pairs_scaled<'o, 's, E: Element>(
     #[cfg(all(target_arch = "x86_64", not(miri)))]
     if super::isa::has_avx512() {
         // SAFETY: AVX-512F/BW/VL were detected just above.
-        return unsafe { avx512::pack_row_pairs_scaled(src, row_scale, out) };
+        return unsafe { avx512::pack_row_pairs_scaled_with(src, row_scale, out) };
     }
     pack_row_pairs_scaled_with(src, row_scale, out)
 }

@@ -89,8 +89,8 @@ fn for_each_chunk(chunks: usize, threads: usize, f: &(dyn Fn(usize) + Sync)) {
         // caller waits for that chunk.
         rayon::spawn(move || unsafe { claims.claim(f_static) });
     }
-    // SAFETY: `f` is alive here.
-    unsafe { claims.claim(FnPtr(erased_static(f))) };
+    // SAFETY: `f` is alive until this function returns.
+    unsafe { claims.claim(f_static) };
     let mut spins = 0u32;
     while claims.done.load(Ordering::Acquire) < chunks {
         // Every chunk is claimed by now, and the ones still running are short (a few panels).

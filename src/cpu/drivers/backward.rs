@@ -234,23 +234,11 @@ impl<T: Element> Block<'_, T> {
             let sink = Sink::ColumnDot { other: dy, sums: dlb.as_ptr_mat(), slots };
             let ld = |t: usize| scales(t).map(|s| s.lambda_d);
             let lb = |t: usize| scales(t).map(|s| s.lambda_b);
-            match self.tiles {
-                Some(tiles) => {
-                    let ul = pack_row_pairs_scaled(h, ld, bytemuck::cast_slice_mut(left));
-                    self.tile_product(tiles, ul, r, self.packed.up.pairs(), m, &sink);
-                }
-                None => self.product(pack_rows_scaled(h, ld, left), self.packed.up.wide(), m, &sink),
-            }
+            self.scaled_product(h, ld, left, (|| self.packed.up.pairs(), || self.packed.up.wide()), m, &sink);
             // g = (dy ⊙ lambda_b)·B, into the block's scratch.
             let mut gm = MatMut::from_slice(g, tb, r).expect("scratch sized tb * r");
             let sink = Sink::F32 { out: gm.as_ptr_mat(), scale: None };
-            match self.tiles {
-                Some(tiles) => {
-                    let dyl = pack_row_pairs_scaled(dy, lb, bytemuck::cast_slice_mut(left));
-                    self.tile_product(tiles, dyl, m, self.transposed.pairs().1, r, &sink);
-                }
-                None => self.product(pack_rows_scaled(dy, lb, left), &self.transposed.b_t, r, &sink),
-            }
+            self.scaled_product(dy, lb, left, (|| self.transposed.pairs().1, || &self.transposed.b_t), r, &sink);
             let g = MatRef::from_slice(g, tb, r).expect("scratch sized tb * r");
             // dlambda_d = Σ_t g ⊙ h and dbias = Σ_t dy, rows in order, each into its slot.
             for t in 0..tb {
@@ -279,15 +267,32 @@ impl<T: Element> Block<'_, T> {
                         Sink::RowEpilogue { out, rows: RowEpilogues { rows: &resolved[..tb], dst: None, accumulate } }
                     }
                 };
-                match self.tiles {
-                    Some(tiles) => {
-                        let gl = pack_row_pairs_scaled(g, ld, bytemuck::cast_slice_mut(left));
-                        self.tile_product(tiles, gl, r, self.transposed.pairs().0, n, &sink);
-                    }
-                    None => self.product(pack_rows_scaled(g, ld, left), &self.transposed.a_t, n, &sink),
-                }
+                self.scaled_product(g, ld, left, (|| self.transposed.pairs().0, || &self.transposed.a_t), n, &sink);
             }
         });
+    }
+
+    /// `sink <- (src ⊙ scale(row))·weights` over the first `cols` columns: on tiles, the left
+    /// operand rounded to bf16, against the pair panels `pairs` returns, or on the f32-FMA kernels
+    /// against the panels `wide` returns (each asked for only on its path: the projections are
+    /// packed in the one layout the kernels read, and the transposed pairs on first use).
+    fn scaled_product<'w, 's, E: Element>(
+        &'w self,
+        src: MatRef<'_, E>,
+        scale: impl Fn(usize) -> Option<&'s [f32]>,
+        left: &mut [f32],
+        (pairs, wide): (impl FnOnce() -> &'w Panels<u32>, impl FnOnce() -> &'w Panels<T>),
+        cols: usize,
+        sink: &Sink<'_, T>,
+    ) {
+        let k = src.cols();
+        match self.tiles {
+            Some(tiles) => {
+                let packed = pack_row_pairs_scaled(src, scale, bytemuck::cast_slice_mut(left));
+                self.tile_product(tiles, packed, k, pairs(), cols, sink);
+            }
+            None => self.product(pack_rows_scaled(src, scale, left), wide(), cols, sink),
+        }
     }
 
     /// `sink <- left · right` on tiles over the first `cols` columns of `right` (`k` elements of

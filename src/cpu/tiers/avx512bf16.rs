@@ -19,16 +19,15 @@ use crate::cpu::sink::Sink;
 /// measured 1-3% faster on the bf16 prefill shapes (Zen 4, one thread, interleaved runs).
 const KC_PAIRS: usize = 128;
 
-/// bf16 k-pairs (`n` elements) against pair panels, with `vdpbf16ps`.
-struct Pairs<'a> {
+/// bf16 k-pairs (`n` elements) against pair panels, with `vdpbf16ps`, asking for each panel's pair
+/// rows `PREFETCH` bytes ahead (0: none): a call of a single row tile (decode) reads its panels
+/// once, from L3 or memory (see `avx512::IN_PLACE_PREFETCH`).
+struct Pairs<'a, const PREFETCH: usize> {
     left: Left<'a, u32>,
     n: usize,
-    /// Whether the call has a single row tile (decode): its panels are read once, from L3 or
-    /// memory, and are asked for ahead (see `avx512::IN_PLACE_PREFETCH`).
-    streams: bool,
 }
 
-impl<T: Simd16> MicroKernel<T> for Pairs<'_> {
+impl<T: Simd16, const PREFETCH: usize> MicroKernel<T> for Pairs<'_, PREFETCH> {
     type Weight = u32;
     type Staged = u32;
     type Buf = ();
@@ -49,33 +48,6 @@ impl<T: Simd16> MicroKernel<T> for Pairs<'_> {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
     unsafe fn run<const R: usize, const P: usize>(
-        &self,
-        t0: usize,
-        sp: [*const u32; P],
-        k0: usize,
-        kl: usize,
-        last: bool,
-        acc: &mut [Acc; P],
-    ) {
-        // SAFETY: forwarded (this trait method's contract).
-        unsafe {
-            if self.streams {
-                self.dot_block::<R, P, { avx512::IN_PLACE_PREFETCH }>(t0, sp, k0, kl, last, acc);
-            } else {
-                self.dot_block::<R, P, 0>(t0, sp, k0, kl, last, acc);
-            }
-        }
-    }
-}
-
-impl Pairs<'_> {
-    /// [`MicroKernel::run`], asking for each panel's pair rows `PREFETCH` bytes ahead (0: none).
-    ///
-    /// # Safety
-    /// As [`MicroKernel::run`]; AVX512_BF16 is present.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
-    unsafe fn dot_block<const R: usize, const P: usize, const PREFETCH: usize>(
         &self,
         t0: usize,
         sp: [*const u32; P],
@@ -148,13 +120,15 @@ pub(super) unsafe fn gemm_pairs<T: Simd16>(
 ) {
     debug_assert_eq!(left.k_len, n.div_ceil(2));
     let rows = left.rows;
-    let kern = Pairs { left, n, streams: rows <= MR };
-    // SAFETY: forwarded.
+    const STREAM: usize = avx512::IN_PLACE_PREFETCH;
+    // SAFETY: forwarded. A single row tile (decode) reads each panel once: it asks for it ahead.
     unsafe {
-        if macro_kernel::takes_few::<Pairs<'_>, T>(rows) {
-            few_path(&kern, rows, right, range, sink)
+        if rows > MR {
+            blocked_path(&Pairs::<0> { left, n }, rows, right, range, sink)
+        } else if macro_kernel::takes_few::<Pairs<'_, STREAM>, T>(rows) {
+            few_path(&Pairs::<STREAM> { left, n }, rows, right, range, sink)
         } else {
-            blocked_path(&kern, rows, right, range, sink)
+            blocked_path(&Pairs::<STREAM> { left, n }, rows, right, range, sink)
         }
     }
 }
@@ -165,8 +139,8 @@ pub(super) unsafe fn gemm_pairs<T: Simd16>(
 /// As `macro_kernel::few`.
 #[inline(never)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
-unsafe fn few_path<T: Simd16>(
-    kern: &Pairs<'_>,
+unsafe fn few_path<T: Simd16, const PREFETCH: usize>(
+    kern: &Pairs<'_, PREFETCH>,
     rows: usize,
     right: &Panels<u32>,
     range: Range<usize>,
@@ -182,8 +156,8 @@ unsafe fn few_path<T: Simd16>(
 /// As `macro_kernel::blocked`.
 #[inline(never)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
-unsafe fn blocked_path<T: Simd16>(
-    kern: &Pairs<'_>,
+unsafe fn blocked_path<T: Simd16, const PREFETCH: usize>(
+    kern: &Pairs<'_, PREFETCH>,
     rows: usize,
     right: &Panels<u32>,
     range: Range<usize>,
