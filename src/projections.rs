@@ -211,7 +211,7 @@ impl<'a, T> LayerProjections<'a, T> {
         T: Element,
     {
         let packed = self.cache.map(|(cache, a, b)| cache.get(layout, a, b));
-        Weights { a: self.a, b: self.b, packed }
+        Weights { a: self.a, b: self.b, layout, packed }
     }
 
     /// A `[r, n]`.

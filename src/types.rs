@@ -26,6 +26,11 @@ pub struct Numerics {
     /// `g ⊙ lambda_d`) rounded to the activation dtype, as PEFT's autograd does in bf16, and flush
     /// subnormals (the `amx` tier's tiles), instead of keeping them in f32.
     pub rounds_backward: bool,
+    /// The forward's f16 products run on bf16 tiles with each operand split into a high and a low
+    /// bf16 part (`x`, A and B exactly; `u` to 16 bits), the low·low products left out: each
+    /// product term carries a relative error of at most about 2^-15, and each dot product is three
+    /// times as long (the `amx` tier's f16 prefill: [`crate::Layout::Split`]).
+    pub splits_products: bool,
 }
 
 /// The sizes of one layer's projections: A `[r, n]` sliced from `[r, n_max]`, B `[m, r]` sliced

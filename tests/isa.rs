@@ -1,6 +1,6 @@
 //! Tier selection in one process: `with_isa` makes every available tier the active one on the
 //! calling thread, lowers a tier the CPU lacks, restores the previous one, and leaves other threads
-//! alone; f32 and f16 never report the bf16 dot-product or AMX tiers. (How `VERA_KERNELS_ISA`, the
+//! alone; f32 never reports the bf16 dot-product or AMX tiers, f16 only the AMX one. (How `VERA_KERNELS_ISA`, the
 //! detected tier and the vendor combine is the table test of `lower` in `src/cpu/isa.rs`.)
 
 use vera_kernels::{active_isa, bf16, f16, tier_facts, with_isa, Isa, Layout};
@@ -11,10 +11,11 @@ fn with_isa_selects_each_available_tier_on_this_thread() {
     for isa in Isa::available() {
         with_isa(isa, || {
             assert_eq!(active_isa::<bf16>(), isa);
-            // f32 and f16 have no use for the bf16 dot-product or tile instructions.
+            // f32 has no use for the bf16 dot-product or tile instructions; f16 uses the tiles
+            // (split into bf16 parts), not the dot product.
             let plain = if isa >= Isa::Avx512Bf16 { Isa::Avx512 } else { isa };
             assert_eq!(active_isa::<f32>(), plain);
-            assert_eq!(active_isa::<f16>(), plain);
+            assert_eq!(active_isa::<f16>(), if isa == Isa::Amx { isa } else { plain });
             // Another thread still runs the process-wide tier.
             let other = std::thread::scope(|s| s.spawn(active_isa::<bf16>).join().unwrap());
             assert_eq!(other, outside);
@@ -53,5 +54,13 @@ fn the_facts_follow_the_tier() {
         let f32_facts = with_isa(isa, tier_facts::<f32>);
         assert_eq!(f32_facts.layout, Layout::Wide);
         assert!(!f32_facts.rounds_u);
+        // f16 splits its products into bf16 parts on tiles only, and only from a row count on
+        // (decode runs Wide); it keeps u in f32 either way.
+        let f16_facts = with_isa(isa, tier_facts::<f16>);
+        assert_eq!(f16_facts.layout == Layout::Split, isa == Isa::Amx);
+        assert_eq!(f16_facts.numerics().splits_products, isa == Isa::Amx);
+        assert!(!f16_facts.rounds_u && !f16_facts.numerics().rounds_backward);
+        assert_eq!(f16_facts.layout_for(1), Layout::Wide);
+        assert_eq!(f16_facts.layout_for(4096), f16_facts.layout);
     }
 }

@@ -54,6 +54,6 @@ pub fn unfused_forward<T: Element>(
         });
     }
     let kern = kernels::current::<T>();
-    unfused::unfused(kern, layer.weights(kern.facts().layout), scales(adapter), x, h, y, mode);
+    unfused::unfused(kern, layer.weights(kern.facts().layout_for(x.rows())), scales(adapter), x, h, y, mode);
     Ok(())
 }

@@ -22,10 +22,10 @@ pub(super) fn unfused<T: Element>(
 ) {
     let (rows, n, r, m) = (x.rows(), x.cols(), w.a.rows(), w.b.rows());
     let mut owned = None;
-    let packed = packed_or_owned(kern, &w, &mut owned);
+    let packed = packed_or_owned(&w, &mut owned);
     let hp = h.as_ptr_mat();
     for_blocks(rows, BLOCK_ROWS, 2.0 * (rows * n * r) as f64, |t0, tb, split| {
-        with_scratch(down_scratch(tb, n), |xl| {
+        with_scratch(down_scratch(packed, tb, n), |xl| {
             let sink = Sink::F32 { out: hp.sub(t0, tb, 0, r), scale: None };
             down(kern, packed, x.row_range(t0, tb), xl, r, &sink, split);
         });
@@ -38,7 +38,7 @@ pub(super) fn unfused<T: Element>(
     let epi = Epilogue { scale: Some(s.lambda_b), bias: s.bias, accumulate: mode == Mode::Accumulate };
     let (h, yp) = (h.as_ref(), y.as_ptr_mat());
     for_blocks(rows, BLOCK_ROWS, 2.0 * (rows * r * m) as f64, |t0, tb, split| {
-        with_scratch(up_scratch(tb, r), |hl| {
+        with_scratch(up_scratch(packed, tb, r), |hl| {
             up(kern, packed, h.row_range(t0, tb), hl, m, &Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi }, split);
         });
     });

@@ -45,11 +45,19 @@ pub enum Layout {
     /// bf16 weights as in `Pairs` (16 pair rows of a panel are an AMX tile in VNNI layout as they
     /// are); left operands as k-pairs packed tile by tile (`tdpbf16ps`).
     Tiles,
+    /// f16 products on bf16 tiles (`tdpbf16ps`): every value split into a high and a low bf16 part
+    /// (`hi = bf16(v)`, `lo = bf16(v - hi)`: exact for an f16 value, 16 bits of an f32 `u`), laid
+    /// out as `Tiles` with each 16-pair step of k written three times, weights as `[hi][lo][hi]`
+    /// and left operands as `[hi][hi][lo]`, so that one tile product over three times the steps is
+    /// `hi·hi + hi·lo + lo·hi` (the low·low product, below 2^-16 of the term, left out). A
+    /// non-finite `hi` is written as 0 in the copy that meets the other operand's `lo`, so that
+    /// infinities give what IEEE products give (not `∞·0 = NaN`).
+    Split,
 }
 
 impl Layout {
     /// Every layout (the index of each is its slot in a packing cache).
-    pub(crate) const ALL: [Layout; 3] = [Layout::Wide, Layout::Pairs, Layout::Tiles];
+    pub(crate) const ALL: [Layout; 4] = [Layout::Wide, Layout::Pairs, Layout::Tiles, Layout::Split];
 
     /// The slot of the layout's packed weights in a packing cache: `Tiles` reads the weights
     /// `Pairs` packs, so the two share one copy.
@@ -70,6 +78,8 @@ pub enum PeakInstruction {
     Bf16Dot,
     /// AMX bf16 tile product into f32 (`tdpbf16ps`).
     AmxBf16,
+    /// Three AMX bf16 tile products per product ([`Layout::Split`]): a third of the AMX peak.
+    AmxBf16Split,
 }
 
 /// What a tier's kernels for one element type are and do: the facts drivers, error bounds and
@@ -92,8 +102,13 @@ pub struct TierFacts {
     pub block_rows: usize,
     /// Panels per micro-kernel call for a call of 1, 2, 3, 4 rows (decode); 0: the blocked path.
     pub decode_panels: [usize; 4],
-    /// How operands are packed.
+    /// How operands are packed for a call of at least `wide_below_rows` rows.
     pub layout: Layout,
+    /// Calls of fewer rows than this run on [`Layout::Wide`] instead of `layout` (0: none do).
+    /// Decode streams the weights, and a layout whose weights take more bytes (`Split`: 3x) is
+    /// slower there however fast its products; the crossover is measured (see the tier). A row's
+    /// bits may then depend on the number of rows in its call, never on the threads.
+    pub wide_below_rows: usize,
     /// Whether `u = lambda_d ⊙ h` is rounded to the element type before the up-projection.
     pub rounds_u: bool,
     /// Whether subnormal inputs and results are flushed to zero.
@@ -103,6 +118,15 @@ pub struct TierFacts {
 }
 
 impl TierFacts {
+    /// The layout a call of `rows` rows runs its products in.
+    pub fn layout_for(&self, rows: usize) -> Layout {
+        if rows < self.wide_below_rows {
+            Layout::Wide
+        } else {
+            self.layout
+        }
+    }
+
     /// The numerics of these kernels, as the error bounds of [`crate::reference`] take them.
     pub fn numerics(&self) -> Numerics {
         Numerics {
@@ -110,6 +134,7 @@ impl TierFacts {
             flushes_subnormals: self.flushes_subnormals,
             // Only the tile kernels run the backward on bf16 operands (`drivers::backward`).
             rounds_backward: self.layout == Layout::Tiles,
+            splits_products: self.layout == Layout::Split,
         }
     }
 }
@@ -125,7 +150,8 @@ pub struct Kernels<T: 'static> {
     pub(crate) gemm_f32: GemmFn<f32, T>,
     /// bf16 k-pair products, for [`Layout::Pairs`].
     pub(crate) gemm_pairs: Option<PairGemmFn<T>>,
-    /// bf16 products on AMX tiles, for [`Layout::Tiles`].
+    /// bf16 products on AMX tiles, for [`Layout::Tiles`] and [`Layout::Split`] (the tiles' pairs
+    /// are bf16 values or split parts: the kernel is the same).
     pub(crate) gemm_tiles: Option<TileGemmFn<T>>,
 }
 

@@ -513,6 +513,15 @@ mod avx512 {
         super::pack_row_pairs_with(src, out, bits)
     }
 
+    /// [`super::pack_row_split_with`].
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, BW and VL.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn pack_row_split_with<'o, E: Element>(src: impl RowSource<E>, out: &'o mut [u32]) -> RowPairs<'o> {
+        super::pack_row_split_with(src, out)
+    }
+
     /// [`super::pack_row_pairs_scaled_with`].
     ///
     /// # Safety
@@ -564,6 +573,57 @@ fn pack_row_pairs_with<'o, E: Copy>(
         }
         if let [last] = rest {
             out[layout.index(t, pairs.len())] = bits(*last);
+        }
+    }
+    RowPairs { data: out, ..layout }
+}
+
+/// Packs `rows x n` values (f16 `x`, or f32 `u`) split into high and low bf16 parts as k-pairs in
+/// AMX tiles, in [`Layout::Split`]'s order for left operands: each 16-pair step of k as
+/// `[hi][hi, finite or 0][lo]` (see [`split_bits`] and `cross`). Pairs past `n` are zero, and so are rows past `rows` up to
+/// a whole tile when `rows > 16` (as [`RowPairs`]).
+pub(crate) fn pack_row_split<'o, E: Element>(src: impl RowSource<E>, out: &'o mut [u32]) -> RowPairs<'o> {
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
+    if super::isa::has_avx512() {
+        // SAFETY: AVX-512F/BW/VL were detected just above.
+        return unsafe { avx512::pack_row_split_with(src, out) };
+    }
+    pack_row_split_with(src, out)
+}
+
+#[inline(always)]
+fn pack_row_split_with<'o, E: Element>(src: impl RowSource<E>, out: &'o mut [u32]) -> RowPairs<'o> {
+    const STEP: usize = RowPairs::STEP;
+    let (rows, n) = (src.rows(), src.cols());
+    let k_len = split_pairs(n);
+    let offset = aligned_offset(out);
+    let out = &mut out[offset..offset + RowPairs::len_for(rows, k_len) - align_slack::<u32>()];
+    let layout = RowPairs { data: &[], rows, k_len, steps: k_len / STEP };
+    if rows > TILE_ROWS {
+        for t in rows..rows.next_multiple_of(TILE_ROWS) {
+            for s in 0..layout.steps {
+                let at = layout.index(t, s * STEP);
+                out[at..at + STEP].fill(0);
+            }
+        }
+    }
+    for t in 0..rows {
+        // One step of k (32 elements, zero past n) at a time: its high and low pairs, written as
+        // the step's three copies.
+        for (s, chunk) in src.row(t)[..n].chunks(2 * STEP).enumerate() {
+            let mut v = [0.0f32; 2 * STEP];
+            for (d, e) in v.iter_mut().zip(chunk) {
+                *d = e.to_f32();
+            }
+            let (mut hi, mut hi_cross, mut lo) = ([0u32; STEP], [0u32; STEP], [0u32; STEP]);
+            for (p, ((h, hc), l)) in hi.iter_mut().zip(hi_cross.iter_mut()).zip(lo.iter_mut()).enumerate() {
+                let ((h0, l0), (h1, l1)) = (split_bits(v[2 * p]), split_bits(v[2 * p + 1]));
+                (*h, *hc, *l) = (h0 | (h1 << 16), cross(h0) | (cross(h1) << 16), l0 | (l1 << 16));
+            }
+            for (copy, pairs) in [&hi, &hi_cross, &lo].into_iter().enumerate() {
+                let at = layout.index(t, (3 * s + copy) * STEP);
+                out[at..at + STEP].copy_from_slice(pairs);
+            }
         }
     }
     RowPairs { data: out, ..layout }
@@ -649,7 +709,7 @@ pub(crate) enum WeightPanels<T> {
     /// `m`-column panels over k = r.
     Wide(Panels<T>),
     /// [`Layout::Pairs`] and [`Layout::Tiles`]: bf16 weights as panels over k-pairs, each u32 =
-    /// (W[j][2p], W[j][2p + 1]).
+    /// (W[j][2p], W[j][2p + 1]); [`Layout::Split`]: their split parts (see [`split_step`]).
     Pairs(Panels<u32>),
 }
 
@@ -699,17 +759,61 @@ impl<T> PackedProjections<T> {
 pub(crate) fn pack_projections<T: Element>(a: MatRef<'_, T>, b: MatRef<'_, T>, layout: Layout) -> PackedProjections<T> {
     let pack = |w: MatRef<'_, T>| {
         let k = w.cols();
+        let bits = |j: usize, c: usize| if c < k { bf16_weight_bits(w.row_unchecked(j)[c]) } else { 0 };
         match layout {
-            Layout::Pairs | Layout::Tiles => {
-                let bits = |j: usize, c: usize| if c < k { bf16_weight_bits(w.row_unchecked(j)[c]) } else { 0 };
-                WeightPanels::Pairs(Panels::from_fn(w.rows(), k.div_ceil(2), |j, p| {
-                    bits(j, 2 * p) | (bits(j, 2 * p + 1) << 16)
+            Layout::Pairs | Layout::Tiles => WeightPanels::Pairs(Panels::from_fn(w.rows(), k.div_ceil(2), |j, p| {
+                bits(j, 2 * p) | (bits(j, 2 * p + 1) << 16)
+            })),
+            Layout::Split => {
+                let value = |j: usize, c: usize| if c < k { w.row_unchecked(j)[c].to_f32() } else { 0.0 };
+                WeightPanels::Pairs(Panels::from_fn(w.rows(), split_pairs(k), |j, q| {
+                    let (p, copy) = split_step(q);
+                    // Weights: [hi][lo][hi, finite or 0] (see `cross`).
+                    let pick = |(h, l): (u32, u32)| [h, l, cross(h)][copy];
+                    pick(split_bits(value(j, 2 * p))) | (pick(split_bits(value(j, 2 * p + 1))) << 16)
                 }))
             }
             Layout::Wide => WeightPanels::Wide(Panels::from_fn(w.rows(), k, |j, c| w.row_unchecked(j)[c])),
         }
     };
     PackedProjections { down: pack(a), up: pack(b) }
+}
+
+/// Pairs per row of a `k`-element operand in [`Layout::Split`]: each step of 16 pairs three times.
+pub(crate) fn split_pairs(k: usize) -> usize {
+    3 * k.div_ceil(2).div_ceil(RowPairs::STEP) * RowPairs::STEP
+}
+
+/// Where pair `q` of a [`Layout::Split`] row comes from: pair `p` of the operand, and which copy of
+/// its step (0, 1, 2), so that steps go `[copy 0][copy 1][copy 2]` for each 16 pairs of k.
+#[inline(always)]
+fn split_step(q: usize) -> (usize, usize) {
+    let (step, within) = (q / RowPairs::STEP, q % RowPairs::STEP);
+    (step / 3 * RowPairs::STEP + within, step % 3)
+}
+
+/// `hi` for the copy of a high part that meets the other operand's low parts, where a non-finite
+/// `hi` is written as 0: `hi·lo` would make `∞·0 = NaN` from an infinity times a value that bf16
+/// holds exactly (its `lo` is 0), where `v·w` is infinite; `hi·hi` carries the infinity (or NaN).
+#[inline(always)]
+fn cross(hi: u32) -> u32 {
+    if hi & 0x7f80 == 0x7f80 {
+        0
+    } else {
+        hi
+    }
+}
+
+/// The high and low bf16 parts of `v`, as bits: `hi = bf16(v)`, `lo = bf16(v - hi)` (both to
+/// nearest, ties to even). `v - hi` is exact in f32 and for an f16 (or bf16) `v` so is `lo`:
+/// `hi + lo = v`. For an f32 `v`, `|v - hi - lo| <= 2^-16 |v|`. Where `hi` is not finite (NaN,
+/// an infinity, or an f32 beyond bf16's range) `lo` is 0, so that `hi` alone carries it as IEEE
+/// arithmetic would (`v - hi` would make an infinity NaN).
+#[inline(always)]
+pub(crate) fn split_bits(v: f32) -> (u32, u32) {
+    let hi = bf16_bits(v);
+    let h = f32::from_bits(hi << 16);
+    (hi, if h.is_finite() { bf16_bits(v - h) } else { 0 })
 }
 
 /// The projections transposed, for the backward's products: Aᵀ as `n_max`-column panels over

@@ -5,8 +5,11 @@
 
 use super::drivers::row_epilogues;
 use super::isa::Isa;
-use super::kernels::{kernels_on, Kernels};
-use super::pack::{pack_pairs, pack_row_pairs, pack_rows, Panels, RowPairs, NR};
+use super::kernels::{kernels_on, Kernels, Layout};
+use super::pack::{
+    pack_pairs, pack_projections, pack_row_pairs, pack_row_split, pack_rows, split_bits, split_pairs, Panels, RowPairs,
+    NR,
+};
 use super::scales::BankScales;
 use super::sink::{Epilogue, RowEpilogues, Sink, Update};
 use crate::dtype::Element;
@@ -358,5 +361,77 @@ fn the_tile_kernels_store_through_the_same_sinks() {
     }
     if !ran {
         println!("AMX tile kernels not tested: {}", Isa::Amx.unavailable_reason().unwrap_or("?"));
+    }
+}
+
+/// The f16 tile kernels ([`Layout::Split`]) on the identity: each output is one f16 value split
+/// into bf16 parts and summed back (`hi·1 + hi·0 + lo·1`), so it must equal the f16 value exactly,
+/// and IEEE's `Σ_k x_k·I_ck` where a row holds an infinity or a NaN (an infinity stays one in its own
+/// column and makes NaN in the others, as `∞·0` does). Shapes as for the bf16 tile kernels: 2 x 2
+/// and 1 x 2 blocks, a partial last step of k, and several k slices (1100: 105 split steps).
+#[test]
+fn the_split_tile_kernels_give_f16_products_exactly() {
+    let mut ran = false;
+    for isa in Isa::available() {
+        let kern = kernels_on::<f16>(isa);
+        if kern.facts().layout != Layout::Split {
+            continue;
+        }
+        let gemm_tiles = kern.gemm_tiles.expect("a split table has tile kernels");
+        for (rows, m) in [(37, 45), (16, 64), (3, 97), (64, 33), (35, 1100)] {
+            let finite = |v: f32| f16::from_f32(v.clamp(-65504.0, 65504.0));
+            let mut x: Vec<f16> = values(rows * m, 11).into_iter().map(finite).collect();
+            // Row 1: one infinity; row 2: a NaN and an infinity of the other sign.
+            if rows > 2 {
+                x[m + m / 2] = f16::INFINITY;
+                x[2 * m] = f16::NAN;
+                x[2 * m + m - 1] = f16::NEG_INFINITY;
+            }
+            let eye: Vec<f16> = (0..m * m).map(|i| f16::from_f32(if i / m == i % m { 1.0 } else { 0.0 })).collect();
+            let eye = MatRef::from_slice(&eye, m, m).unwrap();
+            let packed = pack_projections(eye, eye, Layout::Split);
+            let mut scratch = vec![0u32; RowPairs::len_for(rows, split_pairs(m))];
+            let left = pack_row_split(MatRef::from_slice(&x, rows, m).unwrap(), &mut scratch);
+            let mut y = vec![f32::NAN; rows * m];
+            let sink = Sink::F32 { out: MatMut::from_slice(&mut y, rows, m).unwrap().as_ptr_mat(), scale: None };
+            // SAFETY: the tier is available (its table exists); the split panels hold
+            // split_pairs(m) = left.k_len pair rows; the sink covers rows x m.
+            unsafe { gemm_tiles(left, 2 * left.k_len, packed.down.pairs(), 0..m.div_ceil(NR), &sink) };
+            for (idx, got) in y.iter().enumerate() {
+                let (row, col) = (idx / m, idx % m);
+                let want: f64 =
+                    (0..m).map(|k| x[row * m + k].to_f64() * if k == col { 1.0 } else { 0.0 }).sum();
+                let same = if want.is_nan() { got.is_nan() } else { f64::from(*got) == want };
+                assert!(same, "{isa} ({rows}, {m}): y[{row},{col}] = {got}, want {want}");
+            }
+        }
+        ran = true;
+    }
+    if !ran {
+        println!("AMX split tile kernels not tested: {}", Isa::Amx.unavailable_reason().unwrap_or("?"));
+    }
+}
+
+/// Every f16 is exactly the sum of its bf16 parts; an f32 is within 2^-16 of its own (the bound
+/// `reference::forward_error_bound` takes for `u`), or within half of bf16's subnormal spacing
+/// (2^-134) where the low part is subnormal (tiles flush it: the bound's flush term); infinities
+/// and NaN keep their high part alone.
+#[test]
+fn split_parts_are_exact_for_f16_and_within_2_pow_minus_16_for_f32() {
+    let part = |b: u32| f64::from(f32::from_bits(b << 16));
+    for bits in 0..=u16::MAX {
+        let v = f16::from_bits(bits);
+        let (hi, lo) = split_bits(v.to_f32());
+        if v.is_finite() {
+            assert_eq!(part(hi) + part(lo), v.to_f64(), "{v}");
+        } else {
+            let h = f32::from_bits(hi << 16);
+            assert!(lo == 0 && (if v.is_nan() { h.is_nan() } else { h == v.to_f32() }), "{v}: {h} {lo}");
+        }
+    }
+    for v in values(100_000, 12) {
+        let (hi, lo) = split_bits(v);
+        let err = (f64::from(v) - part(hi) - part(lo)).abs();
+        assert!(err <= f64::from(v).abs() * 2f64.powi(-16) + 2f64.powi(-134), "{v}: {err}");
     }
 }

@@ -80,7 +80,7 @@ pub fn forward_mixed<T: Element>(
     let layer = checked_layer(projections, bank, rows, &x, ([y.rows(), y.cols()], types::Y))?;
     let kern = kernels::current::<T>();
     let s = RowScales::Bank(bank.scales(rows));
-    forward::forward(kern, layer.weights(kern.facts().layout), s, x, y, mode);
+    forward::forward(kern, layer.weights(kern.facts().layout_for(x.rows())), s, x, y, mode);
     Ok(())
 }
 
@@ -103,7 +103,7 @@ pub fn forward_train_mixed<T: Element>(
     check_shape("h (must be [T, r])", [h.rows(), h.cols()], [x.rows(), layer.rank()])?;
     let kern = kernels::current::<T>();
     let s = RowScales::Bank(bank.scales(rows));
-    forward::forward_train(kern, layer.weights(kern.facts().layout), s, x, y, mode, h);
+    forward::forward_train(kern, layer.weights(kern.facts().layout_for(x.rows())), s, x, y, mode, h);
     Ok(())
 }
 

@@ -10,7 +10,7 @@ pub use train::{backward, forward_train, Gradients};
 
 use crate::adapter::Adapter;
 use crate::cpu::drivers::{self, RowScales, Scales, Weights};
-use crate::cpu::kernels;
+use crate::cpu::kernels::{self, Layout};
 use crate::cpu::sink::Update;
 use crate::dtype::Element;
 use crate::error::Result;
@@ -105,7 +105,7 @@ pub fn forward_layer<T: Element>(
 ) -> Result<()> {
     check_forward(&layer, adapter, x.rows(), x.cols(), Some([y.rows(), y.cols()]))?;
     let kern = kernels::current::<T>();
-    drivers::forward::forward(kern, layer.weights(kern.facts().layout), RowScales::One(scales(adapter)), x, y, mode);
+    drivers::forward::forward(kern, layer.weights(kern.facts().layout_for(x.rows())), RowScales::One(scales(adapter)), x, y, mode);
     Ok(())
 }
 
@@ -126,7 +126,7 @@ fn apply_delta<T: Element>(
     let layer = projections.slice(w.cols(), w.rows())?;
     adapter.check(layer.rank(), layer.out_features())?;
     // Merge reads A and B as they are (in T), not the packed projections.
-    let weights = Weights { a: layer.a(), b: layer.b(), packed: None };
+    let weights = Weights { a: layer.a(), b: layer.b(), layout: Layout::Wide, packed: None };
     drivers::delta::apply_delta(kernels::current::<T>(), weights, scales(adapter), w, update);
     Ok(())
 }

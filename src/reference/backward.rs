@@ -1,6 +1,6 @@
 //! The backward pass in f64, and forward-error bounds for the kernels' gradients.
 
-use super::{gamma, layer_matrices, F32_MIN_NORMAL, U32};
+use super::{gamma, layer_matrices, split_product_error, F32_MIN_NORMAL, U32};
 use crate::adapter::Adapter;
 use crate::dtype::Element;
 use crate::error::Result;
@@ -105,7 +105,9 @@ pub fn backward<T: Element>(
 ///   `ε_T · (|dx_ref| + e) + s_T / 2`;
 ///
 /// and, when `numerics.flushes_subnormals` (an `h` saved by a `vdpbf16ps` forward), the flushed
-/// parts of `h`, `2^-126 · (Σ_k |A_jk| + Σ_k |x_tk| + n)` per element, carried through the same sums.
+/// parts of `h`, `2^-126 · (Σ_k |A_jk| + Σ_k |x_tk| + n)` per element, carried through the same
+/// sums; when `numerics.splits_products` (an `h` saved by a split forward), its error beyond
+/// `gamma(n)·H` (see [`super::forward_error_bound`]) likewise.
 ///
 /// When `numerics.rounds_backward` (the `amx` tier's tiles), each product's left operand is rounded
 /// to `T` (unit roundoff `u_T`) and its subnormals flushed: `v` gains `u_T·(1 + γ)·V +
@@ -125,12 +127,23 @@ pub fn backward_error_bound<T: Element>(
     let (rows, r, m, n) = (x.rows(), layer.rank(), layer.out_features(), layer.in_features());
     let ld: Vec<f64> = adapter.lambda_d().iter().map(|&v| f64::from(v).abs()).collect();
     let dyv = |t: usize, i: usize| dy.row_unchecked(t)[i].to_f64().abs();
-    // The flushed part of each h (0 unless the saved h came from a flushing kernel).
+    // What a saved h may carry beyond gamma(n)·H: a split forward's error (its excess over
+    // gamma(n), times (1 + gamma(r + m + 1)) for the products it passes through), and the flushed
+    // part of each h (0 unless the saved h came from a flushing kernel).
+    let split = if numerics.splits_products {
+        let excess = split_product_error(n, U32, false) - gamma(n, U32);
+        excess * (1.0 + gamma(r + m + 1, U32))
+    } else {
+        0.0
+    };
     let ftz: Vec<Vec<f64>> = (0..rows)
         .map(|t| {
             let x_sum: f64 = x.row_unchecked(t).iter().map(|v| v.to_f64().abs()).sum();
             let on = if numerics.flushes_subnormals { 1.0 } else { 0.0 };
-            a.iter().map(|aj| on * F32_MIN_NORMAL * (aj.iter().sum::<f64>() + x_sum + n as f64)).collect()
+            a.iter()
+                .zip(&p.h[t])
+                .map(|(aj, h)| on * F32_MIN_NORMAL * (aj.iter().sum::<f64>() + x_sum + n as f64) + split * h)
+                .collect()
         })
         .collect();
     let ftz_v = |t: usize, i: usize| (0..r).map(|j| ld[j] * b[i][j] * ftz[t][j]).sum::<f64>();

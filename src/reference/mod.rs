@@ -24,6 +24,22 @@ fn gamma(k: usize, u: f64) -> f64 {
     ku / (1.0 - ku)
 }
 
+/// Unit roundoff of bf16, `2^-8`: the split parts of [`Numerics::splits_products`].
+const U_BF16: f64 = 0.003_906_25;
+
+/// The extra error of products split into bf16 parts ([`Numerics::splits_products`]), as a
+/// relative error on the magnitude of a dot product of `k` elements: `(gamma(3k) · S + drop,
+/// gamma)` for its `3k` accumulated terms, their magnitudes summing to at most `S = (1 + ε)²(1 +
+/// 2ε)` times the product's (`ε = 2^-8`; with `|hi| <= (1 + ε)|v|`, `|lo| <= ε(1 + ε)|v|`:
+/// `hi·hi + hi·lo + lo·hi`), where `drop` is what the parts leave out: `lo·lo <= ε²(1 + ε)` for an
+/// exact split (f16 `x` and A), plus `|v - hi - lo| <= ε²` of an f32 `u`.
+pub(crate) fn split_product_error(k: usize, unit: f64, f32_left: bool) -> f64 {
+    let e = U_BF16;
+    let s = (1.0 + e) * (1.0 + e) * (1.0 + 2.0 * e);
+    let drop = e * e * (1.0 + e) + if f32_left { e * e } else { 0.0 };
+    gamma(3 * k, unit) * s + drop
+}
+
 fn layer_matrices<T: Element>(layer: &LayerProjections<'_, T>, abs: bool) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
     let f = |v: &T| if abs { v.to_f64().abs() } else { v.to_f64() };
     let a = (0..layer.rank()).map(|j| layer.a().row_unchecked(j).iter().map(f).collect()).collect();
@@ -108,10 +124,11 @@ const F32_MIN_NORMAL: f64 = 1.175_494_350_822_287_5e-38;
 /// The extra error of arithmetic that flushes subnormals (`vdpbf16ps` treats subnormal inputs as
 /// zero and flushes subnormal results): each of the `n` steps of `h_j` may lose up to 2^-126 from
 /// its result and 2^-126 · (|x_k| + |A_jk|) from a flushed input, and that error reaches `y`
-/// through `|lambda_d_j| · |B_ij| · |lambda_b_i|`.
+/// through `|lambda_d_j| · |B_ij| · |lambda_b_i|`; likewise each of the `r` steps of `v_i` may lose
+/// 2^-126 from its result and `2^-126 · |B_ij|` from a flushed (part of) `u_j`, times `|lambda_b_i|`.
 fn flush_to_zero_term<T: Element>(layer: &LayerProjections<'_, T>, adapter: &Adapter, x: MatRef<'_, T>) -> Vec<f64> {
     let (a, b) = layer_matrices(layer, true);
-    let n = layer.in_features() as f64;
+    let (n, r) = (layer.in_features() as f64, layer.rank() as f64);
     let a_sums: Vec<f64> = a.iter().map(|row| row.iter().sum()).collect();
     let mut out = Vec::with_capacity(x.rows() * layer.out_features());
     for t in 0..x.rows() {
@@ -122,7 +139,8 @@ fn flush_to_zero_term<T: Element>(layer: &LayerProjections<'_, T>, adapter: &Ada
             .map(|(sa, &d)| f64::from(d).abs() * F32_MIN_NORMAL * (sa + x_sum + n))
             .collect();
         for (bi, &lb) in b.iter().zip(adapter.lambda_b()) {
-            out.push(f64::from(lb).abs() * bi.iter().zip(&per_j).map(|(p, q)| p * q).sum::<f64>());
+            let up = F32_MIN_NORMAL * (bi.iter().sum::<f64>() + r);
+            out.push(f64::from(lb).abs() * (bi.iter().zip(&per_j).map(|(p, q)| p * q).sum::<f64>() + up));
         }
     }
     out
@@ -143,6 +161,12 @@ fn flush_to_zero_term<T: Element>(layer: &LayerProjections<'_, T>, adapter: &Ada
 /// `vdpbf16ps`, as PEFT rounds `u` to the activation dtype), each element of `u` carries one more
 /// relative error `u_T`: `u_T · (1 + gamma) · M` in `y`. When `numerics.flushes_subnormals`, `e32`
 /// holds a term of order 2^-126 for that (see the source), negligible unless inputs are subnormal.
+///
+/// When `numerics.splits_products` (f16 on the `amx` tier), each product runs as three bf16 tile
+/// products over three times its length, and `gamma(n + r + 4)` becomes `e_h + e_v + e_h·e_v +
+/// gamma(4)·(1 + e_h)(1 + e_v)`, with `e_h`, `e_v` the two products' relative errors from
+/// `split_product_error` (`x` split exactly, `u` an f32 split to 16 bits), as a chain of relative
+/// errors composes.
 pub fn forward_error_bound<T: Element>(
     layer: LayerProjections<'_, T>,
     adapter: &Adapter,
@@ -151,7 +175,16 @@ pub fn forward_error_bound<T: Element>(
     numerics: Numerics,
 ) -> Result<Vec<f64>> {
     let u_round = if numerics.rounds_u { T::UNIT_ROUNDOFF } else { 0.0 };
-    bound(layer, adapter, x, base, U32, u_round, numerics.flushes_subnormals)
+    let g = if numerics.splits_products {
+        let (e_h, e_v) = (
+            split_product_error(layer.in_features(), U32, false),
+            split_product_error(layer.rank(), U32, true),
+        );
+        e_h + e_v + e_h * e_v + gamma(4, U32) * (1.0 + e_h) * (1.0 + e_v)
+    } else {
+        gamma(layer.in_features() + layer.rank() + 4, U32)
+    };
+    bound(layer, adapter, x, base, g, u_round, numerics.flushes_subnormals)
 }
 
 /// [`forward_error_bound`] for the CUDA kernels (`vera_kernels::cuda`, feature `cuda`), whose
@@ -170,17 +203,20 @@ pub fn forward_error_bound_cuda<T: Element>(
     x: MatRef<'_, T>,
     base: Option<MatRef<'_, T>>,
 ) -> Result<Vec<f64>> {
-    bound(layer, adapter, x, base, 2.0 * U32, T::UNIT_ROUNDOFF, true)
+    let g = gamma(layer.in_features() + layer.rank() + 4, 2.0 * U32);
+    bound(layer, adapter, x, base, g, T::UNIT_ROUNDOFF, true)
 }
 
-/// The forward-error bound with unit `unit` for the accumulations, a relative error `u_round` on
-/// each element of `u` (0 when `u` stays in f32), and the flush-to-zero term when `ftz`.
+/// The forward-error bound with relative error `g` for the adapter path's arithmetic up to `y`'s
+/// bias and base additions (`gamma(n + r + 4)` for plain f32 accumulations), a relative error
+/// `u_round` on each element of `u` (0 when `u` stays in f32), and the flush-to-zero term when
+/// `ftz`.
 fn bound<T: Element>(
     layer: LayerProjections<'_, T>,
     adapter: &Adapter,
     x: MatRef<'_, T>,
     base: Option<MatRef<'_, T>>,
-    unit: f64,
+    g: f64,
     u_round: f64,
     ftz: bool,
 ) -> Result<Vec<f64>> {
@@ -188,7 +224,6 @@ fn bound<T: Element>(
     let mag = adapter_path(&layer, adapter, x, true);
     let ftz = if ftz { flush_to_zero_term(&layer, adapter, x) } else { vec![0.0; mag.len()] };
     let m = layer.out_features();
-    let g = gamma(layer.in_features() + layer.rank() + 4, unit);
     Ok(mag
         .iter()
         .zip(&y_ref)

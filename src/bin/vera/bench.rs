@@ -220,7 +220,8 @@ impl Row {
     ///
     /// The compute bound is the FLOPs at the peak of the tier's instruction: the f32 FMA peak, or
     /// for a tier whose bf16 products run on `vdpbf16ps` (both products), the bf16 dot-product
-    /// peak, or on AMX tiles, the AMX peak. For decode, the bytes bound is the bytes moved at `read_gbps`: the read bandwidth measured on a buffer of the same size, so of
+    /// peak, or on AMX tiles, the AMX peak (a third of it for f16, whose products are split into
+    /// three bf16 tile products). For decode, the bytes bound is the bytes moved at `read_gbps`: the read bandwidth measured on a buffer of the same size, so of
     /// the level of the memory hierarchy those bytes live in between calls. The roofline that binds
     /// is the larger of the two times: a decode case with a large enough rank and T is
     /// compute-bound, and then the share of the bytes bound is printed after it.
@@ -229,6 +230,8 @@ impl Row {
         let rate = match (self.peak, p.bf16_gflops, p.amx_gflops) {
             (PeakInstruction::Bf16Dot, Some(bf), _) => bf,
             (PeakInstruction::AmxBf16, _, Ok(amx)) => amx,
+            // Three tile products per product (f16 split into bf16 parts).
+            (PeakInstruction::AmxBf16Split, _, Ok(amx)) => amx / 3.0,
             _ => p.f32_gflops,
         };
         let compute_s = self.shape.fused_flops() / (rate * 1e9);

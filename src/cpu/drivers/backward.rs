@@ -45,10 +45,10 @@ pub(crate) struct BackwardWeights<'a, T> {
 }
 
 /// The layout the backward packs the projections in for `kern`: [`Layout::Tiles`] where the tier
-/// has tile kernels for `T` (only a `Tiles` table has them), else [`Layout::Wide`] (the f32-FMA
-/// kernels).
+/// runs `T`'s products on bf16 tiles (bf16 on `amx`), else [`Layout::Wide`] (the f32-FMA kernels;
+/// f16 on `amx`, whose forward splits its products into bf16 parts, has no split backward).
 pub(crate) fn layout<T>(kern: &Kernels<T>) -> Layout {
-    if kern.gemm_tiles.is_some() {
+    if kern.facts().layout == Layout::Tiles {
         Layout::Tiles
     } else {
         Layout::Wide
@@ -71,7 +71,7 @@ pub(crate) fn backward<T: Element>(
     let mut owned = None;
     let packed: &PackedProjections<T> = match bw.w.packed {
         Some(p) => p,
-        None => owned.insert(pack_projections(bw.w.a, bw.w.b, layout(kern))),
+        None => owned.insert(pack_projections(bw.w.a, bw.w.b, bw.w.layout)),
     };
     let mut owned_t = None;
     let transposed = match bw.transposed {
@@ -97,7 +97,7 @@ pub(crate) fn backward<T: Element>(
     let row_slots = slots.of_row.as_deref();
     let ctx = Block {
         kern,
-        tiles: kern.gemm_tiles,
+        tiles: kern.gemm_tiles.filter(|_| bw.w.layout == Layout::Tiles),
         packed,
         transposed,
         s,

@@ -7,8 +7,8 @@ use crate::cpu::kernels::{Kernels, Layout};
 use std::marker::PhantomData;
 
 use crate::cpu::pack::{
-    pack_pairs, pack_pairs_rounded, pack_projections, pack_row_pairs, pack_row_pairs_rounded, pack_rows, Bits,
-    Gathered, Left, PackedProjections, RowPairs, RowSource, WeightPanels, NR,
+    pack_pairs, pack_pairs_rounded, pack_projections, pack_row_pairs, pack_row_pairs_rounded, pack_row_split, pack_rows,
+    split_pairs, Bits, Gathered, Left, PackedProjections, RowPairs, RowSource, WeightPanels, NR,
 };
 use crate::cpu::parallel::{for_blocks, for_panels, with_scratch};
 use crate::cpu::sink::{Epilogue, RowEpilogues, Sink};
@@ -18,32 +18,52 @@ use crate::types::Mode;
 
 pub(crate) use crate::cpu::kernels::BLOCK_ROWS;
 
-/// Scratch (f32 elements) [`down`] needs to pack `rows x n` activations, in any layout.
-pub(crate) fn down_scratch(rows: usize, n: usize) -> usize {
-    left_scratch(rows, n)
+/// A call's packed projections and the layout its products read them in (`Pairs` and `Tiles`
+/// share one packing).
+pub(crate) struct Packed<'p, T> {
+    pub layout: Layout,
+    pub proj: &'p PackedProjections<T>,
 }
 
-/// Scratch (f32 elements) [`up`] needs to pack `rows x r` of `u`, in any layout.
-pub(crate) fn up_scratch(rows: usize, r: usize) -> usize {
-    left_scratch(rows, r)
+impl<T> Clone for Packed<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Packed<'_, T> {}
+
+/// Scratch (f32 elements) [`down`] needs to pack `rows x n` activations for `packed`'s layout.
+pub(crate) fn down_scratch<T>(packed: Packed<'_, T>, rows: usize, n: usize) -> usize {
+    left_scratch(packed.layout, rows, n)
 }
 
-/// Scratch (f32 elements) a `rows x k` left operand takes packed in any layout (k-pairs, as u32,
-/// take no more room than f32 elements; pairs packed in tiles are padded).
-fn left_scratch(rows: usize, k: usize) -> usize {
-    Left::<f32>::len_for(rows, k).max(RowPairs::len_for(rows, k.div_ceil(2)))
+/// Scratch (f32 elements) [`up`] needs to pack `rows x r` of `u` for `packed`'s layout.
+pub(crate) fn up_scratch<T>(packed: Packed<'_, T>, rows: usize, r: usize) -> usize {
+    left_scratch(packed.layout, rows, r)
 }
 
-/// The model's packed projections, or a copy packed for this call into `owned`.
+/// Scratch (f32 elements) a `rows x k` left operand takes packed in `layout` (k-pairs, as u32,
+/// take no more room than f32 elements; pairs packed in tiles are padded, and split ones written
+/// three times).
+fn left_scratch(layout: Layout, rows: usize, k: usize) -> usize {
+    match layout {
+        Layout::Wide => Left::<f32>::len_for(rows, k),
+        Layout::Pairs => Left::<u32>::len_for(rows, k.div_ceil(2)).max(Left::<f32>::len_for(rows, k)),
+        Layout::Tiles => RowPairs::len_for(rows, k.div_ceil(2)),
+        Layout::Split => RowPairs::len_for(rows, split_pairs(k)),
+    }
+}
+
+/// The model's packed projections, or a copy packed for this call into `owned`, in `w`'s layout.
 pub(crate) fn packed_or_owned<'p, T: Element>(
-    kern: &Kernels<T>,
     w: &Weights<'p, T>,
     owned: &'p mut Option<PackedProjections<T>>,
-) -> &'p PackedProjections<T> {
-    match w.packed {
+) -> Packed<'p, T> {
+    let proj = match w.packed {
         Some(p) => p,
-        None => owned.insert(pack_projections(w.a, w.b, kern.facts().layout)),
-    }
+        None => owned.insert(pack_projections(w.a, w.b, w.layout)),
+    };
+    Packed { layout: w.layout, proj }
 }
 
 /// How a product's left operand is packed into 16-bit pairs: bf16 bits as they are (`x`), or f32
@@ -81,14 +101,14 @@ impl<'a> PackPairs<MatRef<'a, f32>> for Rounded {
 /// into `scratch` first, in the layout of the kernels.
 pub(crate) fn down<T: Element>(
     kern: &Kernels<T>,
-    packed: &PackedProjections<T>,
+    packed: Packed<'_, T>,
     x: impl RowSource<T>,
     scratch: &mut [f32],
     r: usize,
     sink: &Sink<'_, T>,
     split: bool,
 ) {
-    product(kern, &packed.down, x, (scratch, AsBits(PhantomData)), r, sink, split);
+    product(kern, (packed.layout, &packed.proj.down), x, (scratch, AsBits(PhantomData)), r, sink, split);
 }
 
 /// `y (op)= epilogue(u·Bᵀ)` for the rows of `u` (the up-projection), packing `u` into `scratch`
@@ -96,22 +116,22 @@ pub(crate) fn down<T: Element>(
 /// activation dtype).
 pub(crate) fn up<T: Element>(
     kern: &Kernels<T>,
-    packed: &PackedProjections<T>,
+    packed: Packed<'_, T>,
     u: MatRef<'_, f32>,
     scratch: &mut [f32],
     m: usize,
     sink: &Sink<'_, T>,
     split: bool,
 ) {
-    product(kern, &packed.up, u, (scratch, Rounded), m, sink, split);
+    product(kern, (packed.layout, &packed.proj.up), u, (scratch, Rounded), m, sink, split);
 }
 
 /// `sink <- left · weightsᵀ` over the first `cols` columns, with `left` packed into the scratch in
-/// the kernels' layout: widened to f32 rows, or by `pairs` into k-pairs for the pair kernels, or
-/// into AMX tiles of pairs for the tile kernels.
+/// the weights' layout: widened to f32 rows, or by `pairs` into k-pairs for the pair kernels, or
+/// into AMX tiles of pairs (bf16, or split into parts) for the tile kernels.
 fn product<T: Element, E: Element, S: RowSource<E>>(
     kern: &Kernels<T>,
-    weights: &WeightPanels<T>,
+    (layout, weights): (Layout, &WeightPanels<T>),
     left: S,
     (scratch, pairs): (&mut [f32], impl PackPairs<S>),
     cols: usize,
@@ -120,12 +140,21 @@ fn product<T: Element, E: Element, S: RowSource<E>>(
 ) {
     let panels = cols.div_ceil(NR);
     let k = left.cols();
-    match (kern.facts().layout, kern.gemm_pairs, kern.gemm_tiles) {
+    match (layout, kern.gemm_pairs, kern.gemm_tiles) {
         (Layout::Tiles, _, Some(gemm_tiles)) => {
             let p = weights.pairs();
             let left = pairs.rows(left, bytemuck::cast_slice_mut(scratch));
             // SAFETY: the panels hold ceil(k_max / 2) >= ceil(k / 2) pair rows; the caller owns
             // the sink's rows, and for_panels hands out disjoint panel ranges.
+            for_panels(panels, split, |range| unsafe { gemm_tiles(left, k, p, range, sink) });
+        }
+        (Layout::Split, _, Some(gemm_tiles)) => {
+            let p = weights.pairs();
+            let left = pack_row_split(left, bytemuck::cast_slice_mut(scratch));
+            // The split operands are whole tile steps of pairs: 2·k_len elements, no tail.
+            let k = 2 * left.k_len;
+            // SAFETY: the panels hold split_pairs(k_max) >= split_pairs(k) = left.k_len pair rows;
+            // as above.
             for_panels(panels, split, |range| unsafe { gemm_tiles(left, k, p, range, sink) });
         }
         (Layout::Pairs, Some(gemm_pairs), _) => {
@@ -191,7 +220,7 @@ fn fused<T: Element>(
         return;
     }
     let mut owned = None;
-    let packed = packed_or_owned(kern, &w, &mut owned);
+    let packed = packed_or_owned(&w, &mut owned);
     let accumulate = mode == Mode::Accumulate;
     // A bank's rows run sorted by adapter: a block then holds few adapters, whose vectors stay in
     // cache for its stores (with row t using adapter t % 64, every block of a 512-row batch read all
@@ -218,8 +247,8 @@ fn fused<T: Element>(
     let even = run.div_ceil(rayon::current_num_threads()).next_multiple_of(32);
     let block = kern.facts().block_rows.min(even).max(BLOCK_ROWS);
     for_blocks(run, block, flops, |t0, tb, split| {
-        let packed_u = up_scratch(tb, r);
-        with_scratch(tb * r + packed_u + down_scratch(tb, n), |buf| {
+        let packed_u = up_scratch(packed, tb, r);
+        with_scratch(tb * r + packed_u + down_scratch(packed, tb, n), |buf| {
             let (u, rest) = buf.split_at_mut(tb * r);
             let (ul, xl) = rest.split_at_mut(packed_u);
             let mut um = MatMut::from_slice(u, tb, r).expect("scratch sized tb * r");

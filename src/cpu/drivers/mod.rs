@@ -7,17 +7,20 @@ pub(crate) mod backward;
 pub(crate) mod delta;
 pub(crate) mod forward;
 
+use super::kernels::Layout;
 use super::pack::PackedProjections;
 pub(crate) use super::scales::{BankScales, RowScales, Scales};
 use super::sink::Epilogue;
 use crate::mat::MatRef;
 
-/// One layer's projections as the drivers take them: A `[r, n]`, B `[m, r]`, and the model's
-/// copy packed in the kernels' layout, when there is one (else the driver packs per call).
+/// One layer's projections as the drivers take them: A `[r, n]`, B `[m, r]`, the layout the call's
+/// products run in, and the model's copy packed in it, when there is one (else the driver packs
+/// per call).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Weights<'a, T> {
     pub a: MatRef<'a, T>,
     pub b: MatRef<'a, T>,
+    pub layout: Layout,
     pub packed: Option<&'a PackedProjections<T>>,
 }
 

@@ -489,11 +489,34 @@ const FACTS: TierFacts = TierFacts {
     ..avx512bf16::FACTS
 };
 
-/// The AMX kernel table for `T`: tiles for bf16, the AVX-512 table otherwise.
+/// Calls of fewer rows than this run f16 on the `avx512` tier's f32-FMA kernels; from this many on,
+/// on tiles with each f16 split into two bf16 parts (three tile products each). Decode streams
+/// the weights, and split weights take 3x the bytes of f16 ones. Measured (2 threads, n = m =
+/// 4096, `vera bench --dtype f16`, split from 1 row against `VERA_KERNELS_ISA=avx512`, two runs
+/// each): r = 256 split/FMA 0.35/0.16 ms at T = 8, 1.07/0.93 at 64, 1.20/1.52 at 96, 1.22/1.59 at
+/// 128; r = 1024 1.34/1.01 at 16, 1.59/1.76 at 32, 2.42/3.14 at 64. At r = 64 the FMA kernels
+/// stayed 3-10% ahead up to T = 256 (0.52/0.49 at 128, 1.05/0.97 at 256): too few weight columns
+/// to reuse each packed row of `x` over.
+const SPLIT_FROM_ROWS: usize = 64;
+
+/// The facts of this tier's f16 kernels: the `avx512` tier's below [`SPLIT_FROM_ROWS`] rows, split
+/// products on tiles from there on (`u` kept in f32 and split too, subnormal results flushed).
+const FACTS_F16: TierFacts = TierFacts {
+    layout: Layout::Split,
+    wide_below_rows: SPLIT_FROM_ROWS,
+    rounds_u: false,
+    peak: PeakInstruction::AmxBf16Split,
+    ..FACTS
+};
+
+/// The AMX kernel table for `T`: tiles for bf16 and (split into bf16 parts) for f16, the AVX-512
+/// table for f32.
 pub(crate) fn kernels<T: Simd16 + Simd8>(vendor: Vendor) -> Kernels<T> {
     let table = super::avx512::kernels::<T>(vendor);
-    if T::DTYPE != crate::DType::BF16 {
-        return table;
-    }
-    Kernels { facts: FACTS, gemm_tiles: Some(gemm_tiles::<T>), ..table }
+    let facts = match T::DTYPE {
+        crate::DType::BF16 => FACTS,
+        crate::DType::F16 => FACTS_F16,
+        _ => return table,
+    };
+    Kernels { facts, gemm_tiles: Some(gemm_tiles::<T>), ..table }
 }

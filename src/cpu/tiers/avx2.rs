@@ -273,6 +273,7 @@ pub(crate) fn kernels<T: Simd8>() -> Kernels<T> {
             block_rows: crate::cpu::kernels::BLOCK_ROWS,
             decode_panels: DECODE_PANELS,
             layout: Layout::Wide,
+            wide_below_rows: 0,
             rounds_u: false,
             flushes_subnormals: false,
             peak: PeakInstruction::F32Fma,

@@ -315,6 +315,7 @@ pub(super) const FACTS: TierFacts = TierFacts {
     block_rows: crate::cpu::kernels::BLOCK_ROWS,
     decode_panels: DECODE_PANELS,
     layout: Layout::Wide,
+    wide_below_rows: 0,
     rounds_u: false,
     flushes_subnormals: false,
     peak: PeakInstruction::F32Fma,

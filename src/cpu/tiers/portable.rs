@@ -129,6 +129,7 @@ pub(crate) fn kernels<T: Element>() -> Kernels<T> {
             block_rows: crate::cpu::kernels::BLOCK_ROWS,
             decode_panels: [0; 4],
             layout: Layout::Wide,
+            wide_below_rows: 0,
             rounds_u: false,
             flushes_subnormals: false,
             peak: PeakInstruction::F32Fma,
