@@ -518,7 +518,10 @@ mod avx512 {
     /// # Safety
     /// The CPU has AVX-512F, BW and VL.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn pack_row_split_with<'o, E: Element>(src: impl RowSource<E>, out: &'o mut [u32]) -> RowPairs<'o> {
+    pub(super) unsafe fn pack_row_split_with<'o, E: Element>(
+        src: impl RowSource<E>,
+        out: &'o mut [u32],
+    ) -> RowPairs<'o> {
         super::pack_row_split_with(src, out)
     }
 

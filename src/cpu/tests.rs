@@ -399,8 +399,7 @@ fn the_split_tile_kernels_give_f16_products_exactly() {
             unsafe { gemm_tiles(left, 2 * left.k_len, packed.down.pairs(), 0..m.div_ceil(NR), &sink) };
             for (idx, got) in y.iter().enumerate() {
                 let (row, col) = (idx / m, idx % m);
-                let want: f64 =
-                    (0..m).map(|k| x[row * m + k].to_f64() * if k == col { 1.0 } else { 0.0 }).sum();
+                let want: f64 = (0..m).map(|k| x[row * m + k].to_f64() * if k == col { 1.0 } else { 0.0 }).sum();
                 let same = if want.is_nan() { got.is_nan() } else { f64::from(*got) == want };
                 assert!(same, "{isa} ({rows}, {m}): y[{row},{col}] = {got}, want {want}");
             }

@@ -105,7 +105,14 @@ pub fn forward_layer<T: Element>(
 ) -> Result<()> {
     check_forward(&layer, adapter, x.rows(), x.cols(), Some([y.rows(), y.cols()]))?;
     let kern = kernels::current::<T>();
-    drivers::forward::forward(kern, layer.weights(kern.facts().layout_for(x.rows())), RowScales::One(scales(adapter)), x, y, mode);
+    drivers::forward::forward(
+        kern,
+        layer.weights(kern.facts().layout_for(x.rows())),
+        RowScales::One(scales(adapter)),
+        x,
+        y,
+        mode,
+    );
     Ok(())
 }
 

@@ -86,7 +86,15 @@ pub fn forward_train<T: Element>(
     check_forward(&layer, adapter, x.rows(), x.cols(), Some([y.rows(), y.cols()]))?;
     check_shape("h (must be [T, r])", [h.rows(), h.cols()], [x.rows(), layer.rank()])?;
     let kern = kernels::current::<T>();
-    forward::forward_train(kern, layer.weights(kern.facts().layout_for(x.rows())), RowScales::One(scales(adapter)), x, y, mode, h);
+    forward::forward_train(
+        kern,
+        layer.weights(kern.facts().layout_for(x.rows())),
+        RowScales::One(scales(adapter)),
+        x,
+        y,
+        mode,
+        h,
+    );
     Ok(())
 }
 

@@ -176,10 +176,8 @@ pub fn forward_error_bound<T: Element>(
 ) -> Result<Vec<f64>> {
     let u_round = if numerics.rounds_u { T::UNIT_ROUNDOFF } else { 0.0 };
     let g = if numerics.splits_products {
-        let (e_h, e_v) = (
-            split_product_error(layer.in_features(), U32, false),
-            split_product_error(layer.rank(), U32, true),
-        );
+        let (e_h, e_v) =
+            (split_product_error(layer.in_features(), U32, false), split_product_error(layer.rank(), U32, true));
         e_h + e_v + e_h * e_v + gamma(4, U32) * (1.0 + e_h) * (1.0 + e_v)
     } else {
         gamma(layer.in_features() + layer.rank() + 4, U32)

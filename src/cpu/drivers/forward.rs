@@ -7,8 +7,8 @@ use crate::cpu::kernels::{Kernels, Layout};
 use std::marker::PhantomData;
 
 use crate::cpu::pack::{
-    pack_pairs, pack_pairs_rounded, pack_projections, pack_row_pairs, pack_row_pairs_rounded, pack_row_split, pack_rows,
-    split_pairs, Bits, Gathered, Left, PackedProjections, RowPairs, RowSource, WeightPanels, NR,
+    pack_pairs, pack_pairs_rounded, pack_projections, pack_row_pairs, pack_row_pairs_rounded, pack_row_split,
+    pack_rows, split_pairs, Bits, Gathered, Left, PackedProjections, RowPairs, RowSource, WeightPanels, NR,
 };
 use crate::cpu::parallel::{for_blocks, for_panels, with_scratch};
 use crate::cpu::sink::{Epilogue, RowEpilogues, Sink};
