@@ -539,19 +539,27 @@ mod avx512 {
     }
 }
 
-/// The part of `out` a packed `rows x n` operand ([`RowPairs`]) takes, starting on a 64-byte line,
-/// zeroed where it has padding that is read (see [`RowPairs`]), and its layout (with no data yet).
-fn row_pairs_out(rows: usize, n: usize, out: &mut [u32]) -> (&mut [u32], RowPairs<'static>) {
-    let k_len = n.div_ceil(2);
+/// The part of `out` a packed operand of `rows` rows of `k_len` pairs ([`RowPairs`]) takes,
+/// starting on a 64-byte line, zeroed where it has padding that is read (see [`RowPairs`]: the
+/// rows past `rows` of its last tile when `rows > 16`, and the pairs past `k_len` of the last
+/// step), and its layout (with no data yet).
+fn row_pairs_out(rows: usize, k_len: usize, out: &mut [u32]) -> (&mut [u32], RowPairs<'static>) {
+    const STEP: usize = RowPairs::STEP;
     let offset = aligned_offset(out);
     let out = &mut out[offset..offset + RowPairs::len_for(rows, k_len) - align_slack::<u32>()];
-    let layout = RowPairs { data: &[], rows, k_len, steps: k_len.div_ceil(RowPairs::STEP) };
-    if rows > TILE_ROWS && !rows.is_multiple_of(TILE_ROWS) {
-        out.fill(0);
-    } else if !k_len.is_multiple_of(RowPairs::STEP) {
+    let layout = RowPairs { data: &[], rows, k_len, steps: k_len.div_ceil(STEP) };
+    if rows > TILE_ROWS {
+        for t in rows..rows.next_multiple_of(TILE_ROWS) {
+            for s in 0..layout.steps {
+                let at = layout.index(t, s * STEP);
+                out[at..at + STEP].fill(0);
+            }
+        }
+    }
+    if !k_len.is_multiple_of(STEP) {
         for t in 0..rows {
             let at = layout.index(t, k_len);
-            out[at..at + RowPairs::STEP - k_len % RowPairs::STEP].fill(0);
+            out[at..at + STEP - k_len % STEP].fill(0);
         }
     }
     (out, layout)
@@ -564,7 +572,7 @@ fn pack_row_pairs_with<'o, E: Copy>(
     bits: impl Fn(E) -> u32,
 ) -> RowPairs<'o> {
     let n = src.cols();
-    let (out, layout) = row_pairs_out(src.rows(), n, out);
+    let (out, layout) = row_pairs_out(src.rows(), n.div_ceil(2), out);
     for t in 0..layout.rows {
         let (pairs, rest) = src.row(t)[..n].as_chunks::<2>();
         // One step (16 pairs, 64 contiguous bytes) at a time.
@@ -583,8 +591,8 @@ fn pack_row_pairs_with<'o, E: Copy>(
 
 /// Packs `rows x n` values (f16 `x`, or f32 `u`) split into high and low bf16 parts as k-pairs in
 /// AMX tiles, in [`Layout::Split`]'s order for left operands: each 16-pair step of k as
-/// `[hi][hi, finite or 0][lo]` (see [`split_bits`] and `cross`). Pairs past `n` are zero, and so are rows past `rows` up to
-/// a whole tile when `rows > 16` (as [`RowPairs`]).
+/// `[hi][hi, finite or 0][lo]` (see [`split_bits`] and `cross`). Pairs past `n` are zero, and so
+/// is the padding [`RowPairs`] zeroes.
 pub(crate) fn pack_row_split<'o, E: Element>(src: impl RowSource<E>, out: &'o mut [u32]) -> RowPairs<'o> {
     #[cfg(all(target_arch = "x86_64", not(miri)))]
     if super::isa::has_avx512() {
@@ -597,20 +605,10 @@ pub(crate) fn pack_row_split<'o, E: Element>(src: impl RowSource<E>, out: &'o mu
 #[inline(always)]
 fn pack_row_split_with<'o, E: Element>(src: impl RowSource<E>, out: &'o mut [u32]) -> RowPairs<'o> {
     const STEP: usize = RowPairs::STEP;
-    let (rows, n) = (src.rows(), src.cols());
-    let k_len = split_pairs(n);
-    let offset = aligned_offset(out);
-    let out = &mut out[offset..offset + RowPairs::len_for(rows, k_len) - align_slack::<u32>()];
-    let layout = RowPairs { data: &[], rows, k_len, steps: k_len / STEP };
-    if rows > TILE_ROWS {
-        for t in rows..rows.next_multiple_of(TILE_ROWS) {
-            for s in 0..layout.steps {
-                let at = layout.index(t, s * STEP);
-                out[at..at + STEP].fill(0);
-            }
-        }
-    }
-    for t in 0..rows {
+    let n = src.cols();
+    // Whole steps: every pair of a real row is written below.
+    let (out, layout) = row_pairs_out(src.rows(), split_pairs(n), out);
+    for t in 0..layout.rows {
         // One step of k (32 elements, zero past n) at a time: its high and low pairs, written as
         // the step's three copies.
         for (s, chunk) in src.row(t)[..n].chunks(2 * STEP).enumerate() {
@@ -656,7 +654,7 @@ fn pack_row_pairs_scaled_with<'o, 's, E: Element>(
     out: &'o mut [u32],
 ) -> RowPairs<'o> {
     let n = src.cols();
-    let (out, layout) = row_pairs_out(src.rows(), n, out);
+    let (out, layout) = row_pairs_out(src.rows(), n.div_ceil(2), out);
     for t in 0..layout.rows {
         let Some(scale) = row_scale(t) else {
             // Pairs past k_len are zero already; a whole step at a time covers the rest.

@@ -131,7 +131,7 @@ pub fn backward_error_bound<T: Element>(
     // gamma(n), times (1 + gamma(r + m + 1)) for the products it passes through), and the flushed
     // part of each h (0 unless the saved h came from a flushing kernel).
     let split = if numerics.splits_products {
-        let excess = split_product_error(n, U32, false) - gamma(n, U32);
+        let excess = split_product_error(n, false) - gamma(n, U32);
         excess * (1.0 + gamma(r + m + 1, U32))
     } else {
         0.0

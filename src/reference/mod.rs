@@ -27,17 +27,17 @@ fn gamma(k: usize, u: f64) -> f64 {
 /// Unit roundoff of bf16, `2^-8`: the split parts of [`Numerics::splits_products`].
 const U_BF16: f64 = 0.003_906_25;
 
-/// The extra error of products split into bf16 parts ([`Numerics::splits_products`]), as a
-/// relative error on the magnitude of a dot product of `k` elements: `(gamma(3k) · S + drop,
-/// gamma)` for its `3k` accumulated terms, their magnitudes summing to at most `S = (1 + ε)²(1 +
-/// 2ε)` times the product's (`ε = 2^-8`; with `|hi| <= (1 + ε)|v|`, `|lo| <= ε(1 + ε)|v|`:
-/// `hi·hi + hi·lo + lo·hi`), where `drop` is what the parts leave out: `lo·lo <= ε²(1 + ε)` for an
-/// exact split (f16 `x` and A), plus `|v - hi - lo| <= ε²` of an f32 `u`.
-pub(crate) fn split_product_error(k: usize, unit: f64, f32_left: bool) -> f64 {
+/// The relative error, on the magnitude of the exact product, of a dot product of `k` elements
+/// split into bf16 parts ([`Numerics::splits_products`]): `gamma(3k) · S + drop`. Its `3k` terms
+/// `hi·hi + hi·lo + lo·hi`, accumulated in f32, have magnitudes summing to at most `S = (1 + ε)²(1
+/// + 2ε)` times the product's (`ε = 2^-8`, `|hi| <= (1 + ε)|v|`, `|lo| <= ε(1 + ε)|v|`); `drop` is
+/// what the parts leave out: `lo·lo <= ε²(1 + ε)` for an exact split (f16 `x` and A), plus
+/// `|v - hi - lo| <= ε²` when the left operand is an f32 (`u`).
+pub(crate) fn split_product_error(k: usize, f32_left: bool) -> f64 {
     let e = U_BF16;
     let s = (1.0 + e) * (1.0 + e) * (1.0 + 2.0 * e);
     let drop = e * e * (1.0 + e) + if f32_left { e * e } else { 0.0 };
-    gamma(3 * k, unit) * s + drop
+    gamma(3 * k, U32) * s + drop
 }
 
 fn layer_matrices<T: Element>(layer: &LayerProjections<'_, T>, abs: bool) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
@@ -176,8 +176,7 @@ pub fn forward_error_bound<T: Element>(
 ) -> Result<Vec<f64>> {
     let u_round = if numerics.rounds_u { T::UNIT_ROUNDOFF } else { 0.0 };
     let g = if numerics.splits_products {
-        let (e_h, e_v) =
-            (split_product_error(layer.in_features(), U32, false), split_product_error(layer.rank(), U32, true));
+        let (e_h, e_v) = (split_product_error(layer.in_features(), false), split_product_error(layer.rank(), true));
         e_h + e_v + e_h * e_v + gamma(4, U32) * (1.0 + e_h) * (1.0 + e_v)
     } else {
         gamma(layer.in_features() + layer.rank() + 4, U32)

@@ -221,8 +221,9 @@ impl Row {
     /// The compute bound is the FLOPs at the peak of the tier's instruction: the f32 FMA peak, or
     /// for a tier whose bf16 products run on `vdpbf16ps` (both products), the bf16 dot-product
     /// peak, or on AMX tiles, the AMX peak (a third of it for f16, whose products are split into
-    /// three bf16 tile products). For decode, the bytes bound is the bytes moved at `read_gbps`: the read bandwidth measured on a buffer of the same size, so of
-    /// the level of the memory hierarchy those bytes live in between calls. The roofline that binds
+    /// three bf16 tile products). For decode, the bytes bound is the bytes moved at `read_gbps`:
+    /// the read bandwidth measured on a buffer of the same size, so of the level of the memory
+    /// hierarchy those bytes live in between calls. The roofline that binds
     /// is the larger of the two times: a decode case with a large enough rank and T is
     /// compute-bound, and then the share of the bytes bound is printed after it.
     pub fn roofline(&self, p: &Peak, read_gbps: Option<f64>) -> (f64, String) {

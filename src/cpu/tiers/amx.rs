@@ -442,9 +442,10 @@ unsafe fn gemm_tiles<T: Simd16>(
                         unsafe { prefetch_block(sink, t0, rows, p * NR) };
                     }
                     // SAFETY: the left operand has room for whole tiles of rows (a padding row only
-                    // makes an output row that is never stored) and each tile holds `steps >= s0 + sl` packed steps, so a block's 16 or 32 rows exist
-                    // from step s0 on for sl steps; the panel holds k_len >= 16·(s0 + sl) pair rows;
-                    // the C blocks are 32 x 32.
+                    // makes an output row that is never stored) and each tile holds `steps >= s0 +
+                    // sl` packed steps, so a block's 16 or 32 rows exist from step s0 on for sl
+                    // steps; the panel holds k_len >= 16·(s0 + sl) pair rows; the C blocks are
+                    // 32 x 32.
                     unsafe {
                         if rows > TILE_ROWS {
                             let a1 = left.data[left.index(t0 + TILE_ROWS, s0 * STEP)..].as_ptr();

@@ -46,6 +46,22 @@ pub(super) const DECODE_PANELS: [usize; 4] = [4, 4, 2, 2];
 /// `VERA_KERNELS_ISA=avx512bf16`). A staged block is in L1 and needs none.
 pub(super) const IN_PLACE_PREFETCH: usize = 512;
 
+/// Asks for panel row `row` of `W` (`NR` weights, one or two cache lines) `AHEAD` bytes ahead, for
+/// a kernel reading panels in place (see [`IN_PLACE_PREFETCH`]); `AHEAD = 0` asks for nothing.
+/// A prefetch never faults, so the address may run past the panel's end.
+#[inline(always)]
+pub(super) fn prefetch_row_ahead<W, const AHEAD: usize>(row: *const W) {
+    if AHEAD == 0 {
+        return;
+    }
+    let ahead = row.cast::<u8>().wrapping_add(AHEAD);
+    for line in (0..NR * std::mem::size_of::<W>()).step_by(64) {
+        // SAFETY: SSE is in the x86-64 baseline; a prefetch reads no memory architecturally and
+        // never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast()) };
+    }
+}
+
 /// Room for one staged block of f32 weights (`KC x NR`, 8 KiB), aligned for full-vector loads.
 #[repr(C, align(64))]
 struct StageBuf([f32; KC * NR]);
@@ -73,14 +89,7 @@ unsafe fn fma_block<S: Simd16, const R: usize, const P: usize, const PREFETCH: u
         for k in 0..kl {
             let bk = lp.add((k0 + k) * lanes);
             for (aq, &spq) in a.iter_mut().zip(&sp) {
-                if PREFETCH > 0 {
-                    // A prefetch never faults, so the address may run past the panel's end.
-                    let ahead = spq.add(k * NR).cast::<u8>().wrapping_add(PREFETCH);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-                    if std::mem::size_of::<S>() == 4 {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast());
-                    }
-                }
+                prefetch_row_ahead::<S, PREFETCH>(spq.add(k * NR));
                 let w0 = S::load16(spq.add(k * NR));
                 let w1 = S::load16(spq.add(k * NR + 16));
                 for (i, ai) in aq.iter_mut().enumerate() {

@@ -67,12 +67,7 @@ impl<T: Simd16, const PREFETCH: usize> MicroKernel<T> for Pairs<'_, PREFETCH> {
             for p in k0..(k0 + kl).min(full) {
                 let bp = lp.add(p * lanes);
                 for (aq, &wq) in a.iter_mut().zip(&wp) {
-                    if PREFETCH > 0 {
-                        // A prefetch never faults, so the address may run past the panel's end.
-                        let ahead = wq.wrapping_add(p * NR).cast::<u8>().wrapping_add(PREFETCH);
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast());
-                    }
+                    avx512::prefetch_row_ahead::<u32, PREFETCH>(wq.add(p * NR));
                     let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wq.add(p * NR).cast()));
                     let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(wq.add(p * NR + 16).cast()));
                     for (i, ai) in aq.iter_mut().enumerate() {
