@@ -31,6 +31,10 @@ pub struct Numerics {
     /// product term carries a relative error of at most about 2^-15, and each dot product is three
     /// times as long (the `amx` tier's f16 prefill: [`crate::Layout::Split`]).
     pub splits_products: bool,
+    /// Merge, unmerge and ΔW run on bf16 tiles, their f32 left operand `diag(lambda_b)·B·diag(lambda_d)`
+    /// split into three bf16 parts (to within 2^-24 of each value) against A's exact bf16 values:
+    /// each dot product three times as long, subnormals flushed (the `amx` tier's bf16 merge).
+    pub splits_delta: bool,
 }
 
 /// The sizes of one layer's projections: A `[r, n]` sliced from `[r, n_max]`, B `[m, r]` sliced

@@ -210,7 +210,13 @@ fn check_product(adapter: &PeftAdapter, sizes: Option<ProjectionSizes>, lora_dir
         let mut dw = vec![0.0f32; m * n];
         vera_kernels::delta_weight(&projections, vera_module, MatMut::from_slice(&mut dw, m, n).unwrap()).unwrap();
         let layer = projections.slice(n, m).unwrap();
-        let kernel_bound = vera_kernels::reference::delta_error_bound(layer, vera_module, None).unwrap();
+        let kernel_bound = vera_kernels::reference::delta_error_bound(
+            layer,
+            vera_module,
+            None,
+            vera_kernels::tier_facts::<f32>().numerics(),
+        )
+        .unwrap();
         for i in 0..m {
             for k in 0..n {
                 let (mut p, mut mag) = (0.0f64, 0.0f64);

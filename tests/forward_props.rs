@@ -101,7 +101,8 @@ fn check_merge_on<T: Element>(c: &Case, isa: Isa) -> Result<(), TestCaseError> {
     let w0 = to::<T>(&values(&mut g, c.m * c.n, 1.0));
     let w_ref = MatRef::from_slice(&w0, c.m, c.n).unwrap();
     let dw = reference::delta_weight(layer, &inp.adapter).unwrap();
-    let bound = reference::delta_error_bound(layer, &inp.adapter, Some(w_ref)).unwrap();
+    let numerics = with_isa(isa, tier_facts::<T>).numerics();
+    let bound = reference::delta_error_bound(layer, &inp.adapter, Some(w_ref), numerics).unwrap();
 
     let merged_with = |threads: usize| {
         let mut w = w0.clone();
@@ -132,7 +133,7 @@ fn check_merge_on<T: Element>(c: &Case, isa: Isa) -> Result<(), TestCaseError> {
     let mut w = w1.clone();
     with_isa(isa, || unmerge(&inp.projections, &inp.adapter, MatMut::from_slice(&mut w, c.m, c.n).unwrap())).unwrap();
     let merged_ref = MatRef::from_slice(&w1, c.m, c.n).unwrap();
-    let back_bound = reference::delta_error_bound(layer, &inp.adapter, Some(merged_ref)).unwrap();
+    let back_bound = reference::delta_error_bound(layer, &inp.adapter, Some(merged_ref), numerics).unwrap();
     for (idx, got) in w.iter().enumerate() {
         let want = w1[idx].to_f64() - dw[idx];
         prop_assert!(

@@ -51,6 +51,8 @@ fn the_facts_follow_the_tier() {
         assert_eq!(facts.numerics().flushes_subnormals, bf16_products);
         // Only the tiles run the backward on bf16 operands.
         assert_eq!(facts.numerics().rounds_backward, isa == Isa::Amx);
+        // Only bf16 on tiles merges on split operands.
+        assert_eq!(facts.numerics().splits_delta, isa == Isa::Amx);
         let f32_facts = with_isa(isa, tier_facts::<f32>);
         assert_eq!(f32_facts.layout, Layout::Wide);
         assert!(!f32_facts.rounds_u);
@@ -60,6 +62,7 @@ fn the_facts_follow_the_tier() {
         assert_eq!(f16_facts.layout == Layout::Split, isa == Isa::Amx);
         assert_eq!(f16_facts.numerics().splits_products, isa == Isa::Amx);
         assert!(!f16_facts.rounds_u && !f16_facts.numerics().rounds_backward);
+        assert!(!f16_facts.numerics().splits_delta && !f32_facts.numerics().splits_delta);
         assert_eq!(f16_facts.layout_for(1), Layout::Wide);
         assert_eq!(f16_facts.layout_for(4096), f16_facts.layout);
     }

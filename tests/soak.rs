@@ -159,9 +159,13 @@ fn run<T: Element>(p: &Projections<T>, c: Call) -> Result<(), String> {
             let dw = reference::delta_weight(layer, &adapters[0]).unwrap();
             let mut w = w0.clone();
             call(&mut || merge(p, &adapters[0], MatMut::from_slice(&mut w, c.m, c.n).unwrap()).unwrap());
-            let bound =
-                reference::delta_error_bound(layer, &adapters[0], Some(MatRef::from_slice(&w0, c.m, c.n).unwrap()))
-                    .unwrap();
+            let bound = reference::delta_error_bound(
+                layer,
+                &adapters[0],
+                Some(MatRef::from_slice(&w0, c.m, c.n).unwrap()),
+                numerics,
+            )
+            .unwrap();
             for (i, got) in w.iter().enumerate() {
                 let want = w0[i].to_f64() + dw[i];
                 if (got.to_f64() - want).abs() > bound[i] {
@@ -170,9 +174,13 @@ fn run<T: Element>(p: &Projections<T>, c: Call) -> Result<(), String> {
             }
             let merged = w.clone();
             call(&mut || unmerge(p, &adapters[0], MatMut::from_slice(&mut w, c.m, c.n).unwrap()).unwrap());
-            let bound =
-                reference::delta_error_bound(layer, &adapters[0], Some(MatRef::from_slice(&merged, c.m, c.n).unwrap()))
-                    .unwrap();
+            let bound = reference::delta_error_bound(
+                layer,
+                &adapters[0],
+                Some(MatRef::from_slice(&merged, c.m, c.n).unwrap()),
+                numerics,
+            )
+            .unwrap();
             for (i, got) in w.iter().enumerate() {
                 let want = merged[i].to_f64() - dw[i];
                 if (got.to_f64() - want).abs() > bound[i] {

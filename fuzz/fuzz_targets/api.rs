@@ -324,7 +324,7 @@ fn run<T: Element>(c: &Case) {
                     Op::Unmerge => (-1.0, Some(base)),
                     _ => (1.0, None),
                 };
-                let bound = reference::delta_error_bound(layer, &adapter, base_opt).unwrap();
+                let bound = reference::delta_error_bound(layer, &adapter, base_opt, numerics).unwrap();
                 for (idx, got) in w0.iter().enumerate() {
                     let old = if base_opt.is_some() { w_before[idx].to_f64() } else { 0.0 };
                     let want = old + sign * dw[idx];

@@ -135,6 +135,8 @@ impl TierFacts {
             // Only the tile kernels run the backward on bf16 operands (`drivers::backward`).
             rounds_backward: self.layout == Layout::Tiles,
             splits_products: self.layout == Layout::Split,
+            // Only the tile kernels merge on split operands (`drivers::delta`).
+            splits_delta: self.layout == Layout::Tiles,
         }
     }
 }

@@ -817,6 +817,59 @@ pub(crate) fn split_bits(v: f32) -> (u32, u32) {
     (hi, if h.is_finite() { bf16_bits(v - h) } else { 0 })
 }
 
+/// The three bf16 parts of an f32 `v`, as bits: `hi = bf16(v)`, `mid = bf16(v - hi)`, `lo =
+/// bf16(v - hi - mid)` (to nearest, ties to even; both differences are exact in f32), so that
+/// `|v - hi - mid - lo| <= 2^-24 |v|`. Where `hi` is not finite (NaN, an infinity, or an f32 beyond
+/// bf16's range) `mid` and `lo` are 0, as in [`split_bits`].
+#[inline(always)]
+pub(crate) fn split3_bits(v: f32) -> [u32; 3] {
+    let (hi, mid) = split_bits(v);
+    let (h, m) = (f32::from_bits(hi << 16), f32::from_bits(mid << 16));
+    let lo = if h.is_finite() { bf16_bits(v - h - m) } else { 0 };
+    [hi, mid, lo]
+}
+
+/// Packs f32 rows (merge's `diag(lambda_b)·B·diag(lambda_d)`) split into three bf16 parts as
+/// k-pairs in AMX tiles, each 16-pair step of k as `[hi][mid][lo]` (see [`split3_bits`]), for
+/// weights packed by [`tripled_pairs`]. Pairs past the row's end are zero, and so is the padding
+/// [`RowPairs`] zeroes.
+pub(crate) fn pack_row_split3<'o>(src: MatRef<'_, f32>, out: &'o mut [u32]) -> RowPairs<'o> {
+    const STEP: usize = RowPairs::STEP;
+    let n = src.cols();
+    // Whole steps: every pair of a real row is written below.
+    let (out, layout) = row_pairs_out(src.rows(), split_pairs(n), out);
+    for t in 0..layout.rows {
+        for (s, chunk) in src.row_unchecked(t)[..n].chunks(2 * STEP).enumerate() {
+            let mut parts = [[0u32; STEP]; 3];
+            for (p, pair) in chunk.chunks(2).enumerate() {
+                let lo_half = split3_bits(pair[0]);
+                let hi_half = pair.get(1).map_or([0; 3], |&v| split3_bits(v));
+                for (copy, part) in parts.iter_mut().enumerate() {
+                    part[p] = lo_half[copy] | (hi_half[copy] << 16);
+                }
+            }
+            for (copy, pairs) in parts.iter().enumerate() {
+                let at = layout.index(t, (3 * s + copy) * STEP);
+                out[at..at + STEP].copy_from_slice(pairs);
+            }
+        }
+    }
+    RowPairs { data: out, ..layout }
+}
+
+/// bf16 weights (`cols` columns over `k` elements, `bits(col, kk)` the bf16 bits of element `kk`
+/// of column `col`) as pair panels for left operands packed by [`pack_row_split3`]: each 16-pair
+/// step three times, `[w][w, finite or 0][w, finite or 0]` (see `cross`: a non-finite weight meets
+/// only the `hi` part, so an infinity times a `c` that bf16 holds exactly stays an infinity).
+pub(crate) fn tripled_pairs(cols: usize, k: usize, bits: impl Fn(usize, usize) -> u32) -> Panels<u32> {
+    let bits = |c: usize, kk: usize| if kk < k { bits(c, kk) } else { 0 };
+    Panels::from_fn(cols, split_pairs(k), |c, q| {
+        let (p, copy) = split_step(q);
+        let pick = |w: u32| if copy == 0 { w } else { cross(w) };
+        pick(bits(c, 2 * p)) | (pick(bits(c, 2 * p + 1)) << 16)
+    })
+}
+
 /// The projections transposed, for the backward's products: Aᵀ as `n_max`-column panels over
 /// k = r (`dx = (g ⊙ lambda_d)·A`), and Bᵀ as `r`-column panels over k = m_max
 /// (`g = (dy ⊙ lambda_b)·B`).
@@ -827,6 +880,9 @@ pub struct TransposedProjections<T> {
     /// The same as bf16 k-pair panels (AMX tiles), made on first use: Aᵀ over pairs of r, Bᵀ over
     /// pairs of m_max.
     pairs: OnceLock<(Panels<u32>, Panels<u32>)>,
+    /// Aᵀ's bf16 pairs with each step three times ([`tripled_pairs`]), for the merge on split tiles,
+    /// made on first use.
+    tripled_a: OnceLock<Panels<u32>>,
 }
 
 impl<T: Element> TransposedProjections<T> {
@@ -834,7 +890,16 @@ impl<T: Element> TransposedProjections<T> {
     pub(crate) fn pack(a: MatRef<'_, T>, b: MatRef<'_, T>) -> Self {
         let a_t = Panels::from_fn(a.cols(), a.rows(), |col, j| a.row_unchecked(j)[col]);
         let b_t = Panels::from_fn(b.cols(), b.rows(), |col, i| b.row_unchecked(i)[col]);
-        Self { a_t, b_t, pairs: OnceLock::new() }
+        Self { a_t, b_t, pairs: OnceLock::new(), tripled_a: OnceLock::new() }
+    }
+
+    /// Aᵀ as [`tripled_pairs`] (bf16 only), for the merge's split left operand, packed now if
+    /// needed.
+    pub(crate) fn tripled_a(&self) -> &Panels<u32> {
+        self.tripled_a.get_or_init(|| {
+            let a_t = &self.a_t;
+            tripled_pairs(a_t.cols(), a_t.k_cap(), |c, kk| bf16_weight_bits(a_t.panel(c / NR)[kk * NR + c % NR]))
+        })
     }
 
     /// Aᵀ and Bᵀ as k-pair panels, for [`Layout::Tiles`] (bf16 only: an element's bits are the top
@@ -855,7 +920,8 @@ impl<T: Element> TransposedProjections<T> {
     fn bytes(&self) -> usize {
         let wide = (self.a_t.num_panels() * self.a_t.k_cap() + self.b_t.num_panels() * self.b_t.k_cap()) * NR;
         let pairs = self.pairs.get().map_or(0, |(a, b)| (a.num_panels() * a.k_cap() + b.num_panels() * b.k_cap()) * NR);
-        wide * size_of::<T>() + pairs * 4
+        let tripled = self.tripled_a.get().map_or(0, |a| a.num_panels() * a.k_cap() * NR);
+        wide * size_of::<T>() + (pairs + tripled) * 4
     }
 }
 

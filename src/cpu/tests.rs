@@ -7,8 +7,8 @@ use super::drivers::row_epilogues;
 use super::isa::Isa;
 use super::kernels::{kernels_on, Kernels, Layout};
 use super::pack::{
-    pack_pairs, pack_projections, pack_row_pairs, pack_row_split, pack_rows, split_bits, split_pairs, Panels, RowPairs,
-    NR,
+    pack_pairs, pack_projections, pack_row_pairs, pack_row_split, pack_row_split3, pack_rows, split3_bits, split_bits,
+    split_pairs, tripled_pairs, Panels, RowPairs, NR,
 };
 use super::scales::BankScales;
 use super::sink::{Epilogue, RowEpilogues, Sink, Update};
@@ -432,5 +432,113 @@ fn split_parts_are_exact_for_f16_and_within_2_pow_minus_16_for_f32() {
         let (hi, lo) = split_bits(v);
         let err = (f64::from(v) - part(hi) - part(lo)).abs();
         assert!(err <= f64::from(v).abs() * 2f64.powi(-16) + 2f64.powi(-134), "{v}: {err}");
+    }
+}
+
+/// The three bf16 parts of an f32 sum back to it within 2^-24 of its magnitude (the bound
+/// `reference::delta_error_bound` takes for a split merge), or within half of bf16's subnormal
+/// spacing (2^-134) where a part is subnormal (tiles flush it: the bound's flush term); infinities
+/// and NaN keep their high part alone.
+#[test]
+fn split3_parts_are_within_2_pow_minus_24_of_an_f32() {
+    let part = |b: u32| f64::from(f32::from_bits(b << 16));
+    for v in values(200_000, 0).into_iter().chain([f32::MAX, f32::MIN_POSITIVE, 1.0 + f32::EPSILON, -3.0e-39]) {
+        let [hi, mid, lo] = split3_bits(v);
+        let err = (f64::from(v) - part(hi) - part(mid) - part(lo)).abs();
+        if part(hi).is_finite() {
+            assert!(err <= f64::from(v).abs() * 2f64.powi(-24) + 2f64.powi(-134), "{v}: {err}");
+        }
+    }
+    for v in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+        let [hi, mid, lo] = split3_bits(v);
+        let h = f32::from_bits(hi << 16);
+        assert!(mid == 0 && lo == 0 && (if v.is_nan() { h.is_nan() } else { h == v }), "{v}: {h} {mid} {lo}");
+    }
+}
+
+/// The bf16 merge's tile products (`c` in f32 split into three parts against bf16 weights
+/// repeated three times): within `reference::delta_error_bound`'s split term of the exact f64
+/// product on random operands (2 x 2 and 1 x 2 blocks, partial steps, several k slices: r = 1100
+/// is 105 split steps), and on the identity each value back within 2^-24, an infinity in `c`
+/// staying an infinity in its own column and making NaN in the others (as `∞·0` does), and an
+/// infinite weight making an infinity where it meets a non-zero `c`.
+#[test]
+fn the_merge_tile_kernels_give_f32_products_within_the_split_bound() {
+    let mut ran = false;
+    for isa in Isa::available() {
+        let kern = kernels_on::<bf16>(isa);
+        if kern.facts().layout != Layout::Tiles {
+            continue;
+        }
+        let gemm_tiles = kern.gemm_tiles.expect("a tiles table has tile kernels");
+        for (rows, r, cols) in [(37, 45, 40), (16, 64, 33), (3, 97, 70), (35, 1100, 40)] {
+            let mut x = 0x9e37_79b9u32.wrapping_mul((rows * r + cols) as u32) | 1;
+            let mut draw = move |scale: i32| {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let unit = (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+                unit * 2f32.powi((x % 21) as i32 - 10 + scale)
+            };
+            let c: Vec<f32> = (0..rows * r).map(|_| draw(0)).collect();
+            let w: Vec<bf16> = (0..cols * r).map(|_| bf16::from_f32(draw(0))).collect();
+            let run = |c: &[f32], w: &[bf16], y: &mut [f32]| {
+                let panels = tripled_pairs(cols, r, |col, j| u32::from(w[col * r + j].to_bits()));
+                let mut scratch = vec![0u32; RowPairs::len_for(rows, split_pairs(r))];
+                let left = pack_row_split3(MatRef::from_slice(c, rows, r).unwrap(), &mut scratch);
+                let sink = Sink::F32 { out: MatMut::from_slice(y, rows, cols).unwrap().as_ptr_mat(), scale: None };
+                // SAFETY: the tier is available (its table exists); the panels hold split_pairs(r) =
+                // left.k_len pair rows; the sink covers rows x cols.
+                unsafe { gemm_tiles(left, 2 * left.k_len, &panels, 0..cols.div_ceil(NR), &sink) };
+            };
+            let mut y = vec![f32::NAN; rows * cols];
+            run(&c, &w, &mut y);
+            let (e, u) = (2f64.powi(-8), 2f64.powi(-24));
+            let g = 3.0 * r as f64 * u / (1.0 - 3.0 * r as f64 * u);
+            let rel = g * (1.0 + e) * (1.0 + 2.0 * e) + e * e * e;
+            for (idx, got) in y.iter().enumerate() {
+                let (row, col) = (idx / cols, idx % cols);
+                let terms = (0..r).map(|j| f64::from(c[row * r + j]) * w[col * r + j].to_f64());
+                let (want, mag) = terms.fold((0.0, 0.0), |(s, m), t| (s + t, m + t.abs()));
+                let err = (f64::from(*got) - want).abs();
+                assert!(
+                    err <= rel * mag,
+                    "{isa} ({rows}, {r}, {cols}): y[{row},{col}] = {got}, want {want}, err {err}"
+                );
+            }
+
+            // The identity (r x r weights, cols = r), with infinities and NaN.
+            let mut c = c[..rows * r].to_vec();
+            if rows > 2 {
+                c[r + r / 2] = f32::INFINITY;
+                c[2 * r] = f32::NAN;
+            }
+            let mut eye: Vec<bf16> =
+                (0..r * r).map(|i| bf16::from_f32(if i / r == i % r { 1.0 } else { 0.0 })).collect();
+            // Column 1's weight for k = 1 infinite: row 0 meets it with a finite non-zero c.
+            eye[r + 1] = bf16::INFINITY;
+            let cols_eye = r;
+            let panels = tripled_pairs(cols_eye, r, |col, j| u32::from(eye[col * r + j].to_bits()));
+            let mut scratch = vec![0u32; RowPairs::len_for(rows, split_pairs(r))];
+            let left = pack_row_split3(MatRef::from_slice(&c, rows, r).unwrap(), &mut scratch);
+            let mut y = vec![f32::NAN; rows * cols_eye];
+            let sink = Sink::F32 { out: MatMut::from_slice(&mut y, rows, cols_eye).unwrap().as_ptr_mat(), scale: None };
+            // SAFETY: as above, with cols = r.
+            unsafe { gemm_tiles(left, 2 * left.k_len, &panels, 0..r.div_ceil(NR), &sink) };
+            for (idx, got) in y.iter().enumerate() {
+                let (row, col) = (idx / r, idx % r);
+                let want: f64 = (0..r).map(|k| f64::from(c[row * r + k]) * eye[col * r + k].to_f64()).sum();
+                let ok = if want.is_nan() {
+                    got.is_nan()
+                } else if want.is_infinite() {
+                    f64::from(*got) == want
+                } else {
+                    (f64::from(*got) - want).abs() <= want.abs() * u
+                };
+                assert!(ok, "{isa} ({rows}, {r}) identity: y[{row},{col}] = {got}, want {want}");
+            }
+        }
+        ran = true;
+    }
+    if !ran {
+        println!("AMX merge tile kernels not tested: {}", Isa::Amx.unavailable_reason().unwrap_or("?"));
     }
 }

@@ -132,9 +132,9 @@ fn apply_delta<T: Element>(
 ) -> Result<()> {
     let layer = projections.slice(w.cols(), w.rows())?;
     adapter.check(layer.rank(), layer.out_features())?;
-    // Merge reads A and B as they are (in T), not the packed projections.
+    // Merge reads B as it is (in T) and the model's transposed A (packed once, as the backward's).
     let weights = Weights { a: layer.a(), b: layer.b(), layout: Layout::Wide, packed: None };
-    drivers::delta::apply_delta(kernels::current::<T>(), weights, scales(adapter), w, update);
+    drivers::delta::apply_delta(kernels::current::<T>(), weights, projections.transposed(), scales(adapter), w, update);
     Ok(())
 }
 

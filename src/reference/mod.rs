@@ -236,29 +236,58 @@ fn bound<T: Element>(
 }
 
 /// A bound on `|ΔW_kernel - ΔW_ref|` (or on the error of `w ± ΔW`, merged or unmerged, with `w`
-/// the weight before the update), `[m, n]`: the kernels form each element as `r` rounded
-/// multiply-adds of `c_ij = lambda_b_i · B_ij · lambda_d_j` (two roundings) with `A_jk`, add it to
-/// (or subtract it from) `w` (one rounding), and round to the output dtype.
+/// the weight before the update), `[m, n]`, for kernels whose arithmetic `numerics` describes (a
+/// tier's, from [`crate::tier_facts`]`::<T>().numerics()`).
+///
+/// The kernels form each element from `c_ij = lambda_b_i · B_ij · lambda_d_j` (two roundings) and
+/// `A_jk`, add it to (or subtract it from) `w` (one rounding), and round to the output dtype. With
+/// `mag_ik = Σ_j |lambda_b_i B_ij lambda_d_j A_jk|`:
+///
+/// - f32 multiply-adds: `r` of them, so `gamma(r + 3) · mag` before the update.
+/// - `numerics.splits_delta` (bf16 on the `amx` tier): each `c_ij` split into bf16 parts `hi + mid
+///   + lo` (`|c - hi - mid - lo| <= ε³|c|`, `ε = 2^-8`, parts summing in magnitude to at most
+///   `(1 + ε)(1 + 2ε)|c|`), each part times the exact bf16 `A_jk` exact in f32, the `3r` terms
+///   accumulated in f32 on tiles: relative error `e = gamma(3r) (1 + ε)(1 + 2ε) + ε³` on `c`'s
+///   magnitude, composed with `c`'s own `gamma(2)`: `(1 + gamma(2))(1 + e) - 1`. Tiles flush
+///   subnormals: a part or an `A_jk` below 2^-126 loses at most `2^-126 (3|A_jk| + 2|c_ij|)`, each
+///   of the `3r` partial sums at most 2^-126.
+///
+/// Both then add `u · (|w| + mag)` for the update and the final rounding `u_T · (|result| + e32) +
+/// s_T / 2`.
 pub fn delta_error_bound<T: Element>(
     layer: LayerProjections<'_, T>,
     adapter: &Adapter,
     w: Option<MatRef<'_, T>>,
+    numerics: Numerics,
 ) -> Result<Vec<f64>> {
     adapter.check(layer.rank(), layer.out_features())?;
     let (a, b) = layer_matrices(&layer, true);
-    let n = layer.in_features();
-    let g = gamma(layer.rank() + 3, U32);
+    let (n, r) = (layer.in_features(), layer.rank());
+    let g = if numerics.splits_delta {
+        let e = U_BF16;
+        let split = gamma(3 * r, U32) * (1.0 + e) * (1.0 + 2.0 * e) + e * e * e;
+        (1.0 + gamma(2, U32)) * (1.0 + split) - 1.0
+    } else {
+        gamma(r + 3, U32)
+    };
     let dw = delta_weight(layer, adapter)?;
     let mut out = Vec::with_capacity(dw.len());
     for i in 0..layer.out_features() {
+        // |c_ij| of this row, exact.
+        let c: Vec<f64> = (0..r)
+            .map(|j| f64::from(adapter.lambda_b()[i]).abs() * b[i][j] * f64::from(adapter.lambda_d()[j]).abs())
+            .collect();
+        let c_sum: f64 = c.iter().sum();
         for k in 0..n {
-            let mag: f64 = (0..layer.rank())
-                .map(|j| {
-                    f64::from(adapter.lambda_b()[i]).abs() * b[i][j] * f64::from(adapter.lambda_d()[j]).abs() * a[j][k]
-                })
-                .sum();
+            let mag: f64 = (0..r).map(|j| c[j] * a[j][k]).sum();
+            let ftz = if numerics.splits_delta {
+                let a_sum: f64 = (0..r).map(|j| a[j][k]).sum();
+                F32_MIN_NORMAL * (3.0 * a_sum + 2.0 * c_sum + 3.0 * r as f64)
+            } else {
+                0.0
+            };
             let wv = w.map_or(0.0, |w| w.row_unchecked(i)[k].to_f64());
-            let e32 = g * mag + U32 * (wv.abs() + mag);
+            let e32 = g * mag + ftz + U32 * (wv.abs() + mag);
             // |w| + |ΔW| bounds the result whether ΔW is added (merge) or subtracted (unmerge).
             let result = wv.abs() + dw[i * n + k].abs();
             out.push(e32 + T::UNIT_ROUNDOFF * (result + e32) + T::MIN_POSITIVE_SUBNORMAL / 2.0);

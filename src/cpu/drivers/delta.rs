@@ -4,8 +4,8 @@
 use rayon::prelude::*;
 
 use super::{Scales, Weights};
-use crate::cpu::kernels::Kernels;
-use crate::cpu::pack::{pack_rows, Left, Panels, NR};
+use crate::cpu::kernels::{Kernels, Layout};
+use crate::cpu::pack::{pack_row_split3, pack_rows, split_pairs, Left, RowPairs, TransposedProjections, NR};
 use crate::cpu::parallel::with_scratch;
 use crate::cpu::sink::{Sink, Update};
 use crate::dtype::Element;
@@ -14,10 +14,17 @@ use crate::mat::{MatMut, MatRef};
 /// Rows of `W` per task.
 const W_BLOCK: usize = 32;
 
-/// `w = update(w, ΔW)` for a whole layer, in blocks of rows (shapes already validated).
+/// Rows of `W` per task on tiles: each task streams all of Aᵀ (split: 3x its bf16 bytes) past its
+/// rows once, which for 32 rows took longer than their products.
+const W_BLOCK_TILES: usize = 256;
+
+/// `w = update(w, ΔW)` for a whole layer, in blocks of rows (shapes already validated), with the
+/// model's transposed projections (`transposed`, Aᵀ over the model's `n_max` columns, of which
+/// the layer reads the first n).
 pub(crate) fn apply_delta<T: Element>(
     kern: &Kernels<T>,
     wt: Weights<'_, T>,
+    transposed: &TransposedProjections<T>,
     s: Scales<'_>,
     mut w: MatMut<'_, T>,
     op: Update,
@@ -28,25 +35,54 @@ pub(crate) fn apply_delta<T: Element>(
         return;
     }
     let (ld, lb) = (s.lambda_d, s.lambda_b);
-    // Aᵀ as n-column panels over k = r: output columns of W are A's columns.
-    let at = Panels::from_fn(n, r, |col, j| a.row_unchecked(j)[col]);
+    if let (Layout::Tiles, Some(gemm_tiles)) = (kern.facts.layout, kern.gemm_tiles) {
+        // bf16 on tiles: c = diag(lb)·B·diag(ld) in f32, split into three bf16 parts, against A's
+        // bf16 values (exact): each tile product term exact, c to within 2^-24.
+        let at = transposed.tripled_a();
+        let wp = w.as_ptr_mat();
+        (0..m.div_ceil(W_BLOCK_TILES)).into_par_iter().for_each(|blk| {
+            let i0 = blk * W_BLOCK_TILES;
+            let ib = W_BLOCK_TILES.min(m - i0);
+            with_scratch(ib * r + RowPairs::len_for(ib, split_pairs(r)), |buf| {
+                let (c, cl) = buf.split_at_mut(ib * r);
+                scaled_rows(c, b, (i0, r), lb, ld);
+                let left = pack_row_split3(
+                    MatRef::from_slice(c, ib, r).expect("scratch sized ib * r"),
+                    bytemuck::cast_slice_mut(cl),
+                );
+                let sink = Sink::Update { out: wp.sub(i0, ib, 0, n), op };
+                // SAFETY: the tile kernels are available (the table has them); the left operand is
+                // whole split steps (2·k_len elements, no tail) and the panels hold split_pairs(r)
+                // = k_len pair rows; rows i0..i0+ib of w belong to this task only.
+                unsafe { gemm_tiles(left, 2 * left.k_len, at, 0..n.div_ceil(NR), &sink) };
+            });
+        });
+        return;
+    }
+    // Aᵀ as panels over k = r: output columns of W are A's columns.
+    let at = &transposed.a_t;
     let wp = w.as_ptr_mat();
     (0..m.div_ceil(W_BLOCK)).into_par_iter().for_each(|blk| {
         let i0 = blk * W_BLOCK;
         let ib = W_BLOCK.min(m - i0);
         with_scratch(ib * r + Left::<f32>::len_for(ib, r), |buf| {
             let (c, cl) = buf.split_at_mut(ib * r);
-            // c[i, j] = lambda_b[i] · B[i, j] · lambda_d[j]: this block's rows of diag(lb)·B·diag(ld).
-            for (i, crow) in c.chunks_mut(r).enumerate() {
-                let brow = b.row_unchecked(i0 + i);
-                for ((cv, bv), dv) in crow.iter_mut().zip(brow).zip(ld) {
-                    *cv = lb[i0 + i] * bv.to_f32() * dv;
-                }
-            }
+            scaled_rows(c, b, (i0, r), lb, ld);
             let left = pack_rows(MatRef::from_slice(c, ib, r).expect("scratch sized ib * r"), cl);
             let sink = Sink::Update { out: wp.sub(i0, ib, 0, n), op };
             // SAFETY: k_len = r = k_cap; rows i0..i0+ib of w belong to this task only.
-            unsafe { (kern.gemm)(left, &at, 0..n.div_ceil(NR), &sink) };
+            unsafe { (kern.gemm)(left, at, 0..n.div_ceil(NR), &sink) };
         });
     });
+}
+
+/// `c[i, j] = lambda_b[i0 + i] · B[i0 + i, j] · lambda_d[j]` for the rows of `c` (`r` each): a
+/// block's rows of `diag(lambda_b)·B·diag(lambda_d)`, two roundings each.
+fn scaled_rows<T: Element>(c: &mut [f32], b: MatRef<'_, T>, (i0, r): (usize, usize), lb: &[f32], ld: &[f32]) {
+    for (i, crow) in c.chunks_mut(r).enumerate() {
+        let brow = b.row_unchecked(i0 + i);
+        for ((cv, bv), dv) in crow.iter_mut().zip(brow).zip(ld) {
+            *cv = lb[i0 + i] * bv.to_f32() * dv;
+        }
+    }
 }
