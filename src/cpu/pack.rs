@@ -513,16 +513,17 @@ mod avx512 {
         super::pack_row_pairs_with(src, out, bits)
     }
 
-    /// [`super::pack_row_split_with`].
+    /// [`super::pack_row_parts_with`].
     ///
     /// # Safety
     /// The CPU has AVX-512F, BW and VL.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn pack_row_split_with<'o, E: Element>(
+    pub(super) unsafe fn pack_row_parts_with<'o, E: Element>(
         src: impl RowSource<E>,
         out: &'o mut [u32],
+        parts: impl Fn(f32) -> [u32; 3],
     ) -> RowPairs<'o> {
-        super::pack_row_split_with(src, out)
+        super::pack_row_parts_with(src, out, parts)
     }
 
     /// [`super::pack_row_pairs_scaled_with`].
@@ -594,34 +595,62 @@ fn pack_row_pairs_with<'o, E: Copy>(
 /// `[hi][hi, finite or 0][lo]` (see [`split_bits`] and `cross`). Pairs past `n` are zero, and so
 /// is the padding [`RowPairs`] zeroes.
 pub(crate) fn pack_row_split<'o, E: Element>(src: impl RowSource<E>, out: &'o mut [u32]) -> RowPairs<'o> {
+    pack_row_parts(src, out, |v| {
+        let (hi, lo) = split_bits(v);
+        [hi, cross(hi), lo]
+    })
+}
+
+/// Packs f32 rows (merge's `diag(lambda_b)·B·diag(lambda_d)`) split into three bf16 parts as
+/// k-pairs in AMX tiles, each 16-pair step of k as `[hi][mid][lo]` (see [`split3_bits`]), for
+/// weights packed as [`tripled_bits`]. Pairs past the row's end are zero, and so is the padding
+/// [`RowPairs`] zeroes.
+pub(crate) fn pack_row_split3<'o>(src: MatRef<'_, f32>, out: &'o mut [u32]) -> RowPairs<'o> {
+    pack_row_parts(src, out, split3_bits)
+}
+
+/// Packs `rows x n` values as k-pairs in AMX tiles with each 16-pair step of k written three times,
+/// copy `i` holding `parts(v)[i]` (bf16 bits) for each value `v`: the split layouts' left operands.
+#[inline(always)]
+fn pack_row_parts<'o, E: Element>(
+    src: impl RowSource<E>,
+    out: &'o mut [u32],
+    parts: impl Fn(f32) -> [u32; 3],
+) -> RowPairs<'o> {
     #[cfg(all(target_arch = "x86_64", not(miri)))]
     if super::isa::has_avx512() {
         // SAFETY: AVX-512F/BW/VL were detected just above.
-        return unsafe { avx512::pack_row_split_with(src, out) };
+        return unsafe { avx512::pack_row_parts_with(src, out, parts) };
     }
-    pack_row_split_with(src, out)
+    pack_row_parts_with(src, out, parts)
 }
 
 #[inline(always)]
-fn pack_row_split_with<'o, E: Element>(src: impl RowSource<E>, out: &'o mut [u32]) -> RowPairs<'o> {
+fn pack_row_parts_with<'o, E: Element>(
+    src: impl RowSource<E>,
+    out: &'o mut [u32],
+    parts: impl Fn(f32) -> [u32; 3],
+) -> RowPairs<'o> {
     const STEP: usize = RowPairs::STEP;
     let n = src.cols();
     // Whole steps: every pair of a real row is written below.
     let (out, layout) = row_pairs_out(src.rows(), split_pairs(n), out);
     for t in 0..layout.rows {
-        // One step of k (32 elements, zero past n) at a time: its high and low pairs, written as
-        // the step's three copies.
+        // One step of k (32 elements, zero past n) at a time: its parts' pairs, written as the
+        // step's three copies.
         for (s, chunk) in src.row(t)[..n].chunks(2 * STEP).enumerate() {
             let mut v = [0.0f32; 2 * STEP];
             for (d, e) in v.iter_mut().zip(chunk) {
                 *d = e.to_f32();
             }
-            let (mut hi, mut hi_cross, mut lo) = ([0u32; STEP], [0u32; STEP], [0u32; STEP]);
-            for (p, ((h, hc), l)) in hi.iter_mut().zip(hi_cross.iter_mut()).zip(lo.iter_mut()).enumerate() {
-                let ((h0, l0), (h1, l1)) = (split_bits(v[2 * p]), split_bits(v[2 * p + 1]));
-                (*h, *hc, *l) = (h0 | (h1 << 16), cross(h0) | (cross(h1) << 16), l0 | (l1 << 16));
+            let mut copies = [[0u32; STEP]; 3];
+            for p in 0..STEP {
+                let (even, odd) = (parts(v[2 * p]), parts(v[2 * p + 1]));
+                for (copy, pairs) in copies.iter_mut().enumerate() {
+                    pairs[p] = even[copy] | (odd[copy] << 16);
+                }
             }
-            for (copy, pairs) in [&hi, &hi_cross, &lo].into_iter().enumerate() {
+            for (copy, pairs) in copies.iter().enumerate() {
                 let at = layout.index(t, (3 * s + copy) * STEP);
                 out[at..at + STEP].copy_from_slice(pairs);
             }
@@ -765,15 +794,9 @@ pub(crate) fn pack_projections<T: Element>(a: MatRef<'_, T>, b: MatRef<'_, T>, l
             Layout::Pairs | Layout::Tiles => WeightPanels::Pairs(Panels::from_fn(w.rows(), k.div_ceil(2), |j, p| {
                 bits(j, 2 * p) | (bits(j, 2 * p + 1) << 16)
             })),
-            Layout::Split => {
-                let value = |j: usize, c: usize| if c < k { w.row_unchecked(j)[c].to_f32() } else { 0.0 };
-                WeightPanels::Pairs(Panels::from_fn(w.rows(), split_pairs(k), |j, q| {
-                    let (p, copy) = split_step(q);
-                    // Weights: [hi][lo][hi, finite or 0] (see `cross`).
-                    let pick = |(h, l): (u32, u32)| [h, l, cross(h)][copy];
-                    pick(split_bits(value(j, 2 * p))) | (pick(split_bits(value(j, 2 * p + 1))) << 16)
-                }))
-            }
+            Layout::Split => WeightPanels::Pairs(split_panels(w.rows(), k, |j, c| {
+                split_weight_parts(w.row_unchecked(j)[c].to_f32())
+            })),
             Layout::Wide => WeightPanels::Wide(Panels::from_fn(w.rows(), k, |j, c| w.row_unchecked(j)[c])),
         }
     };
@@ -829,45 +852,32 @@ pub(crate) fn split3_bits(v: f32) -> [u32; 3] {
     [hi, mid, lo]
 }
 
-/// Packs f32 rows (merge's `diag(lambda_b)·B·diag(lambda_d)`) split into three bf16 parts as
-/// k-pairs in AMX tiles, each 16-pair step of k as `[hi][mid][lo]` (see [`split3_bits`]), for
-/// weights packed by [`tripled_pairs`]. Pairs past the row's end are zero, and so is the padding
-/// [`RowPairs`] zeroes.
-pub(crate) fn pack_row_split3<'o>(src: MatRef<'_, f32>, out: &'o mut [u32]) -> RowPairs<'o> {
-    const STEP: usize = RowPairs::STEP;
-    let n = src.cols();
-    // Whole steps: every pair of a real row is written below.
-    let (out, layout) = row_pairs_out(src.rows(), split_pairs(n), out);
-    for t in 0..layout.rows {
-        for (s, chunk) in src.row_unchecked(t)[..n].chunks(2 * STEP).enumerate() {
-            let mut parts = [[0u32; STEP]; 3];
-            for (p, pair) in chunk.chunks(2).enumerate() {
-                let lo_half = split3_bits(pair[0]);
-                let hi_half = pair.get(1).map_or([0; 3], |&v| split3_bits(v));
-                for (copy, part) in parts.iter_mut().enumerate() {
-                    part[p] = lo_half[copy] | (hi_half[copy] << 16);
-                }
-            }
-            for (copy, pairs) in parts.iter().enumerate() {
-                let at = layout.index(t, (3 * s + copy) * STEP);
-                out[at..at + STEP].copy_from_slice(pairs);
-            }
-        }
-    }
-    RowPairs { data: out, ..layout }
-}
-
-/// bf16 weights (`cols` columns over `k` elements, `bits(col, kk)` the bf16 bits of element `kk`
-/// of column `col`) as pair panels for left operands packed by [`pack_row_split3`]: each 16-pair
-/// step three times, `[w][w, finite or 0][w, finite or 0]` (see `cross`: a non-finite weight meets
-/// only the `hi` part, so an infinity times a `c` that bf16 holds exactly stays an infinity).
-pub(crate) fn tripled_pairs(cols: usize, k: usize, bits: impl Fn(usize, usize) -> u32) -> Panels<u32> {
-    let bits = |c: usize, kk: usize| if kk < k { bits(c, kk) } else { 0 };
+/// Panels of `cols` columns over `k` elements in a split layout: each 16-pair step of k three
+/// times, copy `i` of a step holding `parts(col, kk)[i]` (bf16 bits) for element `kk` of column
+/// `col`, and 0 past `k`: f16 weights as [`split_weight_parts`], merge's bf16 Aᵀ as
+/// [`tripled_bits`].
+pub(crate) fn split_panels(cols: usize, k: usize, parts: impl Fn(usize, usize) -> [u32; 3]) -> Panels<u32> {
     Panels::from_fn(cols, split_pairs(k), |c, q| {
         let (p, copy) = split_step(q);
-        let pick = |w: u32| if copy == 0 { w } else { cross(w) };
-        pick(bits(c, 2 * p)) | (pick(bits(c, 2 * p + 1)) << 16)
+        let part = |kk: usize| if kk < k { parts(c, kk)[copy] } else { 0 };
+        part(2 * p) | (part(2 * p + 1) << 16)
     })
+}
+
+/// A weight of [`Layout::Split`] as its step copies: `[hi][lo][hi, finite or 0]`, meeting the left
+/// operand's `[hi][hi, finite or 0][lo]` (see [`pack_row_split`] and `cross`).
+#[inline(always)]
+fn split_weight_parts(v: f32) -> [u32; 3] {
+    let (hi, lo) = split_bits(v);
+    [hi, lo, cross(hi)]
+}
+
+/// A bf16 weight (bits) as its step copies for the merge's split left operand (`[hi][mid][lo]`,
+/// [`pack_row_split3`]): `[w][w, finite or 0][w, finite or 0]`, so that a non-finite weight meets
+/// only `hi` and an infinity times a `c` that bf16 holds exactly stays an infinity (see `cross`).
+#[inline(always)]
+pub(crate) fn tripled_bits(w: u32) -> [u32; 3] {
+    [w, cross(w), cross(w)]
 }
 
 /// The projections transposed, for the backward's products: Aᵀ as `n_max`-column panels over
@@ -880,7 +890,7 @@ pub struct TransposedProjections<T> {
     /// The same as bf16 k-pair panels (AMX tiles), made on first use: Aᵀ over pairs of r, Bᵀ over
     /// pairs of m_max.
     pairs: OnceLock<(Panels<u32>, Panels<u32>)>,
-    /// Aᵀ's bf16 pairs with each step three times ([`tripled_pairs`]), for the merge on split tiles,
+    /// Aᵀ's bf16 pairs with each step three times ([`tripled_bits`]), for the merge on split tiles,
     /// made on first use.
     tripled_a: OnceLock<Panels<u32>>,
 }
@@ -893,12 +903,14 @@ impl<T: Element> TransposedProjections<T> {
         Self { a_t, b_t, pairs: OnceLock::new(), tripled_a: OnceLock::new() }
     }
 
-    /// Aᵀ as [`tripled_pairs`] (bf16 only), for the merge's split left operand, packed now if
-    /// needed.
+    /// Aᵀ as [`split_panels`] of [`tripled_bits`] (bf16 only), for the merge's split left operand,
+    /// packed now if needed.
     pub(crate) fn tripled_a(&self) -> &Panels<u32> {
         self.tripled_a.get_or_init(|| {
             let a_t = &self.a_t;
-            tripled_pairs(a_t.cols(), a_t.k_cap(), |c, kk| bf16_weight_bits(a_t.panel(c / NR)[kk * NR + c % NR]))
+            split_panels(a_t.cols(), a_t.k_cap(), |c, kk| {
+                tripled_bits(bf16_weight_bits(a_t.panel(c / NR)[kk * NR + c % NR]))
+            })
         })
     }
 

@@ -8,7 +8,7 @@ use super::isa::Isa;
 use super::kernels::{kernels_on, Kernels, Layout};
 use super::pack::{
     pack_pairs, pack_projections, pack_row_pairs, pack_row_split, pack_row_split3, pack_rows, split3_bits, split_bits,
-    split_pairs, tripled_pairs, Panels, RowPairs, NR,
+    split_pairs, split_panels, tripled_bits, Panels, RowPairs, NR,
 };
 use super::scales::BankScales;
 use super::sink::{Epilogue, RowEpilogues, Sink, Update};
@@ -473,24 +473,26 @@ fn the_merge_tile_kernels_give_f32_products_within_the_split_bound() {
         let gemm_tiles = kern.gemm_tiles.expect("a tiles table has tile kernels");
         for (rows, r, cols) in [(37, 45, 40), (16, 64, 33), (3, 97, 70), (35, 1100, 40)] {
             let mut x = 0x9e37_79b9u32.wrapping_mul((rows * r + cols) as u32) | 1;
-            let mut draw = move |scale: i32| {
+            let mut draw = move || {
                 x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
                 let unit = (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
-                unit * 2f32.powi((x % 21) as i32 - 10 + scale)
+                unit * 2f32.powi((x % 21) as i32 - 10)
             };
-            let c: Vec<f32> = (0..rows * r).map(|_| draw(0)).collect();
-            let w: Vec<bf16> = (0..cols * r).map(|_| bf16::from_f32(draw(0))).collect();
-            let run = |c: &[f32], w: &[bf16], y: &mut [f32]| {
-                let panels = tripled_pairs(cols, r, |col, j| u32::from(w[col * r + j].to_bits()));
+            // y = c · wᵀ for `rows x r` values c and `cols x r` bf16 weights w, on the tiles.
+            let run = |c: &[f32], w: &[bf16], cols: usize| {
+                let panels = split_panels(cols, r, |col, j| tripled_bits(u32::from(w[col * r + j].to_bits())));
                 let mut scratch = vec![0u32; RowPairs::len_for(rows, split_pairs(r))];
                 let left = pack_row_split3(MatRef::from_slice(c, rows, r).unwrap(), &mut scratch);
-                let sink = Sink::F32 { out: MatMut::from_slice(y, rows, cols).unwrap().as_ptr_mat(), scale: None };
+                let mut y = vec![f32::NAN; rows * cols];
+                let sink = Sink::F32 { out: MatMut::from_slice(&mut y, rows, cols).unwrap().as_ptr_mat(), scale: None };
                 // SAFETY: the tier is available (its table exists); the panels hold split_pairs(r) =
                 // left.k_len pair rows; the sink covers rows x cols.
                 unsafe { gemm_tiles(left, 2 * left.k_len, &panels, 0..cols.div_ceil(NR), &sink) };
+                y
             };
-            let mut y = vec![f32::NAN; rows * cols];
-            run(&c, &w, &mut y);
+            let mut c: Vec<f32> = (0..rows * r).map(|_| draw()).collect();
+            let w: Vec<bf16> = (0..cols * r).map(|_| bf16::from_f32(draw())).collect();
+            let y = run(&c, &w, cols);
             let (e, u) = (2f64.powi(-8), 2f64.powi(-24));
             let g = 3.0 * r as f64 * u / (1.0 - 3.0 * r as f64 * u);
             let rel = g * (1.0 + e) * (1.0 + 2.0 * e) + e * e * e;
@@ -505,8 +507,7 @@ fn the_merge_tile_kernels_give_f32_products_within_the_split_bound() {
                 );
             }
 
-            // The identity (r x r weights, cols = r), with infinities and NaN.
-            let mut c = c[..rows * r].to_vec();
+            // The identity (r x r weights), with infinities and NaN.
             if rows > 2 {
                 c[r + r / 2] = f32::INFINITY;
                 c[2 * r] = f32::NAN;
@@ -515,14 +516,7 @@ fn the_merge_tile_kernels_give_f32_products_within_the_split_bound() {
                 (0..r * r).map(|i| bf16::from_f32(if i / r == i % r { 1.0 } else { 0.0 })).collect();
             // Column 1's weight for k = 1 infinite: row 0 meets it with a finite non-zero c.
             eye[r + 1] = bf16::INFINITY;
-            let cols_eye = r;
-            let panels = tripled_pairs(cols_eye, r, |col, j| u32::from(eye[col * r + j].to_bits()));
-            let mut scratch = vec![0u32; RowPairs::len_for(rows, split_pairs(r))];
-            let left = pack_row_split3(MatRef::from_slice(&c, rows, r).unwrap(), &mut scratch);
-            let mut y = vec![f32::NAN; rows * cols_eye];
-            let sink = Sink::F32 { out: MatMut::from_slice(&mut y, rows, cols_eye).unwrap().as_ptr_mat(), scale: None };
-            // SAFETY: as above, with cols = r.
-            unsafe { gemm_tiles(left, 2 * left.k_len, &panels, 0..r.div_ceil(NR), &sink) };
+            let y = run(&c, &eye, r);
             for (idx, got) in y.iter().enumerate() {
                 let (row, col) = (idx / r, idx % r);
                 let want: f64 = (0..r).map(|k| f64::from(c[row * r + k]) * eye[col * r + k].to_f64()).sum();

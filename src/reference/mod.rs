@@ -271,6 +271,8 @@ pub fn delta_error_bound<T: Element>(
         gamma(r + 3, U32)
     };
     let dw = delta_weight(layer, adapter)?;
+    // Σ_j |A_jk| per column, for the flush term.
+    let a_sums: Vec<f64> = (0..n).map(|k| (0..r).map(|j| a[j][k]).sum()).collect();
     let mut out = Vec::with_capacity(dw.len());
     for i in 0..layer.out_features() {
         // |c_ij| of this row, exact.
@@ -281,8 +283,7 @@ pub fn delta_error_bound<T: Element>(
         for k in 0..n {
             let mag: f64 = (0..r).map(|j| c[j] * a[j][k]).sum();
             let ftz = if numerics.splits_delta {
-                let a_sum: f64 = (0..r).map(|j| a[j][k]).sum();
-                F32_MIN_NORMAL * (3.0 * a_sum + 2.0 * c_sum + 3.0 * r as f64)
+                F32_MIN_NORMAL * (3.0 * a_sums[k] + 2.0 * c_sum + 3.0 * r as f64)
             } else {
                 0.0
             };

@@ -35,54 +35,45 @@ pub(crate) fn apply_delta<T: Element>(
         return;
     }
     let (ld, lb) = (s.lambda_d, s.lambda_b);
-    if let (Layout::Tiles, Some(gemm_tiles)) = (kern.facts.layout, kern.gemm_tiles) {
-        // bf16 on tiles: c = diag(lb)·B·diag(ld) in f32, split into three bf16 parts, against A's
-        // bf16 values (exact): each tile product term exact, c to within 2^-24.
-        let at = transposed.tripled_a();
-        let wp = w.as_ptr_mat();
-        (0..m.div_ceil(W_BLOCK_TILES)).into_par_iter().for_each(|blk| {
-            let i0 = blk * W_BLOCK_TILES;
-            let ib = W_BLOCK_TILES.min(m - i0);
-            with_scratch(ib * r + RowPairs::len_for(ib, split_pairs(r)), |buf| {
-                let (c, cl) = buf.split_at_mut(ib * r);
-                scaled_rows(c, b, (i0, r), lb, ld);
-                let left = pack_row_split3(
-                    MatRef::from_slice(c, ib, r).expect("scratch sized ib * r"),
-                    bytemuck::cast_slice_mut(cl),
-                );
-                let sink = Sink::Update { out: wp.sub(i0, ib, 0, n), op };
-                // SAFETY: the tile kernels are available (the table has them); the left operand is
-                // whole split steps (2·k_len elements, no tail) and the panels hold split_pairs(r)
-                // = k_len pair rows; rows i0..i0+ib of w belong to this task only.
-                unsafe { gemm_tiles(left, 2 * left.k_len, at, 0..n.div_ceil(NR), &sink) };
-            });
-        });
-        return;
-    }
-    // Aᵀ as panels over k = r: output columns of W are A's columns.
-    let at = &transposed.a_t;
+    // bf16 on tiles: c = diag(lb)·B·diag(ld) in f32, split into three bf16 parts, against A's bf16
+    // values (exact): each tile product term exact, c to within 2^-24. Else f32 FMAs against Aᵀ.
+    let tiles = match (kern.facts.layout, kern.gemm_tiles) {
+        (Layout::Tiles, Some(gemm_tiles)) => Some((gemm_tiles, transposed.tripled_a())),
+        _ => None,
+    };
+    let block = if tiles.is_some() { W_BLOCK_TILES } else { W_BLOCK };
     let wp = w.as_ptr_mat();
-    (0..m.div_ceil(W_BLOCK)).into_par_iter().for_each(|blk| {
-        let i0 = blk * W_BLOCK;
-        let ib = W_BLOCK.min(m - i0);
-        with_scratch(ib * r + Left::<f32>::len_for(ib, r), |buf| {
+    (0..m.div_ceil(block)).into_par_iter().for_each(|blk| {
+        let i0 = blk * block;
+        let ib = block.min(m - i0);
+        let packed = if tiles.is_some() { RowPairs::len_for(ib, split_pairs(r)) } else { Left::<f32>::len_for(ib, r) };
+        with_scratch(ib * r + packed, |buf| {
             let (c, cl) = buf.split_at_mut(ib * r);
-            scaled_rows(c, b, (i0, r), lb, ld);
-            let left = pack_rows(MatRef::from_slice(c, ib, r).expect("scratch sized ib * r"), cl);
+            // c[i, j] = lambda_b[i] · B[i, j] · lambda_d[j]: this block's rows of diag(lb)·B·diag(ld).
+            for (i, crow) in c.chunks_mut(r).enumerate() {
+                let brow = b.row_unchecked(i0 + i);
+                for ((cv, bv), dv) in crow.iter_mut().zip(brow).zip(ld) {
+                    *cv = lb[i0 + i] * bv.to_f32() * dv;
+                }
+            }
+            let c = MatRef::from_slice(c, ib, r).expect("scratch sized ib * r");
             let sink = Sink::Update { out: wp.sub(i0, ib, 0, n), op };
-            // SAFETY: k_len = r = k_cap; rows i0..i0+ib of w belong to this task only.
-            unsafe { (kern.gemm)(left, at, 0..n.div_ceil(NR), &sink) };
+            let panels = 0..n.div_ceil(NR);
+            match tiles {
+                Some((gemm_tiles, at)) => {
+                    let left = pack_row_split3(c, bytemuck::cast_slice_mut(cl));
+                    // SAFETY: the tile kernels are available (the table has them); the left operand
+                    // is whole split steps (2·k_len elements, no tail) and the panels hold
+                    // split_pairs(r) = k_len pair rows; rows i0..i0+ib of w belong to this task only.
+                    unsafe { gemm_tiles(left, 2 * left.k_len, at, panels, &sink) };
+                }
+                None => {
+                    let left = pack_rows(c, cl);
+                    // SAFETY: k_len = r = k_cap of Aᵀ's panels (output columns of W are A's
+                    // columns); rows i0..i0+ib of w belong to this task only.
+                    unsafe { (kern.gemm)(left, &transposed.a_t, panels, &sink) };
+                }
+            }
         });
     });
-}
-
-/// `c[i, j] = lambda_b[i0 + i] · B[i0 + i, j] · lambda_d[j]` for the rows of `c` (`r` each): a
-/// block's rows of `diag(lambda_b)·B·diag(lambda_d)`, two roundings each.
-fn scaled_rows<T: Element>(c: &mut [f32], b: MatRef<'_, T>, (i0, r): (usize, usize), lb: &[f32], ld: &[f32]) {
-    for (i, crow) in c.chunks_mut(r).enumerate() {
-        let brow = b.row_unchecked(i0 + i);
-        for ((cv, bv), dv) in crow.iter_mut().zip(brow).zip(ld) {
-            *cv = lb[i0 + i] * bv.to_f32() * dv;
-        }
-    }
 }
