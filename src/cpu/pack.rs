@@ -635,24 +635,28 @@ fn pack_row_parts_with<'o, E: Element>(
     let n = src.cols();
     // Whole steps: every pair of a real row is written below.
     let (out, layout) = row_pairs_out(src.rows(), split_pairs(n), out);
+    // Each row widened to f32 at once, then read a step at a time (widening a step at a time,
+    // the step's vector load waited on the narrower stores just made: a third of the packing).
+    let mut row = vec![0.0f32; n.next_multiple_of(2 * STEP)];
     for t in 0..layout.rows {
+        E::widen_slice(&src.row(t)[..n], &mut row[..n]);
         // One step of k (32 elements, zero past n) at a time: its parts' pairs, written as the
         // step's three copies.
-        for (s, chunk) in src.row(t)[..n].chunks(2 * STEP).enumerate() {
-            let mut v = [0.0f32; 2 * STEP];
-            for (d, e) in v.iter_mut().zip(chunk) {
-                *d = e.to_f32();
-            }
-            let mut copies = [[0u32; STEP]; 3];
-            for p in 0..STEP {
-                let (even, odd) = (parts(v[2 * p]), parts(v[2 * p + 1]));
-                for (copy, pairs) in copies.iter_mut().enumerate() {
-                    pairs[p] = even[copy] | (odd[copy] << 16);
+        for (s, v) in row.chunks_exact(2 * STEP).enumerate() {
+            // Each copy as 32 bf16 in k order, which is its 16 pairs (element 2p in the low half of
+            // pair p): a plain map over the step, which the compiler vectorizes.
+            let mut copies = [[0u16; 2 * STEP]; 3];
+            for (i, &e) in v.iter().enumerate() {
+                let p = parts(e);
+                for (copy, bits) in copies.iter_mut().enumerate() {
+                    bits[i] = p[copy] as u16;
                 }
             }
-            for (copy, pairs) in copies.iter().enumerate() {
+            for (copy, bits) in copies.iter().enumerate() {
                 let at = layout.index(t, (3 * s + copy) * STEP);
-                out[at..at + STEP].copy_from_slice(pairs);
+                for (d, pair) in out[at..at + STEP].iter_mut().zip(bits.chunks_exact(2)) {
+                    *d = u32::from(pair[0]) | (u32::from(pair[1]) << 16);
+                }
             }
         }
     }
