@@ -48,7 +48,10 @@ mod types;
 
 pub use adapter::Adapter;
 pub use bank::{AdapterBank, NO_ADAPTER};
-pub use cpu::{active_isa, set_parallel_min_flops, tier_facts, with_isa, Isa, Layout, PeakInstruction, TierFacts};
+pub use cpu::{
+    active_isa, cache_sizes, set_parallel_min_flops, tier_facts, with_isa, CacheSizes, Isa, Layout, PeakInstruction,
+    TierFacts,
+};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use mat::{MatMut, MatRef};

@@ -7,6 +7,7 @@
 //! operations that depends only on its row of `left` and its column of `right`, never on the tile,
 //! block or thread it falls in, so any split across threads gives bitwise identical results.
 
+mod caches;
 pub(crate) mod drivers;
 mod isa;
 pub(crate) mod kernels;
@@ -19,6 +20,7 @@ pub(crate) mod sink;
 mod tests;
 mod tiers;
 
+pub use caches::{cache_sizes, CacheSizes};
 pub use isa::Isa;
 pub use kernels::{active_isa, tier_facts, with_isa, Layout, PeakInstruction, TierFacts};
 pub use parallel::set_parallel_min_flops;

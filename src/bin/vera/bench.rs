@@ -193,15 +193,30 @@ pub fn peak_line(p: &Peak) -> String {
         Err(why) => format!("n/a ({why})"),
     };
     format!(
-        "peak ({} threads): f32 FMA {:.0} GFLOP/s, bf16 dot {} GFLOP/s, AMX bf16 {} GFLOP/s, read {:.0} GB/s from cache ({} MiB/thread), {:.0} GB/s from memory",
+        "peak ({} threads): f32 FMA {:.0} GFLOP/s, bf16 dot {} GFLOP/s, AMX bf16 {} GFLOP/s, read {:.0} GB/s from cache ({} MiB/thread), {:.0} GB/s from memory; {}",
         p.threads,
         p.f32_gflops,
         bf16,
         amx,
         p.cache_gbps,
         super::peak::CACHE_BYTES_PER_THREAD >> 20,
-        p.memory_gbps
+        p.memory_gbps,
+        caches_text(vera_kernels::cache_sizes()),
     )
+}
+
+/// The data caches, as the peak line prints them: `caches L1d 48 KiB, L2 2 MiB, L3 105 MiB (CPUID)`.
+pub fn caches_text(c: vera_kernels::CacheSizes) -> String {
+    let size = |b: usize| {
+        if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
+            format!("{} MiB", b >> 20)
+        } else {
+            format!("{} KiB", b >> 10)
+        }
+    };
+    let l3 = if c.l3 == 0 { "none".to_string() } else { size(c.l3) };
+    let source = if c.from_cpuid { "CPUID" } else { "assumed: CPUID did not say" };
+    format!("caches L1d {}, L2 {}, L3 {l3} ({source})", size(c.l1d), size(c.l2))
 }
 
 impl Row {

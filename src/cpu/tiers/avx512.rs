@@ -28,7 +28,19 @@ pub(super) use super::avx512_store::{prefetch_old, store_acc, zero_acc, Acc};
 /// 48 KiB L1 (one thread, n = 4096): 256 reached about 50% of the FMA peak, 128 about 55%, 64 and
 /// 48 about 70%, 32 no better than 64; larger blocks let the left tiles evict the panel block
 /// from L1. (On the AMD Zen 4 VM of the README's table 128 was 2-4% faster for f32 and mixed for
-/// f16, so the Intel figure stands.)
+/// f16, so the Intel figure stands.) It is not derived from the L1d size `caches::cache_sizes`
+/// reads: BLIS's analytical model (Low et al., 2016: the streamed left tile gets
+/// `floor((ways - 1) / (1 + NR / MR))` ways of L1) gives 128 for Zen 4's 32 KiB 8-way L1d, which
+/// agrees, but 256 for this Intel CPU's 48 KiB 12-way one, which measured worst.
+///
+/// Other blockings measured on that Intel CPU (2 threads, T = 512, f32, n, m in {768, 4096,
+/// 11008, 16384}, r in {256, 1024}, paired medians of 2-3 interleaved rounds) and not kept:
+/// 12-row tiles (24 accumulators; 9-13% faster than 8 x 32 in an L1-resident loop alone) with
+/// groups of 6 or 8 and blocks of 60-144 rows, 0.99-1.04x the time; the k range in slices whose
+/// group rows take half of L2 (BLIS's `pc` loop), 0.97-1.06x at n = 11008 and 16384; blocks of
+/// 256 rows (each block reading the weights once), 0.91x at r = 1024 but 1.06-1.08x at n = 16384;
+/// a software prefetch of each panel's next k block, 0.87-0.92x at r = 1024 but 1.03-1.06x at
+/// r = 256 and n = 768.
 const KC: usize = 64;
 /// Row tiles per group: their partial sums (`GROUP x MR x 32` f32, 8 KiB) stay in L1 between
 /// k blocks.
