@@ -29,7 +29,9 @@ pub struct Numerics {
     /// The forward's f16 products run on bf16 tiles with each operand split into a high and a low
     /// bf16 part (`x`, A and B exactly; `u` to 16 bits), the low·low products left out: each
     /// product term carries a relative error of at most about 2^-15, and each dot product is three
-    /// times as long (the `amx` tier's f16 prefill: [`crate::Layout::Split`]).
+    /// times as long (the `amx` tier's f16 prefill: [`crate::Layout::Split`]); the backward's
+    /// products likewise, their f32 left operands (`lambda_d ⊙ h`, `dy ⊙ lambda_b`, `g ⊙ lambda_d`)
+    /// split to 16 bits.
     pub splits_products: bool,
     /// Merge, unmerge and ΔW run on bf16 tiles, their f32 left operand `diag(lambda_b)·B·diag(lambda_d)`
     /// split into three bf16 parts (to within 2^-24 of each value) against A's exact bf16 values:

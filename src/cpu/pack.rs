@@ -518,12 +518,13 @@ mod avx512 {
     /// # Safety
     /// The CPU has AVX-512F, BW and VL.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn pack_row_parts_with<'o, E: Element>(
+    pub(super) unsafe fn pack_row_parts_with<'o, 's, E: Element>(
         src: impl RowSource<E>,
+        row_scale: impl Fn(usize) -> Option<&'s [f32]>,
         out: &'o mut [u32],
         parts: impl Fn(f32) -> [u32; 3],
     ) -> RowPairs<'o> {
-        super::pack_row_parts_with(src, out, parts)
+        super::pack_row_parts_with(src, row_scale, out, parts)
     }
 
     /// [`super::pack_row_pairs_scaled_with`].
@@ -595,10 +596,26 @@ fn pack_row_pairs_with<'o, E: Copy>(
 /// `[hi][hi, finite or 0][lo]` (see [`split_bits`] and `cross`). Pairs past `n` are zero, and so
 /// is the padding [`RowPairs`] zeroes.
 pub(crate) fn pack_row_split<'o, E: Element>(src: impl RowSource<E>, out: &'o mut [u32]) -> RowPairs<'o> {
-    pack_row_parts(src, out, |v| {
-        let (hi, lo) = split_bits(v);
-        [hi, cross(hi), lo]
-    })
+    pack_row_parts(src, |_| Some(&[][..]), out, split_left_parts)
+}
+
+/// [`pack_row_split`] of the rows of `src`, each multiplied element by element by its own scale
+/// vector over k in f32 (`row_scale(t)`, or zeros where that is `None`) before it is split: the
+/// backward's left operands (`lambda_d ⊙ h`, `dy ⊙ lambda_b`, `g ⊙ lambda_d`) for f16 on split
+/// tiles, the same f32 values the f32-FMA kernels multiply.
+pub(crate) fn pack_row_split_scaled<'o, 's, E: Element>(
+    src: impl RowSource<E>,
+    row_scale: impl Fn(usize) -> Option<&'s [f32]>,
+    out: &'o mut [u32],
+) -> RowPairs<'o> {
+    pack_row_parts(src, row_scale, out, split_left_parts)
+}
+
+/// A left operand's value of [`Layout::Split`] as its step copies: `[hi][hi, finite or 0][lo]`.
+#[inline(always)]
+fn split_left_parts(v: f32) -> [u32; 3] {
+    let (hi, lo) = split_bits(v);
+    [hi, cross(hi), lo]
 }
 
 /// Packs f32 rows (merge's `diag(lambda_b)·B·diag(lambda_d)`) split into three bf16 parts as
@@ -606,28 +623,32 @@ pub(crate) fn pack_row_split<'o, E: Element>(src: impl RowSource<E>, out: &'o mu
 /// weights packed as [`tripled_bits`]. Pairs past the row's end are zero, and so is the padding
 /// [`RowPairs`] zeroes.
 pub(crate) fn pack_row_split3<'o>(src: MatRef<'_, f32>, out: &'o mut [u32]) -> RowPairs<'o> {
-    pack_row_parts(src, out, split3_bits)
+    pack_row_parts(src, |_| Some(&[][..]), out, split3_bits)
 }
 
 /// Packs `rows x n` values as k-pairs in AMX tiles with each 16-pair step of k written three times,
 /// copy `i` holding `parts(v)[i]` (bf16 bits) for each value `v`: the split layouts' left operands.
+/// Row `t` is first multiplied element by element by `row_scale(t)` in f32 (an empty slice: by
+/// nothing; `None`: the row is zeros).
 #[inline(always)]
-fn pack_row_parts<'o, E: Element>(
+fn pack_row_parts<'o, 's, E: Element>(
     src: impl RowSource<E>,
+    row_scale: impl Fn(usize) -> Option<&'s [f32]>,
     out: &'o mut [u32],
     parts: impl Fn(f32) -> [u32; 3],
 ) -> RowPairs<'o> {
     #[cfg(all(target_arch = "x86_64", not(miri)))]
     if super::isa::has_avx512() {
         // SAFETY: AVX-512F/BW/VL were detected just above.
-        return unsafe { avx512::pack_row_parts_with(src, out, parts) };
+        return unsafe { avx512::pack_row_parts_with(src, row_scale, out, parts) };
     }
-    pack_row_parts_with(src, out, parts)
+    pack_row_parts_with(src, row_scale, out, parts)
 }
 
 #[inline(always)]
-fn pack_row_parts_with<'o, E: Element>(
+fn pack_row_parts_with<'o, 's, E: Element>(
     src: impl RowSource<E>,
+    row_scale: impl Fn(usize) -> Option<&'s [f32]>,
     out: &'o mut [u32],
     parts: impl Fn(f32) -> [u32; 3],
 ) -> RowPairs<'o> {
@@ -639,7 +660,17 @@ fn pack_row_parts_with<'o, E: Element>(
     // the step's vector load waited on the narrower stores just made: a third of the packing).
     let mut row = vec![0.0f32; n.next_multiple_of(2 * STEP)];
     for t in 0..layout.rows {
-        E::widen_slice(&src.row(t)[..n], &mut row[..n]);
+        match row_scale(t) {
+            Some(scale) => {
+                E::widen_slice(&src.row(t)[..n], &mut row[..n]);
+                if !scale.is_empty() {
+                    for (v, s) in row[..n].iter_mut().zip(scale) {
+                        *v *= s;
+                    }
+                }
+            }
+            None => row[..n].fill(0.0),
+        }
         // One step of k (32 elements, zero past n) at a time: its parts' pairs, written as the
         // step's three copies.
         for (s, v) in row.chunks_exact(2 * STEP).enumerate() {
@@ -897,6 +928,9 @@ pub struct TransposedProjections<T> {
     /// Aᵀ's bf16 pairs with each step three times ([`tripled_bits`]), for the merge on split tiles,
     /// made on first use.
     tripled_a: OnceLock<Panels<u32>>,
+    /// Aᵀ and Bᵀ as [`Layout::Split`] weights, for the f16 backward on split tiles, made on first
+    /// use.
+    split: OnceLock<(Panels<u32>, Panels<u32>)>,
 }
 
 impl<T: Element> TransposedProjections<T> {
@@ -904,7 +938,7 @@ impl<T: Element> TransposedProjections<T> {
     pub(crate) fn pack(a: MatRef<'_, T>, b: MatRef<'_, T>) -> Self {
         let a_t = Panels::from_fn(a.cols(), a.rows(), |col, j| a.row_unchecked(j)[col]);
         let b_t = Panels::from_fn(b.cols(), b.rows(), |col, i| b.row_unchecked(i)[col]);
-        Self { a_t, b_t, pairs: OnceLock::new(), tripled_a: OnceLock::new() }
+        Self { a_t, b_t, pairs: OnceLock::new(), tripled_a: OnceLock::new(), split: OnceLock::new() }
     }
 
     /// Aᵀ as [`split_panels`] of [`tripled_bits`] (bf16 only), for the merge's split left operand,
@@ -933,11 +967,27 @@ impl<T: Element> TransposedProjections<T> {
         (a, b)
     }
 
+    /// Aᵀ and Bᵀ as [`Layout::Split`] weights (each value split into bf16 parts, [`split_panels`]
+    /// of `split_weight_parts`), packed now if needed.
+    pub(crate) fn split(&self) -> (&Panels<u32>, &Panels<u32>) {
+        let (a, b) = self.split.get_or_init(|| {
+            let split = |w: &Panels<T>| {
+                split_panels(w.cols(), w.k_cap(), |c, kk| {
+                    split_weight_parts(w.panel(c / NR)[kk * NR + c % NR].to_f32())
+                })
+            };
+            (split(&self.a_t), split(&self.b_t))
+        });
+        (a, b)
+    }
+
     fn bytes(&self) -> usize {
+        let words = |p: &Panels<u32>| p.num_panels() * p.k_cap() * NR;
         let wide = (self.a_t.num_panels() * self.a_t.k_cap() + self.b_t.num_panels() * self.b_t.k_cap()) * NR;
-        let pairs = self.pairs.get().map_or(0, |(a, b)| (a.num_panels() * a.k_cap() + b.num_panels() * b.k_cap()) * NR);
-        let tripled = self.tripled_a.get().map_or(0, |a| a.num_panels() * a.k_cap() * NR);
-        wide * size_of::<T>() + (pairs + tripled) * 4
+        let pairs = self.pairs.get().map_or(0, |(a, b)| words(a) + words(b));
+        let tripled = self.tripled_a.get().map_or(0, words);
+        let split = self.split.get().map_or(0, |(a, b)| words(a) + words(b));
+        wide * size_of::<T>() + (pairs + tripled + split) * 4
     }
 }
 

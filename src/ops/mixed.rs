@@ -144,7 +144,8 @@ pub fn backward_mixed<T: Element>(
         check_shape("dx (must be [T, in_features])", [dx.rows(), dx.cols()], [t, n])?;
     }
     let kern = kernels::current::<T>();
-    let bw = BackwardWeights { w: layer.weights(backward::layout(kern)), transposed: Some(projections.transposed()) };
+    let bw =
+        BackwardWeights { w: layer.weights(backward::layout(kern, t)), transposed: Some(projections.transposed()) };
     let Gradients { lambda_d, lambda_b, bias, x: dx } = grads;
     let grads = Grads { lambda_d, lambda_b, bias, x: dx, accumulate: mode == Mode::Accumulate };
     backward::backward(kern, bw, RowScales::Bank(bank.scales(rows)), x, dy, saved_h, grads);

@@ -114,6 +114,17 @@ pub fn backward<T: Element>(
 /// 2^-126·(Σ_j |B_ij| + r)`, `g` gains `u_T·(1 + γ)·G + 2^-126·(Σ_i |B_ij| + m)` (reaching
 /// `dlambda_d` through `Σ_t · H`), and `dx` gains `(|lambda_d| ⊙ (g's extra + u_T·(1 + γ)²·G))·|A|
 /// + 2^-126·(Σ_j |A_jk| + r)`, `V`, `G`, `H` the magnitudes the terms above use.
+///
+/// When `numerics.splits_products` (f16 on the `amx` tier), the backward's products also run on
+/// bf16 tiles with both operands split (the left ones f32 values split to 16 bits): a product over
+/// k carries `split_product_error(k)` instead of `γ(k)`, an excess `δ_k` (see
+/// [`super::forward_error_bound`]). `v`'s excess `δ_r(1 + γ_v)·(V + h's extra)` reaches
+/// `dlambda_b` through `|dy|` and the sums (one more `1 + γ_v`); `g`'s `δ_m(1 + γ_g)·G` reaches
+/// `dlambda_d` through `H` and the sums likewise, and `dx` through `lambda_d` and A (times
+/// `1 + γ(m + r + 2)`), with the product's own `δ_r(1 + δ_m)(1 + γ(m + r + 2))·(|lambda_d| ⊙ G)·|A|`
+/// (`γ_v`, `γ_g` the `γ` of the `dlambda_b` and `dlambda_d` terms above). The tiles flush subnormals: each of a product's `3k`
+/// terms may lose 2^-126 from its result, and a flushed left part 2^-126·|w|(1 + 2^-8) from each of
+/// the two weight parts it meets: `2^-126·(7 Σ|w| + 3k)` per element.
 pub fn backward_error_bound<T: Element>(
     layer: LayerProjections<'_, T>,
     adapter: &Adapter,
@@ -150,36 +161,61 @@ pub fn backward_error_bound<T: Element>(
     // With `rounds_backward` (tiles): each left operand element rounded to T (relative u_T), and each
     // product's subnormal inputs and partial sums flushed (2^-126 per term of its k range).
     let (u_t, tiny) = if numerics.rounds_backward { (T::UNIT_ROUNDOFF, F32_MIN_NORMAL) } else { (0.0, 0.0) };
+    // With split products: each product's excess over gamma(k), and the flushed terms of split tiles
+    // (`tiny_w · Σ|w| + tiny_k · k`, times 2^-126).
+    let delta = |k: usize| if numerics.splits_products { split_product_error(k, true) - gamma(k, U32) } else { 0.0 };
+    let (d_r, d_m) = (delta(r), delta(m));
+    let (tiny, tiny_w, tiny_k) = match (numerics.rounds_backward, numerics.splits_products) {
+        (true, _) => (tiny, 1.0, 1.0),
+        (false, true) => (F32_MIN_NORMAL, 7.0, 3.0),
+        (false, false) => (0.0, 0.0, 0.0),
+    };
     let b_col_sum: Vec<f64> = (0..r).map(|j| b.iter().map(|bi| bi[j]).sum()).collect();
     let a_col_sum: Vec<f64> = (0..n).map(|k| a.iter().map(|aj| aj[k]).sum()).collect();
     let g_lb = gamma(n + r + 2 * rows + 2, U32);
     // v = round(lambda_d ⊙ h)·Bᵀ: u_T on each element of u, and the flushed terms.
-    let round_v = |t: usize, i: usize| u_t * (1.0 + g_lb) * p.v[t][i] + tiny * (b[i].iter().sum::<f64>() + r as f64);
+    let round_v = |t: usize, i: usize| {
+        u_t * (1.0 + g_lb) * p.v[t][i]
+            + tiny * (tiny_w * b[i].iter().sum::<f64>() + tiny_k * r as f64)
+            + d_r * (1.0 + g_lb) * (1.0 + g_lb) * (p.v[t][i] + ftz_v(t, i))
+    };
     let lambda_b =
         (0..m).map(|i| (0..rows).map(|t| dyv(t, i) * (g_lb * p.v[t][i] + ftz_v(t, i) + round_v(t, i))).sum()).collect();
     let g_ld = gamma(n + m + 2 * rows + 2, U32);
     // g = round(dy ⊙ lambda_b)·B: u_T on each element of dy ⊙ lambda_b, and the flushed terms.
-    let round_g = |t: usize, j: usize| u_t * (1.0 + g_ld) * p.g[t][j] + tiny * (b_col_sum[j] + m as f64);
+    let round_g = |t: usize, j: usize| {
+        u_t * (1.0 + g_ld) * p.g[t][j]
+            + tiny * (tiny_w * b_col_sum[j] + tiny_k * m as f64)
+            + d_m * (1.0 + g_ld) * p.g[t][j]
+    };
+    // g's error meets h's (H and its extra), through one product and the sums: (1 + g_ld) more.
     let lambda_d = (0..r)
-        .map(|j| (0..rows).map(|t| p.g[t][j] * (g_ld * p.h[t][j] + ftz[t][j]) + round_g(t, j) * p.h[t][j]).sum())
+        .map(|j| {
+            (0..rows)
+                .map(|t| {
+                    p.g[t][j] * (g_ld * p.h[t][j] + ftz[t][j]) + round_g(t, j) * (1.0 + g_ld) * (p.h[t][j] + ftz[t][j])
+                })
+                .sum()
+        })
         .collect();
     let g_b = gamma(2 * rows, U32);
     let bias = (0..m).map(|i| g_b * (0..rows).map(|t| dyv(t, i)).sum::<f64>()).collect();
     let g_dx = gamma(m + r + 2, U32);
+    let split_dx = d_r * (1.0 + d_m) * (1.0 + g_dx);
     let mut dx = vec![0.0; rows * n];
     for (t, row) in dx.chunks_mut(n.max(1)).enumerate().take(rows) {
         // With tiles, g carries round_g, and g ⊙ lambda_d one more rounding to T.
         let mut extra = vec![0.0; n];
         for (j, aj) in a.iter().enumerate() {
             let gl = ld[j] * p.g[t][j];
-            let ge = ld[j] * (round_g(t, j) + u_t * (1.0 + g_dx) * (1.0 + g_ld) * p.g[t][j]);
+            let ge = ld[j] * (round_g(t, j) * (1.0 + g_dx) + u_t * (1.0 + g_dx) * (1.0 + g_ld) * p.g[t][j]);
             for ((o, e), av) in row.iter_mut().zip(extra.iter_mut()).zip(aj) {
                 *o += gl * av;
                 *e += ge * av;
             }
         }
         for (k, o) in row.iter_mut().enumerate() {
-            let e = g_dx * *o + extra[k] + tiny * (a_col_sum[k] + r as f64);
+            let e = (g_dx + split_dx) * *o + extra[k] + tiny * (tiny_w * a_col_sum[k] + tiny_k * r as f64);
             *o = e + T::UNIT_ROUNDOFF * (reference.x[t * n + k].abs() + e) + T::MIN_POSITIVE_SUBNORMAL / 2.0;
         }
     }

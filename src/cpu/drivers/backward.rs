@@ -12,14 +12,17 @@
 //! (`parallel::reduce_in_order`): gradients are bitwise identical for any number of threads.
 //!
 //! The products run on the tier's f32-FMA kernels (`u`, `dy ⊙ lambda_b` and `g ⊙ lambda_d` stay in
-//! f32), except on a tier whose layout is [`Layout::Tiles`] (bf16 on `amx`): there all four run on
-//! AMX tiles, their left operands rounded to bf16 (as PEFT's autograd rounds them in bf16).
+//! f32), except where the tier runs the call's rows on AMX tiles: in [`Layout::Tiles`] (bf16 on
+//! `amx`) all four products run there, their left operands rounded to bf16 (as PEFT's autograd
+//! rounds them in bf16); in [`Layout::Split`] (f16 on `amx`, from its `wide_below_rows`) on the
+//! same tiles with every operand split into bf16 parts, as the f16 forward runs (the left operands
+//! the same f32 values the FMA kernels multiply, split to 16 bits).
 
 use super::{row_epilogues, RowScales, Weights};
 use crate::cpu::kernels::{Kernels, Layout, TileGemmFn};
 use crate::cpu::pack::{
-    pack_projections, pack_row_pairs, pack_row_pairs_scaled, pack_rows, pack_rows_scaled, Bits, Left,
-    PackedProjections, Panels, RowPairs, TransposedProjections, NR,
+    pack_projections, pack_row_pairs, pack_row_pairs_scaled, pack_row_split, pack_row_split_scaled, pack_rows,
+    pack_rows_scaled, split_pairs, Bits, Left, PackedProjections, Panels, RowPairs, TransposedProjections, NR,
 };
 use crate::cpu::parallel::{for_panels, plan_blocks, reduce_in_order, with_scratch};
 use crate::cpu::sink::{Epilogue, RowEpilogues, Sink};
@@ -44,14 +47,14 @@ pub(crate) struct BackwardWeights<'a, T> {
     pub transposed: Option<&'a TransposedProjections<T>>,
 }
 
-/// The layout the backward packs the projections in for `kern`: [`Layout::Tiles`] where the tier
-/// runs `T`'s products on bf16 tiles (bf16 on `amx`), else [`Layout::Wide`] (the f32-FMA kernels;
-/// f16 on `amx`, whose forward splits its products into bf16 parts, has no split backward).
-pub(crate) fn layout<T>(kern: &Kernels<T>) -> Layout {
-    if kern.facts().layout == Layout::Tiles {
-        Layout::Tiles
-    } else {
-        Layout::Wide
+/// The layout the backward of a call of `rows` rows packs the projections in for `kern`: the tile
+/// layouts where the tier runs such a call on AMX tiles ([`Layout::Tiles`]: bf16 on `amx`;
+/// [`Layout::Split`]: f16 on `amx` from its `wide_below_rows`), else [`Layout::Wide`] (the f32-FMA
+/// kernels; the backward has no [`Layout::Pairs`] kernels).
+pub(crate) fn layout<T>(kern: &Kernels<T>, rows: usize) -> Layout {
+    match kern.facts().layout_for(rows) {
+        layout @ (Layout::Tiles | Layout::Split) => layout,
+        Layout::Wide | Layout::Pairs => Layout::Wide,
     }
 }
 
@@ -97,7 +100,8 @@ pub(crate) fn backward<T: Element>(
     let row_slots = slots.of_row.as_deref();
     let ctx = Block {
         kern,
-        tiles: kern.gemm_tiles.filter(|_| bw.w.layout == Layout::Tiles),
+        tiles: kern.gemm_tiles.filter(|_| matches!(bw.w.layout, Layout::Tiles | Layout::Split)),
+        layout: bw.w.layout,
         packed,
         transposed,
         s,
@@ -168,11 +172,24 @@ impl Slots {
     }
 }
 
+/// The projections a backward product multiplies by.
+#[derive(Clone, Copy)]
+enum Weight {
+    /// B, over k = r (`v = u·Bᵀ`).
+    B,
+    /// Bᵀ, over k = m (`g = (dy ⊙ lambda_b)·B`).
+    BT,
+    /// Aᵀ, over k = r (`dx = (g ⊙ lambda_d)·A`).
+    AT,
+}
+
 /// What every block of one backward call shares.
 struct Block<'a, T: 'static> {
     kern: &'a Kernels<T>,
     /// The tile kernels, when the projections are packed for them ([`layout`]).
     tiles: Option<TileGemmFn<T>>,
+    /// The layout the projections are packed in.
+    layout: Layout,
     packed: &'a PackedProjections<T>,
     transposed: &'a TransposedProjections<T>,
     s: RowScales<'a>,
@@ -208,7 +225,10 @@ impl<T: Element> Block<'_, T> {
         };
         let h_len = if self.saved_h.is_some() { 0 } else { tb * r };
         let k_max = n.max(m).max(r);
-        let left_len = Left::<f32>::len_for(tb, k_max).max(RowPairs::len_for(tb, k_max.div_ceil(2)));
+        let left_len = match self.layout {
+            Layout::Split => RowPairs::len_for(tb, split_pairs(k_max)),
+            _ => Left::<f32>::len_for(tb, k_max).max(RowPairs::len_for(tb, k_max.div_ceil(2))),
+        };
         with_scratch(h_len + tb * r + left_len, |buf| {
             let (h_buf, rest) = buf.split_at_mut(h_len);
             let (g, left) = rest.split_at_mut(tb * r);
@@ -218,12 +238,18 @@ impl<T: Element> Block<'_, T> {
                 None => {
                     let mut h = MatMut::from_slice(h_buf, tb, r).expect("scratch sized tb * r");
                     let sink = Sink::F32 { out: h.as_ptr_mat(), scale: None };
-                    match self.tiles {
-                        Some(tiles) => {
-                            let xl = pack_row_pairs(Bits(x, std::marker::PhantomData), bytemuck::cast_slice_mut(left));
+                    let out = bytemuck::cast_slice_mut(left);
+                    match (self.tiles, self.layout) {
+                        (Some(tiles), Layout::Split) => {
+                            let xl = pack_row_split(x, out);
+                            // The split operands are whole tile steps of pairs: 2·k_len elements.
+                            self.tile_product(tiles, xl, 2 * xl.k_len, self.packed.down.pairs(), r, &sink);
+                        }
+                        (Some(tiles), _) => {
+                            let xl = pack_row_pairs(Bits(x, std::marker::PhantomData), out);
                             self.tile_product(tiles, xl, n, self.packed.down.pairs(), r, &sink);
                         }
-                        None => self.product(pack_rows(x, left), self.packed.down.wide(), r, &sink),
+                        (None, _) => self.product(pack_rows(x, left), self.packed.down.wide(), r, &sink),
                     }
                     MatRef::from_slice(h_buf, tb, r).expect("scratch sized tb * r")
                 }
@@ -234,11 +260,11 @@ impl<T: Element> Block<'_, T> {
             let sink = Sink::ColumnDot { other: dy, sums: dlb.as_ptr_mat(), slots };
             let ld = |t: usize| scales(t).map(|s| s.lambda_d);
             let lb = |t: usize| scales(t).map(|s| s.lambda_b);
-            self.scaled_product(h, ld, left, (|| self.packed.up.pairs(), || self.packed.up.wide()), m, &sink);
+            self.scaled_product(h, ld, left, Weight::B, m, &sink);
             // g = (dy ⊙ lambda_b)·B, into the block's scratch.
             let mut gm = MatMut::from_slice(g, tb, r).expect("scratch sized tb * r");
             let sink = Sink::F32 { out: gm.as_ptr_mat(), scale: None };
-            self.scaled_product(dy, lb, left, (|| self.transposed.pairs().1, || &self.transposed.b_t), r, &sink);
+            self.scaled_product(dy, lb, left, Weight::BT, r, &sink);
             let g = MatRef::from_slice(g, tb, r).expect("scratch sized tb * r");
             // dlambda_d = Σ_t g ⊙ h and dbias = Σ_t dy, rows in order, each into its slot.
             for t in 0..tb {
@@ -267,31 +293,53 @@ impl<T: Element> Block<'_, T> {
                         Sink::RowEpilogue { out, rows: RowEpilogues { rows: &resolved[..tb], dst: None, accumulate } }
                     }
                 };
-                self.scaled_product(g, ld, left, (|| self.transposed.pairs().0, || &self.transposed.a_t), n, &sink);
+                self.scaled_product(g, ld, left, Weight::AT, n, &sink);
             }
         });
     }
 
-    /// `sink <- (src ⊙ scale(row))·weights` over the first `cols` columns: on tiles, the left
-    /// operand rounded to bf16, against the pair panels `pairs` returns, or on the f32-FMA kernels
-    /// against the panels `wide` returns (each asked for only on its path: the projections are
-    /// packed in the one layout the kernels read, and the transposed pairs on first use).
-    fn scaled_product<'w, 's, E: Element>(
-        &'w self,
+    /// `sink <- (src ⊙ scale(row))·weights` over the first `cols` columns, in the call's layout: on
+    /// tiles, the left operand rounded to bf16 (`Tiles`) or split into bf16 parts (`Split`), or on
+    /// the f32-FMA kernels (`Wide`), against `which` projections packed in that layout (the
+    /// transposed ones packed on first use).
+    fn scaled_product<'s, E: Element>(
+        &self,
         src: MatRef<'_, E>,
         scale: impl Fn(usize) -> Option<&'s [f32]>,
         left: &mut [f32],
-        (pairs, wide): (impl FnOnce() -> &'w Panels<u32>, impl FnOnce() -> &'w Panels<T>),
+        which: Weight,
         cols: usize,
         sink: &Sink<'_, T>,
     ) {
         let k = src.cols();
-        match self.tiles {
-            Some(tiles) => {
-                let packed = pack_row_pairs_scaled(src, scale, bytemuck::cast_slice_mut(left));
-                self.tile_product(tiles, packed, k, pairs(), cols, sink);
+        let out = bytemuck::cast_slice_mut(left);
+        match (self.tiles, self.layout) {
+            (Some(tiles), Layout::Split) => {
+                let packed = pack_row_split_scaled(src, scale, out);
+                let weights = match which {
+                    Weight::B => self.packed.up.pairs(),
+                    Weight::BT => self.transposed.split().1,
+                    Weight::AT => self.transposed.split().0,
+                };
+                self.tile_product(tiles, packed, 2 * packed.k_len, weights, cols, sink);
             }
-            None => self.product(pack_rows_scaled(src, scale, left), wide(), cols, sink),
+            (Some(tiles), _) => {
+                let packed = pack_row_pairs_scaled(src, scale, out);
+                let weights = match which {
+                    Weight::B => self.packed.up.pairs(),
+                    Weight::BT => self.transposed.pairs().1,
+                    Weight::AT => self.transposed.pairs().0,
+                };
+                self.tile_product(tiles, packed, k, weights, cols, sink);
+            }
+            (None, _) => {
+                let weights = match which {
+                    Weight::B => self.packed.up.wide(),
+                    Weight::BT => &self.transposed.b_t,
+                    Weight::AT => &self.transposed.a_t,
+                };
+                self.product(pack_rows_scaled(src, scale, left), weights, cols, sink);
+            }
         }
     }
 
