@@ -266,7 +266,9 @@ impl<T: Element> Block<'_, T> {
             let sink = Sink::F32 { out: gm.as_ptr_mat(), scale: None };
             self.scaled_product(dy, lb, left, Weight::BT, r, &sink);
             let g = MatRef::from_slice(g, tb, r).expect("scratch sized tb * r");
-            // dlambda_d = Σ_t g ⊙ h and dbias = Σ_t dy, rows in order, each into its slot.
+            // dlambda_d = Σ_t g ⊙ h and dbias = Σ_t dy, rows in order, each into its slot (a row of
+            // dy widened at once: element by element, f16's conversion was a call per element).
+            let mut dy_row = vec![0.0f32; if self.want_bias { m } else { 0 }];
             for t in 0..tb {
                 let Some(j) = slot(t) else { continue };
                 let dld = &mut dld[j * r..(j + 1) * r];
@@ -274,8 +276,9 @@ impl<T: Element> Block<'_, T> {
                     *s += gv * hv;
                 }
                 if self.want_bias {
-                    for (s, d) in dbias[j * m..(j + 1) * m].iter_mut().zip(dy.row_unchecked(t)) {
-                        *s += d.to_f32();
+                    T::widen_slice(dy.row_unchecked(t), &mut dy_row);
+                    for (s, d) in dbias[j * m..(j + 1) * m].iter_mut().zip(&dy_row) {
+                        *s += d;
                     }
                 }
             }
