@@ -144,13 +144,10 @@ fn check<T: Element>(c: &Case) -> Result<(), TestCaseError> {
         // Under Miri (slow) only the split run, the one that can race; thread counts are compared natively.
         let one = if cfg!(miri) { two.clone() } else { run_backward::<T>(c, isa, 1, None) };
         prop_assert_eq!(one.bits(), two.bits(), "1 and 2 threads differ on {}", isa);
-        // The backward's own h is computed with the f32-FMA kernels on every tier but one whose
-        // backward runs on tiles (which flush subnormals, as its numerics say), bf16 rounded or f16
-        // split. (Under Miri the edge cases look for undefined behaviour; their numbers are
-        // checked natively.)
+        // The backward's own h, as its tier computes it. (Under Miri the edge cases look for
+        // undefined behaviour; their numbers are checked natively.)
         if !cfg!(miri) {
-            let on_tiles = numerics.rounds_backward || numerics.splits_products;
-            let recompute = if on_tiles { numerics } else { vera_kernels::Numerics::default() };
+            let recompute = with_isa(isa, tier_facts::<T>).backward_numerics();
             check_against_reference(c, isa, &one, recompute)?;
         }
 

@@ -65,5 +65,12 @@ fn the_facts_follow_the_tier() {
         assert!(!f16_facts.numerics().splits_delta && !f32_facts.numerics().splits_delta);
         assert_eq!(f16_facts.layout_for(1), Layout::Wide);
         assert_eq!(f16_facts.layout_for(4096), f16_facts.layout);
+        // The backward runs on tiles (bf16 rounded, f16 split) on `amx` only; elsewhere on the
+        // f32-FMA kernels, whose numerics are the default whatever the forward's products do.
+        let fma = vera_kernels::Numerics::default();
+        let want = |tier: vera_kernels::Numerics| if isa == Isa::Amx { tier } else { fma };
+        assert_eq!(facts.backward_numerics(), want(facts.numerics()));
+        assert_eq!(f16_facts.backward_numerics(), want(f16_facts.numerics()));
+        assert_eq!(f32_facts.backward_numerics(), fma);
     }
 }

@@ -20,8 +20,7 @@ use proptest::prelude::*;
 use vera_kernels::rng::TorchCpuGenerator;
 use vera_kernels::{
     backward, backward_mixed, bf16, f16, forward, forward_mixed, forward_train, forward_train_mixed, reference,
-    with_isa, Adapter, AdapterBank, Element, Error, Gradients, Isa, MatMut, MatRef, Mode, Numerics, BLOCK_ROWS,
-    NO_ADAPTER,
+    with_isa, Adapter, AdapterBank, Element, Error, Gradients, Isa, MatMut, MatRef, Mode, BLOCK_ROWS, NO_ADAPTER,
 };
 
 const EPS: f64 = 5.960_464_477_539_063e-8;
@@ -237,9 +236,7 @@ fn check_backward<T: Element>(mx: &Mixed) -> Result<(), TestCaseError> {
             }
             let dyk = MatRef::new(&dyk, c.t, m, ys).unwrap();
             let want = reference::backward(layer, adapter, x, dyk).unwrap();
-            // The f32-FMA kernels' numerics, or those of a tier whose backward runs on tiles.
-            let numerics = with_isa(isa, vera_kernels::tier_facts::<T>).numerics();
-            let numerics = if numerics.rounds_backward { numerics } else { Numerics::default() };
+            let numerics = with_isa(isa, vera_kernels::tier_facts::<T>).backward_numerics();
             let bound = reference::backward_error_bound(layer, adapter, x, dyk, numerics).unwrap();
             let present = rows.contains(&(k as i32));
             let f32s = [

@@ -20,8 +20,7 @@ use common::{split_pool, to, values, SplitMix64};
 use vera_kernels::rng::TorchCpuGenerator;
 use vera_kernels::{
     backward, backward_mixed, bf16, f16, forward, forward_mixed, forward_train, merge, reference, tier_facts, unmerge,
-    with_isa, Adapter, AdapterBank, Element, Gradients, Isa, MatMut, MatRef, Mode, Numerics, Projections, BLOCK_ROWS,
-    NO_ADAPTER,
+    with_isa, Adapter, AdapterBank, Element, Gradients, Isa, MatMut, MatRef, Mode, Projections, BLOCK_ROWS, NO_ADAPTER,
 };
 
 /// How much the resident set may grow from the first tenth of the run to the last. Measured (100 000
@@ -203,9 +202,9 @@ fn run<T: Element>(p: &Projections<T>, c: Call) -> Result<(), String> {
             let mut h = vec![0.0f32; c.t * r];
             let saved = c.op == 3;
             // The f32-FMA kernels' numerics (a recomputed h), or those of a tier whose backward runs
-            // on tiles, or with a saved h those of the forward that saved it.
-            let tier = with_isa(c.isa, tier_facts::<T>).numerics();
-            let mut numerics = if tier.rounds_backward { tier } else { Numerics::default() };
+            // on tiles (bf16 rounded or f16 split), or with a saved h those of the forward that saved
+            // it.
+            let mut numerics = with_isa(c.isa, tier_facts::<T>).backward_numerics();
             if saved {
                 let mut y = y0.clone();
                 call(&mut || {

@@ -139,6 +139,19 @@ impl TierFacts {
             splits_delta: self.layout == Layout::Tiles,
         }
     }
+
+    /// The numerics of these kernels' backward when it recomputes `h` (for
+    /// [`crate::reference::backward_error_bound`]): [`TierFacts::numerics`] where the backward runs
+    /// on AMX tiles (bf16 rounded, or f16 split: a call of fewer rows than `wide_below_rows` then
+    /// runs the f32-FMA kernels, which this bound covers too), else those of the f32-FMA kernels,
+    /// the default (no rounding, flushing or splitting: the forward's `vdpbf16ps` products are not
+    /// the backward's). With an `h` saved by the training forward, take [`TierFacts::numerics`].
+    pub fn backward_numerics(&self) -> Numerics {
+        match self.layout {
+            Layout::Tiles | Layout::Split => self.numerics(),
+            Layout::Wide | Layout::Pairs => Numerics::default(),
+        }
+    }
 }
 
 /// The micro-kernels of one element type on one tier, with their facts. Each kernel writes through
