@@ -1,7 +1,7 @@
 //! Time of merging an adapter into a layer's weight (`merge`, then `unmerge` to restore it), per
 //! dtype, on this CPU's default tier and on another tier named like `VERA_KERNELS_ISA`,
-//! alternated, medians of the pairs: how much the `amx` tier's bf16 merge on split tiles gains
-//! over the `avx512` FMA kernels.
+//! alternated, medians of the pairs: how much the `amx` tier's bf16 and f16 merges on split tiles
+//! gain over the `avx512` FMA kernels.
 //!
 //! ```sh
 //! cargo run --release --example merge_time                      # 4096 x 4096, r = 256 and 1024

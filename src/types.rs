@@ -31,7 +31,8 @@ pub struct Numerics {
     /// product term carries a relative error of at most about 2^-15, and each dot product is three
     /// times as long (the `amx` tier's f16 prefill: [`crate::Layout::Split`]); the backward's
     /// products likewise, their f32 left operands (`lambda_d ⊙ h`, `dy ⊙ lambda_b`, `g ⊙ lambda_d`)
-    /// split to 16 bits.
+    /// split to 16 bits, and merge, unmerge and ΔW (`diag(lambda_b)·B·diag(lambda_d)` split to 16
+    /// bits against A's exact parts).
     pub splits_products: bool,
     /// Merge, unmerge and ΔW run on bf16 tiles, their f32 left operand `diag(lambda_b)·B·diag(lambda_d)`
     /// split into three bf16 parts (to within 2^-24 of each value) against A's exact bf16 values:

@@ -251,6 +251,12 @@ fn bound<T: Element>(
 ///   magnitude, composed with `c`'s own `gamma(2)`: `(1 + gamma(2))(1 + e) - 1`. Tiles flush
 ///   subnormals: a part or an `A_jk` below 2^-126 loses at most `2^-126 (3|A_jk| + 2|c_ij|)`, each
 ///   of the `3r` partial sums at most 2^-126.
+/// - `numerics.splits_products` (f16 on the `amx` tier): each `c_ij` split into two bf16 parts (to
+///   16 bits) and each `A_jk` into two (exactly), `hi·hi + hi·lo + lo·hi` on tiles, as the f16
+///   forward's products: `e = split_product_error(r)` (f32 left operand) composed with `c`'s own
+///   `gamma(2)`. Tiles flush subnormals: a part of `c` below 2^-126 loses at most 2^-126 times the
+///   `A` part it meets (at most `3·2^-126|A_jk|` over the three terms), a part of `A` likewise
+///   (`3·2^-126|c_ij|`), and each of the `3r` partial sums at most 2^-126.
 ///
 /// Both then add `u · (|w| + mag)` for the update and the final rounding `u_T · (|result| + e32) +
 /// s_T / 2`.
@@ -267,6 +273,8 @@ pub fn delta_error_bound<T: Element>(
         let e = U_BF16;
         let split = gamma(3 * r, U32) * (1.0 + e) * (1.0 + 2.0 * e) + e * e * e;
         (1.0 + gamma(2, U32)) * (1.0 + split) - 1.0
+    } else if numerics.splits_products {
+        (1.0 + gamma(2, U32)) * (1.0 + split_product_error(r, true)) - 1.0
     } else {
         gamma(r + 3, U32)
     };
@@ -284,6 +292,8 @@ pub fn delta_error_bound<T: Element>(
             let mag: f64 = (0..r).map(|j| c[j] * a[j][k]).sum();
             let ftz = if numerics.splits_delta {
                 F32_MIN_NORMAL * (3.0 * a_sums[k] + 2.0 * c_sum + 3.0 * r as f64)
+            } else if numerics.splits_products {
+                F32_MIN_NORMAL * (3.0 * a_sums[k] + 3.0 * c_sum + 3.0 * r as f64)
             } else {
                 0.0
             };
