@@ -156,36 +156,24 @@ fn run<T: Element>(p: &Projections<T>, c: Call) -> Result<(), String> {
         1 => {
             let w0 = to::<T>(&values(&mut g, c.m * c.n, 1.0));
             let dw = reference::delta_weight(layer, &adapters[0]).unwrap();
+            // `after` against `before ± ΔW`, within the bound taken at `before`.
+            let check = |what: &str, before: &[T], after: &[T], sign: f64| -> Result<(), String> {
+                let before_ref = MatRef::from_slice(before, c.m, c.n).unwrap();
+                let bound = reference::delta_error_bound(layer, &adapters[0], Some(before_ref), numerics).unwrap();
+                for (i, got) in after.iter().enumerate() {
+                    let want = before[i].to_f64() + sign * dw[i];
+                    if (got.to_f64() - want).abs() > bound[i] {
+                        return Err(format!("{what} W[{i}] = {got:?}, want {want}, bound {}", bound[i]));
+                    }
+                }
+                Ok(())
+            };
             let mut w = w0.clone();
             call(&mut || merge(p, &adapters[0], MatMut::from_slice(&mut w, c.m, c.n).unwrap()).unwrap());
-            let bound = reference::delta_error_bound(
-                layer,
-                &adapters[0],
-                Some(MatRef::from_slice(&w0, c.m, c.n).unwrap()),
-                numerics,
-            )
-            .unwrap();
-            for (i, got) in w.iter().enumerate() {
-                let want = w0[i].to_f64() + dw[i];
-                if (got.to_f64() - want).abs() > bound[i] {
-                    return Err(format!("merged W[{i}] = {got:?}, want {want}, bound {}", bound[i]));
-                }
-            }
+            check("merged", &w0, &w, 1.0)?;
             let merged = w.clone();
             call(&mut || unmerge(p, &adapters[0], MatMut::from_slice(&mut w, c.m, c.n).unwrap()).unwrap());
-            let bound = reference::delta_error_bound(
-                layer,
-                &adapters[0],
-                Some(MatRef::from_slice(&merged, c.m, c.n).unwrap()),
-                numerics,
-            )
-            .unwrap();
-            for (i, got) in w.iter().enumerate() {
-                let want = merged[i].to_f64() - dw[i];
-                if (got.to_f64() - want).abs() > bound[i] {
-                    return Err(format!("unmerged W[{i}] = {got:?}, want {want}, bound {}", bound[i]));
-                }
-            }
+            check("unmerged", &merged, &w, -1.0)?;
         }
         // The backward, recomputing h (op 2) or reusing the training forward's (op 3); the
         // mixed backward (op 5) with each adapter's gradients over its own rows.

@@ -114,6 +114,14 @@ impl<W> Panels<W> {
         &self.data[at..at + self.k_cap * NR]
     }
 
+    /// Element `k` of column `col`.
+    pub(crate) fn at(&self, col: usize, k: usize) -> W
+    where
+        W: Copy,
+    {
+        self.panel(col / NR)[k * NR + col % NR]
+    }
+
     /// Empty panels sized for `cols` columns of `k_cap` (contents unspecified until written), or an
     /// `Err` naming `what` when that many elements overflow or cannot be allocated.
     pub(crate) fn with_shape(what: &'static str, cols: usize, k_cap: usize) -> Result<Self>
@@ -946,9 +954,7 @@ impl<T: Element> TransposedProjections<T> {
     pub(crate) fn tripled_a(&self) -> &Panels<u32> {
         self.tripled_a.get_or_init(|| {
             let a_t = &self.a_t;
-            split_panels(a_t.cols(), a_t.k_cap(), |c, kk| {
-                tripled_bits(bf16_weight_bits(a_t.panel(c / NR)[kk * NR + c % NR]))
-            })
+            split_panels(a_t.cols(), a_t.k_cap(), |c, kk| tripled_bits(bf16_weight_bits(a_t.at(c, kk))))
         })
     }
 
@@ -958,8 +964,7 @@ impl<T: Element> TransposedProjections<T> {
         let (a, b) = self.pairs.get_or_init(|| {
             let pairs = |w: &Panels<T>| {
                 let k = w.k_cap();
-                let bits =
-                    |c: usize, kk: usize| if kk < k { bf16_weight_bits(w.panel(c / NR)[kk * NR + c % NR]) } else { 0 };
+                let bits = |c: usize, kk: usize| if kk < k { bf16_weight_bits(w.at(c, kk)) } else { 0 };
                 Panels::from_fn(w.cols(), k.div_ceil(2), |c, p| bits(c, 2 * p) | (bits(c, 2 * p + 1) << 16))
             };
             (pairs(&self.a_t), pairs(&self.b_t))
@@ -971,11 +976,8 @@ impl<T: Element> TransposedProjections<T> {
     /// of `split_weight_parts`), packed now if needed.
     pub(crate) fn split(&self) -> (&Panels<u32>, &Panels<u32>) {
         let (a, b) = self.split.get_or_init(|| {
-            let split = |w: &Panels<T>| {
-                split_panels(w.cols(), w.k_cap(), |c, kk| {
-                    split_weight_parts(w.panel(c / NR)[kk * NR + c % NR].to_f32())
-                })
-            };
+            let split =
+                |w: &Panels<T>| split_panels(w.cols(), w.k_cap(), |c, kk| split_weight_parts(w.at(c, kk).to_f32()));
             (split(&self.a_t), split(&self.b_t))
         });
         (a, b)

@@ -314,28 +314,26 @@ impl<T: Element> Block<'_, T> {
         cols: usize,
         sink: &Sink<'_, T>,
     ) {
-        let k = src.cols();
-        let out = bytemuck::cast_slice_mut(left);
-        match (self.tiles, self.layout) {
-            (Some(tiles), Layout::Split) => {
-                let packed = pack_row_split_scaled(src, scale, out);
-                let weights = match which {
-                    Weight::B => self.packed.up.pairs(),
-                    Weight::BT => self.transposed.split().1,
-                    Weight::AT => self.transposed.split().0,
+        match self.tiles {
+            Some(tiles) => {
+                let split = self.layout == Layout::Split;
+                let out = bytemuck::cast_slice_mut(left);
+                // The split operands are whole tile steps of pairs: 2·k_len elements, no tail.
+                let (packed, k) = if split {
+                    let packed = pack_row_split_scaled(src, scale, out);
+                    (packed, 2 * packed.k_len)
+                } else {
+                    (pack_row_pairs_scaled(src, scale, out), src.cols())
                 };
-                self.tile_product(tiles, packed, 2 * packed.k_len, weights, cols, sink);
-            }
-            (Some(tiles), _) => {
-                let packed = pack_row_pairs_scaled(src, scale, out);
+                let transposed = || if split { self.transposed.split() } else { self.transposed.pairs() };
                 let weights = match which {
                     Weight::B => self.packed.up.pairs(),
-                    Weight::BT => self.transposed.pairs().1,
-                    Weight::AT => self.transposed.pairs().0,
+                    Weight::BT => transposed().1,
+                    Weight::AT => transposed().0,
                 };
                 self.tile_product(tiles, packed, k, weights, cols, sink);
             }
-            (None, _) => {
+            None => {
                 let weights = match which {
                     Weight::B => self.packed.up.wide(),
                     Weight::BT => &self.transposed.b_t,
