@@ -3,7 +3,7 @@
 //! vector store computes must equal [`Epilogue::apply`] / [`Update::apply`] followed by `half`'s
 //! rounding (`Element::from_f32`), for every sink and element type.
 
-use super::drivers::row_epilogues;
+use super::drivers::{row_epilogues, MAX_BLOCK_ROWS};
 use super::isa::Isa;
 use super::kernels::{kernels_on, Kernels, Layout};
 use super::pack::{
@@ -53,8 +53,9 @@ fn values(len: usize, seed: u32) -> Vec<f32> {
     (0..len).map(|i| if i < specials.len() && seed == 0 { specials[i] } else { walk.next().unwrap() }).collect()
 }
 
-/// A bank of two adapters for the per-row epilogues: row `t` uses adapter `t % 3` (adapter 0: the
-/// drawn scale and bias; adapter 1: the scale reversed, no bias; 2: no adapter).
+/// A bank of two adapters for the per-row epilogues of a block of up to `MAX_BLOCK_ROWS` rows: row
+/// `t` uses adapter `t % 3` (adapter 0: the drawn scale and bias; adapter 1: the scale reversed, no
+/// bias; 2: no adapter).
 struct RowBank {
     lambda_b: Vec<f32>,
     bias: Vec<f32>,
@@ -73,7 +74,7 @@ impl RowBank {
         Self {
             lambda_b: scale.iter().copied().chain(reversed).collect(),
             bias: bias.iter().copied().chain(bias.iter().map(|_| 0.0)).collect(),
-            ids: (0..crate::BLOCK_ROWS as i32).map(|t| if t % 3 == 2 { -1 } else { t % 3 }).collect(),
+            ids: (0..MAX_BLOCK_ROWS as i32).map(|t| if t % 3 == 2 { -1 } else { t % 3 }).collect(),
         }
     }
 
@@ -341,14 +342,16 @@ fn the_pair_kernels_store_through_the_same_sinks() {
 /// The AMX tile kernel on the identity: 2 x 2 blocks (32 rows), a 1 x 2 remainder (5 rows) and a
 /// lone 1 x 2 block (16 rows and fewer); widths with tile steps and a tail of pairs (45: one
 /// 16-pair step, 6 pairs, and an odd last element; 64: two whole steps; 97: three steps and an odd
-/// element; 1100: three k slices, the last of 2 steps, with partial sums kept between them).
+/// element; 1100: five k slices, the last of 2 steps, with partial sums kept between them; 250 x
+/// 600: eight blocks, the last of 26 rows, and three k slices over 19 panels, which run in two
+/// groups of panels, each asking for the next one's first slice ahead).
 #[test]
 fn the_tile_kernels_store_through_the_same_sinks() {
     let mut ran = false;
     for isa in Isa::available() {
         let kern = kernels_on::<bf16>(isa);
         let Some(gemm_tiles) = kern.gemm_tiles else { continue };
-        for (rows, m) in [(37, 45), (16, 64), (3, 97), (64, 33), (35, 1100)] {
+        for (rows, m) in [(37, 45), (16, 64), (3, 97), (64, 33), (35, 1100), (250, 600)] {
             check_pair_products(isa, (rows, m), |bits, identity, sink| {
                 let mut scratch = vec![0u32; RowPairs::len_for(rows, m.div_ceil(2))];
                 let left = pack_row_pairs(bits, &mut scratch);
@@ -368,7 +371,8 @@ fn the_tile_kernels_store_through_the_same_sinks() {
 /// into bf16 parts and summed back (`hi·1 + hi·0 + lo·1`), so it must equal the f16 value exactly,
 /// and IEEE's `Σ_k x_k·I_ck` where a row holds an infinity or a NaN (an infinity stays one in its own
 /// column and makes NaN in the others, as `∞·0` does). Shapes as for the bf16 tile kernels: 2 x 2
-/// and 1 x 2 blocks, a partial last step of k, and several k slices (1100: 105 split steps).
+/// and 1 x 2 blocks, a partial last step of k, and several k slices (1100: 105 split steps; 250 x
+/// 600: 57 of them over two groups of panels).
 #[test]
 fn the_split_tile_kernels_give_f16_products_exactly() {
     let mut ran = false;
@@ -378,7 +382,7 @@ fn the_split_tile_kernels_give_f16_products_exactly() {
             continue;
         }
         let gemm_tiles = kern.gemm_tiles.expect("a split table has tile kernels");
-        for (rows, m) in [(37, 45), (16, 64), (3, 97), (64, 33), (35, 1100)] {
+        for (rows, m) in [(37, 45), (16, 64), (3, 97), (64, 33), (35, 1100), (250, 600)] {
             let finite = |v: f32| f16::from_f32(v.clamp(-65504.0, 65504.0));
             let mut x: Vec<f16> = values(rows * m, 11).into_iter().map(finite).collect();
             // Row 1: one infinity; row 2: a NaN and an infinity of the other sign.

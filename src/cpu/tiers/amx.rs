@@ -34,8 +34,10 @@
 //! released at its end.
 //!
 //! Loop nest (this tier's own: its register block is tiles with a run-time row count, which
-//! `macro_kernel`'s trait does not express): for each k slice, for each panel of the range, for
-//! each 32-row block, in order (a column-sum sink adds rows in ascending order). Each output is
+//! `macro_kernel`'s trait does not express): for each group of panels, for each k slice, for each
+//! panel of the group, for each 32-row block, in order (a column-sum sink adds rows in ascending
+//! order); each block's tile steps also ask L2 for the operands of the calls after it
+//! (`prefetcht1`: the tile loads' operands otherwise came from L2 or L3 as they were needed). Each output is
 //! one chain over k in order (slices of `tdpbf16ps` steps, then the tail), whatever the thread or
 //! panel range, so results are bitwise the same for any thread count.
 
@@ -180,64 +182,98 @@ struct CBlock([[f32; NR]; BLOCK]);
 /// The C tiles' starting values for the first k slice.
 static ZERO: CBlock = CBlock([[0.0; NR]; BLOCK]);
 
+/// Where a tile call asks for the operands of later calls while its steps run (see
+/// [`gemm_tiles`]): the left operand's next slice for the call's two row tiles (`a0`, `a1`,
+/// [`AHEAD_LINES`]` / 2` lines a step each) and the next panel's weights (`b`, [`AHEAD_LINES`]
+/// lines a step), each pointer then moving on by its `step` bytes. A prefetch never faults, so
+/// the pointers may be anything; a stream with nothing to ask for points at the call's own
+/// operands.
+#[derive(Clone, Copy)]
+struct Ahead {
+    a0: *const u8,
+    a1: *const u8,
+    a_step: usize,
+    b: *const u8,
+    b_step: usize,
+}
+
+/// Lines the weight stream of [`Ahead`] asks for per tile step, half as many from each left one
+/// (the `prefetcht1`s in the `asm!`).
+const AHEAD_LINES: usize = 4;
+
+impl Ahead {
+    /// The streams asking for `a_len` bytes from each of `a0` and `a1`, and `b_len` from `b`, over
+    /// `steps` tile steps (as much of them as the lines a step cover).
+    fn new(a: [*const u8; 2], a_len: usize, b: *const u8, b_len: usize, steps: usize) -> Self {
+        let step = |len: usize, lines: usize| len.div_ceil(steps.max(1)).next_multiple_of(64).min(64 * lines);
+        Self { a0: a[0], a1: a[1], a_step: step(a_len, AHEAD_LINES / 2), b, b_step: step(b_len, AHEAD_LINES) }
+    }
+}
+
 /// `c_out[..32][..32] = c_in + a[..32][16·steps pairs] · panel[16·steps pairs]` on tiles: the C tiles
-/// loaded from `c_in`, `steps` tile steps, and stored to `c_out`, all in one `asm!` block.
+/// loaded from `c.0`, `steps` tile steps, and stored to `c.1`, all in one `asm!` block; each step
+/// also asks for lines of `ahead` (into L2). Rows of the C blocks and of a panel are 128 bytes
+/// apart (`{s64} * 2`), of a packed tile 64.
 ///
 /// # Safety
-/// Tile data is usable and one of [`CONFIGS`] loaded on this thread; `a` and `a1` point at `steps`
-/// consecutive packed tiles (1 KiB each, rows 64 bytes apart: `pack::RowPairs`) of rows 0-15 and
-/// 16-31; `b` at a panel's rows of at least `16·steps` pairs; `c_in` and `c_out` at 32 x 32 f32
-/// blocks.
+/// Tile data is usable and one of [`CONFIGS`] loaded on this thread; `a[0]` and `a[1]` point at
+/// `steps` consecutive packed tiles (1 KiB each, rows 64 bytes apart: `pack::RowPairs`) of rows
+/// 0-15 and 16-31; `b` at a panel's rows of at least `16·steps` pairs; `c.0` and `c.1` at 32 x 32
+/// f32 blocks.
 #[inline(always)]
-unsafe fn tiles_2x2(
-    a: *const u32,
-    a1: *const u32,
-    b: *const u32,
-    steps: usize,
-    c_in: *const CBlock,
-    c_out: *mut CBlock,
-) {
-    let (ci, co) = (c_in.cast::<f32>(), c_out.cast::<f32>());
-    // SAFETY: each tileloadd reads 16 rows of 64 bytes inside the operands or `c_in` (contract);
-    // the stores write 16 rows of 64 bytes inside `c_out`.
+unsafe fn tiles_2x2(a: [*const u32; 2], b: *const u32, steps: usize, c: (*const CBlock, *mut CBlock), ahead: Ahead) {
+    // SAFETY: each tileloadd reads 16 rows of 64 bytes inside the operands or `c.0` (contract);
+    // the stores write 16 rows of 64 bytes inside `c.1`; prefetches read nothing.
     unsafe {
         asm!(
-            "tileloadd tmm0, [{ci0} + {sc} * 1]",
-            "tileloadd tmm1, [{ci0} + {sc} * 1 + 64]",
-            "tileloadd tmm2, [{ci1} + {sc} * 1]",
-            "tileloadd tmm3, [{ci1} + {sc} * 1 + 64]",
+            "tileloadd tmm0, [{ci} + {s64} * 2]",
+            "tileloadd tmm1, [{ci} + {s64} * 2 + 64]",
+            "tileloadd tmm2, [{ci} + {s64} * 2 + 2048]",
+            "tileloadd tmm3, [{ci} + {s64} * 2 + 2112]",
             "test {steps}, {steps}",
             "jz 3f",
             "2:",
-            "tileloadd tmm4, [{a0} + {sa} * 1]",
-            "tileloadd tmm6, [{b} + {sb} * 1]",
-            "tileloadd tmm7, [{b} + {sb} * 1 + 64]",
+            "tileloadd tmm4, [{a0} + {s64} * 1]",
+            "tileloadd tmm6, [{b} + {s64} * 2]",
+            "tileloadd tmm7, [{b} + {s64} * 2 + 64]",
             "tdpbf16ps tmm0, tmm4, tmm6",
             "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm5, [{a1} + {sa} * 1]",
+            "tileloadd tmm5, [{a1} + {s64} * 1]",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
+            "prefetcht1 [{pa0}]",
+            "prefetcht1 [{pa0} + 64]",
+            "prefetcht1 [{pa1}]",
+            "prefetcht1 [{pa1} + 64]",
+            "prefetcht1 [{pb}]",
+            "prefetcht1 [{pb} + 64]",
+            "prefetcht1 [{pb} + 128]",
+            "prefetcht1 [{pb} + 192]",
+            "add {pa0}, {pa_step}",
+            "add {pa1}, {pa_step}",
+            "add {pb}, {pb_step}",
             "add {a0}, 1024",
             "add {a1}, 1024",
             "add {b}, 2048",
             "dec {steps}",
             "jnz 2b",
             "3:",
-            "tilestored [{co0} + {sc} * 1], tmm0",
-            "tilestored [{co0} + {sc} * 1 + 64], tmm1",
-            "tilestored [{co1} + {sc} * 1], tmm2",
-            "tilestored [{co1} + {sc} * 1 + 64], tmm3",
-            a0 = inout(reg) a => _,
-            a1 = inout(reg) a1 => _,
-            sa = in(reg) 64usize,
+            "tilestored [{co} + {s64} * 2], tmm0",
+            "tilestored [{co} + {s64} * 2 + 64], tmm1",
+            "tilestored [{co} + {s64} * 2 + 2048], tmm2",
+            "tilestored [{co} + {s64} * 2 + 2112], tmm3",
+            a0 = inout(reg) a[0] => _,
+            a1 = inout(reg) a[1] => _,
             b = inout(reg) b => _,
-            sb = in(reg) NR * 4,
             steps = inout(reg) steps => _,
-            ci0 = in(reg) ci,
-            ci1 = in(reg) ci.add(TILE_ROWS * NR),
-            co0 = in(reg) co,
-            co1 = in(reg) co.add(TILE_ROWS * NR),
-            sc = in(reg) NR * 4,
+            ci = in(reg) c.0,
+            co = in(reg) c.1,
+            s64 = in(reg) 64usize,
+            pa0 = inout(reg) ahead.a0 => _,
+            pa1 = inout(reg) ahead.a1 => _,
+            pb = inout(reg) ahead.b => _,
+            pa_step = in(reg) ahead.a_step,
+            pb_step = in(reg) ahead.b_step,
             options(nostack),
         );
     }
@@ -248,36 +284,45 @@ unsafe fn tiles_2x2(
 /// # Safety
 /// As [`tiles_2x2`], for the tiles of `a` only and 16 rows of the C blocks.
 #[inline(always)]
-unsafe fn tiles_1x2(a: *const u32, b: *const u32, steps: usize, c_in: *const CBlock, c_out: *mut CBlock) {
-    let (ci, co) = (c_in.cast::<f32>(), c_out.cast::<f32>());
+unsafe fn tiles_1x2(a: *const u32, b: *const u32, steps: usize, c: (*const CBlock, *mut CBlock), ahead: Ahead) {
     // SAFETY: as in tiles_2x2, for the first A and C tiles only.
     unsafe {
         asm!(
-            "tileloadd tmm0, [{ci0} + {sc} * 1]",
-            "tileloadd tmm1, [{ci0} + {sc} * 1 + 64]",
+            "tileloadd tmm0, [{ci} + {s64} * 2]",
+            "tileloadd tmm1, [{ci} + {s64} * 2 + 64]",
             "test {steps}, {steps}",
             "jz 3f",
             "2:",
-            "tileloadd tmm4, [{a0} + {sa} * 1]",
-            "tileloadd tmm6, [{b} + {sb} * 1]",
-            "tileloadd tmm7, [{b} + {sb} * 1 + 64]",
+            "tileloadd tmm4, [{a0} + {s64} * 1]",
+            "tileloadd tmm6, [{b} + {s64} * 2]",
+            "tileloadd tmm7, [{b} + {s64} * 2 + 64]",
             "tdpbf16ps tmm0, tmm4, tmm6",
             "tdpbf16ps tmm1, tmm4, tmm7",
+            "prefetcht1 [{pa0}]",
+            "prefetcht1 [{pa0} + 64]",
+            "prefetcht1 [{pb}]",
+            "prefetcht1 [{pb} + 64]",
+            "prefetcht1 [{pb} + 128]",
+            "prefetcht1 [{pb} + 192]",
+            "add {pa0}, {pa_step}",
+            "add {pb}, {pb_step}",
             "add {a0}, 1024",
             "add {b}, 2048",
             "dec {steps}",
             "jnz 2b",
             "3:",
-            "tilestored [{co0} + {sc} * 1], tmm0",
-            "tilestored [{co0} + {sc} * 1 + 64], tmm1",
+            "tilestored [{co} + {s64} * 2], tmm0",
+            "tilestored [{co} + {s64} * 2 + 64], tmm1",
             a0 = inout(reg) a => _,
-            sa = in(reg) 64usize,
             b = inout(reg) b => _,
-            sb = in(reg) NR * 4,
             steps = inout(reg) steps => _,
-            ci0 = in(reg) ci,
-            co0 = in(reg) co,
-            sc = in(reg) NR * 4,
+            ci = in(reg) c.0,
+            co = in(reg) c.1,
+            s64 = in(reg) 64usize,
+            pa0 = inout(reg) ahead.a0 => _,
+            pb = inout(reg) ahead.b => _,
+            pa_step = in(reg) ahead.a_step,
+            pb_step = in(reg) ahead.b_step,
             options(nostack),
         );
     }
@@ -354,11 +399,24 @@ unsafe fn store_block<T: Simd16>(c: &CBlock, rows: usize, sink: &Sink<'_, T>, t0
     }
 }
 
-/// Tile steps (16 pairs each) per k slice: 512 pairs (1024 elements). Slices let a block's left
-/// slice stay in L2 while the panels stream past it: at n = 4096, r = 1024 (T = 512, 2 threads)
-/// 512-pair slices were 7% faster than 256-pair ones and 6% faster than none; at n = 768 (one
-/// slice) 256-pair slices cost 10% (interleaved runs, `scripts/ab-bench.py`, bf16).
-const SLICE_STEPS: usize = 32;
+/// Tile steps (16 pairs each) per k slice: 128 pairs (256 elements). A slice of a panel (16 KiB of
+/// weights) then stays in L1 while the blocks of rows run over it, and its blocks' next slices
+/// are asked for while it runs (see [`gemm_tiles`]); longer slices, which spared the partial sums'
+/// reloads, put the two operands' tile loads in L2 and left their next slices to the hardware
+/// prefetchers. Measured against 512-pair slices with nothing asked for ahead (T = 512, 2 threads,
+/// bf16, `scripts/ab-bench.py --per-case`, 5-7 rounds, paired medians, Intel Xeon with AMX):
+/// 0.82-0.96x the time on the prefill suite, 0.87x at T = 4096 and 0.90x at T = 64, r = 1024; as
+/// fast at T = 1-32. With the prefetches, 256-pair slices took 1.16-1.22x the time of 128-pair
+/// ones at r = 1024 (0.95-1.01x elsewhere), 64-pair ones 1.09-1.46x at T = 512.
+const SLICE_STEPS: usize = 8;
+
+/// Bytes of partial sums a thread keeps between k slices (a quarter of this CPU's 2 MiB L2): a
+/// product of more panels runs them in groups, each group's slices in turn. With all panels in one
+/// group, an f16 up-projection to m = 11008 (split: 3 slices, 344 panels) kept 11 MiB of them;
+/// groups made T = 512 (2 threads) 0.73x the time there and 0.83x at r = 1024, bf16 0.94-0.99x;
+/// 256 KiB and 1 MiB groups were within 7% of these, either way (`scripts/ab-bench.py
+/// --per-case`, 5 rounds, paired medians).
+const PARTIALS_BYTES: usize = 512 << 10;
 
 thread_local! {
     /// Each thread's partial sums between k slices: one [`CBlock`] per (panel, 32-row block).
@@ -396,7 +454,11 @@ unsafe fn prefetch_block<T: Simd16>(sink: &Sink<'_, T>, t0: usize, rows: usize, 
 /// Loop nest: for each k slice of [`SLICE_STEPS`] tile steps, for each panel, for each 32-row
 /// block, in order; between slices each block's partial sums wait in f32 in [`PARTIALS`] (stored
 /// and reloaded exactly, so the slicing does not change any result). The last slice adds the tail
-/// and stores through the sink; a one-slice product (k up to 512 elements) needs no partials.
+/// and stores through the sink; a one-slice product (k up to 256 elements) needs no partials.
+/// While a block's tile steps run they ask L2 for what later calls read ([`Ahead`]): a share of
+/// the next panel's slice (split between the blocks) and a share of the block's next slice of
+/// rows (split between the panels), so that each slice's operands arrive from L3 while the one
+/// before it computes.
 ///
 /// # Safety
 /// [`usable`] is `Ok`; AVX-512F/BW/VL, FMA, F16C and AVX512_BF16 are present; `left.k_len ==
@@ -419,50 +481,86 @@ unsafe fn gemm_tiles<T: Simd16>(
     let steps = (n / 2) / STEP;
     let slices = steps.div_ceil(SLICE_STEPS).max(1);
     let blocks = left.rows.div_ceil(BLOCK);
+    // Steps of slice `s`; where slice `s` of row tile `t` of the left operand starts, and of panel `p`.
+    let slice_steps = |s: usize| SLICE_STEPS.min(steps.saturating_sub(s * SLICE_STEPS));
+    let a_at = |t: usize, s: usize| left.data[left.index(t, s * SLICE_STEPS * STEP)..].as_ptr();
+    let b_at = |p: usize, s: usize| right.panel(p)[s * SLICE_STEPS * STEP * NR..].as_ptr();
+    // Panels per group: all of them for a one-slice product, else as many as keep the partial
+    // sums of a group in PARTIALS_BYTES.
+    let group = if slices > 1 {
+        (PARTIALS_BYTES / (blocks * size_of::<CBlock>())).clamp(1, panels.len())
+    } else {
+        panels.len()
+    };
     let mut c = CBlock([[0.0; NR]; BLOCK]);
     PARTIALS.with_borrow_mut(|partials| {
         if slices > 1 {
-            partials.resize(panels.len() * blocks, ZERO);
+            partials.resize(group * blocks, ZERO);
         }
         // SAFETY: tile data is usable (contract); the configuration is a valid palette-1 one.
         let config = &CONFIGS[left.rows.min(TILE_ROWS) - 1];
         unsafe { asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
-        for s in 0..slices {
-            let s0 = s * SLICE_STEPS;
-            let sl = SLICE_STEPS.min(steps - s0.min(steps));
-            let last = s + 1 == slices;
-            for (pi, p) in panels.clone().enumerate() {
-                let b = right.panel(p)[s0 * STEP * NR..].as_ptr();
-                for (bi, t0) in (0..left.rows).step_by(BLOCK).enumerate() {
-                    let rows = BLOCK.min(left.rows - t0);
-                    let a = left.data[left.index(t0, s0 * STEP)..].as_ptr();
-                    let part = if slices > 1 { &raw mut partials[pi * blocks + bi] } else { &raw mut c };
-                    let c_in: *const CBlock = if s == 0 { &ZERO } else { part };
-                    let c_out = if last { &raw mut c } else { part };
-                    if last {
-                        // SAFETY: rows t0..t0 + rows are the sink's (contract).
-                        unsafe { prefetch_block(sink, t0, rows, p * NR) };
-                    }
-                    // SAFETY: the left operand has room for whole tiles of rows (a padding row only
-                    // makes an output row that is never stored) and each tile holds `steps >= s0 +
-                    // sl` packed steps, so a block's 16 or 32 rows exist from step s0 on for sl
-                    // steps; the panel holds k_len >= 16·(s0 + sl) pair rows; the C blocks are
-                    // 32 x 32.
-                    unsafe {
-                        if rows > TILE_ROWS {
-                            let a1 = left.data[left.index(t0 + TILE_ROWS, s0 * STEP)..].as_ptr();
-                            tiles_2x2(a, a1, b, sl, c_in, c_out);
-                        } else {
-                            tiles_1x2(a, b, sl, c_in, c_out);
+        for g0 in panels.clone().step_by(group) {
+            let g = g0..panels.end.min(g0 + group);
+            for s in 0..slices {
+                let sl = slice_steps(s);
+                let last = s + 1 == slices;
+                // What comes after this slice of the group: the next slice, or the next group's
+                // first one (or nothing).
+                let then = if !last { Some((g.start, s + 1)) } else { (g.end < panels.end).then_some((g.end, 0)) };
+                // Each row tile's next slice, a share per panel.
+                let a_share = then.map_or(0, |(_, s)| share(slice_steps(s) * TILE_ROWS * STEP * 4, g.len()));
+                for (pi, p) in g.clone().enumerate() {
+                    let b = b_at(p, s);
+                    // The next panel's slice, a share per block.
+                    let next_b = if p + 1 < g.end { Some((p + 1, s)) } else { then };
+                    let (b_next, b_share) = match next_b {
+                        Some((p, s)) => (b_at(p, s).cast::<u8>(), share(slice_steps(s) * STEP * NR * 4, blocks)),
+                        None => (b.cast(), 0),
+                    };
+                    for (bi, t0) in (0..left.rows).step_by(BLOCK).enumerate() {
+                        let rows = BLOCK.min(left.rows - t0);
+                        // The block's second row tile, if it has one (else the first again, unread).
+                        let t1 = if rows > TILE_ROWS { t0 + TILE_ROWS } else { t0 };
+                        let a = [a_at(t0, s), a_at(t1, s)];
+                        let a_next = |t: usize| match then {
+                            Some((_, s)) => a_at(t, s).cast::<u8>().wrapping_add(pi * a_share),
+                            None => a[0].cast(),
+                        };
+                        let ahead = Ahead::new(
+                            [a_next(t0), a_next(t1)],
+                            a_share,
+                            b_next.wrapping_add(bi * b_share),
+                            b_share,
+                            sl,
+                        );
+                        let part = if slices > 1 { &raw mut partials[pi * blocks + bi] } else { &raw mut c };
+                        let c_in: *const CBlock = if s == 0 { &ZERO } else { part };
+                        let c_out = if last { &raw mut c } else { part };
+                        if last {
+                            // SAFETY: rows t0..t0 + rows are the sink's (contract).
+                            unsafe { prefetch_block(sink, t0, rows, p * NR) };
                         }
-                    }
-                    if last {
-                        let b = right.panel(p).as_ptr();
-                        // SAFETY: as above, for the whole k range of these rows and this panel;
-                        // the sink's rows and columns are this call's (contract).
+                        // SAFETY: the left operand has room for whole tiles of rows (a padding row
+                        // only makes an output row that is never stored) and each tile holds
+                        // `steps` packed steps, so a block's 16 or 32 rows exist from this slice's
+                        // first step on for sl steps; the panel holds k_len >= 16·steps pair rows;
+                        // the C blocks are 32 x 32.
                         unsafe {
-                            tail(&left, t0, b, n, steps * STEP, rows, &mut c);
-                            store_block(&c, rows, sink, t0, p * NR);
+                            if rows > TILE_ROWS {
+                                tiles_2x2(a, b, sl, (c_in, c_out), ahead);
+                            } else {
+                                tiles_1x2(a[0], b, sl, (c_in, c_out), ahead);
+                            }
+                        }
+                        if last {
+                            let b = right.panel(p).as_ptr();
+                            // SAFETY: as above, for the whole k range of these rows and this panel;
+                            // the sink's rows and columns are this call's (contract).
+                            unsafe {
+                                tail(&left, t0, b, n, steps * STEP, rows, &mut c);
+                                store_block(&c, rows, sink, t0, p * NR);
+                            }
                         }
                     }
                 }
@@ -471,6 +569,12 @@ unsafe fn gemm_tiles<T: Simd16>(
         // SAFETY: releases this thread's tile state (no tile holds anything needed).
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     });
+}
+
+/// `bytes` split into `parts` shares of whole lines (the last may run past the end, which a
+/// prefetch may).
+fn share(bytes: usize, parts: usize) -> usize {
+    bytes.div_ceil(parts.max(1)).next_multiple_of(64)
 }
 
 /// Rows per block of the fused forward: a block reads the whole of A and B once (r = 1024: 16 MiB
