@@ -546,7 +546,7 @@ mod avx512 {
     /// # Safety
     /// The CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
-    unsafe fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
+    pub(super) unsafe fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
         use std::arch::x86_64::{__m256i, _mm256_loadu_si256, _mm512_cvtph_ps, _mm512_storeu_ps};
         let (whole, rest) = src.as_chunks::<16>();
         let (dst_whole, dst_rest) = dst[..src.len()].split_at_mut(16 * whole.len());
@@ -1065,6 +1065,24 @@ mod layout_tests {
             }
             let other = Panels::from_fn(cols, k_cap, |c, k| (c * 1000 + k) as u32 + u32::from(c + k == 0));
             assert!(other != p, "a changed element must make the panels differ");
+        }
+    }
+
+    /// The split packer's f16 widening gives `half`'s value for every f16 bit pattern (subnormals,
+    /// infinities and NaNs included; NaNs compared by their bits), whole vectors and a tail of 15.
+    #[test]
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
+    fn vector_f16_widening_matches_half_for_every_value() {
+        if !super::super::isa::has_avx512() {
+            println!("AVX-512 f16 widening not tested: this CPU has no AVX-512");
+            return;
+        }
+        let src: Vec<half::f16> = (0..=u16::MAX).chain(0..15).map(half::f16::from_bits).collect();
+        let mut got = vec![0.0f32; src.len()];
+        // SAFETY: AVX-512F was detected just above.
+        unsafe { avx512::widen_f16(&src, &mut got) };
+        for (s, g) in src.iter().zip(&got) {
+            assert_eq!(g.to_bits(), s.to_f32().to_bits(), "f16 bits {:#06x}", s.to_bits());
         }
     }
 
