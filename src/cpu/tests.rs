@@ -18,7 +18,7 @@ use half::{bf16, f16};
 
 /// Finite f32 values far from overflow in f32 arithmetic (so no NaN is ever made), with every
 /// rounding case of f16 and bf16: ties to even both ways, near-ties, f16 subnormals and underflow,
-/// f16 overflow to infinity, zeros of both signs, and an LCG walk over bit patterns.
+/// f16 overflow to infinity, zeros of both signs, f32 subnormals, and an LCG walk over bit patterns.
 fn values(len: usize, seed: u32) -> Vec<f32> {
     let specials = [
         0.0f32,
@@ -43,6 +43,11 @@ fn values(len: usize, seed: u32) -> Vec<f32> {
         -6.1e-5,
         1.0e-30,
         1.0e20,
+        // f32 subnormals (bf16 keeps f32's exponent range: they round to bf16 subnormals).
+        1.0e-40,
+        -2.0e-39,
+        f32::from_bits(0x0000_8000),
+        f32::from_bits(1),
     ];
     let mut x = seed.wrapping_mul(2_654_435_761) | 1;
     let mut walk = std::iter::from_fn(move || {
