@@ -603,13 +603,19 @@ const FACTS: TierFacts = TierFacts {
 /// each): r = 256 split/FMA 0.35/0.16 ms at T = 8, 1.07/0.93 at 64, 1.20/1.52 at 96, 1.22/1.59 at
 /// 128; r = 1024 1.34/1.01 at 16, 1.59/1.76 at 32, 2.42/3.14 at 64. At r = 64 the FMA kernels
 /// stayed 3-10% ahead up to T = 256 (0.52/0.49 at 128, 1.05/0.97 at 256): too few weight columns
-/// to reuse each packed row of `x` over.
-const SPLIT_FROM_ROWS: usize = 64;
+/// to reuse each packed row of `x` over. That set the crossover at 64 rows; once the tile loop
+/// asked for its operands ahead, splitting from 32 rows instead of 64 took 0.87x the time at T =
+/// 32, r = 1024, 0.87x at T = 48, r = 256, 0.64x at T = 48, r = 1024, 0.88x at T = 40, m = 11008,
+/// 1.00x at T = 32, r = 256 (even at T = 16, r = 1024), the training step 0.84-0.91x, but 1.10-1.13x
+/// at r = 64 (`scripts/ab-bench.py --per-case`, 5 rounds, paired medians): VeRA's ranks are
+/// mostly 256 and up.
+const SPLIT_FROM_ROWS: usize = 32;
 
 /// The facts of this tier's f16 kernels: the `avx512` tier's below [`SPLIT_FROM_ROWS`] rows, split
 /// products on tiles from there on (`u` kept in f32 and split too, subnormal results flushed), the
 /// backward's too (its f32 left operands split likewise; the crossover measured for the forward
-/// held for it: T = 64, r = 256 backward 1.46 against 1.78 ms on the FMA kernels, r = 64 even).
+/// held for it: T = 64, r = 256 backward 1.46 against 1.78 ms on the FMA kernels, r = 64 even;
+/// T = 48, r = 1024 0.80x the FMA backward's time, T = 32, r = 64 1.07x).
 const FACTS_F16: TierFacts = TierFacts {
     layout: Layout::Split,
     wide_below_rows: SPLIT_FROM_ROWS,
