@@ -454,7 +454,8 @@ unsafe fn prefetch_block<T: Simd16>(sink: &Sink<'_, T>, t0: usize, rows: usize, 
 /// Loop nest: for each k slice of [`SLICE_STEPS`] tile steps, for each panel, for each 32-row
 /// block, in order; between slices each block's partial sums wait in f32 in [`PARTIALS`] (stored
 /// and reloaded exactly, so the slicing does not change any result). The last slice adds the tail
-/// and stores through the sink; a one-slice product (k up to 256 elements) needs no partials.
+/// and stores through the sink; a one-slice product (k up to 256 elements, or a single block of
+/// rows, which runs its whole k range as one slice) needs no partials.
 /// While a block's tile steps run they ask L2 for what later calls read ([`Ahead`]): a share of
 /// the next panel's slice (split between the blocks) and a share of the block's next slice of
 /// rows (split between the panels), so that each slice's operands arrive from L3 while the one
@@ -479,12 +480,17 @@ unsafe fn gemm_tiles<T: Simd16>(
         return;
     }
     let steps = (n / 2) / STEP;
-    let slices = steps.div_ceil(SLICE_STEPS).max(1);
     let blocks = left.rows.div_ceil(BLOCK);
+    // One block (up to 32 rows) reuses no panel slice across blocks: its whole k range in one
+    // slice, with no partial sums. Against 128-pair slices: bf16 T = 32, r = 1024 0.89x the time,
+    // T = 24 0.96x, T = 1 and 8 1.00-1.04x; f16 (split from 32 rows) T = 32 0.83x; the bf16
+    // training step at T = 32 0.86x (`scripts/ab-bench.py --per-case`, 7-9 rounds).
+    let slice_len = if blocks == 1 { steps.max(1) } else { SLICE_STEPS };
+    let slices = steps.div_ceil(slice_len).max(1);
     // Steps of slice `s`; where slice `s` of row tile `t` of the left operand starts, and of panel `p`.
-    let slice_steps = |s: usize| SLICE_STEPS.min(steps.saturating_sub(s * SLICE_STEPS));
-    let a_at = |t: usize, s: usize| left.data[left.index(t, s * SLICE_STEPS * STEP)..].as_ptr();
-    let b_at = |p: usize, s: usize| right.panel(p)[s * SLICE_STEPS * STEP * NR..].as_ptr();
+    let slice_steps = |s: usize| slice_len.min(steps.saturating_sub(s * slice_len));
+    let a_at = |t: usize, s: usize| left.data[left.index(t, s * slice_len * STEP)..].as_ptr();
+    let b_at = |p: usize, s: usize| right.panel(p)[s * slice_len * STEP * NR..].as_ptr();
     // Panels per group: all of them for a one-slice product, else as many as keep the partial
     // sums of a group in PARTIALS_BYTES.
     let group = if slices > 1 {
