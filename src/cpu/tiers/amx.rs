@@ -451,9 +451,10 @@ unsafe fn prefetch_block<T: Simd16>(sink: &Sink<'_, T>, t0: usize, rows: usize, 
 /// bf16 products of k-pairs packed in tiles (`n` elements) against pair panels on AMX tiles (see the module
 /// docs): `sink[row, col] <- Σ_k left[row, k]·right[col, k]` for the panels in `range`.
 ///
-/// Loop nest: for each k slice of [`SLICE_STEPS`] tile steps, for each panel, for each 32-row
-/// block, in order; between slices each block's partial sums wait in f32 in [`PARTIALS`] (stored
-/// and reloaded exactly, so the slicing does not change any result). The last slice adds the tail
+/// Loop nest: for each group of panels (as many as keep their partial sums in
+/// [`PARTIALS_BYTES`]), for each k slice of [`SLICE_STEPS`] tile steps, for each panel of the
+/// group, for each 32-row block, in order; between slices each block's partial sums wait in f32 in
+/// [`PARTIALS`] (stored and reloaded exactly, so the slicing does not change any result). The last slice adds the tail
 /// and stores through the sink; a one-slice product (k up to 256 elements, or a single block of
 /// rows, which runs its whole k range as one slice) needs no partials.
 /// While a block's tile steps run they ask L2 for what later calls read ([`Ahead`]): a share of
