@@ -165,12 +165,38 @@ impl Element for f16 {
     }
     #[inline(always)]
     fn widen_slice(src: &[Self], dst: &mut [f32]) {
+        #[cfg(all(target_arch = "x86_64", not(miri)))]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F was detected just above.
+            return unsafe { widen_f16_avx512(src, dst) };
+        }
         // half detects F16C at run time and converts 8 lanes per instruction when it is there.
         src.convert_to_f32_slice(dst);
     }
     #[inline(always)]
     fn narrow_slice(src: &[f32], dst: &mut [Self]) {
         dst.convert_from_f32_slice(src);
+    }
+}
+
+/// `dst = src` widened, 16 elements per `vcvtph2ps`: `half`'s slice conversion calls a function
+/// per 8 elements, which was a fifth of the f16 split packer's time.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_f16_avx512(src: &[f16], dst: &mut [f32]) {
+    use std::arch::x86_64::{__m256i, _mm256_loadu_si256, _mm512_cvtph_ps, _mm512_storeu_ps};
+    assert_eq!(src.len(), dst.len(), "widen_slice takes slices of one length");
+    let (whole, rest) = src.as_chunks::<16>();
+    let (dst_whole, dst_rest) = dst.split_at_mut(16 * whole.len());
+    for (s, d) in whole.iter().zip(dst_whole.as_chunks_mut::<16>().0) {
+        // SAFETY: 16 f16 (32 bytes) are read from `s`, 16 f32 written to `d`.
+        unsafe { _mm512_storeu_ps(d.as_mut_ptr(), _mm512_cvtph_ps(_mm256_loadu_si256(s.as_ptr().cast::<__m256i>()))) };
+    }
+    for (d, s) in dst_rest.iter_mut().zip(rest) {
+        *d = s.to_f32();
     }
 }
 
@@ -226,6 +252,19 @@ mod tests {
         bf16::widen_slice(&src, &mut dst);
         for (s, d) in src.iter().zip(&dst) {
             assert_eq!(s.to_f32().to_bits(), d.to_bits());
+        }
+    }
+
+    /// f16's slice widening (16 lanes per instruction where the CPU has AVX-512) gives `half`'s value
+    /// for every f16 bit pattern (subnormals, infinities and NaNs included; NaNs compared by their
+    /// bits), whole vectors and a tail of 15.
+    #[test]
+    fn f16_widening_matches_half_for_every_value() {
+        let src: Vec<f16> = (0..=u16::MAX).chain(0..15).map(f16::from_bits).collect();
+        let mut got = vec![0.0f32; src.len()];
+        f16::widen_slice(&src, &mut got);
+        for (s, g) in src.iter().zip(&got) {
+            assert_eq!(g.to_bits(), s.to_f32().to_bits(), "f16 bits {:#06x}", s.to_bits());
         }
     }
 

@@ -532,33 +532,7 @@ mod avx512 {
         out: &'o mut [u32],
         parts: impl Fn(f32) -> [u32; 3],
     ) -> RowPairs<'o> {
-        let widen = |src: &[E], dst: &mut [f32]| match bytemuck::try_cast_slice::<E, half::f16>(src) {
-            // SAFETY: AVX-512F is present (this function's contract).
-            Ok(src) if E::DTYPE == crate::DType::F16 => unsafe { widen_f16(src, dst) },
-            _ => E::widen_slice(src, dst),
-        };
-        super::pack_row_parts_with(src, row_scale, out, parts, widen)
-    }
-
-    /// `dst = src` widened, 16 elements per `vcvtph2ps`: `half`'s slice conversion calls a function
-    /// per 8 elements, which was a fifth of the f16 split packer's time.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
-        use std::arch::x86_64::{__m256i, _mm256_loadu_si256, _mm512_cvtph_ps, _mm512_storeu_ps};
-        let (whole, rest) = src.as_chunks::<16>();
-        let (dst_whole, dst_rest) = dst[..src.len()].split_at_mut(16 * whole.len());
-        for (s, d) in whole.iter().zip(dst_whole.as_chunks_mut::<16>().0) {
-            // SAFETY: 16 f16 (32 bytes) are read from `s`, 16 f32 written to `d`.
-            unsafe {
-                _mm512_storeu_ps(d.as_mut_ptr(), _mm512_cvtph_ps(_mm256_loadu_si256(s.as_ptr().cast::<__m256i>())))
-            };
-        }
-        for (d, s) in dst_rest.iter_mut().zip(rest) {
-            *d = s.to_f32();
-        }
+        super::pack_row_parts_with(src, row_scale, out, parts)
     }
 
     /// [`super::pack_row_pairs_scaled_with`].
@@ -676,7 +650,7 @@ fn pack_row_parts<'o, 's, E: Element>(
         // SAFETY: AVX-512F/BW/VL were detected just above.
         return unsafe { avx512::pack_row_parts_with(src, row_scale, out, parts) };
     }
-    pack_row_parts_with(src, row_scale, out, parts, E::widen_slice)
+    pack_row_parts_with(src, row_scale, out, parts)
 }
 
 #[inline(always)]
@@ -685,7 +659,6 @@ fn pack_row_parts_with<'o, 's, E: Element>(
     row_scale: impl Fn(usize) -> Option<&'s [f32]>,
     out: &'o mut [u32],
     parts: impl Fn(f32) -> [u32; 3],
-    widen: impl Fn(&[E], &mut [f32]),
 ) -> RowPairs<'o> {
     const STEP: usize = RowPairs::STEP;
     let n = src.cols();
@@ -697,7 +670,7 @@ fn pack_row_parts_with<'o, 's, E: Element>(
     for t in 0..layout.rows {
         match row_scale(t) {
             Some(scale) => {
-                widen(&src.row(t)[..n], &mut row[..n]);
+                E::widen_slice(&src.row(t)[..n], &mut row[..n]);
                 if !scale.is_empty() {
                     for (v, s) in row[..n].iter_mut().zip(scale) {
                         *v *= s;
@@ -1065,24 +1038,6 @@ mod layout_tests {
             }
             let other = Panels::from_fn(cols, k_cap, |c, k| (c * 1000 + k) as u32 + u32::from(c + k == 0));
             assert!(other != p, "a changed element must make the panels differ");
-        }
-    }
-
-    /// The split packer's f16 widening gives `half`'s value for every f16 bit pattern (subnormals,
-    /// infinities and NaNs included; NaNs compared by their bits), whole vectors and a tail of 15.
-    #[test]
-    #[cfg(all(target_arch = "x86_64", not(miri)))]
-    fn vector_f16_widening_matches_half_for_every_value() {
-        if !super::super::isa::has_avx512() {
-            println!("AVX-512 f16 widening not tested: this CPU has no AVX-512");
-            return;
-        }
-        let src: Vec<half::f16> = (0..=u16::MAX).chain(0..15).map(half::f16::from_bits).collect();
-        let mut got = vec![0.0f32; src.len()];
-        // SAFETY: AVX-512F was detected just above.
-        unsafe { avx512::widen_f16(&src, &mut got) };
-        for (s, g) in src.iter().zip(&got) {
-            assert_eq!(g.to_bits(), s.to_f32().to_bits(), "f16 bits {:#06x}", s.to_bits());
         }
     }
 
