@@ -3,6 +3,7 @@
 //! vector store computes must equal [`Epilogue::apply`] / [`Update::apply`] followed by `half`'s
 //! rounding (`Element::from_f32`), for every sink and element type.
 
+use super::caches::{CacheSizes, TEST_SIZES};
 use super::drivers::{row_epilogues, MAX_BLOCK_ROWS};
 use super::isa::Isa;
 use super::kernels::{kernels_on, Kernels, Layout};
@@ -15,6 +16,17 @@ use super::sink::{Epilogue, RowEpilogues, Sink, Update};
 use crate::dtype::Element;
 use crate::mat::{MatMut, MatRef};
 use half::{bf16, f16};
+
+/// Runs `f` with this thread's caches as the CPU's, then as a small CPU's (16 KiB L1d, 256 KiB
+/// L2), so that the loop nests whose blocking follows the caches run their other blockings too
+/// (the AMX tile loop: 4-step k slices, and 64 KiB of partial sums: groups of 2 panels at 250 rows).
+fn with_each_cache_size(mut f: impl FnMut(&str)) {
+    f("this CPU's caches");
+    let small = CacheSizes { l1d: 16 << 10, l2: 256 << 10, l3: 0, from_cpuid: false };
+    TEST_SIZES.with(|s| s.set(Some(small)));
+    f("16 KiB L1d, 256 KiB L2");
+    TEST_SIZES.with(|s| s.set(None));
+}
 
 /// Finite f32 values far from overflow in f32 arithmetic (so no NaN is ever made), with every
 /// rounding case of f16 and bf16: ties to even both ways, near-ties, f16 subnormals and underflow,
@@ -349,22 +361,25 @@ fn the_pair_kernels_store_through_the_same_sinks() {
 /// 16-pair step, 6 pairs, and an odd last element; 64: two whole steps; 97: three steps and an odd
 /// element; 1100: five k slices, the last of 2 steps, with partial sums kept between them; 250 x
 /// 600: eight blocks, the last of 26 rows, and three k slices over 19 panels, which run in two
-/// groups of panels, each asking for the next one's first slice ahead).
+/// groups of panels, each asking for the next one's first slice ahead), on this CPU's caches and
+/// on a small CPU's (slices of 4 steps; 250 x 600 in ten groups of panels).
 #[test]
 fn the_tile_kernels_store_through_the_same_sinks() {
     let mut ran = false;
     for isa in Isa::available() {
         let kern = kernels_on::<bf16>(isa);
         let Some(gemm_tiles) = kern.gemm_tiles else { continue };
-        for (rows, m) in [(37, 45), (16, 64), (3, 97), (64, 33), (35, 1100), (250, 600)] {
-            check_pair_products(isa, (rows, m), |bits, identity, sink| {
-                let mut scratch = vec![0u32; RowPairs::len_for(rows, m.div_ceil(2))];
-                let left = pack_row_pairs(bits, &mut scratch);
-                // SAFETY: the tier is available (its table exists); the pair panels hold ceil(m / 2)
-                // pair rows; the sink covers rows x m.
-                unsafe { gemm_tiles(left, m, identity, 0..m.div_ceil(NR), sink) };
-            });
-        }
+        with_each_cache_size(|_| {
+            for (rows, m) in [(37, 45), (16, 64), (3, 97), (64, 33), (35, 1100), (250, 600)] {
+                check_pair_products(isa, (rows, m), |bits, identity, sink| {
+                    let mut scratch = vec![0u32; RowPairs::len_for(rows, m.div_ceil(2))];
+                    let left = pack_row_pairs(bits, &mut scratch);
+                    // SAFETY: the tier is available (its table exists); the pair panels hold
+                    // ceil(m / 2) pair rows; the sink covers rows x m.
+                    unsafe { gemm_tiles(left, m, identity, 0..m.div_ceil(NR), sink) };
+                });
+            }
+        });
         ran = true;
     }
     if !ran {
@@ -377,7 +392,7 @@ fn the_tile_kernels_store_through_the_same_sinks() {
 /// and IEEE's `Σ_k x_k·I_ck` where a row holds an infinity or a NaN (an infinity stays one in its own
 /// column and makes NaN in the others, as `∞·0` does). Shapes as for the bf16 tile kernels: 2 x 2
 /// and 1 x 2 blocks, a partial last step of k, and several k slices (1100: 105 split steps; 250 x
-/// 600: 57 of them over two groups of panels).
+/// 600: 57 of them over two groups of panels), on this CPU's caches and on a small CPU's.
 #[test]
 fn the_split_tile_kernels_give_f16_products_exactly() {
     let mut ran = false;
@@ -387,32 +402,34 @@ fn the_split_tile_kernels_give_f16_products_exactly() {
             continue;
         }
         let gemm_tiles = kern.gemm_tiles.expect("a split table has tile kernels");
-        for (rows, m) in [(37, 45), (16, 64), (3, 97), (64, 33), (35, 1100), (250, 600)] {
-            let finite = |v: f32| f16::from_f32(v.clamp(-65504.0, 65504.0));
-            let mut x: Vec<f16> = values(rows * m, 11).into_iter().map(finite).collect();
-            // Row 1: one infinity; row 2: a NaN and an infinity of the other sign.
-            if rows > 2 {
-                x[m + m / 2] = f16::INFINITY;
-                x[2 * m] = f16::NAN;
-                x[2 * m + m - 1] = f16::NEG_INFINITY;
+        with_each_cache_size(|caches| {
+            for (rows, m) in [(37, 45), (16, 64), (3, 97), (64, 33), (35, 1100), (250, 600)] {
+                let finite = |v: f32| f16::from_f32(v.clamp(-65504.0, 65504.0));
+                let mut x: Vec<f16> = values(rows * m, 11).into_iter().map(finite).collect();
+                // Row 1: one infinity; row 2: a NaN and an infinity of the other sign.
+                if rows > 2 {
+                    x[m + m / 2] = f16::INFINITY;
+                    x[2 * m] = f16::NAN;
+                    x[2 * m + m - 1] = f16::NEG_INFINITY;
+                }
+                let eye: Vec<f16> = (0..m * m).map(|i| f16::from_f32(if i / m == i % m { 1.0 } else { 0.0 })).collect();
+                let eye = MatRef::from_slice(&eye, m, m).unwrap();
+                let packed = pack_projections(eye, eye, Layout::Split);
+                let mut scratch = vec![0u32; RowPairs::len_for(rows, split_pairs(m))];
+                let left = pack_row_split(MatRef::from_slice(&x, rows, m).unwrap(), &mut scratch);
+                let mut y = vec![f32::NAN; rows * m];
+                let sink = Sink::F32 { out: MatMut::from_slice(&mut y, rows, m).unwrap().as_ptr_mat(), scale: None };
+                // SAFETY: the tier is available (its table exists); the split panels hold
+                // split_pairs(m) = left.k_len pair rows; the sink covers rows x m.
+                unsafe { gemm_tiles(left, 2 * left.k_len, packed.down.pairs(), 0..m.div_ceil(NR), &sink) };
+                for (idx, got) in y.iter().enumerate() {
+                    let (row, col) = (idx / m, idx % m);
+                    let want: f64 = (0..m).map(|k| x[row * m + k].to_f64() * if k == col { 1.0 } else { 0.0 }).sum();
+                    let same = if want.is_nan() { got.is_nan() } else { f64::from(*got) == want };
+                    assert!(same, "{isa}, {caches} ({rows}, {m}): y[{row},{col}] = {got}, want {want}");
+                }
             }
-            let eye: Vec<f16> = (0..m * m).map(|i| f16::from_f32(if i / m == i % m { 1.0 } else { 0.0 })).collect();
-            let eye = MatRef::from_slice(&eye, m, m).unwrap();
-            let packed = pack_projections(eye, eye, Layout::Split);
-            let mut scratch = vec![0u32; RowPairs::len_for(rows, split_pairs(m))];
-            let left = pack_row_split(MatRef::from_slice(&x, rows, m).unwrap(), &mut scratch);
-            let mut y = vec![f32::NAN; rows * m];
-            let sink = Sink::F32 { out: MatMut::from_slice(&mut y, rows, m).unwrap().as_ptr_mat(), scale: None };
-            // SAFETY: the tier is available (its table exists); the split panels hold
-            // split_pairs(m) = left.k_len pair rows; the sink covers rows x m.
-            unsafe { gemm_tiles(left, 2 * left.k_len, packed.down.pairs(), 0..m.div_ceil(NR), &sink) };
-            for (idx, got) in y.iter().enumerate() {
-                let (row, col) = (idx / m, idx % m);
-                let want: f64 = (0..m).map(|k| x[row * m + k].to_f64() * if k == col { 1.0 } else { 0.0 }).sum();
-                let same = if want.is_nan() { got.is_nan() } else { f64::from(*got) == want };
-                assert!(same, "{isa} ({rows}, {m}): y[{row},{col}] = {got}, want {want}");
-            }
-        }
+        });
         ran = true;
     }
     if !ran {

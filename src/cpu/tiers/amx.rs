@@ -49,6 +49,7 @@ use std::sync::OnceLock;
 use super::avx2::Simd8;
 use super::avx512::{prefetch_old, store_acc, zero_acc, Acc, Simd16};
 use super::avx512bf16;
+use crate::cpu::caches::{cache_sizes, CacheSizes};
 use crate::cpu::isa::{Isa, Vendor};
 use crate::cpu::kernels::{Kernels, Layout, PeakInstruction, TierFacts};
 use crate::cpu::pack::{Panels, RowPairs, MR, NR, TILE_ROWS};
@@ -399,24 +400,34 @@ unsafe fn store_block<T: Simd16>(c: &CBlock, rows: usize, sink: &Sink<'_, T>, t0
     }
 }
 
-/// Tile steps (16 pairs each) per k slice: 128 pairs (256 elements). A slice of a panel (16 KiB of
-/// weights) then stays in L1 while the blocks of rows run over it, and its blocks' next slices
-/// are asked for while it runs (see [`gemm_tiles`]); longer slices, which spared the partial sums'
-/// reloads, put the two operands' tile loads in L2 and left their next slices to the hardware
-/// prefetchers. Measured against 512-pair slices with nothing asked for ahead (T = 512, 2 threads,
-/// bf16, `scripts/ab-bench.py --per-case`, 5-7 rounds, paired medians, Intel Xeon with AMX):
-/// 0.82-0.96x the time on the prefill suite, 0.87x at T = 4096 and 0.90x at T = 64, r = 1024; as
-/// fast at T = 1-32. With the prefetches, 256-pair slices took 1.16-1.22x the time of 128-pair
-/// ones at r = 1024 (0.95-1.01x elsewhere), 64-pair ones 1.09-1.46x at T = 512.
-const SLICE_STEPS: usize = 8;
+/// Tile steps (16 pairs each) per k slice on a CPU with these caches: the largest power of two
+/// whose operands of one tile call fit L1d (a step reads 2 KiB of a panel and 2 KiB of a block's
+/// two row tiles), so that a panel's slice stays in L1 while the blocks of rows run over it, and
+/// its blocks' next slices are asked for while it runs (see [`gemm_tiles`]). On the 48 KiB L1d of
+/// the Intel Xeon with AMX this measured on, 8 steps (128 pairs, 256 elements: 32 KiB of operands
+/// a call); longer slices, which spared the partial sums' reloads, put the two operands' tile
+/// loads in L2 and left their next slices to the hardware prefetchers. Measured against 512-pair
+/// slices with nothing asked for ahead (T = 512, 2 threads, bf16, `scripts/ab-bench.py
+/// --per-case`, 5-7 rounds, paired medians): 0.82-0.96x the time on the prefill suite, 0.87x at T
+/// = 4096 and 0.90x at T = 64, r = 1024; as fast at T = 1-32. With the prefetches, 256-pair
+/// slices (64 KiB a call, more than L1d) took 1.16-1.22x the time of 128-pair ones at r = 1024
+/// (0.95-1.01x elsewhere), 64-pair ones 1.09-1.46x at T = 512.
+fn slice_steps(caches: CacheSizes) -> usize {
+    let fit = caches.l1d / (2 * STEP * NR * size_of::<u32>());
+    1 << fit.clamp(2, 16).ilog2()
+}
 
-/// Bytes of partial sums a thread keeps between k slices (a quarter of this CPU's 2 MiB L2): a
-/// product of more panels runs them in groups, each group's slices in turn. With all panels in one
-/// group, an f16 up-projection to m = 11008 (split: 3 slices, 344 panels) kept 11 MiB of them;
-/// groups made T = 512 (2 threads) 0.73x the time there and 0.83x at r = 1024, bf16 0.94-0.99x;
-/// 256 KiB and 1 MiB groups were within 7% of these, either way (`scripts/ab-bench.py
-/// --per-case`, 5 rounds, paired medians).
-const PARTIALS_BYTES: usize = 512 << 10;
+/// Bytes of partial sums a thread keeps between k slices on a CPU with these caches: a quarter of
+/// L2 (512 KiB of the Intel Xeon's 2 MiB, where this measured), so that they stay there beside a
+/// slice's operands on their way to L1. A product of more panels runs them in groups, each
+/// group's slices in turn. With all panels in one group, an f16 up-projection to m = 11008
+/// (split: 3 slices, 344 panels) kept 11 MiB of them; groups made T = 512 (2 threads) 0.73x the
+/// time there and 0.83x at r = 1024, bf16 0.94-0.99x; groups of an eighth and of half of L2 were
+/// within 7% of a quarter's, either way (`scripts/ab-bench.py --per-case`, 5 rounds, paired
+/// medians).
+fn partials_bytes(caches: CacheSizes) -> usize {
+    (caches.l2 / 4).max(64 << 10)
+}
 
 thread_local! {
     /// Each thread's partial sums between k slices: one [`CBlock`] per (panel, 32-row block).
@@ -452,7 +463,7 @@ unsafe fn prefetch_block<T: Simd16>(sink: &Sink<'_, T>, t0: usize, rows: usize, 
 /// docs): `sink[row, col] <- Σ_k left[row, k]·right[col, k]` for the panels in `range`.
 ///
 /// Loop nest: for each group of panels (as many as keep their partial sums in
-/// [`PARTIALS_BYTES`]), for each k slice of [`SLICE_STEPS`] tile steps, for each panel of the
+/// [`partials_bytes`]), for each k slice of [`slice_steps`] tile steps, for each panel of the
 /// group, for each 32-row block, in order; between slices each block's partial sums wait in f32 in
 /// [`PARTIALS`] (stored and reloaded exactly, so the slicing does not change any result). The last slice adds the tail
 /// and stores through the sink; a one-slice product (k up to 256 elements, or a single block of
@@ -482,20 +493,21 @@ unsafe fn gemm_tiles<T: Simd16>(
     }
     let steps = (n / 2) / STEP;
     let blocks = left.rows.div_ceil(BLOCK);
+    let caches = cache_sizes();
     // One block (up to 32 rows) reuses no panel slice across blocks: its whole k range in one
     // slice, with no partial sums. Against 128-pair slices: bf16 T = 32, r = 1024 0.89x the time,
     // T = 24 0.96x, T = 1 and 8 1.00-1.04x; f16 (split from 32 rows) T = 32 0.83x; the bf16
     // training step at T = 32 0.86x (`scripts/ab-bench.py --per-case`, 7-9 rounds).
-    let slice_len = if blocks == 1 { steps.max(1) } else { SLICE_STEPS };
+    let slice_len = if blocks == 1 { steps.max(1) } else { slice_steps(caches) };
     let slices = steps.div_ceil(slice_len).max(1);
     // Steps of slice `s`; where slice `s` of row tile `t` of the left operand starts, and of panel `p`.
     let slice_steps = |s: usize| slice_len.min(steps.saturating_sub(s * slice_len));
     let a_at = |t: usize, s: usize| left.data[left.index(t, s * slice_len * STEP)..].as_ptr();
     let b_at = |p: usize, s: usize| right.panel(p)[s * slice_len * STEP * NR..].as_ptr();
     // Panels per group: all of them for a one-slice product, else as many as keep the partial
-    // sums of a group in PARTIALS_BYTES.
+    // sums of a group in partials_bytes.
     let group = if slices > 1 {
-        (PARTIALS_BYTES / (blocks * size_of::<CBlock>())).clamp(1, panels.len())
+        (partials_bytes(caches) / (blocks * size_of::<CBlock>())).clamp(1, panels.len())
     } else {
         panels.len()
     };
@@ -592,12 +604,13 @@ fn share(bytes: usize, parts: usize) -> usize {
 const BLOCK_ROWS: usize = 256;
 
 /// The facts of this tier's bf16 kernels: those of `avx512bf16` (pair weights, `u` rounded to bf16,
-/// subnormals flushed: `tdpbf16ps` flushes them too), on tiles.
+/// subnormals flushed: `tdpbf16ps` flushes them too), on tiles; `kc`, the k slice, follows the
+/// CPU's L1d ([`kernels`] sets it).
 const FACTS: TierFacts = TierFacts {
     isa: Isa::Amx,
     block_rows: BLOCK_ROWS,
     mr: BLOCK,
-    kc: SLICE_STEPS * STEP,
+    kc: 0,
     layout: Layout::Tiles,
     peak: PeakInstruction::AmxBf16,
     ..avx512bf16::FACTS
@@ -640,5 +653,29 @@ pub(crate) fn kernels<T: Simd16 + Simd8>(vendor: Vendor) -> Kernels<T> {
         crate::DType::F16 => FACTS_F16,
         _ => return table,
     };
+    let facts = TierFacts { kc: slice_steps(cache_sizes()) * STEP, ..facts };
     Kernels { facts, gemm_tiles: Some(gemm_tiles::<T>), ..table }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{partials_bytes, slice_steps, CacheSizes};
+
+    /// The tile loop's blocking on the caches it was measured on (the Intel Xeon with AMX: 48 KiB
+    /// L1d, 2 MiB L2) is what was measured best there, and it follows other sizes.
+    #[test]
+    fn the_tile_blocking_follows_the_caches() {
+        let caches = |l1d: usize, l2: usize| CacheSizes { l1d, l2, l3: 0, from_cpuid: true };
+        let xeon = caches(48 << 10, 2 << 20);
+        assert_eq!((slice_steps(xeon), partials_bytes(xeon)), (8, 512 << 10));
+        // A 64 KiB L1d holds a 16-step slice's operands; 16 KiB a 4-step one; the slices are
+        // powers of two between 2 and 16 steps, the partials at least 64 KiB.
+        assert_eq!(slice_steps(caches(64 << 10, 2 << 20)), 16);
+        assert_eq!(slice_steps(caches(32 << 10, 1 << 20)), 8);
+        assert_eq!(slice_steps(caches(16 << 10, 256 << 10)), 4);
+        assert_eq!(slice_steps(caches(1 << 10, 1 << 10)), 2);
+        assert_eq!(slice_steps(caches(1 << 20, 1 << 20)), 16);
+        assert_eq!(partials_bytes(caches(48 << 10, 4 << 20)), 1 << 20);
+        assert_eq!(partials_bytes(caches(48 << 10, 128 << 10)), 64 << 10);
+    }
 }
