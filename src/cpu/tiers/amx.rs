@@ -37,9 +37,10 @@
 //! `macro_kernel`'s trait does not express): for each group of panels, for each k slice, for each
 //! panel of the group, for each 32-row block, in order (a column-sum sink adds rows in ascending
 //! order); each block's tile steps also ask L2 for the operands of the calls after it
-//! (`prefetcht1`: the tile loads' operands otherwise came from L2 or L3 as they were needed). Each output is
-//! one chain over k in order (slices of `tdpbf16ps` steps, then the tail), whatever the thread or
-//! panel range, so results are bitwise the same for any thread count.
+//! (`prefetcht1`: the tile loads' operands otherwise came from L2 or L3 as they were needed), and
+//! L1 for their own next step's left tiles. Each output is one chain over k in order (slices of
+//! `tdpbf16ps` steps, then the tail), whatever the thread or panel range, so results are bitwise
+//! the same for any thread count.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -211,9 +212,40 @@ impl Ahead {
     }
 }
 
+/// The `prefetcht0`s of the 16 lines of the packed tile after the one at `{$base}` (its next
+/// tile step, 1 KiB on), for the [`tiles_2x2`] loop: a left tile otherwise came from L2 when its
+/// `tileloadd` asked for it (the `prefetcht1` streams of [`Ahead`] only bring it there). Asking
+/// for it one step ahead took 0.90-1.03x the time (median of 12 cases 0.97x) on bf16 and f16
+/// prefill at T = 64-2048 (`scripts/ab-bench.py --per-case`, 7 rounds, paired medians, Intel
+/// Xeon with AMX); two steps ahead was no better, nor a `prefetcht0` of the next call's first
+/// step or of its partial sums (1.02-1.09x).
+macro_rules! prefetch_next_tile {
+    ($base:literal) => {
+        concat!(
+            "prefetcht0 [{", $base, "} + 1024]\n",
+            "prefetcht0 [{", $base, "} + 1088]\n",
+            "prefetcht0 [{", $base, "} + 1152]\n",
+            "prefetcht0 [{", $base, "} + 1216]\n",
+            "prefetcht0 [{", $base, "} + 1280]\n",
+            "prefetcht0 [{", $base, "} + 1344]\n",
+            "prefetcht0 [{", $base, "} + 1408]\n",
+            "prefetcht0 [{", $base, "} + 1472]\n",
+            "prefetcht0 [{", $base, "} + 1536]\n",
+            "prefetcht0 [{", $base, "} + 1600]\n",
+            "prefetcht0 [{", $base, "} + 1664]\n",
+            "prefetcht0 [{", $base, "} + 1728]\n",
+            "prefetcht0 [{", $base, "} + 1792]\n",
+            "prefetcht0 [{", $base, "} + 1856]\n",
+            "prefetcht0 [{", $base, "} + 1920]\n",
+            "prefetcht0 [{", $base, "} + 1984]\n",
+        )
+    };
+}
+
 /// `c_out[..32][..32] = c_in + a[..32][16·steps pairs] · panel[16·steps pairs]` on tiles: the C tiles
 /// loaded from `c.0`, `steps` tile steps, and stored to `c.1`, all in one `asm!` block; each step
-/// also asks for lines of `ahead` (into L2). Rows of the C blocks and of a panel are 128 bytes
+/// also asks for lines of `ahead` (into L2) and for its next step's left tiles (into L1:
+/// [`prefetch_next_tile`]). Rows of the C blocks and of a panel are 128 bytes
 /// apart (`{s64} * 2`), of a packed tile 64.
 ///
 /// # Safety
@@ -242,6 +274,8 @@ unsafe fn tiles_2x2(a: [*const u32; 2], b: *const u32, steps: usize, c: (*const 
             "tileloadd tmm5, [{a1} + {s64} * 1]",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
+            prefetch_next_tile!("a0"),
+            prefetch_next_tile!("a1"),
             "prefetcht1 [{pa0}]",
             "prefetcht1 [{pa0} + 64]",
             "prefetcht1 [{pa1}]",
