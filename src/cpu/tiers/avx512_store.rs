@@ -284,6 +284,20 @@ pub(super) unsafe fn store_acc<T: Simd16, const R: usize>(acc: &Acc, sink: &Sink
 /// Rows `t0..t0 + R` are in the sink.
 #[inline(always)]
 pub(super) unsafe fn prefetch_old<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, col0: usize) {
+    // A column-dot sink reads a row of its other operand (the backward's `dy`) per output row.
+    if let Sink::ColumnDot { other, .. } = sink {
+        let len = NR.min(other.cols().saturating_sub(col0));
+        for i in (0..R).filter(|_| len > 0).take_while(|i| t0 + i < other.rows()) {
+            // SAFETY: row t0 + i and columns col0..col0 + len are in `other`; a prefetch reads
+            // nothing architecturally.
+            unsafe {
+                let row = other.row_unchecked(t0 + i).as_ptr().add(col0);
+                _mm_prefetch::<_MM_HINT_T0>(row.cast());
+                _mm_prefetch::<_MM_HINT_T0>(row.add(len - 1).cast());
+            }
+        }
+        return;
+    }
     let (out, dst) = match sink {
         Sink::Epilogue { out, epi } if epi.accumulate => (out, None),
         Sink::RowEpilogue { out, rows } if rows.accumulate => (out, Some(rows)),
