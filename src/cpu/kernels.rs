@@ -32,6 +32,11 @@ pub(crate) type TileGemmFn<T> = unsafe fn(RowPairs<'_>, usize, &Panels<u32>, Ran
 
 /// Rows of `x` per block of the fused forward on most tiers (see [`TierFacts::block_rows`]): the
 /// unit of parallel work for large `T`. Scratch per thread is `block_rows · (2r + n)` f32 at most.
+/// Not derived from the L2 size: blocks grown while a block's widened left operands fit half of L2
+/// (256 rows at n = m = 768, r = 1024, 128 at n = 2048, on the Intel Xeon with AMX, 2 MiB L2) took
+/// 1.04-1.05x the time there (f32, T = 512, 2 threads, `scripts/ab-bench.py --per-case`, 5 rounds,
+/// paired medians), n = 1024, r = 256 (256 rows) 1.00x, although a larger block reads the weights
+/// fewer times.
 pub(crate) const BLOCK_ROWS: usize = 64;
 
 /// How the projections and the left operands are laid out for a tier's products.
