@@ -219,6 +219,7 @@ impl Ahead {
 /// prefill at T = 64-2048 (`scripts/ab-bench.py --per-case`, 7 rounds, paired medians, Intel
 /// Xeon with AMX); two steps ahead was no better, nor a `prefetcht0` of the next call's first
 /// step or of its partial sums (1.02-1.09x).
+#[rustfmt::skip]
 macro_rules! prefetch_next_tile {
     ($base:literal) => {
         concat!(
