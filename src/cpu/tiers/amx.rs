@@ -501,7 +501,7 @@ unsafe fn prefetch_block<T: Simd16>(sink: &Sink<'_, T>, t0: usize, rows: usize, 
 /// [`partials_bytes`]), for each k slice of [`slice_steps`] tile steps, for each panel of the
 /// group, for each 32-row block, in order; between slices each block's partial sums wait in f32 in
 /// [`PARTIALS`] (stored and reloaded exactly, so the slicing does not change any result). The last slice adds the tail
-/// and stores through the sink; a one-slice product (k up to 256 elements, or a single block of
+/// and stores through the sink; a one-slice product (k up to one slice, or a single block of
 /// rows, which runs its whole k range as one slice) needs no partials.
 /// While a block's tile steps run they ask L2 for what later calls read ([`Ahead`]): a share of
 /// the next panel's slice (split between the blocks) and a share of the block's next slice of
