@@ -289,17 +289,9 @@ pub(super) unsafe fn prefetch_old<T: Simd16, const R: usize>(sink: &Sink<'_, T>,
     // row stride apart too (asking for them: the bf16 backward at T = 4096 0.91x the time).
     if let Sink::ColumnDot { other, .. } = sink {
         let len = NR.min(other.cols().saturating_sub(col0));
-        if len == 0 {
-            return;
-        }
-        for row in (t0..t0 + R).take_while(|&row| row < other.rows()) {
-            // SAFETY: columns col0..col0 + len are in the row; a prefetch reads nothing
-            // architecturally.
-            unsafe {
-                let p = other.row_unchecked(row).as_ptr().add(col0);
-                _mm_prefetch::<_MM_HINT_T0>(p.cast());
-                _mm_prefetch::<_MM_HINT_T0>(p.add(len - 1).cast());
-            }
+        for row in (t0..t0 + R).filter(|_| len > 0) {
+            // The rows are in the sink (contract): the store reads them the same way.
+            prefetch_span(other.row_unchecked(row).as_ptr().wrapping_add(col0), len);
         }
         return;
     }
@@ -319,23 +311,25 @@ pub(super) unsafe fn prefetch_old<T: Simd16, const R: usize>(sink: &Sink<'_, T>,
         for i in 0..R {
             let Some(epi) = rows.row(t0 + i) else { continue };
             for v in [epi.scale, epi.bias].into_iter().flatten() {
-                // SAFETY: columns col0..col0 + len are in the row's vector (as long as the sink's
-                // width); a prefetch reads nothing architecturally.
-                unsafe {
-                    let p = v.as_ptr().add(col0);
-                    _mm_prefetch::<_MM_HINT_T0>(p.cast());
-                    _mm_prefetch::<_MM_HINT_T0>(p.add(len - 1).cast());
-                }
+                prefetch_span(v.as_ptr().wrapping_add(col0), len);
             }
         }
     }
     for i in 0..R {
-        // SAFETY: row t0 + i is in the sink (contract) and columns col0..col0 + len are in the row;
-        // a prefetch reads nothing architecturally.
-        unsafe {
-            let row = out.at(dst.map_or(t0 + i, |d| d.out_row(t0 + i)), col0).cast_const();
-            _mm_prefetch::<_MM_HINT_T0>(row.cast());
-            _mm_prefetch::<_MM_HINT_T0>(row.add(len - 1).cast());
-        }
+        // SAFETY: row t0 + i is in the sink (contract) and col0 < its width (len > 0).
+        let row = unsafe { out.at(dst.map_or(t0 + i, |d| d.out_row(t0 + i)), col0) };
+        prefetch_span(row.cast_const(), len);
+    }
+}
+
+/// Asks for the lines holding elements `p .. p + len` of one tile row (`1 <= len <= NR`: its
+/// first and last element, one or two lines). A prefetch never faults and reads nothing
+/// architecturally, so the address need not be valid.
+#[inline(always)]
+fn prefetch_span<E>(p: *const E, len: usize) {
+    // SAFETY: SSE is in the x86-64 baseline; a prefetch never faults, whatever the address.
+    unsafe {
+        _mm_prefetch::<_MM_HINT_T0>(p.cast());
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(len - 1).cast());
     }
 }
