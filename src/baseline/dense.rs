@@ -5,7 +5,7 @@ use crate::cpu::drivers::forward::BLOCK_ROWS;
 use crate::cpu::drivers::Scales;
 use crate::cpu::kernels::Kernels;
 use crate::cpu::pack::{pack_cols, pack_rows, Left, Panels, NR};
-use crate::cpu::parallel::{for_blocks, for_panels, with_scratch};
+use crate::cpu::parallel::{for_blocks, for_panels, with_scratch, Work};
 use crate::cpu::sink::{Epilogue, Sink};
 use crate::dtype::Element;
 use crate::error::Result;
@@ -48,7 +48,7 @@ pub(super) fn dense<T: Element>(
         slot => slot.insert(Panels::with_shape("the dense baseline's ΔW = [m, n]", m, n)?),
     };
     let dwp = dw.as_mut_ptr();
-    for_blocks(n, BLOCK_ROWS, 2.0 * (m * n * r) as f64, |k0, kb, split| {
+    for_blocks(n, BLOCK_ROWS, Work::new(2.0 * (m * n * r) as f64, m * r * size_of::<f32>()), |k0, kb, split| {
         let sink = Sink::Panels { out: dwp.offset_rows(k0) };
         // SAFETY: k_len = r = k_cap of c; rows k0..k0+kb of the ΔW panels belong to this block,
         // and for_panels hands out disjoint panel ranges.
@@ -57,7 +57,7 @@ pub(super) fn dense<T: Element>(
     let dw = &*dw;
     let epi = Epilogue { scale: None, bias: s.bias, accumulate: mode == Mode::Accumulate };
     let yp = y.as_ptr_mat();
-    for_blocks(rows, BLOCK_ROWS, 2.0 * (rows * n * m) as f64, |t0, tb, split| {
+    for_blocks(rows, BLOCK_ROWS, Work::new(2.0 * (rows * n * m) as f64, n * m * size_of::<f32>()), |t0, tb, split| {
         with_scratch(Left::<f32>::len_for(tb, n), |xl| {
             let left = pack_rows(x.row_range(t0, tb), xl);
             let sink = Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi };

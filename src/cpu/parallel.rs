@@ -12,9 +12,44 @@ use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
-/// Below this many FLOPs a call runs on the calling thread alone: handing work to rayon costs
-/// more than it saves (measured with `vera bench --threads 1` vs `--threads 2` on small shapes).
+/// Below this much work (in FLOPs, see [`Work`]) a call runs on the calling thread alone: handing
+/// work to rayon costs more than it saves (measured with `vera bench --threads 1` vs `--threads 2`
+/// on small shapes).
 const PARALLEL_MIN_FLOPS: f64 = 4e6;
+
+/// What a weight byte a call reads counts for in [`Work`]: a decode call does few FLOPs per byte
+/// it reads, and reading is what splitting its columns over the threads shares out. At 3.2, calls
+/// reading more than 1.25 MB of weights split. Measured at T = 1-2 on an Intel Xeon with AMX (2
+/// threads, every call on the same weights, `vera bench`, 5 interleaved rounds, medians of the
+/// paired ratios; counted in FLOPs alone, all of these ran on one thread): split against one
+/// thread, f32 n = m = 768, r = 1024 (6.3 MB) 0.45x the time, r = 256 (1.6 MB) 0.68x, n = m =
+/// 1024, r = 160 (1.3 MB) 0.85x, r = 384 (3.1 MB) 0.21x, n = m = 2048, r = 256 0.27x, n = m =
+/// 4096, r = 64 0.42x; bf16 n = m = 768, r = 1024 0.27x, n = m = 1536, r = 256 (1.6 MB) 0.64x;
+/// but f32 n = m = 1024, r = 128 (1.05 MB) 1.14x and n = m = 768, r = 192 (1.2 MB) 1.02-1.09x,
+/// bf16 n = m = 768, r = 256 (0.8 MB) 1.11x and n = m = 1024, r = 160 1.22x: about 1 µs of
+/// hand-over that a call of under about 10 µs does not win back. (f16 decode, on f32 FMAs, won
+/// from 0.6 MB: 0.84-0.93x, which this leaves on one thread.)
+const FLOPS_PER_WEIGHT_BYTE: f64 = 3.2;
+
+/// What a call does, for the choice between the calling thread alone and all of them: its
+/// arithmetic, and the bytes of weights it reads (what bounds decode).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Work {
+    pub(crate) flops: f64,
+    pub(crate) weight_bytes: usize,
+}
+
+impl Work {
+    /// Work of `flops` FLOPs on weights of `weight_bytes` bytes.
+    pub(crate) fn new(flops: f64, weight_bytes: usize) -> Self {
+        Self { flops, weight_bytes }
+    }
+
+    /// The work in FLOPs, a weight byte counting [`FLOPS_PER_WEIGHT_BYTE`], whichever is larger.
+    fn cost(self) -> f64 {
+        self.flops.max(self.weight_bytes as f64 * FLOPS_PER_WEIGHT_BYTE)
+    }
+}
 
 /// [`PARALLEL_MIN_FLOPS`], or the threshold [`set_parallel_min_flops`] set (as f64 bits; 0 bits =
 /// the default).
@@ -27,8 +62,8 @@ fn parallel_min_flops() -> f64 {
     }
 }
 
-/// Sets the work (in FLOPs) below which a call runs on the calling thread alone, for the whole
-/// process; `None` restores the default (4 MFLOP). Results never depend on it, only speed: tests
+/// Sets the work (in FLOPs, a byte of weights the call reads counting 3.2) below which a call runs
+/// on the calling thread alone, for the whole process; `None` restores the default (4 MFLOP). Results never depend on it, only speed: tests
 /// set it to 0 so that small random shapes really run split across threads, which is what the
 /// thread-count equality properties are about.
 pub fn set_parallel_min_flops(flops: Option<f64>) {
@@ -174,12 +209,16 @@ pub(crate) struct BlockPlan {
     pub(crate) split: bool,
 }
 
-/// The plan for `blocks` blocks of work of about `flops` in all: on this thread alone for small
-/// work; in parallel over blocks when there are enough to feed every thread (prefill); else one
-/// after the other, each block's columns spread over the threads (decode).
-pub(crate) fn plan_blocks(blocks: usize, flops: f64) -> BlockPlan {
-    let threads = rayon::current_num_threads();
-    if flops < parallel_min_flops() || threads <= 1 {
+/// The plan for `blocks` blocks of `work` in all: on this thread alone for small work; in
+/// parallel over blocks when there are enough to feed every thread (prefill); else one after the
+/// other, each block's columns spread over the threads (decode).
+pub(crate) fn plan_blocks(blocks: usize, work: Work) -> BlockPlan {
+    plan(blocks, rayon::current_num_threads(), work.cost() >= parallel_min_flops())
+}
+
+/// [`plan_blocks`] for `threads` threads, with whether the work is worth handing to them.
+fn plan(blocks: usize, threads: usize, worth_sharing: bool) -> BlockPlan {
+    if !worth_sharing || threads <= 1 {
         BlockPlan { width: 1, split: false }
     } else if blocks >= threads {
         BlockPlan { width: threads, split: false }
@@ -188,11 +227,11 @@ pub(crate) fn plan_blocks(blocks: usize, flops: f64) -> BlockPlan {
     }
 }
 
-/// Calls `f(t0, rows, split)` for blocks of `block` rows covering `0..rows`, for work of about
-/// `flops`, as [`plan_blocks`] plans it.
-pub(crate) fn for_blocks(rows: usize, block: usize, flops: f64, f: impl Fn(usize, usize, bool) + Sync) {
+/// Calls `f(t0, rows, split)` for blocks of `block` rows covering `0..rows`, for `work` in all, as
+/// [`plan_blocks`] plans it.
+pub(crate) fn for_blocks(rows: usize, block: usize, work: Work, f: impl Fn(usize, usize, bool) + Sync) {
     let blocks = rows.div_ceil(block);
-    let plan = plan_blocks(blocks, flops);
+    let plan = plan_blocks(blocks, work);
     if plan.width > 1 {
         (0..blocks).into_par_iter().for_each(|b| f(b * block, block.min(rows - b * block), false));
     } else {
@@ -330,6 +369,30 @@ mod tests {
         );
         // No chunk was still running (or skipped) when the caller went on.
         assert_eq!(done.load(Ordering::Relaxed), 16);
+    }
+
+    /// Small work stays on the caller; work for every thread runs block by block in parallel;
+    /// fewer blocks than threads (decode) split their columns. Decode work counts the weights it
+    /// reads: the shapes of `FLOPS_PER_WEIGHT_BYTE`'s measurements fall on the side they measured.
+    #[test]
+    fn work_is_shared_by_its_flops_or_the_weights_it_reads() {
+        assert_eq!(plan(8, 2, false), BlockPlan { width: 1, split: false });
+        assert_eq!(plan(8, 1, true), BlockPlan { width: 1, split: false });
+        assert_eq!(plan(8, 2, true), BlockPlan { width: 2, split: false });
+        assert_eq!(plan(1, 2, true), BlockPlan { width: 1, split: true });
+        // T = 1, n = m, rank r, f32 (4 bytes) or bf16 (2): 4·n·r FLOPs over 2·n·r weights.
+        let decode = |n: usize, r: usize, bytes: usize| Work::new((4 * n * r) as f64, 2 * n * r * bytes);
+        let shared = |w: Work| w.cost() >= PARALLEL_MIN_FLOPS;
+        for (n, r, bytes) in
+            [(768, 1024, 4), (768, 256, 4), (1024, 160, 4), (4096, 64, 4), (768, 1024, 2), (1536, 256, 2)]
+        {
+            assert!(shared(decode(n, r, bytes)), "n = m = {n}, r = {r}, {bytes}-byte weights split");
+        }
+        for (n, r, bytes) in [(1024, 128, 4), (768, 192, 4), (768, 256, 2), (1024, 160, 2)] {
+            assert!(!shared(decode(n, r, bytes)), "n = m = {n}, r = {r}, {bytes}-byte weights stay on one thread");
+        }
+        // Prefill is shared by its FLOPs alone.
+        assert!(shared(Work::new(2.0 * (64 * 64 * (768 + 768)) as f64, 0)));
     }
 
     #[test]

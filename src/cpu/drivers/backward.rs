@@ -24,7 +24,7 @@ use crate::cpu::pack::{
     pack_projections, pack_row_pairs, pack_row_pairs_scaled, pack_row_split, pack_row_split_scaled, pack_rows,
     pack_rows_scaled, split_pairs, Bits, Left, PackedProjections, Panels, RowPairs, TransposedProjections, NR,
 };
-use crate::cpu::parallel::{for_panels, plan_blocks, reduce_in_order, with_scratch};
+use crate::cpu::parallel::{for_panels, plan_blocks, reduce_in_order, with_scratch, Work};
 use crate::cpu::sink::{Epilogue, RowEpilogues, Sink};
 use crate::dtype::Element;
 use crate::mat::{MatMut, MatPtr, MatRef};
@@ -96,7 +96,10 @@ pub(crate) fn backward<T: Element>(
     let blocks = rows.div_ceil(block);
     // v and g sweep B (2·T·r·m each), dx sweeps A (2·T·r·n), and so does h when it is recomputed.
     let sweeps_of_a = if saved_h.is_some() { 1 } else { 2 };
-    let plan = plan_blocks(blocks, 2.0 * (rows * r * (2 * m + sweeps_of_a * n)) as f64);
+    // The weights are read once per sweep (v and g share theirs).
+    let work =
+        Work::new(2.0 * (rows * r * (2 * m + sweeps_of_a * n)) as f64, r * (m + sweeps_of_a * n) * size_of::<T>());
+    let plan = plan_blocks(blocks, work);
     let row_slots = slots.of_row.as_deref();
     let ctx = Block {
         kern,

@@ -10,7 +10,7 @@ use crate::cpu::pack::{
     pack_pairs, pack_pairs_rounded, pack_projections, pack_row_pairs, pack_row_pairs_rounded, pack_row_split,
     pack_rows, split_pairs, Bits, Gathered, Left, PackedProjections, RowPairs, RowSource, WeightPanels, NR,
 };
-use crate::cpu::parallel::{for_blocks, for_panels, with_scratch};
+use crate::cpu::parallel::{for_blocks, for_panels, with_scratch, Work};
 use crate::cpu::sink::{Epilogue, RowEpilogues, Sink};
 use crate::dtype::Element;
 use crate::mat::{MatMut, MatPtr, MatRef};
@@ -241,12 +241,12 @@ fn fused<T: Element>(
     };
     let run = order.as_ref().map_or(rows, Vec::len);
     let yp = y.as_ptr_mat();
-    let flops = 2.0 * (run * r * (n + m)) as f64;
+    let work = Work::new(2.0 * (run * r * (n + m)) as f64, r * (n + m) * size_of::<T>());
     // Blocks of the tier's size, shrunk (not below BLOCK_ROWS) to spread the rows evenly over the
     // threads. A row's result does not depend on the block it falls in.
     let even = run.div_ceil(rayon::current_num_threads()).next_multiple_of(32);
     let block = kern.facts().block_rows.min(even).max(BLOCK_ROWS);
-    for_blocks(run, block, flops, |t0, tb, split| {
+    for_blocks(run, block, work, |t0, tb, split| {
         let packed_u = up_scratch(packed, tb, r);
         with_scratch(tb * r + packed_u + down_scratch(packed, tb, n), |buf| {
             let (u, rest) = buf.split_at_mut(tb * r);
