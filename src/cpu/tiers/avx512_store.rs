@@ -305,16 +305,6 @@ pub(super) unsafe fn prefetch_old<T: Simd16, const R: usize>(sink: &Sink<'_, T>,
     if len == 0 {
         return;
     }
-    // Each row of a mixed batch reads its own adapter's lambda_b and bias: rows of a bank table
-    // that no other row of the tile shares, so ask for them too.
-    if let Sink::RowEpilogue { rows, .. } = sink {
-        for i in 0..R {
-            let Some(epi) = rows.row(t0 + i) else { continue };
-            for v in [epi.scale, epi.bias].into_iter().flatten() {
-                prefetch_span(v.as_ptr().wrapping_add(col0), len);
-            }
-        }
-    }
     for i in 0..R {
         // SAFETY: row t0 + i is in the sink (contract) and col0 < its width (len > 0).
         let row = unsafe { out.at(dst.map_or(t0 + i, |d| d.out_row(t0 + i)), col0) };
