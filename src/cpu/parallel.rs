@@ -63,9 +63,9 @@ fn parallel_min_flops() -> f64 {
 }
 
 /// Sets the work (in FLOPs, a byte of weights the call reads counting 3.2) below which a call runs
-/// on the calling thread alone, for the whole process; `None` restores the default (4 MFLOP). Results never depend on it, only speed: tests
-/// set it to 0 so that small random shapes really run split across threads, which is what the
-/// thread-count equality properties are about.
+/// on the calling thread alone, for the whole process; `None` restores the default (4 MFLOP).
+/// Results never depend on it, only speed: tests set it to 0 so that small random shapes really
+/// run split across threads, which is what the thread-count equality properties are about.
 pub fn set_parallel_min_flops(flops: Option<f64>) {
     MIN_FLOPS_OVERRIDE.store(flops.map_or(0, |f| f.max(f64::MIN_POSITIVE).to_bits()), Ordering::Relaxed);
 }
