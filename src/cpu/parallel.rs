@@ -35,8 +35,8 @@ const FLOPS_PER_WEIGHT_BYTE: f64 = 3.2;
 /// arithmetic, and the bytes of weights it reads (what bounds decode).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Work {
-    pub(crate) flops: f64,
-    pub(crate) weight_bytes: usize,
+    flops: f64,
+    weight_bytes: usize,
 }
 
 impl Work {
