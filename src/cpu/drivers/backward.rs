@@ -96,7 +96,11 @@ pub(crate) fn backward<T: Element>(
     let blocks = rows.div_ceil(block);
     // v and g sweep B (2·T·r·m each), dx sweeps A (2·T·r·n), and so does h when it is recomputed.
     let sweeps_of_a = if saved_h.is_some() { 1 } else { 2 };
-    // The weights are read once per sweep (v and g share theirs).
+    // Weight bytes: B once, and A's once per sweep. g reads B's transposed copy, a second r·m,
+    // but counting it split T = 1 calls of 1.0-1.6 MB (f32 n = m = 1024, r = 128; bf16 r = 256)
+    // whose training step then took 1.64-1.76x the time (the backward alone 0.87-0.89x; old and
+    // new binaries alternated, `vera bench --backward`, 7-9 rounds): a backward that follows a
+    // one-thread training forward hands its work over cold.
     let work =
         Work::new(2.0 * (rows * r * (2 * m + sweeps_of_a * n)) as f64, r * (m + sweeps_of_a * n) * size_of::<T>());
     let plan = plan_blocks(blocks, work);
