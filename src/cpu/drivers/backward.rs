@@ -99,8 +99,8 @@ pub(crate) fn backward<T: Element>(
     // Weight bytes: B once, and A's once per sweep. g reads B's transposed copy, a second r·m,
     // but counting it split T = 1 calls of 1.0-1.6 MB (f32 n = m = 1024, r = 128; bf16 r = 256)
     // whose training step then took 1.64-1.76x the time (the backward alone 0.87-0.89x; old and
-    // new binaries alternated, `vera bench --backward`, 7-9 rounds): a backward that follows a
-    // one-thread training forward hands its work over cold.
+    // new binaries alternated, `vera bench --backward`, 7-9 rounds), presumably as a backward that
+    // follows a one-thread training forward hands its work to threads gone to sleep.
     let work =
         Work::new(2.0 * (rows * r * (2 * m + sweeps_of_a * n)) as f64, r * (m + sweeps_of_a * n) * size_of::<T>());
     let plan = plan_blocks(blocks, work);
