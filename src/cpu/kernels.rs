@@ -36,7 +36,10 @@ pub(crate) type TileGemmFn<T> = unsafe fn(RowPairs<'_>, usize, &Panels<u32>, Ran
 /// (256 rows at n = m = 768, r = 1024, 128 at n = 2048, on the Intel Xeon with AMX, 2 MiB L2) took
 /// 1.04-1.05x the time there (f32, T = 512, 2 threads, `scripts/ab-bench.py --per-case`, 5 rounds,
 /// paired medians), n = 1024, r = 256 (256 rows) 1.00x, although a larger block reads the weights
-/// fewer times.
+/// fewer times. A later session tried 256-row blocks (at most a thread's share of the rows) on
+/// the same CPU (f32, 7 shapes, 5 rounds, paired medians): 0.95x the time at T = 512, n = m = 4096
+/// and 768, r = 1024, 0.86x at n = 16384, r = 1024, 1.00x at r = 512, but 1.17x at m = 11008,
+/// r = 256, 1.07x at n = 16384, r = 256, and 1.04-1.06x at r = 1024 with T = 256 and 2048.
 pub(crate) const BLOCK_ROWS: usize = 64;
 
 /// How the projections and the left operands are laid out for a tier's products.
