@@ -1,5 +1,5 @@
 //! Untyped device memory: a driver allocation on a GPU, or 16-byte aligned host memory for the
-//! emulated device. The typed public wrappers (`DeviceMatrix`, ...) live in `mod.rs`.
+//! emulated device. The typed public wrappers (`DeviceMatrix`, ...) live in `resident.rs`.
 
 use crate::error::{Error, Result};
 
