@@ -279,7 +279,13 @@ pub(super) unsafe fn store_acc<T: Simd16, const R: usize>(acc: &Acc, sink: &Sink
 /// backward's `dy` for a column-dot sink) while its k loop runs. Those rows lie a row stride apart
 /// and each is visited for one tile's columns at a time, so the hardware prefetchers miss them:
 /// `perf record` of a bf16 prefill call at r = 256 put 11% of its time in `store_tile`, nearly all
-/// on the load of `y`.
+/// on the load of `y`. An output written over without being read (`Mode::Overwrite`, ΔW) is asked
+/// for too: a store to a line not in cache waits for the line all the same (write-allocate), and
+/// the bf16 backward at T = 4096 (n = m = 4096, r = 256, `dx` written over, 32 MiB) spent a
+/// quarter of its time in the stores, most of it behind those of `dx`; asking for them made that
+/// backward 0.82x the time (the training step 0.92x; f16 0.93x, f32 0.99x; `vera bench
+/// --backward`, old and new binaries alternated 3 times, paired medians, Intel Xeon with AMX),
+/// T = 512 within the noise (0.99-1.03x, 7 rounds).
 ///
 /// # Safety
 /// Rows `t0..t0 + R` are in the sink.
@@ -299,9 +305,9 @@ pub(super) unsafe fn prefetch_old<T: Simd16, const R: usize>(sink: &Sink<'_, T>,
         return;
     }
     let (out, dst) = match sink {
-        Sink::Epilogue { out, epi } if epi.accumulate => (out, None),
-        Sink::RowEpilogue { out, rows } if rows.accumulate => (out, Some(rows)),
-        Sink::Update { out, op } if *op != Update::Overwrite => (out, None),
+        Sink::Epilogue { out, .. } => (out, None),
+        Sink::RowEpilogue { out, rows } => (out, Some(rows)),
+        Sink::Update { out, .. } => (out, None),
         _ => return,
     };
     let len = NR.min(out.cols().saturating_sub(col0));
