@@ -13,7 +13,7 @@ use crate::mat::{MatMut, MatRef};
 use crate::projections::Projections;
 use crate::types::{self, Mode};
 
-/// Where [`backward`] writes one layer's gradients: always the λ gradients (f32, whatever the
+/// Where [`backward`](fn@backward) writes one layer's gradients: always the λ gradients (f32, whatever the
 /// activation dtype); the bias gradient and the adapter's part of `dx` when given.
 ///
 /// ```
@@ -70,7 +70,7 @@ pub(super) fn check_shape(what: &'static str, shape: [usize; 2], expected: [usiz
 }
 
 /// The training forward: [`forward`](crate::forward) (the same `y`, bit for bit), also writing
-/// `h = x·Aᵀ` (`[T, r]`, f32) into `h`, which [`backward`] can then reuse instead of recomputing it:
+/// `h = x·Aᵀ` (`[T, r]`, f32) into `h`, which [`backward`](fn@backward) can then reuse instead of recomputing it:
 /// `T·r·4` bytes per layer, all a training step keeps between the passes.
 ///
 /// Errors: as [`forward`](crate::forward), and [`Error::ShapeMismatch`] when `h` is not `[T, r]`.

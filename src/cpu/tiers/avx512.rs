@@ -134,7 +134,7 @@ struct FmaDirect<'a, W> {
     _w: std::marker::PhantomData<W>,
 }
 
-/// The parts of [`MicroKernel`] every AVX-512 kernel shares: zmm partial sums, [`store_tile`],
+/// The parts of [`MicroKernel`] every AVX-512 kernel shares: zmm partial sums, [`store_acc`],
 /// [`prefetch_old`].
 macro_rules! avx512_acc_and_store {
     () => {
