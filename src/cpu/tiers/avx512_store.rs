@@ -283,9 +283,9 @@ pub(super) unsafe fn store_acc<T: Simd16, const R: usize>(acc: &Acc, sink: &Sink
 /// for too: a store to a line not in cache waits for the line all the same (write-allocate), and
 /// the bf16 backward at T = 4096 (n = m = 4096, r = 256, `dx` written over, 32 MiB) spent a
 /// quarter of its time in the stores, most of it behind those of `dx`; asking for them made that
-/// backward 0.82x the time (the training step 0.92x; f16 0.93x, f32 0.99x; `vera bench
-/// --backward`, old and new binaries alternated 3 times, paired medians, Intel Xeon with AMX),
-/// T = 512 within the noise (0.99-1.03x, 7 rounds).
+/// backward 0.82x the time (its training step 0.92x; the f16 and f32 backwards there 0.93x and
+/// 0.99x; `vera bench --backward`, old and new binaries alternated 3 times, paired medians, Intel
+/// Xeon with AMX), T = 512 within the noise (0.99-1.03x, 7 rounds).
 ///
 /// # Safety
 /// Rows `t0..t0 + R` are in the sink.
