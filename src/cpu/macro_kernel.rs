@@ -93,7 +93,8 @@ pub(crate) trait MicroKernel<T> {
     /// and those columns.
     unsafe fn store<const R: usize>(&self, acc: &Self::Acc, sink: &Sink<'_, T>, t0: usize, col0: usize);
 
-    /// Asks for the old values the store of rows `t0..t0 + R` will read, while the k loop runs.
+    /// Asks for the lines the store of rows `t0..t0 + R` will read or write over, while the k loop
+    /// runs.
     ///
     /// # Safety
     /// Rows `t0..t0 + R` are in the sink.

@@ -21,7 +21,7 @@ use crate::cpu::pack::{Left, Panels, MR, NR};
 use crate::cpu::sink::Sink;
 
 pub(crate) use super::avx512_store::Simd16;
-pub(super) use super::avx512_store::{prefetch_old, store_acc, zero_acc, Acc};
+pub(super) use super::avx512_store::{prefetch_store_lines, store_acc, zero_acc, Acc};
 
 /// Units of k per cache block of the f32-FMA kernels: a panel's block (`KC x 32` weights, 8 KiB in
 /// f32) stays in L1 while every row tile of a group runs over it. Measured on an Intel CPU with a
@@ -135,7 +135,7 @@ struct FmaDirect<'a, W> {
 }
 
 /// The parts of [`MicroKernel`] every AVX-512 kernel shares: zmm partial sums, [`store_acc`],
-/// [`prefetch_old`].
+/// [`prefetch_store_lines`].
 macro_rules! avx512_acc_and_store {
     () => {
         type Acc = Acc;
@@ -153,7 +153,7 @@ macro_rules! avx512_acc_and_store {
         #[inline(always)]
         unsafe fn prefetch<const R: usize>(&self, sink: &Sink<'_, T>, t0: usize, col0: usize) {
             // SAFETY: forwarded (the trait method's contract).
-            unsafe { prefetch_old::<T, R>(sink, t0, col0) }
+            unsafe { prefetch_store_lines::<T, R>(sink, t0, col0) }
         }
     };
 }

@@ -275,13 +275,13 @@ pub(super) unsafe fn store_acc<T: Simd16, const R: usize>(acc: &Acc, sink: &Sink
     unsafe { store_tile::<T, R>(sink, t0, col0, tile) }
 }
 
-/// Asks for the old values a tile's store will read (`y` when accumulating, `W` for a merge, the
-/// backward's `dy` for a column-dot sink) while its k loop runs. Those rows lie a row stride apart
-/// and each is visited for one tile's columns at a time, so the hardware prefetchers miss them:
-/// `perf record` of a bf16 prefill call at r = 256 put 11% of its time in `store_tile`, nearly all
-/// on the load of `y`. An output written over without being read (`Mode::Overwrite`, ΔW) is asked
-/// for too: a store to a line not in cache waits for the line all the same (write-allocate), and
-/// the bf16 backward at T = 4096 (n = m = 4096, r = 256, `dx` written over, 32 MiB) spent a
+/// Asks for the lines a tile's store will read (`y` when accumulating, `W` for a merge, the
+/// backward's `dy` for a column-dot sink) or write over, while its k loop runs. Those rows lie a
+/// row stride apart and each is visited for one tile's columns at a time, so the hardware
+/// prefetchers miss them: `perf record` of a bf16 prefill call at r = 256 put 11% of its time in
+/// `store_tile`, nearly all on the load of `y`. An output written over without being read
+/// (`Mode::Overwrite`, ΔW) is asked for too: a store to a line not in cache waits for the line all
+/// the same (write-allocate), and the bf16 backward at T = 4096 (n = m = 4096, r = 256, `dx` written over, 32 MiB) spent a
 /// quarter of its time in the stores, most of it behind those of `dx`; asking for them made that
 /// backward 0.82x the time (its training step 0.92x; the f16 and f32 backwards there 0.93x and
 /// 0.99x; `vera bench --backward`, old and new binaries alternated 3 times, paired medians, Intel
@@ -290,7 +290,7 @@ pub(super) unsafe fn store_acc<T: Simd16, const R: usize>(acc: &Acc, sink: &Sink
 /// # Safety
 /// Rows `t0..t0 + R` are in the sink.
 #[inline(always)]
-pub(super) unsafe fn prefetch_old<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, col0: usize) {
+pub(super) unsafe fn prefetch_store_lines<T: Simd16, const R: usize>(sink: &Sink<'_, T>, t0: usize, col0: usize) {
     // A column-dot sink reads a row of its other operand (the backward's `dy`) per output row, a
     // row stride apart too (asking for them: the bf16 backward at T = 4096 0.91x the time).
     if let Sink::ColumnDot { other, .. } = sink {

@@ -7,7 +7,7 @@ use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use super::avx2::Simd8;
-use super::avx512::{self, avx512_acc_and_store, prefetch_old, store_acc, zero_acc, Acc, Simd16};
+use super::avx512::{self, avx512_acc_and_store, prefetch_store_lines, store_acc, zero_acc, Acc, Simd16};
 use crate::cpu::isa::{Isa, Vendor};
 use crate::cpu::kernels::{Kernels, Layout, PeakInstruction, TierFacts};
 use crate::cpu::macro_kernel::{self, MicroKernel};

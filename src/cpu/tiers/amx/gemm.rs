@@ -10,7 +10,7 @@ use super::{usable, BLOCK, STEP};
 use crate::cpu::caches::{cache_sizes, CacheSizes};
 use crate::cpu::pack::{Panels, RowPairs, MR, NR, TILE_ROWS};
 use crate::cpu::sink::Sink;
-use crate::cpu::tiers::avx512::{prefetch_old, store_acc, zero_acc, Acc, Simd16};
+use crate::cpu::tiers::avx512::{prefetch_store_lines, store_acc, zero_acc, Acc, Simd16};
 
 /// Adds pairs `p0..full` (and, for an odd `n`, its last element) of rows `t0..t0 + rows` of the
 /// left operand into `c`, in k order, as the `vdpbf16ps` kernel adds them.
@@ -117,8 +117,8 @@ thread_local! {
     static PARTIALS: std::cell::RefCell<Vec<CBlock>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Asks for the old values the stores of rows `t0..t0 + rows`, columns `col0..` will read (`y`
-/// when accumulating), while the block's tile steps run: `perf record` put a quarter of a bf16
+/// Asks for the lines the stores of rows `t0..t0 + rows`, columns `col0..` will read or write
+/// over (`y`, `dx`, ...), while the block's tile steps run: `perf record` put a quarter of a bf16
 /// prefill call in the stores, most of it waiting for `y`.
 ///
 /// # Safety
@@ -129,14 +129,14 @@ unsafe fn prefetch_block<T: Simd16>(sink: &Sink<'_, T>, t0: usize, rows: usize, 
         // SAFETY: the rows are in the sink (contract).
         unsafe {
             match rows - i0 {
-                1 => prefetch_old::<T, 1>(sink, t0 + i0, col0),
-                2 => prefetch_old::<T, 2>(sink, t0 + i0, col0),
-                3 => prefetch_old::<T, 3>(sink, t0 + i0, col0),
-                4 => prefetch_old::<T, 4>(sink, t0 + i0, col0),
-                5 => prefetch_old::<T, 5>(sink, t0 + i0, col0),
-                6 => prefetch_old::<T, 6>(sink, t0 + i0, col0),
-                7 => prefetch_old::<T, 7>(sink, t0 + i0, col0),
-                _ => prefetch_old::<T, MR>(sink, t0 + i0, col0),
+                1 => prefetch_store_lines::<T, 1>(sink, t0 + i0, col0),
+                2 => prefetch_store_lines::<T, 2>(sink, t0 + i0, col0),
+                3 => prefetch_store_lines::<T, 3>(sink, t0 + i0, col0),
+                4 => prefetch_store_lines::<T, 4>(sink, t0 + i0, col0),
+                5 => prefetch_store_lines::<T, 5>(sink, t0 + i0, col0),
+                6 => prefetch_store_lines::<T, 6>(sink, t0 + i0, col0),
+                7 => prefetch_store_lines::<T, 7>(sink, t0 + i0, col0),
+                _ => prefetch_store_lines::<T, MR>(sink, t0 + i0, col0),
             }
         }
     }
