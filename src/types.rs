@@ -24,7 +24,8 @@ pub struct Numerics {
     pub flushes_subnormals: bool,
     /// The backward's products take their left operands (`lambda_d ⊙ h`, `dy ⊙ lambda_b`,
     /// `g ⊙ lambda_d`) rounded to the activation dtype, as PEFT's autograd does in bf16, and flush
-    /// subnormals (the `amx` tier's tiles), instead of keeping them in f32.
+    /// subnormals (bf16 on `vdpbf16ps` and on the `amx` tier's tiles), instead of keeping them in
+    /// f32.
     pub rounds_backward: bool,
     /// The forward's f16 products run on bf16 tiles with each operand split into a high and a low
     /// bf16 part (`x`, A and B exactly; `u` to 16 bits), the low·low products left out: each

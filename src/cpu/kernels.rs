@@ -140,8 +140,8 @@ impl TierFacts {
         Numerics {
             rounds_u: self.rounds_u,
             flushes_subnormals: self.flushes_subnormals,
-            // Only the tile kernels run the backward on bf16 operands (`drivers::backward`).
-            rounds_backward: self.layout == Layout::Tiles,
+            // The pair and tile kernels run the backward on bf16 operands (`drivers::backward`).
+            rounds_backward: matches!(self.layout, Layout::Pairs | Layout::Tiles),
             splits_products: self.layout == Layout::Split,
             // Only the tile kernels merge on split operands (`drivers::delta`).
             splits_delta: self.layout == Layout::Tiles,
@@ -150,14 +150,14 @@ impl TierFacts {
 
     /// The numerics of these kernels' backward when it recomputes `h` (for
     /// [`crate::reference::backward_error_bound`]): [`TierFacts::numerics`] where the backward runs
-    /// on AMX tiles (bf16 rounded, or f16 split: a call of fewer rows than `wide_below_rows` then
-    /// runs the f32-FMA kernels, which this bound covers too), else those of the f32-FMA kernels,
-    /// the default (no rounding, flushing or splitting: the forward's `vdpbf16ps` products are not
-    /// the backward's). With an `h` saved by the training forward, take [`TierFacts::numerics`].
+    /// on bf16 operands (`vdpbf16ps` pairs or AMX tiles, rounded; or f16 split on tiles: a call of
+    /// fewer rows than `wide_below_rows` then runs the f32-FMA kernels, which this bound covers
+    /// too), else those of the f32-FMA kernels, the default (no rounding, flushing or splitting).
+    /// With an `h` saved by the training forward, take [`TierFacts::numerics`].
     pub fn backward_numerics(&self) -> Numerics {
         match self.layout {
-            Layout::Tiles | Layout::Split => self.numerics(),
-            Layout::Wide | Layout::Pairs => Numerics::default(),
+            Layout::Pairs | Layout::Tiles | Layout::Split => self.numerics(),
+            Layout::Wide => Numerics::default(),
         }
     }
 }

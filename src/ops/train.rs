@@ -109,8 +109,8 @@ pub fn forward_train<T: Element>(
 /// which is never stored. With [`Mode::Accumulate`] every gradient is added to the buffer's contents
 /// (gradient accumulation over micro-batches; `dx` onto the frozen layer's `dy·W0`), with
 /// [`Mode::Overwrite`] written over them. Products accumulate in f32 (their left operands, `lambda_d
-/// ⊙ h`, `dy ⊙ lambda_b` and `g ⊙ lambda_d`, are rounded to bf16 on the `amx` tier's tiles, as
-/// PEFT's autograd rounds them in bf16; f32 elsewhere); the λ and bias gradients are f32, `dx` is
+/// ⊙ h`, `dy ⊙ lambda_b` and `g ⊙ lambda_d`, are rounded to bf16 where bf16 runs on `vdpbf16ps`
+/// (`avx512bf16`) or AMX tiles (`amx`), as PEFT's autograd rounds them in bf16; f32 elsewhere); the λ and bias gradients are f32, `dx` is
 /// rounded once into `T`. Column sums over rows are made per block of the tier's `block_rows`
 /// ([`BLOCK_ROWS`](crate::BLOCK_ROWS), 256 on `amx`) rows and the blocks added in order, so the
 /// gradients are bitwise identical for any number of threads. Scratch is bounded as for the

@@ -109,8 +109,9 @@ pub fn backward<T: Element>(
 /// sums; when `numerics.splits_products` (an `h` saved by a split forward), its error beyond
 /// `gamma(n)·H` (see [`super::forward_error_bound`]) likewise.
 ///
-/// When `numerics.rounds_backward` (the `amx` tier's tiles), each product's left operand is rounded
-/// to `T` (unit roundoff `u_T`) and its subnormals flushed: `v` gains `u_T·(1 + γ)·V +
+/// When `numerics.rounds_backward` (bf16 on the `avx512bf16` tier's `vdpbf16ps` kernels and on
+/// the `amx` tier's tiles), each product's left operand is rounded to `T` (unit roundoff `u_T`)
+/// and its subnormals flushed: `v` gains `u_T·(1 + γ)·V +
 /// 2^-126·(Σ_j |B_ij| + r)`, `g` gains `u_T·(1 + γ)·G + 2^-126·(Σ_i |B_ij| + m)` (reaching
 /// `dlambda_d` through `Σ_t · H`), and `dx` gains `(|lambda_d| ⊙ (g's extra + u_T·(1 + γ)²·G))·|A|
 /// + 2^-126·(Σ_j |A_jk| + r)`, `V`, `G`, `H` the magnitudes the terms above use.

@@ -11,18 +11,21 @@
 //! through the epilogue sink. Each block's column sums are a partial result, added in block order
 //! (`parallel::reduce_in_order`): gradients are bitwise identical for any number of threads.
 //!
-//! The products run on the tier's f32-FMA kernels (`u`, `dy ⊙ lambda_b` and `g ⊙ lambda_d` stay in
-//! f32), except where the tier runs the call's rows on AMX tiles: in [`Layout::Tiles`] (bf16 on
-//! `amx`) all four products run there, their left operands rounded to bf16 (as PEFT's autograd
-//! rounds them in bf16); in [`Layout::Split`] (f16 on `amx`, from its `wide_below_rows`) on the
-//! same tiles with every operand split into bf16 parts, as the f16 forward runs (the left operands
-//! the same f32 values the FMA kernels multiply, split to 16 bits).
+//! The products run in the layout the tier runs the call's forward in. In [`Layout::Wide`] (f32
+//! and f16 on the AVX tiers, every dtype on `portable`) on the f32-FMA kernels (`u`, `dy ⊙
+//! lambda_b` and `g ⊙ lambda_d` stay in f32). In [`Layout::Pairs`] (bf16 on `avx512bf16`) on the
+//! `vdpbf16ps` kernels and in [`Layout::Tiles`] (bf16 on `amx`) on AMX tiles, their left operands
+//! rounded to bf16 (as PEFT's autograd rounds them in bf16). In [`Layout::Split`] (f16 on `amx`,
+//! from its `wide_below_rows`) on the same tiles with every operand split into bf16 parts, as the
+//! f16 forward runs (the left operands the same f32 values the FMA kernels multiply, split to 16
+//! bits).
 
 use super::{row_epilogues, RowScales, Weights};
-use crate::cpu::kernels::{Kernels, Layout, TileGemmFn};
+use crate::cpu::kernels::{Kernels, Layout, PairGemmFn, TileGemmFn};
 use crate::cpu::pack::{
-    pack_projections, pack_row_pairs, pack_row_pairs_scaled, pack_row_split, pack_row_split_scaled, pack_rows,
-    pack_rows_scaled, split_pairs, Bits, Left, PackedProjections, Panels, RowPairs, TransposedProjections, NR,
+    pack_pairs, pack_pairs_scaled, pack_projections, pack_row_pairs, pack_row_pairs_scaled, pack_row_split,
+    pack_row_split_scaled, pack_rows, pack_rows_scaled, split_pairs, Bits, Left, PackedProjections, Panels, RowPairs,
+    TransposedProjections, NR,
 };
 use crate::cpu::parallel::{for_panels, plan_blocks, reduce_in_order, with_scratch, Work};
 use crate::cpu::sink::{Epilogue, RowEpilogues, Sink};
@@ -47,15 +50,12 @@ pub(crate) struct BackwardWeights<'a, T> {
     pub transposed: Option<&'a TransposedProjections<T>>,
 }
 
-/// The layout the backward of a call of `rows` rows packs the projections in for `kern`: the tile
-/// layouts where the tier runs such a call on AMX tiles ([`Layout::Tiles`]: bf16 on `amx`;
-/// [`Layout::Split`]: f16 on `amx` from its `wide_below_rows`), else [`Layout::Wide`] (the f32-FMA
-/// kernels; the backward has no [`Layout::Pairs`] kernels).
+/// The layout the backward of a call of `rows` rows packs the projections in for `kern`: the one
+/// its forward runs in ([`Layout::Pairs`]: bf16 on `avx512bf16`; [`Layout::Tiles`]: bf16 on
+/// `amx`; [`Layout::Split`]: f16 on `amx` from its `wide_below_rows`; else [`Layout::Wide`], the
+/// f32-FMA kernels).
 pub(crate) fn layout<T>(kern: &Kernels<T>, rows: usize) -> Layout {
-    match kern.facts().layout_for(rows) {
-        layout @ (Layout::Tiles | Layout::Split) => layout,
-        Layout::Wide | Layout::Pairs => Layout::Wide,
-    }
+    kern.facts().layout_for(rows)
 }
 
 /// The backward pass (shapes validated by the front end): gradients into `grads`. `saved_h` is the
@@ -108,6 +108,7 @@ pub(crate) fn backward<T: Element>(
     let ctx = Block {
         kern,
         tiles: kern.gemm_tiles.filter(|_| matches!(bw.w.layout, Layout::Tiles | Layout::Split)),
+        pairs: kern.gemm_pairs.filter(|_| bw.w.layout == Layout::Pairs),
         layout: bw.w.layout,
         packed,
         transposed,
@@ -195,6 +196,8 @@ struct Block<'a, T: 'static> {
     kern: &'a Kernels<T>,
     /// The tile kernels, when the projections are packed for them ([`layout`]).
     tiles: Option<TileGemmFn<T>>,
+    /// The `vdpbf16ps` kernels, when the projections are packed for them ([`Layout::Pairs`]).
+    pairs: Option<PairGemmFn<T>>,
     /// The layout the projections are packed in.
     layout: Layout,
     packed: &'a PackedProjections<T>,
@@ -247,6 +250,11 @@ impl<T: Element> Block<'_, T> {
                     let sink = Sink::F32 { out: h.as_ptr_mat(), scale: None };
                     let out = bytemuck::cast_slice_mut(left);
                     match (self.tiles, self.layout) {
+                        (None, Layout::Pairs) => {
+                            let pairs = self.pairs.expect("Layout::Pairs comes with pair kernels");
+                            let xl = pack_pairs(Bits(x, std::marker::PhantomData), out);
+                            self.pair_product(pairs, xl, n, self.packed.down.pairs(), r, &sink);
+                        }
                         (Some(tiles), Layout::Split) => {
                             let xl = pack_row_split(x, out);
                             // The split operands are whole tile steps of pairs: 2·k_len elements.
@@ -309,9 +317,9 @@ impl<T: Element> Block<'_, T> {
     }
 
     /// `sink <- (src ⊙ scale(row))·weights` over the first `cols` columns, in the call's layout: on
-    /// tiles, the left operand rounded to bf16 (`Tiles`) or split into bf16 parts (`Split`), or on
-    /// the f32-FMA kernels (`Wide`), against `which` projections packed in that layout (the
-    /// transposed ones packed on first use).
+    /// tiles, the left operand rounded to bf16 (`Tiles`) or split into bf16 parts (`Split`), on the
+    /// `vdpbf16ps` kernels rounded to bf16 (`Pairs`), or on the f32-FMA kernels (`Wide`), against
+    /// `which` projections packed in that layout (the transposed ones packed on first use).
     fn scaled_product<'s, E: Element>(
         &self,
         src: MatRef<'_, E>,
@@ -321,6 +329,16 @@ impl<T: Element> Block<'_, T> {
         cols: usize,
         sink: &Sink<'_, T>,
     ) {
+        if let Some(pairs) = self.pairs {
+            let packed = pack_pairs_scaled(src, scale, bytemuck::cast_slice_mut(left));
+            let weights = match which {
+                Weight::B => self.packed.up.pairs(),
+                Weight::BT => self.transposed.pairs().1,
+                Weight::AT => self.transposed.pairs().0,
+            };
+            self.pair_product(pairs, packed, src.cols(), weights, cols, sink);
+            return;
+        }
         match self.tiles {
             Some(tiles) => {
                 let split = self.layout == Layout::Split;
@@ -366,6 +384,23 @@ impl<T: Element> Block<'_, T> {
         // right.k_cap (k is n <= n_max, r, or m <= m_max); the sink's rows are this block's, and
         // for_panels hands out disjoint panel ranges.
         for_panels(cols.div_ceil(NR), self.split, |range| unsafe { tiles(left, k, right, range, sink) });
+    }
+
+    /// `sink <- left · right` with `vdpbf16ps` over the first `cols` columns of `right` (`k`
+    /// elements of k-pairs), split over the threads' panels when the plan says so.
+    fn pair_product(
+        &self,
+        pairs: PairGemmFn<T>,
+        left: Left<'_, u32>,
+        k: usize,
+        right: &Panels<u32>,
+        cols: usize,
+        sink: &Sink<'_, T>,
+    ) {
+        // SAFETY: the pair kernels exist only where the tier is usable; left.k_len = ceil(k / 2)
+        // <= right.k_cap (k is n <= n_max, r, or m <= m_max); the sink's rows are this block's, and
+        // for_panels hands out disjoint panel ranges.
+        for_panels(cols.div_ceil(NR), self.split, |range| unsafe { pairs(left, k, right, range, sink) });
     }
 
     /// `sink <- left · right` over the first `cols` columns of `right`, split over the threads'

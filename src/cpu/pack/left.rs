@@ -176,6 +176,42 @@ pub(crate) fn pack_pairs_rounded<'o>(src: MatRef<'_, f32>, out: &'o mut [u32]) -
     pack_pairs_with(src, out, bf16_bits)
 }
 
+/// The rows of `src` widened to f32 and scaled as [`pack_rows_scaled`] scales them (zeros for a row
+/// whose scale is `None`), then rounded to bf16 (to nearest, ties to even) and packed as k-pairs
+/// like [`pack_pairs`]: the backward's left operands (`lambda_d ⊙ h`, `dy ⊙ lambda_b`,
+/// `g ⊙ lambda_d`) on the `vdpbf16ps` kernels, rounded as PEFT's bf16 autograd rounds them.
+pub(crate) fn pack_pairs_scaled<'o, 's, E: Element>(
+    src: impl RowSource<E>,
+    row_scale: impl Fn(usize) -> Option<&'s [f32]>,
+    out: &'o mut [u32],
+) -> Left<'o, u32> {
+    let (rows, n) = (src.rows(), src.cols());
+    let k_len = n.div_ceil(2);
+    let out = &mut out[..Left::<u32>::len_for(rows, k_len)];
+    let mut wide = [0.0f32; 2 * PACK_KB];
+    let lanes = pack_tiles(rows, k_len, out, |t, p0, dst| {
+        let (k0, k1) = (2 * p0, n.min(2 * (p0 + dst.len())));
+        let row = &mut wide[..k1 - k0];
+        match row_scale(t) {
+            Some(scale) => {
+                E::widen_slice(&src.row(t)[k0..k1], row);
+                for (d, s) in row.iter_mut().zip(&scale[k0..k1]) {
+                    *d *= s;
+                }
+            }
+            None => row.fill(0.0),
+        }
+        let (pairs, rest) = row.as_chunks::<2>();
+        for (d, &[lo, hi]) in dst.iter_mut().zip(pairs) {
+            *d = bf16_bits(lo) | (bf16_bits(hi) << 16);
+        }
+        if let [last] = rest {
+            dst[pairs.len()] = bf16_bits(*last);
+        }
+    });
+    Left { data: out, rows, k_len, lanes }
+}
+
 /// Packs `src` into k-pairs of the 16 bits `bits` gives each element (see [`pack_pairs`]).
 #[inline(always)]
 fn pack_pairs_with<'o, E: Copy>(src: impl RowSource<E>, out: &'o mut [u32], bits: impl Fn(E) -> u32) -> Left<'o, u32> {

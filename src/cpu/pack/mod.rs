@@ -23,7 +23,9 @@ mod source;
 pub(crate) use bf16::split_pairs;
 #[cfg(test)]
 pub(crate) use bf16::{split3_bits, split_bits, split_panels, tripled_bits};
-pub(crate) use left::{pack_cols, pack_pairs, pack_pairs_rounded, pack_rows, pack_rows_scaled, Left};
+pub(crate) use left::{
+    pack_cols, pack_pairs, pack_pairs_rounded, pack_pairs_scaled, pack_rows, pack_rows_scaled, Left,
+};
 pub use panels::Panels;
 pub(crate) use panels::PanelsPtr;
 pub(crate) use projections::{pack_projections, WeightPanels};
