@@ -111,6 +111,33 @@ struct UpParams {
     int ld_lambda_b;         // m for a bank, 0 for one adapter
 };
 
-// The sizes src/cuda/params.rs asserts for its mirrors of these blocks: 7 pointers, then the ints.
+// The backward pass of one adapter (vera_backward.cu), every kernel of it taking this one block:
+// from x, dy, the projections and lambda_d, lambda_b, the gradients dlambda_d, dlambda_b, dbias and
+// dx, through the f32 workspace h, g, part and columns. With accumulate the gradients are added to
+// the buffers' contents, else written over them.
+struct BackwardParams {
+    const void* x;           // [rows, n], row stride ldx
+    const void* a;           // [r, n] (the layer's slice of the packed A), row stride lda
+    const void* b;           // [m, r] (the layer's slice of the packed B), row stride ldb
+    const void* dy;          // [rows, m], row stride lddy
+    const float* lambda_d;   // [r]
+    const float* lambda_b;   // [m]
+    float* h;                // [rows, r] dense: x·Aᵀ
+    float* g;                // [rows, r] dense: (dy ⊙ lambda_b)·B
+    float* part;             // [max(h_splits, g_splits), rows, r] dense: split partial sums (h's, then g's)
+    float* columns;          // [row_tiles, 2m + r]: per 64-row tile Σ dy ⊙ v [m], Σ dy [m], Σ g ⊙ h [r]
+    float* grad_lambda_d;    // [r]
+    float* grad_lambda_b;    // [m]
+    float* grad_bias;        // [m], or null: no bias gradient
+    void* dx;                // [rows, n], row stride lddx, or null: no dx
+    int rows, n, r, m;
+    int ldx, lda, ldb, lddy;
+    int lddx, h_splits, h_k_split, g_splits;
+    int g_k_split, row_tiles, accumulate, unused;
+};
+
+// The sizes src/cuda/params.rs and src/cuda/backward/plan.rs assert for their mirrors of these
+// blocks: the pointers, then the ints.
 static_assert(sizeof(DownParams) == 7 * 8 + 10 * 4, "DownParams must match src/cuda/params.rs");
 static_assert(sizeof(UpParams) == 7 * 8 + 8 * 4, "UpParams must match src/cuda/params.rs");
+static_assert(sizeof(BackwardParams) == 14 * 8 + 16 * 4, "BackwardParams must match src/cuda/backward/plan.rs");

@@ -14,12 +14,13 @@
 #   2. the GPU tests, on the GPU only (VERA_KERNELS_SKIP_EMULATION=1) and required to find it
 #      (VERA_KERNELS_EXPECT_GPU=1), each test in its own process with CUDA_LAUNCH_BLOCKING=1 (not
 #      the tests of asynchronous work) and a small proptest shrink budget: tests/cuda_forward.rs,
-#      tests/cuda_mixed.rs (mixed-adapter batches) and tests/cuda_gpu_scale.rs (model sizes, 500
-#      back-to-back calls, two threads/streams);
+#      tests/cuda_mixed.rs (mixed-adapter batches), tests/cuda_backward.rs (the training backward)
+#      and tests/cuda_gpu_scale.rs (model sizes, 500 back-to-back calls, two threads/streams);
 #   3. ours and PyTorch's PEFT path timed the same way (CUDA events around each call, median):
 #      the `vera bench` suite with L2 warm, then the decode shapes with A and B out of L2;
 #   4. cuobjdump -sass -res-usage on the carried fatbin (registers, spills, instruction mix);
-#   5. compute-sanitizer memcheck, racecheck and synccheck on the tile and split edge tests;
+#   5. compute-sanitizer memcheck, racecheck and synccheck on the tile and split edge tests (forward
+#      and backward);
 #   6. ncu on the decode shapes (T = 1 and 8, n = m = 4096, r = 256 and 1024, bf16): DRAM
 #      throughput, shared-memory bank conflicts, tensor-pipe use.
 # GPU_CHECK_STEPS="tests bench sass sanitizers ncu" (the default: all) picks steps for a rerun,
@@ -33,7 +34,7 @@ cd "$(dirname "$0")/.."
 
 readonly BUNDLE=target/gpu-bundle
 readonly FEATURES=cuda,cuda-emulation
-readonly TEST_BINARIES=(cuda_forward cuda_mixed cuda_gpu_scale)
+readonly TEST_BINARIES=(cuda_forward cuda_mixed cuda_backward cuda_gpu_scale)
 # The whole run; the steps get STEPS_S of it, packing the results the rest.
 readonly TIME_BOX_S=240
 readonly STEPS_S=225
@@ -396,28 +397,30 @@ sanitizers() {
     header "compute-sanitizer on the tile and split edge tests"
     have_tool compute-sanitizer "the sanitizer runs" || return 0
     mkdir -p "${WORK}/sanitizer"
-    note "compute-sanitizer (tile_and_split_edges_*, every dtype):"
-    local tool t status=0 log rc
+    note "compute-sanitizer (tile_and_split_edges_*, every dtype, forward and backward):"
+    local tool bin t status=0 log rc
     for tool in memcheck racecheck synccheck; do
-        t="$(step_timeout 60 20)"
-        if [ "${t}" -eq 0 ]; then
-            note "  ${tool}: skipped (time box)"
-            continue
-        fi
-        log="${WORK}/sanitizer/${tool}.txt"
-        rc=0
-        timeout -k 5 "${t}" env VERA_KERNELS_EXPECT_GPU=1 VERA_KERNELS_SKIP_EMULATION=1 \
-            compute-sanitizer --tool "${tool}" --error-exitcode 86 --print-limit 50 \
-            "${BUNDLE}/cuda_forward" tile_and_split_edges --test-threads 1 >"${log}" 2>&1 || rc=$?
-        local verdict
-        case "${rc}" in
-        0) verdict="clean" ;;
-        86) verdict="ERRORS" ;;
-        124 | 137) verdict="TIMEOUT after ${t} s" ;;
-        *) verdict="FAILED (exit ${rc})" ;;
-        esac
-        [ "${rc}" -eq 0 ] || status=1
-        note "  ${tool}: ${verdict}; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "${log}" | tail -n 1 | sed 's/^=* *//'); $(grep -E '^test result' "${log}" | tail -n 1 | cut -d';' -f1-2)"
+        for bin in cuda_forward cuda_backward; do
+            t="$(step_timeout 30 20)"
+            if [ "${t}" -eq 0 ]; then
+                note "  ${tool} ${bin}: skipped (time box)"
+                continue
+            fi
+            log="${WORK}/sanitizer/${tool}-${bin}.txt"
+            rc=0
+            timeout -k 5 "${t}" env VERA_KERNELS_EXPECT_GPU=1 VERA_KERNELS_SKIP_EMULATION=1 \
+                compute-sanitizer --tool "${tool}" --error-exitcode 86 --print-limit 50 \
+                "${BUNDLE}/${bin}" tile_and_split_edges --test-threads 1 >"${log}" 2>&1 || rc=$?
+            local verdict
+            case "${rc}" in
+            0) verdict="clean" ;;
+            86) verdict="ERRORS" ;;
+            124 | 137) verdict="TIMEOUT after ${t} s" ;;
+            *) verdict="FAILED (exit ${rc})" ;;
+            esac
+            [ "${rc}" -eq 0 ] || status=1
+            note "  ${tool} ${bin}: ${verdict}; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "${log}" | tail -n 1 | sed 's/^=* *//'); $(grep -E '^test result' "${log}" | tail -n 1 | cut -d';' -f1-2)"
+        done
     done
     return "${status}"
 }

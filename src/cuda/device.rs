@@ -1,7 +1,7 @@
 //! The device: [`CudaDevice`] opens a GPU through the driver (or, with feature `cuda-emulation`, stands
 //! for the CPU emulation of one), reports its name and sizes, and makes the streams work is issued on.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 // The code names `Error` only without `cuda` or with `cuda-emulation`; the docs name it always.
 #[cfg_attr(all(feature = "cuda", not(feature = "cuda-emulation")), allow(unused_imports))]
@@ -9,7 +9,6 @@ use crate::error::{Error, Result};
 
 #[cfg(feature = "cuda")]
 use super::driver;
-use super::forward::Workspace;
 use super::{CudaStream, StreamKind};
 
 /// Streaming multiprocessors assumed by the emulated device when it plans launches (an H100/H200's
@@ -96,7 +95,7 @@ impl CudaDevice {
             #[cfg(feature = "cuda-emulation")]
             DeviceKind::Emulated => StreamKind::Emulated,
         };
-        CudaStream { device: self.clone(), kind, workspace: Mutex::new(Workspace::default()) }
+        CudaStream::with_kind(self.clone(), kind)
     }
 
     /// A new stream on this device (work on different streams may overlap).
@@ -107,7 +106,7 @@ impl CudaDevice {
             #[cfg(feature = "cuda-emulation")]
             DeviceKind::Emulated => StreamKind::Emulated,
         };
-        Ok(CudaStream { device: self.clone(), kind, workspace: Mutex::new(Workspace::default()) })
+        Ok(CudaStream::with_kind(self.clone(), kind))
     }
 
     /// The device's L2 cache in bytes, as the driver reports it (50 MiB for the emulated device).

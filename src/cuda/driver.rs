@@ -8,6 +8,7 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
+use super::backward::{self, BackwardAddresses, BackwardCall, BackwardOperands, BackwardParams, BackwardPlan};
 use super::buffer::driver;
 use super::forward::Operands;
 use super::params::{self, Addresses, Call, DownParams, UpParams};
@@ -21,6 +22,8 @@ static FATBIN: &[u8] = include_bytes!(env!("VERA_KERNELS_FATBIN"));
 // the kernels' `DownParams` / `UpParams` (checked by size in params.rs), passed by value.
 unsafe impl DeviceRepr for DownParams {}
 unsafe impl DeviceRepr for UpParams {}
+// SAFETY: as above, laid out as the kernels' `BackwardParams` (checked by size in backward/plan.rs).
+unsafe impl DeviceRepr for BackwardParams {}
 
 pub(crate) struct Gpu {
     ctx: Arc<CudaContext>,
@@ -209,4 +212,70 @@ pub(crate) unsafe fn forward(
         gpu.launch(stream, &plan.down, &down)?;
         gpu.launch(stream, &plan.up, &up)
     }
+}
+
+/// Launches a backward plan's kernels on `stream`, in order, each with the call's one parameter
+/// block (filled by [`backward::params`], as on the emulator).
+///
+/// # Safety
+/// Every operand must hold what the kernels read or write for `call` and `plan` (as
+/// `CudaStream::backward` checks before it calls this).
+pub(crate) unsafe fn backward(
+    gpu: &Gpu,
+    stream: &Arc<CudaStream>,
+    plan: &BackwardPlan,
+    call: &BackwardCall,
+    ops: BackwardOperands<'_>,
+) -> Result<()> {
+    let [h, g, part, columns] = ops.workspace;
+    let (x, a, b, dy) =
+        (ops.x.driver("x")?, ops.a.driver("projections")?, ops.b.driver("projections")?, ops.dy.driver("dy")?);
+    let (lambda_d, lambda_b) = (ops.lambda_d.driver("adapter")?, ops.lambda_b.driver("adapter")?);
+    let (h, g) = (h.driver_mut("workspace")?, g.driver_mut("workspace")?);
+    let (part, columns) = (part.driver_mut("workspace")?, columns.driver_mut("workspace")?);
+    let grad_lambda_d = ops.grad_lambda_d.driver_mut("gradient of lambda_d")?;
+    let grad_lambda_b = ops.grad_lambda_b.driver_mut("gradient of lambda_b")?;
+    let grad_bias = ops.grad_bias.map(|b| b.driver_mut("gradient of the bias")).transpose()?;
+    let dx = ops.dx.map(|d| d.driver_mut("dx")).transpose()?;
+    // The guards make later work on other streams wait for these reads and writes; they are
+    // dropped after every launch is queued.
+    let (x, _gx) = x.device_ptr(stream);
+    let (a, _ga) = a.device_ptr(stream);
+    let (b, _gb) = b.device_ptr(stream);
+    let (dy, _gdy) = dy.device_ptr(stream);
+    let (lambda_d, _gd) = lambda_d.device_ptr(stream);
+    let (lambda_b, _gl) = lambda_b.device_ptr(stream);
+    let (h, _gh) = h.device_ptr_mut(stream);
+    let (g, _gg) = g.device_ptr_mut(stream);
+    let (part, _gp) = part.device_ptr_mut(stream);
+    let (columns, _gc) = columns.device_ptr_mut(stream);
+    let (grad_lambda_d, _gdld) = grad_lambda_d.device_ptr_mut(stream);
+    let (grad_lambda_b, _gdlb) = grad_lambda_b.device_ptr_mut(stream);
+    let grad_bias = grad_bias.map(|s| s.device_ptr_mut(stream));
+    let dx = dx.map(|s| s.device_ptr_mut(stream));
+    let at = BackwardAddresses {
+        x,
+        a,
+        b,
+        dy,
+        lambda_d,
+        lambda_b,
+        h,
+        g,
+        part,
+        columns,
+        grad_lambda_d,
+        grad_lambda_b,
+        grad_bias: grad_bias.as_ref().map(|(p, _)| *p),
+        dx: dx.as_ref().map(|(p, _)| *p),
+    };
+    let params = backward::params(plan, call, &at)?;
+    for l in &plan.launches {
+        // SAFETY: every backward kernel (backward/plan.rs) takes one BackwardParams; every address
+        // is a live slice of this stream's context, of the extent the caller guarantees, kept
+        // allocated until the kernels have run by the guards above (dropped after the last launch
+        // is queued), as in `forward`.
+        unsafe { gpu.launch(stream, l, &params)? };
+    }
+    Ok(())
 }

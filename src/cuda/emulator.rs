@@ -5,6 +5,7 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 
+use super::backward::{self, BackwardAddresses, BackwardCall, BackwardOperands, BackwardPlan};
 use super::forward::Operands;
 use super::params::{self, Addresses, Call};
 use super::plan::Plan;
@@ -51,6 +52,39 @@ pub(crate) unsafe fn forward(plan: &Plan, call: &Call, ops: Operands<'_>) -> Res
         launch(&plan.down.kernel, plan.down.grid, plan.down.block, &mut down)?;
         launch(&plan.up.kernel, plan.up.grid, plan.up.block, &mut up)
     }
+}
+
+/// Runs a backward plan's kernels on the CPU, in order, each with the call's one parameter block.
+///
+/// # Safety
+/// Every operand must hold what the kernels read or write for `call` and `plan` (as
+/// `CudaStream::backward` checks before it calls this).
+pub(crate) unsafe fn backward(plan: &BackwardPlan, call: &BackwardCall, ops: BackwardOperands<'_>) -> Result<()> {
+    let [h, g, part, columns] = ops.workspace;
+    let at = BackwardAddresses {
+        x: ops.x.host("x")?.address(),
+        a: ops.a.host("projections")?.address(),
+        b: ops.b.host("projections")?.address(),
+        dy: ops.dy.host("dy")?.address(),
+        lambda_d: ops.lambda_d.host("adapter")?.address(),
+        lambda_b: ops.lambda_b.host("adapter")?.address(),
+        h: h.host_mut("workspace")?.address_mut(),
+        g: g.host_mut("workspace")?.address_mut(),
+        part: part.host_mut("workspace")?.address_mut(),
+        columns: columns.host_mut("workspace")?.address_mut(),
+        grad_lambda_d: ops.grad_lambda_d.host_mut("gradient of lambda_d")?.address_mut(),
+        grad_lambda_b: ops.grad_lambda_b.host_mut("gradient of lambda_b")?.address_mut(),
+        grad_bias: ops.grad_bias.map(|b| b.host_mut("gradient of the bias").map(|h| h.address_mut())).transpose()?,
+        dx: ops.dx.map(|d| d.host_mut("dx").map(|h| h.address_mut())).transpose()?,
+    };
+    let mut params = backward::params(plan, call, &at)?;
+    for l in &plan.launches {
+        // SAFETY: every backward kernel takes one BackwardParams; every address is host memory
+        // borrowed from the operands for this call, of the extent the caller guarantees, and each
+        // kernel runs to the end before `launch` returns.
+        unsafe { launch(&l.kernel, l.grid, l.block, &mut params)? };
+    }
+    Ok(())
 }
 
 /// Runs `kernel` over `grid` × `block` threads on the CPU, with its one by-value parameter block.

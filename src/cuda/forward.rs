@@ -234,7 +234,7 @@ impl Workspace {
 }
 
 /// The buffer in `slot`, replaced by a zeroed one of `bytes` bytes if it is missing or smaller.
-fn grow<'a>(slot: &'a mut Option<Buffer>, kind: &StreamKind, bytes: usize) -> Result<&'a mut Buffer> {
+pub(super) fn grow<'a>(slot: &'a mut Option<Buffer>, kind: &StreamKind, bytes: usize) -> Result<&'a mut Buffer> {
     let buffer = match slot.take() {
         Some(buffer) if buffer.len() >= bytes => buffer,
         _ => Buffer::zeros(kind, bytes)?,

@@ -15,6 +15,9 @@
 //!   for the kernels; every layer's forward slices it, like [`Projections::slice`](crate::Projections::slice).
 //!   [`DeviceAdapter`] holds one layer's lambdas and bias (f32). [`DeviceMatrix`] holds `x` and `y`
 //!   with any row stride.
+//! - Training: [`CudaStream::backward`] is the fused backward pass of the CPU
+//!   [`backward`](crate::backward) (the λ and bias gradients and the adapter's part of `dx` into
+//!   [`DeviceGradients`]), deterministic like the forward.
 //! - Mixed-adapter batches, as the CPU [`forward_mixed`](crate::forward_mixed):
 //!   [`DeviceAdapterBank`] holds one layer's [`AdapterBank`], [`DeviceRowMap`] a batch's row →
 //!   adapter map (uploaded once per batch and used by every layer), and
@@ -41,6 +44,7 @@
 //! [`Mode::Overwrite`]: crate::Mode::Overwrite
 //! [`reference::forward_error_bound_cuda`]: crate::reference::forward_error_bound_cuda
 
+mod backward;
 mod buffer;
 mod device;
 #[cfg(feature = "cuda")]
@@ -54,6 +58,7 @@ mod resident;
 mod stream;
 mod timer;
 
+pub use backward::DeviceGradients;
 pub use device::CudaDevice;
 pub use resident::{DeviceAdapter, DeviceAdapterBank, DeviceMatrix, DeviceProjections, DeviceRowMap};
 pub use stream::CudaStream;

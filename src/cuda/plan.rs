@@ -54,7 +54,7 @@ fn grid_dim(v: usize) -> u32 {
 
 /// `(splits, k_split)`: at least `want` splits' worth of parallelism over `n`, each split a multiple
 /// of `granule` and at least `min_len` long.
-fn split_k(n: usize, want: usize, granule: usize, min_len: usize) -> (usize, usize) {
+pub(crate) fn split_k(n: usize, want: usize, granule: usize, min_len: usize) -> (usize, usize) {
     let max_splits = n.div_ceil(min_len).max(1);
     let splits = want.clamp(1, max_splits);
     let k_split = n.div_ceil(splits).div_ceil(granule).max(1) * granule;
@@ -64,8 +64,10 @@ fn split_k(n: usize, want: usize, granule: usize, min_len: usize) -> (usize, usi
 /// The row counts the decode kernels are instantiated for (`vera_*_gemv_t{tt}_*`).
 const DECODE_TILES: [usize; 4] = [1, 2, 4, 8];
 
-/// Every kernel a [`plan`] can name, for every dtype: what the device resolves when it opens, so
-/// that a missing or bad kernel image is an error there, not at some later launch.
+/// Every kernel a [`plan`] (or a backward plan) can name, for every dtype: what the device resolves
+/// when it opens, so that a missing or bad kernel image is an error there, not at some later launch.
+// Only a GPU resolves kernels up front; the emulator looks each up by name at launch.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn kernel_names() -> Vec<String> {
     let mut names = Vec::new();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
@@ -77,6 +79,7 @@ pub(crate) fn kernel_names() -> Vec<String> {
         names.push(format!("vera_down_tile_{name}"));
         names.push(format!("vera_up_tile_{name}"));
     }
+    names.extend(super::backward::kernel_names());
     names
 }
 
@@ -201,6 +204,11 @@ mod tests {
                 }
             }
         }
-        assert_eq!(names.len(), 3 * (2 * DECODE_TILES.len() + 2));
+        // The forward's, then the backward's (4 per dtype and 3 f32-only steps), each once.
+        assert_eq!(names.len(), 3 * (2 * DECODE_TILES.len() + 2) + 3 * 4 + 3);
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len());
     }
 }

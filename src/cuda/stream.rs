@@ -39,11 +39,13 @@ pub(crate) enum StreamKind {
 ///
 /// Each stream keeps one reusable workspace (`u`, `T · r` elements; the down-projection's split
 /// partial sums, `splits · T · r` f32; a few counters), grown on demand, so forward calls do not
-/// allocate once it is large enough.
+/// allocate once it is large enough; [`CudaStream::backward`] keeps its own likewise.
 pub struct CudaStream {
     pub(super) device: CudaDevice,
     pub(super) kind: StreamKind,
     pub(super) workspace: Mutex<Workspace>,
+    /// The backward's f32 scratch (`h`, `g`, split and column sums), grown on demand.
+    pub(super) backward_workspace: Mutex<super::backward::Workspace>,
 }
 
 impl std::fmt::Debug for CudaStream {
@@ -62,6 +64,16 @@ fn byte_len<T>(elements: usize, what: &'static str) -> Result<usize> {
 }
 
 impl CudaStream {
+    /// A stream of `device` running on `kind`, with empty workspaces.
+    pub(super) fn with_kind(device: CudaDevice, kind: StreamKind) -> Self {
+        CudaStream {
+            device,
+            kind,
+            workspace: Mutex::new(Workspace::default()),
+            backward_workspace: Mutex::new(super::backward::Workspace::default()),
+        }
+    }
+
     /// The device this stream belongs to.
     pub fn device(&self) -> &CudaDevice {
         &self.device
