@@ -17,7 +17,8 @@
 #      tests/cuda_mixed.rs (mixed-adapter batches), tests/cuda_backward.rs (the training backward)
 #      and tests/cuda_gpu_scale.rs (model sizes, 500 back-to-back calls, two threads/streams);
 #   3. ours and PyTorch's PEFT path timed the same way (CUDA events around each call, median):
-#      the `vera bench` suite with L2 warm, then the decode shapes with A and B out of L2;
+#      the `vera bench` suite with L2 warm, then the decode shapes with A and B out of L2, then a
+#      bf16 training step (`--backward`) against PyTorch autograd;
 #   4. cuobjdump -sass -res-usage on the carried fatbin (registers, spills, instruction mix);
 #   5. compute-sanitizer memcheck, racecheck and synccheck on the tile and split edge tests (forward
 #      and backward);
@@ -305,7 +306,9 @@ gpu_tests() {
 bench_pair() {
     local variant="$1" vera_s="$2" torch_s="$3" torch_ok="$4"
     shift 4
-    local t status=0 dir="${WORK}/bench"
+    local t status=0 dir="${WORK}/bench" key=fused_ms
+    # The training variant compares whole steps (forward, then backward).
+    [ "${variant}" = train ] && key=train_step_ms
     t="$(step_timeout "${vera_s}" 15)"
     if [ "${t}" -eq 0 ]; then
         note "skipped the ${variant} timings: time box"
@@ -327,8 +330,8 @@ bench_pair() {
             tail -n 5 "${dir}/torch-${variant}.stderr"
         fi
     fi
-    note "timings, L2 ${variant} (each call between CUDA events, median; torch/vera above 1: ours is faster):"
-    python3 scripts/compare-bench.py "${dir}/vera-${variant}.json" "${dir}/torch-${variant}.json" \
+    note "timings, ${variant} (${key}; each call between CUDA events, median; torch/vera above 1: ours is faster):"
+    python3 scripts/compare-bench.py "${dir}/vera-${variant}.json" "${dir}/torch-${variant}.json" --key "${key}" \
         --peak-line "$(cat "${dir}/vera-${variant}.stderr")" --json "${dir}/comparison-${variant}.json" \
         | sed 's/^/  /' | tee -a "${WORK}/summary.txt" || status=1
     [ "${status}" -eq 0 ] || note "  the ${variant} timings FAILED (see bench/*.stderr in results.tgz)"
@@ -344,6 +347,8 @@ benchmarks() {
     bench_pair warm 45 60 "${torch_ok}" --budget-ms 100 || status=1
     # The decode shapes only: there A and B are most of the bytes a call moves.
     bench_pair cold 30 45 "${torch_ok}" --budget-ms 100 --no-dense --l2 cold "${shapes[@]}" || status=1
+    # A training step (forward, then backward) against PyTorch autograd through PEFT's formula, bf16.
+    bench_pair train 30 45 "${torch_ok}" --budget-ms 50 --no-dense --backward --dtype bf16 || status=1
     return "${status}"
 }
 

@@ -1,4 +1,6 @@
-//! `vera bench --device cuda`: the fused forward on a GPU, each call timed with CUDA events.
+//! `vera bench --device cuda`: the fused forward on a GPU, each call timed with CUDA events; with
+//! `--backward` also the backward pass (`CudaStream::backward`, which recomputes `h`) and a training
+//! step (the forward, then the backward).
 //!
 //! The timing protocol is the one `benches/peers/torch_vera.py --device cuda` follows for PyTorch's
 //! PEFT path, so that the two are compared like for like:
@@ -17,7 +19,7 @@
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use vera_kernels::cuda::{CudaDevice, CudaStream, DeviceProjections};
+use vera_kernels::cuda::{CudaDevice, CudaStream, DeviceGradients, DeviceProjections};
 use vera_kernels::{with_element_type, DType, Element, MatRef, Mode};
 
 use super::bench::{json_line, Times};
@@ -65,6 +67,9 @@ pub struct Row {
     pub fused_ms: f64,
     /// How many calls were timed.
     pub samples: usize,
+    /// With `--backward`: the median device times of the backward alone and of a training step
+    /// (the forward, then the backward recomputing `h`), in ms.
+    pub training: Option<(f64, f64)>,
 }
 
 impl Row {
@@ -87,11 +92,20 @@ impl Row {
         }
     }
 
-    /// The same keys as `vera bench --json` on the CPU (no dense or unfused peer on the GPU: null).
+    /// The same keys as `vera bench --json` on the CPU (no dense or unfused peer on the GPU: null);
+    /// with `--backward`, `backward_ms` and `train_step_ms` too, as the PyTorch peer prints them
+    /// (the GPU's backward always recomputes `h`: no `train_step_recompute_ms`).
     pub fn json(&self) -> String {
         let isa = format!("cuda-{}", self.device.replace(' ', "_"));
         let times = Times { fused_ms: self.fused_ms, dense_ms: None, unfused_ms: None };
-        json_line(&self.case(), self.shape, self.dtype, 1, &isa, times)
+        let line = json_line(&self.case(), self.shape, self.dtype, 1, &isa, times);
+        match self.training {
+            Some((backward_ms, step_ms)) => format!(
+                "{},\"backward_ms\":{backward_ms:.6},\"train_step_ms\":{step_ms:.6}}}",
+                line.trim_end_matches('}')
+            ),
+            None => line,
+        }
     }
 
     /// A table line; with the device's copy bandwidth, the share of the bytes roofline reached.
@@ -102,8 +116,9 @@ impl Row {
             L2::Warm => "warm",
             L2::Cold => "cold",
         };
+        let training = self.training.map_or(String::new(), |(b, s)| format!("  backward {b:.4} ms, step {s:.4} ms"));
         format!(
-            "{:<26} {:>5} {:>4} {:>10.4} {:>9.1} {:>9.1} {:>7}{roofline}",
+            "{:<26} {:>5} {:>4} {:>10.4} {:>9.1} {:>9.1} {:>7}{roofline}{training}",
             self.shape.to_string(),
             self.dtype.name(),
             l2,
@@ -143,25 +158,15 @@ fn wants_more(samples: usize, started: Instant, budget: Duration) -> bool {
     samples < MIN_SAMPLES || (started.elapsed() < budget && samples < MAX_SAMPLES)
 }
 
-/// The median device time of one call of `shape` and the number of samples.
-fn run_typed<T: Element>(
+/// The median device time of `call` on the rotated projection `sets`, and the number of samples:
+/// the warm-up, then one sample per call (see the module docs).
+fn time_calls<T>(
     stream: &CudaStream,
-    shape: Shape,
-    l2: L2,
+    sets: &[DeviceProjections<T>],
     budget: Duration,
+    mut call: impl FnMut(&DeviceProjections<T>) -> vera_kernels::Result<()>,
 ) -> vera_kernels::Result<(f64, usize)> {
-    let w = Workload::<T>::new(shape)?;
-    let Shape { t, n, m, r } = shape;
-    let set_bytes = r * (n + m) * T::DTYPE.size_bytes();
-    let copies = projection_copies(l2, set_bytes, stream.device().l2_cache_bytes());
-    let sets: Vec<DeviceProjections<T>> = (0..copies)
-        .map(|_| stream.upload_projections(w.projections.a(), w.projections.b()))
-        .collect::<vera_kernels::Result<_>>()?;
-    let adapter = stream.upload_adapter(&w.adapter)?;
-    let x = stream.upload(MatRef::from_slice(&w.x, t, n)?)?;
-    let mut y = stream.upload(MatRef::from_slice(&w.y, t, m)?)?;
     let mut next_set = sets.iter().cycle();
-    let mut call = |set: &DeviceProjections<T>| stream.forward(set, &adapter, &x, &mut y, Mode::Accumulate);
     // A whole pass first: the copies uploaded last may still be in L2.
     for set in next_set.by_ref().take(WARMUP_CALLS.max(sets.len())) {
         call(set)?;
@@ -178,10 +183,64 @@ fn run_typed<T: Element>(
     Ok((median(samples), count))
 }
 
-pub fn run(device: &CudaDevice, shape: Shape, dtype: DType, l2: L2, budget: Duration) -> vera_kernels::Result<Row> {
+/// What one case measures: the forward's median and samples, and with `backward` the backward's
+/// and a training step's medians.
+type Timings = (f64, usize, Option<(f64, f64)>);
+
+/// The median device time of one call of `shape` and the number of samples (and with `backward`
+/// those of the backward and of a step).
+fn run_typed<T: Element>(
+    stream: &CudaStream,
+    shape: Shape,
+    l2: L2,
+    budget: Duration,
+    backward: bool,
+) -> vera_kernels::Result<Timings> {
+    let w = Workload::<T>::new(shape)?;
+    let Shape { t, n, m, r } = shape;
+    let set_bytes = r * (n + m) * T::DTYPE.size_bytes();
+    let copies = projection_copies(l2, set_bytes, stream.device().l2_cache_bytes());
+    let sets: Vec<DeviceProjections<T>> = (0..copies)
+        .map(|_| stream.upload_projections(w.projections.a(), w.projections.b()))
+        .collect::<vera_kernels::Result<_>>()?;
+    let adapter = stream.upload_adapter(&w.adapter)?;
+    let x = stream.upload(MatRef::from_slice(&w.x, t, n)?)?;
+    let mut y = stream.upload(MatRef::from_slice(&w.y, t, m)?)?;
+    let (fused_ms, samples) =
+        time_calls(stream, &sets, budget, |set| stream.forward(set, &adapter, &x, &mut y, Mode::Accumulate))?;
+    if !backward {
+        return Ok((fused_ms, samples, None));
+    }
+    // Every gradient, as `vera bench --backward` on the CPU and the PyTorch peer take them.
+    let dy = stream.upload(MatRef::from_slice(w.dy(), t, m)?)?;
+    let (mut dld, mut dlb, mut dbias) =
+        (stream.zeros::<f32>(1, r, r)?, stream.zeros::<f32>(1, m, m)?, stream.zeros(1, m, m)?);
+    let mut dx = stream.zeros::<T>(t, n, n)?;
+    let mut backward = |set: &DeviceProjections<T>| {
+        let grads = DeviceGradients::new(&mut dld, &mut dlb).with_bias(&mut dbias).with_x(&mut dx);
+        stream.backward(set, &adapter, &x, &dy, grads, Mode::Overwrite)
+    };
+    let (backward_ms, _) = time_calls(stream, &sets, budget, &mut backward)?;
+    let (step_ms, _) = time_calls(stream, &sets, budget, |set| {
+        stream.forward(set, &adapter, &x, &mut y, Mode::Accumulate)?;
+        backward(set)
+    })?;
+    Ok((fused_ms, samples, Some((backward_ms, step_ms))))
+}
+
+/// Times one case on GPU 0's default stream (with `backward`, the training step too).
+pub fn run(
+    device: &CudaDevice,
+    shape: Shape,
+    dtype: DType,
+    l2: L2,
+    budget: Duration,
+    backward: bool,
+) -> vera_kernels::Result<Row> {
     let stream = device.stream();
-    let (fused_ms, samples) = with_element_type!(dtype, T => run_typed::<T>(&stream, shape, l2, budget))?;
-    Ok(Row { shape, dtype, device: device.name(), l2, fused_ms, samples })
+    let (fused_ms, samples, training) =
+        with_element_type!(dtype, T => run_typed::<T>(&stream, shape, l2, budget, backward))?;
+    Ok(Row { shape, dtype, device: device.name(), l2, fused_ms, samples, training })
 }
 
 #[cfg(test)]
@@ -214,10 +273,17 @@ mod tests {
     fn both_variants_run_on_the_emulated_device() {
         let device = CudaDevice::emulated();
         for l2 in [L2::Warm, L2::Cold] {
-            let row = run(&device, Shape { t: 2, n: 40, m: 24, r: 8 }, DType::BF16, l2, Duration::ZERO).unwrap();
+            let row = run(&device, Shape { t: 2, n: 40, m: 24, r: 8 }, DType::BF16, l2, Duration::ZERO, false).unwrap();
             assert!(row.fused_ms > 0.0 && row.fused_ms.is_finite(), "{l2:?}: {} ms", row.fused_ms);
             assert_eq!(row.samples, MIN_SAMPLES);
+            assert!(row.training.is_none());
         }
+        // With --backward: the backward and a step, each timed, the step the longer.
+        let row = run(&device, Shape { t: 9, n: 40, m: 24, r: 8 }, DType::F16, L2::Warm, Duration::ZERO, true).unwrap();
+        let (backward_ms, step_ms) = row.training.expect("--backward times the training step");
+        assert!(backward_ms > 0.0 && step_ms > backward_ms, "backward {backward_ms} ms, step {step_ms} ms");
+        let json = row.json();
+        assert!(json.contains(&format!("\"backward_ms\":{backward_ms:.6},\"train_step_ms\":{step_ms:.6}}}")), "{json}");
     }
 
     #[test]
@@ -229,6 +295,7 @@ mod tests {
             l2,
             fused_ms: 0.01,
             samples: 50,
+            training: None,
         };
         assert!(row(L2::Warm).json().starts_with("{\"case\":\"t1_n4096_m4096_r256\","));
         assert!(row(L2::Cold).json().starts_with("{\"case\":\"t1_n4096_m4096_r256_l2cold\",\"t\":1,"));

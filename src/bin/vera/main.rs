@@ -67,9 +67,10 @@ struct BenchArgs {
     /// Skip the dense baseline (it forms the whole m x n ΔW, which is slow and large).
     #[arg(long)]
     no_dense: bool,
-    /// Also time training (CPU): the backward alone, a training step (the training forward saving
-    /// h, then the backward reusing it) and a step that recomputes h; JSON gains `backward_ms`,
-    /// `train_step_ms` and `train_step_recompute_ms`.
+    /// Also time training: the backward alone, a training step (the training forward saving h,
+    /// then the backward reusing it) and a step that recomputes h (with `--device cuda`, whose
+    /// backward recomputes h, the backward and one step); JSON gains `backward_ms`,
+    /// `train_step_ms` and (on the CPU) `train_step_recompute_ms`.
     #[arg(long)]
     backward: bool,
     /// Time a batch mixing K adapters (row t uses adapter t % K): the mixed forward against one
@@ -106,10 +107,7 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
 fn bench(args: BenchArgs) -> Result<(), String> {
     if args.device == "cuda" {
         if args.adapters.is_some() {
-            return Err("--adapters: only on the CPU for now (the CUDA backend has no mixed-adapter kernel yet)".into());
-        }
-        if args.backward {
-            return Err("--backward: only on the CPU for now (the CUDA backend has no backward pass yet)".into());
+            return Err("--adapters: only on the CPU for now (the GPU bench times one adapter per call)".into());
         }
         return bench_cuda(args);
     }
@@ -198,8 +196,8 @@ fn bench_adapters(
     Ok(())
 }
 
-/// `vera bench --device cuda`: the fused forward on GPU 0 (no dense or unfused peer there; compare
-/// with `benches/peers/torch_vera.py --device cuda`).
+/// `vera bench --device cuda`: the fused forward on GPU 0, with `--backward` the training step too
+/// (no dense or unfused peer there; compare with `benches/peers/torch_vera.py --device cuda`).
 #[cfg(feature = "cuda")]
 fn bench_cuda(args: BenchArgs) -> Result<(), String> {
     let device = vera_kernels::cuda::CudaDevice::new(0).map_err(|e| e.to_string())?;
@@ -225,7 +223,7 @@ fn bench_cuda(args: BenchArgs) -> Result<(), String> {
     }
     for dtype in dtypes {
         for &shape in &shapes {
-            let row = bench_cuda::run(&device, shape, dtype, l2, budget)
+            let row = bench_cuda::run(&device, shape, dtype, l2, budget, args.backward)
                 .map_err(|e| format!("case {shape} ({dtype}): {e}"))?;
             if args.json {
                 println!("{}", row.json());

@@ -114,6 +114,11 @@ impl<T: Element> Workload<T> {
         Ok(Self { shape, projections, adapter, x, y, dense: DenseBuffers::default(), h, dy, grads })
     }
 
+    /// The upstream gradient `dy [T, m]` the training step takes.
+    pub fn dy(&self) -> &[T] {
+        &self.dy
+    }
+
     /// The fused kernel, accumulating into y.
     pub fn fused(&mut self) -> vera_kernels::Result<()> {
         let Shape { t, n, m, .. } = self.shape;
