@@ -249,22 +249,21 @@ impl<T: Element> Block<'_, T> {
                     let mut h = MatMut::from_slice(h_buf, tb, r).expect("scratch sized tb * r");
                     let sink = Sink::F32 { out: h.as_ptr_mat(), scale: None };
                     let out = bytemuck::cast_slice_mut(left);
-                    match (self.tiles, self.layout) {
-                        (None, Layout::Pairs) => {
-                            let pairs = self.pairs.expect("Layout::Pairs comes with pair kernels");
-                            let xl = pack_pairs(Bits(x, std::marker::PhantomData), out);
-                            self.pair_product(pairs, xl, n, self.packed.down.pairs(), r, &sink);
-                        }
-                        (Some(tiles), Layout::Split) => {
+                    match (self.tiles, self.pairs, self.layout) {
+                        (Some(tiles), _, Layout::Split) => {
                             let xl = pack_row_split(x, out);
                             // The split operands are whole tile steps of pairs: 2·k_len elements.
                             self.tile_product(tiles, xl, 2 * xl.k_len, self.packed.down.pairs(), r, &sink);
                         }
-                        (Some(tiles), _) => {
+                        (Some(tiles), _, _) => {
                             let xl = pack_row_pairs(Bits(x, std::marker::PhantomData), out);
                             self.tile_product(tiles, xl, n, self.packed.down.pairs(), r, &sink);
                         }
-                        (None, _) => self.product(pack_rows(x, left), self.packed.down.wide(), r, &sink),
+                        (None, Some(pairs), _) => {
+                            let xl = pack_pairs(Bits(x, std::marker::PhantomData), out);
+                            self.pair_product(pairs, xl, n, self.packed.down.pairs(), r, &sink);
+                        }
+                        (None, None, _) => self.product(pack_rows(x, left), self.packed.down.wide(), r, &sink),
                     }
                     MatRef::from_slice(h_buf, tb, r).expect("scratch sized tb * r")
                 }
