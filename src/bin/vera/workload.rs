@@ -114,7 +114,10 @@ impl<T: Element> Workload<T> {
         Ok(Self { shape, projections, adapter, x, y, dense: DenseBuffers::default(), h, dy, grads })
     }
 
-    /// The upstream gradient `dy [T, m]` the training step takes.
+    /// The upstream gradient `dy [T, m]` the training step takes (the GPU bench uploads it).
+    // Only `vera bench --device cuda` reads it: unused without feature cuda, and in
+    // benches/forward.rs, which shares this file.
+    #[allow(dead_code)]
     pub fn dy(&self) -> &[T] {
         &self.dy
     }
