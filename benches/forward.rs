@@ -1,6 +1,6 @@
 //! Criterion benchmarks: the fused forward vs the dense baseline (form ΔW, then x·ΔWᵀ, same
-//! kernels) vs the unfused three-pass peer, and a training step, on `vera bench`'s default suite,
-//! for every dtype.
+//! kernels) vs the unfused three-pass peer, and a training step (and the backward against its
+//! unfused peer), on `vera bench`'s default suite, for every dtype.
 //!
 //! `cargo bench --bench forward` runs all of it; a filter narrows it, e.g.
 //! `cargo bench --bench forward -- 'f32/t512_n768'`. Throughput is reported in "elements"/s where
@@ -105,13 +105,16 @@ fn bench_dtype<T: Element>(c: &mut Criterion, gemm_peer: bool) {
         group.bench_function(BenchmarkId::from_parameter("unfused"), |b| b.iter(|| w.unfused().unwrap()));
         group.bench_function(BenchmarkId::from_parameter("dense"), |b| b.iter(|| w.dense().unwrap()));
         // Training: one step (the training forward saving h, then the backward reusing it), one
-        // that recomputes h instead, and the backward alone.
+        // that recomputes h instead, the backward alone, and its unfused peer.
         group.bench_function(BenchmarkId::from_parameter("train_step"), |b| b.iter(|| w.train_step().unwrap()));
         group.bench_function(BenchmarkId::from_parameter("train_step_recompute"), |b| {
             b.iter(|| w.train_step_recompute().unwrap())
         });
         w.forward_train().unwrap();
         group.bench_function(BenchmarkId::from_parameter("backward"), |b| b.iter(|| w.backward().unwrap()));
+        group.bench_function(BenchmarkId::from_parameter("backward_unfused"), |b| {
+            b.iter(|| w.backward_unfused().unwrap())
+        });
         if gemm_peer {
             let mut peer = GemmPeer::<T>::new(shape);
             group.bench_function(BenchmarkId::from_parameter("gemm_unfused"), |b| b.iter(|| peer.run(&mut w)));

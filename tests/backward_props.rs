@@ -3,12 +3,14 @@
 //! both modes, every dtype, on every CPU tier this machine has; bitwise equality of 1, 2 and 3
 //! threads (with the parallel threshold at 0, so that small calls really split); the training
 //! forward's `y` equal to the forward's and its saved `h` giving the same gradients within the
-//! bound; and the reference itself against finite differences.
+//! bound, as does the unfused peer (`baseline::unfused_backward`) from that `h`; and the reference
+//! itself against finite differences.
 
 mod common;
 
 use common::{dim, inputs, kdim, to, values, Case};
 use proptest::prelude::*;
+use vera_kernels::baseline::unfused_backward;
 use vera_kernels::rng::TorchCpuGenerator;
 use vera_kernels::{
     backward, bf16, f16, forward, forward_train, reference, tier_facts, with_isa, Adapter, Element, Gradients, Isa,
@@ -70,6 +72,26 @@ fn run_backward<T: Element>(c: &Case, isa: Isa, threads: usize, saved_h: Option<
                 .with_x(MatMut::new(&mut out.x, c.t, c.n, c.n + c.x_pad).unwrap());
             let h = saved_h.map(|h| MatRef::from_slice(h, c.t, c.r).unwrap());
             backward(&inp.projections, &inp.adapter, x, dy, h, grads, mode).unwrap();
+        })
+    });
+    out
+}
+
+/// The unfused peer's outputs for a case, from the training forward's `h`.
+fn run_unfused<T: Element>(c: &Case, isa: Isa, threads: usize, h: &[f32]) -> Out<T> {
+    let inp = inputs::<T>(c);
+    let (dy, mut out) = extras::<T>(c);
+    let x = MatRef::new(&inp.x, c.t, c.n, c.n + c.x_pad).unwrap();
+    let dy = MatRef::new(&dy, c.t, c.m, c.m + c.y_pad).unwrap();
+    let mode = if c.accumulate { Mode::Accumulate } else { Mode::Overwrite };
+    let mut buffer = Vec::new();
+    common::split_pool(threads).install(|| {
+        with_isa(isa, || {
+            let grads = Gradients::new(&mut out.lambda_d, &mut out.lambda_b)
+                .with_bias(&mut out.bias)
+                .with_x(MatMut::new(&mut out.x, c.t, c.n, c.n + c.x_pad).unwrap());
+            let h = MatRef::from_slice(h, c.t, c.r).unwrap();
+            unfused_backward(&inp.projections, &inp.adapter, x, dy, h, grads, mode, &mut buffer).unwrap();
         })
     });
     out
@@ -168,6 +190,12 @@ fn check<T: Element>(c: &Case) -> Result<(), TestCaseError> {
         let saved = run_backward::<T>(c, isa, 2, Some(&h));
         if !cfg!(miri) {
             check_against_reference(c, isa, &saved, numerics)?;
+        }
+        // The unfused peer from the same h: within the same bound, the same bits on 1 and 2 threads.
+        let unfused = run_unfused::<T>(c, isa, 2, &h);
+        if !cfg!(miri) {
+            prop_assert_eq!(unfused.bits(), run_unfused::<T>(c, isa, 1, &h).bits(), "unfused: 1 and 2 threads differ");
+            check_against_reference(c, isa, &unfused, numerics)?;
         }
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! The peers the fused kernel is benchmarked against, built from the same micro-kernels so that a
 //! comparison measures the algorithm, not the code quality: the dense baseline (form ΔW, then
-//! `x·ΔWᵀ`) and the unfused three-pass path (with `h = x·Aᵀ` materialised).
+//! `x·ΔWᵀ`), the unfused three-pass path (with `h = x·Aᵀ` materialised), and the unfused backward
+//! (with `v` and `g` materialised, as a framework's autograd keeps them).
 
 mod dense;
 mod unfused;
@@ -8,11 +9,12 @@ mod unfused;
 pub use dense::DenseBuffers;
 
 use crate::adapter::Adapter;
+use crate::cpu::drivers::backward::{self, BackwardWeights, Grads};
 use crate::cpu::kernels;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::mat::{MatMut, MatRef};
-use crate::ops::{checked_layer, scales};
+use crate::ops::{check_backward, checked_layer, scales, Gradients};
 use crate::projections::Projections;
 use crate::types::Mode;
 
@@ -55,5 +57,38 @@ pub fn unfused_forward<T: Element>(
     }
     let kern = kernels::current::<T>();
     unfused::unfused(kern, layer.weights(kern.facts().layout_for(x.rows())), scales(adapter), x, h, y, mode);
+    Ok(())
+}
+
+/// The unfused peer of [`backward`](crate::backward), from the training forward's `h` (`[T, r]`
+/// f32, as [`forward_train`](crate::forward_train) saves it): `v = (lambda_d ⊙ h)·Bᵀ` for every
+/// row into a `[T, m]` f32 buffer, then `dlambda_b = Σ_t dy ⊙ v` and `dbias = Σ_t dy`; `g = (dy ⊙
+/// lambda_b)·B` for every row into a `[T, r]` buffer, then `dlambda_d = Σ_t g ⊙ h`; then `dx (+)=
+/// (g ⊙ lambda_d)·A`. The same products on the same kernels as the fused pass, each over every
+/// row before the next, as a framework's autograd runs them; `buffer` keeps the `T·(m + r)` f32 of
+/// `v` and `g` between calls. Gradients and `mode` as [`backward`](crate::backward)'s (equal to
+/// its results within the same bound; the sums run in another fixed order).
+///
+/// Errors: as [`backward`](crate::backward), with `h` required.
+#[allow(clippy::too_many_arguments)]
+pub fn unfused_backward<T: Element>(
+    projections: &Projections<T>,
+    adapter: &Adapter,
+    x: MatRef<'_, T>,
+    dy: MatRef<'_, T>,
+    h: MatRef<'_, f32>,
+    grads: Gradients<'_, T>,
+    mode: Mode,
+    buffer: &mut Vec<f32>,
+) -> Result<()> {
+    let layer = check_backward(projections, adapter, x, dy, Some(h), &grads)?;
+    let kern = kernels::current::<T>();
+    let bw = BackwardWeights {
+        w: layer.weights(backward::layout(kern, x.rows())),
+        transposed: Some(projections.transposed()),
+    };
+    let Gradients { lambda_d, lambda_b, bias, x: dx } = grads;
+    let grads = Grads { lambda_d, lambda_b, bias, x: dx, accumulate: mode == Mode::Accumulate };
+    backward::unfused_backward(kern, bw, scales(adapter), x, dy, h, buffer, grads);
     Ok(())
 }

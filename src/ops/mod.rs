@@ -6,6 +6,7 @@ mod mixed;
 mod train;
 
 pub use mixed::{backward_mixed, forward_mixed, forward_train_mixed};
+pub(crate) use train::check_backward;
 pub use train::{backward, forward_train, Gradients};
 
 use crate::adapter::Adapter;

@@ -69,6 +69,33 @@ pub(super) fn check_shape(what: &'static str, shape: [usize; 2], expected: [usiz
     }
 }
 
+/// The checks of a backward call, in order, before anything is written (see [`backward`](fn@backward)'s
+/// errors): the layer it slices from the projections.
+pub(crate) fn check_backward<'p, T: Element>(
+    projections: &'p Projections<T>,
+    adapter: &Adapter,
+    x: MatRef<'_, T>,
+    dy: MatRef<'_, T>,
+    saved_h: Option<MatRef<'_, f32>>,
+    grads: &Gradients<'_, T>,
+) -> Result<crate::projections::LayerProjections<'p, T>> {
+    let layer = projections.slice(x.cols(), dy.cols())?;
+    let (t, n, r, m) = (x.rows(), x.cols(), layer.rank(), layer.out_features());
+    types::check_forward(layer.dims(), adapter.dims(), [t, n], Some(([dy.rows(), dy.cols()], types::DY)))?;
+    if let Some(h) = saved_h {
+        check_shape("saved h (must be [T, r])", [h.rows(), h.cols()], [t, r])?;
+    }
+    check_len("gradient of lambda_d (must be [r])", grads.lambda_d.len(), r)?;
+    check_len("gradient of lambda_b (must be [m])", grads.lambda_b.len(), m)?;
+    if let Some(bias) = &grads.bias {
+        check_len("gradient of the bias (must be [m])", bias.len(), m)?;
+    }
+    if let Some(dx) = &grads.x {
+        check_shape("dx (must be [T, in_features])", [dx.rows(), dx.cols()], [t, n])?;
+    }
+    Ok(layer)
+}
+
 /// The training forward: [`forward`](crate::forward) (the same `y`, bit for bit), also writing
 /// `h = x·Aᵀ` (`[T, r]`, f32) into `h`, which [`backward`](fn@backward) can then reuse instead of recomputing it:
 /// `T·r·4` bytes per layer, all a training step keeps between the passes.
@@ -148,20 +175,8 @@ pub fn backward<T: Element>(
     grads: Gradients<'_, T>,
     mode: Mode,
 ) -> Result<()> {
-    let layer = projections.slice(x.cols(), dy.cols())?;
-    let (t, n, r, m) = (x.rows(), x.cols(), layer.rank(), layer.out_features());
-    types::check_forward(layer.dims(), adapter.dims(), [t, n], Some(([dy.rows(), dy.cols()], types::DY)))?;
-    if let Some(h) = saved_h {
-        check_shape("saved h (must be [T, r])", [h.rows(), h.cols()], [t, r])?;
-    }
-    check_len("gradient of lambda_d (must be [r])", grads.lambda_d.len(), r)?;
-    check_len("gradient of lambda_b (must be [m])", grads.lambda_b.len(), m)?;
-    if let Some(bias) = &grads.bias {
-        check_len("gradient of the bias (must be [m])", bias.len(), m)?;
-    }
-    if let Some(dx) = &grads.x {
-        check_shape("dx (must be [T, in_features])", [dx.rows(), dx.cols()], [t, n])?;
-    }
+    let layer = check_backward(projections, adapter, x, dy, saved_h, &grads)?;
+    let t = x.rows();
     let kern = kernels::current::<T>();
     let bw =
         BackwardWeights { w: layer.weights(backward::layout(kern, t)), transposed: Some(projections.transposed()) };

@@ -27,6 +27,8 @@ pub struct Row {
 pub struct Training {
     /// The backward pass alone (reusing the training forward's `h`).
     pub backward_ms: f64,
+    /// The unfused backward peer (`v` and `g` materialised), reusing the same `h`.
+    pub backward_unfused_ms: f64,
     /// The training forward (saving `h`) plus the backward reusing it.
     pub train_step_ms: f64,
     /// The forward (saving nothing) plus the backward recomputing `h`.
@@ -45,11 +47,13 @@ impl Row {
         match self.training {
             // The training keys follow the forward's, only with --backward.
             Some(tr) => format!(
-                "{},\"backward_ms\":{:.6},\"train_step_ms\":{:.6},\"train_step_recompute_ms\":{:.6}}}",
+                "{},\"backward_ms\":{:.6},\"train_step_ms\":{:.6},\"train_step_recompute_ms\":{:.6},\
+                 \"backward_unfused_ms\":{:.6}}}",
                 line.trim_end_matches('}'),
                 tr.backward_ms,
                 tr.train_step_ms,
-                tr.train_step_recompute_ms
+                tr.train_step_recompute_ms,
+                tr.backward_unfused_ms
             ),
             None => line,
         }
@@ -145,20 +149,25 @@ fn run_typed<T: Element>(
         // The forward is timed in the same rounds as the training methods, so that their ratios
         // (the backward over the forward) come from the same minutes of a noisy machine.
         w.forward_train()?;
-        let all: [Method<Workload<T>>; 5] = [
+        let all: [Method<Workload<T>>; 6] = [
             Workload::fused,
             Workload::unfused,
             Workload::backward,
             Workload::train_step,
             Workload::train_step_recompute,
+            Workload::backward_unfused,
         ];
         interleaved_medians(&mut w, &all, budget, 5)?
     } else {
         let fused = interleaved_medians(&mut w, &[Workload::fused], budget, 5)?[0];
         vec![fused, interleaved_medians(&mut w, &[Workload::unfused], budget, 5)?[0]]
     };
-    let training =
-        methods.backward.then(|| Training { backward_ms: ms[2], train_step_ms: ms[3], train_step_recompute_ms: ms[4] });
+    let training = methods.backward.then(|| Training {
+        backward_ms: ms[2],
+        train_step_ms: ms[3],
+        train_step_recompute_ms: ms[4],
+        backward_unfused_ms: ms[5],
+    });
     let dense = methods.dense;
     let dense_ms = if dense { Some(interleaved_medians(&mut w, &[Workload::dense], budget, 3)?[0]) } else { None };
     Ok(Row {
@@ -276,7 +285,7 @@ pub fn table_header(peak: bool, training: bool) -> String {
         "case (T,n,m,r)", "dtype", "thr", "isa", "fused ms", "dense ms", "unfused ms", "GFLOP/s", "dense/f", "unf/f"
     );
     if training {
-        head += &format!(" {:>9} {:>9} {:>6} {:>11}", "bwd ms", "step ms", "bwd/f", "step-rec ms");
+        head += &format!(" {:>9} {:>9} {:>6} {:>11} {:>8}", "bwd ms", "step ms", "bwd/f", "step-rec ms", "bwd unf/f");
     }
     if peak {
         format!("{head}  % of roofline")
@@ -303,11 +312,12 @@ pub fn table_row(row: &Row, peak: Option<(&Peak, Option<f64>)>) -> String {
     );
     let line = match row.training {
         Some(tr) => format!(
-            "{line} {:>9.3} {:>9.3} {:>5.2}x {:>11.3}",
+            "{line} {:>9.3} {:>9.3} {:>5.2}x {:>11.3} {:>7.2}x",
             tr.backward_ms,
             tr.train_step_ms,
             tr.backward_ms / row.fused_ms,
-            tr.train_step_recompute_ms
+            tr.train_step_recompute_ms,
+            tr.backward_unfused_ms / tr.backward_ms
         ),
         None => line,
     };

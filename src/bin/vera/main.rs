@@ -70,7 +70,8 @@ struct BenchArgs {
     /// Also time training: the backward alone, a training step (the training forward saving h,
     /// then the backward reusing it) and a step that recomputes h (with `--device cuda`, whose
     /// backward recomputes h, the backward and one step); JSON gains `backward_ms`,
-    /// `train_step_ms` and (on the CPU) `train_step_recompute_ms`.
+    /// `train_step_ms` and (on the CPU) `train_step_recompute_ms` and `backward_unfused_ms` (the
+    /// unfused backward peer: v and g materialised, the same kernels).
     #[arg(long)]
     backward: bool,
     /// Time a batch mixing K adapters (row t uses adapter t % K): the mixed forward against one

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use vera_kernels::baseline::{dense_forward, unfused_forward, DenseBuffers};
+use vera_kernels::baseline::{dense_forward, unfused_backward, unfused_forward, DenseBuffers};
 use vera_kernels::rng::TorchCpuGenerator;
 use vera_kernels::{
     backward, forward, forward_train, Adapter, Element, Error, Gradients, MatMut, MatRef, Mode, Projections,
@@ -91,6 +91,8 @@ pub struct Workload<T> {
     /// The upstream gradient and the gradient buffers of the training step.
     dy: Vec<T>,
     grads: (Vec<f32>, Vec<f32>, Vec<f32>, Vec<T>),
+    /// The unfused backward's `v` and `g`.
+    unfused: Vec<f32>,
 }
 
 impl<T: Element> Workload<T> {
@@ -111,7 +113,18 @@ impl<T: Element> Workload<T> {
         let dy = draw("dy = [T, m]", t, m)?.into_iter().map(T::from_f32).collect();
         let grads = (vec![0.0; r], vec![0.0; m], vec![0.0; m], buffer("dx = [T, n]", t, n, T::default())?);
         let h = buffer("h = [T, r]", t, r, 0.0)?;
-        Ok(Self { shape, projections, adapter, x, y, dense: DenseBuffers::default(), h, dy, grads })
+        Ok(Self {
+            shape,
+            projections,
+            adapter,
+            x,
+            y,
+            dense: DenseBuffers::default(),
+            h,
+            dy,
+            grads,
+            unfused: Vec::new(),
+        })
     }
 
     /// The upstream gradient `dy [T, m]` the training step takes (the GPU bench uploads it).
@@ -160,6 +173,18 @@ impl<T: Element> Workload<T> {
     /// The backward pass alone, with the `h` the last training forward saved.
     pub fn backward(&mut self) -> vera_kernels::Result<()> {
         self.backward_with(true)
+    }
+
+    /// The unfused backward peer (`v` and `g` materialised), with the `h` the last training forward
+    /// saved: every gradient, as [`Workload::backward`].
+    pub fn backward_unfused(&mut self) -> vera_kernels::Result<()> {
+        let Shape { t, n, m, r } = self.shape;
+        let x = MatRef::from_slice(&self.x, t, n)?;
+        let dy = MatRef::from_slice(&self.dy, t, m)?;
+        let h = MatRef::from_slice(&self.h, t, r)?;
+        let (dld, dlb, dbias, dx) = &mut self.grads;
+        let grads = Gradients::new(dld, dlb).with_bias(dbias).with_x(MatMut::from_slice(dx, t, n)?);
+        unfused_backward(&self.projections, &self.adapter, x, dy, h, grads, Mode::Overwrite, &mut self.unfused)
     }
 
     /// One training step: the training forward, then the backward reusing its `h`.

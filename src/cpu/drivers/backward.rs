@@ -20,14 +20,14 @@
 //! f16 forward runs (the left operands the same f32 values the FMA kernels multiply, split to 16
 //! bits).
 
-use super::{row_epilogues, RowScales, Weights};
+use super::{row_epilogues, RowScales, Scales, Weights};
 use crate::cpu::kernels::{Kernels, Layout, PairGemmFn, TileGemmFn};
 use crate::cpu::pack::{
     pack_pairs, pack_pairs_scaled, pack_projections, pack_row_pairs, pack_row_pairs_scaled, pack_row_split,
     pack_row_split_scaled, pack_rows, pack_rows_scaled, split_pairs, Bits, Left, PackedProjections, Panels, RowPairs,
     TransposedProjections, NR,
 };
-use crate::cpu::parallel::{for_panels, plan_blocks, reduce_in_order, with_scratch, Work};
+use crate::cpu::parallel::{for_blocks, for_panels, plan_blocks, reduce_in_order, with_scratch, Work};
 use crate::cpu::sink::{Epilogue, RowEpilogues, Sink};
 use crate::dtype::Element;
 use crate::mat::{MatMut, MatPtr, MatRef};
@@ -48,6 +48,29 @@ pub(crate) struct Grads<'a, T> {
 pub(crate) struct BackwardWeights<'a, T> {
     pub w: Weights<'a, T>,
     pub transposed: Option<&'a TransposedProjections<T>>,
+}
+
+impl<'a, T: Element> BackwardWeights<'a, T> {
+    /// The packed projections and their transposes: the model's copies, or packed now into the
+    /// `owned` slots.
+    fn packed<'o>(
+        &self,
+        owned: &'o mut Option<PackedProjections<T>>,
+        owned_t: &'o mut Option<TransposedProjections<T>>,
+    ) -> (&'o PackedProjections<T>, &'o TransposedProjections<T>)
+    where
+        'a: 'o,
+    {
+        let packed = match self.w.packed {
+            Some(p) => p,
+            None => owned.insert(pack_projections(self.w.a, self.w.b, self.w.layout)),
+        };
+        let transposed = match self.transposed {
+            Some(t) => t,
+            None => owned_t.insert(TransposedProjections::pack(self.w.a, self.w.b)),
+        };
+        (packed, transposed)
+    }
 }
 
 /// The layout the backward of a call of `rows` rows packs the projections in for `kern`: the one
@@ -71,16 +94,8 @@ pub(crate) fn backward<T: Element>(
 ) {
     let Grads { lambda_d, lambda_b, bias, x: dx, accumulate } = grads;
     let (rows, n, r, m) = (x.rows(), x.cols(), bw.w.a.rows(), bw.w.b.rows());
-    let mut owned = None;
-    let packed: &PackedProjections<T> = match bw.w.packed {
-        Some(p) => p,
-        None => owned.insert(pack_projections(bw.w.a, bw.w.b, bw.w.layout)),
-    };
-    let mut owned_t = None;
-    let transposed = match bw.transposed {
-        Some(t) => t,
-        None => owned_t.insert(TransposedProjections::pack(bw.w.a, bw.w.b)),
-    };
+    let (mut owned, mut owned_t) = (None, None);
+    let (packed, transposed) = bw.packed(&mut owned, &mut owned_t);
     let mut dx = dx;
     let dxp = dx.as_mut().map(MatMut::as_ptr_mat);
     let want_bias = bias.is_some();
@@ -191,7 +206,120 @@ enum Weight {
     AT,
 }
 
+/// The unfused peer of [`backward`] (`baseline::unfused_backward`), for one adapter and the
+/// training forward's `h`: the same products on the same kernels, each over every row before the
+/// next, with `v = (lambda_d ⊙ h)·Bᵀ` (`[T, m]`) and `g` (`[T, r]`) materialised in `buffer` (f32,
+/// grown to `T·(m + r)`) as a framework's autograd keeps them, and the column sums made row by row
+/// from them. The gradients are the fused pass's up to the order of the sums (fixed here too: the
+/// same bits for any number of threads).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn unfused_backward<T: Element>(
+    kern: &Kernels<T>,
+    bw: BackwardWeights<'_, T>,
+    s: Scales<'_>,
+    x: MatRef<'_, T>,
+    dy: MatRef<'_, T>,
+    h: MatRef<'_, f32>,
+    buffer: &mut Vec<f32>,
+    grads: Grads<'_, T>,
+) {
+    let Grads { lambda_d, lambda_b, bias, x: dx, accumulate } = grads;
+    let (rows, n, r, m) = (x.rows(), x.cols(), bw.w.a.rows(), bw.w.b.rows());
+    let (mut owned, mut owned_t) = (None, None);
+    let (packed, transposed) = bw.packed(&mut owned, &mut owned_t);
+    buffer.resize(rows * (m + r), 0.0);
+    let (v, g) = buffer.split_at_mut(rows * m);
+    let (mut v, mut g) =
+        (MatMut::from_slice(v, rows, m).expect("sized T·m"), MatMut::from_slice(g, rows, r).expect("sized T·r"));
+    let (vp, gp) = (v.as_ptr_mat(), g.as_ptr_mat());
+    let mut dx = dx;
+    let ctx = Block {
+        kern,
+        tiles: kern.gemm_tiles.filter(|_| matches!(bw.w.layout, Layout::Tiles | Layout::Split)),
+        pairs: kern.gemm_pairs.filter(|_| bw.w.layout == Layout::Pairs),
+        layout: bw.w.layout,
+        packed,
+        transposed,
+        s: RowScales::One(s),
+        row_slots: None,
+        count: 1,
+        r,
+        x,
+        dy,
+        saved_h: Some(h),
+        dxp: dx.as_mut().map(MatMut::as_ptr_mat),
+        want_bias: bias.is_some(),
+        accumulate,
+        split: false,
+    };
+    let block = kern.facts().block_rows;
+    let k_max = n.max(m).max(r);
+    let size = size_of::<T>();
+    // One pass of `sink <- (src ⊙ scale)·which` over every row, block by block.
+    let pass = |src: MatRef<'_, f32>,
+                scale: &[f32],
+                which: Weight,
+                cols: usize,
+                sink: &(dyn Fn(usize, usize) -> Sink<'static, T> + Sync)| {
+        let k = src.cols();
+        for_blocks(rows, block, Work::new(2.0 * (rows * k * cols) as f64, k * cols * size), |t0, tb, split| {
+            with_scratch(left_len(ctx.layout, tb, k_max), |left| {
+                let c = Block { split, ..ctx };
+                c.scaled_product(src.row_range(t0, tb), |_| Some(scale), left, which, cols, &sink(t0, tb));
+            });
+        });
+    };
+    // v = (lambda_d ⊙ h)·Bᵀ for every row, then dlambda_b = Σ_t dy ⊙ v and dbias = Σ_t dy.
+    pass(h, s.lambda_d, Weight::B, m, &|t0, tb| Sink::F32 { out: vp.sub(t0, tb, 0, m), scale: None });
+    let (mut dlb, mut dbias, mut dy_row) = (vec![0.0f32; m], vec![0.0f32; m], vec![0.0f32; m]);
+    for t in 0..rows {
+        T::widen_slice(dy.row_unchecked(t), &mut dy_row);
+        for (((sb, sd), d), vv) in dlb.iter_mut().zip(&mut dbias).zip(&dy_row).zip(v.as_ref().row_unchecked(t)) {
+            *sb += d * vv;
+            *sd += d;
+        }
+    }
+    // g = (dy ⊙ lambda_b)·B for every row, then dlambda_d = Σ_t g ⊙ h.
+    let mut dy_f32 = vec![0.0f32; rows * m];
+    for (t, row) in dy_f32.chunks_mut(m.max(1)).enumerate().take(rows) {
+        T::widen_slice(dy.row_unchecked(t), row);
+    }
+    let dy_f32 = MatRef::from_slice(&dy_f32, rows, m).expect("sized T·m");
+    pass(dy_f32, s.lambda_b, Weight::BT, r, &|t0, tb| Sink::F32 { out: gp.sub(t0, tb, 0, r), scale: None });
+    let mut dld = vec![0.0f32; r];
+    for t in 0..rows {
+        for ((sum, gv), hv) in dld.iter_mut().zip(g.as_ref().row_unchecked(t)).zip(h.row_unchecked(t)) {
+            *sum += gv * hv;
+        }
+    }
+    // dx (+)= (g ⊙ lambda_d)·A for every row.
+    if let Some(dxp) = ctx.dxp {
+        let epi = Epilogue { scale: None, bias: None, accumulate };
+        pass(g.as_ref(), s.lambda_d, Weight::AT, n, &|t0, tb| Sink::Epilogue { out: dxp.sub(t0, tb, 0, n), epi });
+    }
+    let apply = |out: &mut [f32], sum: &[f32]| {
+        for (o, v) in out.iter_mut().zip(sum) {
+            *o = if accumulate { *o + v } else { *v };
+        }
+    };
+    apply(lambda_d, &dld);
+    apply(lambda_b, &dlb);
+    if let Some(bias) = bias {
+        apply(bias, &dbias);
+    }
+}
+
+/// f32 elements of scratch a block of `tb` rows needs for the left operand of a backward product
+/// over at most `k_max`, packed in `layout`.
+fn left_len(layout: Layout, tb: usize, k_max: usize) -> usize {
+    match layout {
+        Layout::Split => RowPairs::len_for(tb, split_pairs(k_max)),
+        _ => Left::<f32>::len_for(tb, k_max).max(RowPairs::len_for(tb, k_max.div_ceil(2))),
+    }
+}
+
 /// What every block of one backward call shares.
+#[derive(Clone, Copy)]
 struct Block<'a, T: 'static> {
     kern: &'a Kernels<T>,
     /// The tile kernels, when the projections are packed for them ([`layout`]).
@@ -234,11 +362,7 @@ impl<T: Element> Block<'_, T> {
             None => Some(0),
         };
         let h_len = if self.saved_h.is_some() { 0 } else { tb * r };
-        let k_max = n.max(m).max(r);
-        let left_len = match self.layout {
-            Layout::Split => RowPairs::len_for(tb, split_pairs(k_max)),
-            _ => Left::<f32>::len_for(tb, k_max).max(RowPairs::len_for(tb, k_max.div_ceil(2))),
-        };
+        let left_len = left_len(self.layout, tb, n.max(m).max(r));
         with_scratch(h_len + tb * r + left_len, |buf| {
             let (h_buf, rest) = buf.split_at_mut(h_len);
             let (g, left) = rest.split_at_mut(tb * r);
