@@ -49,8 +49,8 @@ fn the_facts_follow_the_tier() {
         let bf16_products = isa >= Isa::Avx512Bf16;
         assert_eq!(facts.numerics().rounds_u, bf16_products);
         assert_eq!(facts.numerics().flushes_subnormals, bf16_products);
-        // Only the tiles run the backward on bf16 operands.
-        assert_eq!(facts.numerics().rounds_backward, isa == Isa::Amx);
+        // The pair and tile tiers run bf16's backward on bf16 operands.
+        assert_eq!(facts.numerics().rounds_backward, bf16_products);
         // Only bf16 on tiles merges on split operands.
         assert_eq!(facts.numerics().splits_delta, isa == Isa::Amx);
         let f32_facts = with_isa(isa, tier_facts::<f32>);
@@ -65,12 +65,14 @@ fn the_facts_follow_the_tier() {
         assert!(!f16_facts.numerics().splits_delta && !f32_facts.numerics().splits_delta);
         assert_eq!(f16_facts.layout_for(1), Layout::Wide);
         assert_eq!(f16_facts.layout_for(4096), f16_facts.layout);
-        // The backward runs on tiles (bf16 rounded, f16 split) on `amx` only; elsewhere on the
-        // f32-FMA kernels, whose numerics are the default whatever the forward's products do.
+        // The backward runs in the forward's layout: bf16 on pairs or tiles (rounded) from
+        // `avx512bf16` up, f16 split on tiles on `amx` only; elsewhere on the f32-FMA kernels,
+        // whose numerics are the default.
         let fma = vera_kernels::Numerics::default();
-        let want = |tier: vera_kernels::Numerics| if isa == Isa::Amx { tier } else { fma };
-        assert_eq!(facts.backward_numerics(), want(facts.numerics()));
-        assert_eq!(f16_facts.backward_numerics(), want(f16_facts.numerics()));
+        let bf16_want = if bf16_products { facts.numerics() } else { fma };
+        assert_eq!(facts.backward_numerics(), bf16_want);
+        let f16_want = if isa == Isa::Amx { f16_facts.numerics() } else { fma };
+        assert_eq!(f16_facts.backward_numerics(), f16_want);
         assert_eq!(f32_facts.backward_numerics(), fma);
     }
 }
