@@ -254,23 +254,8 @@ pub(crate) fn unfused_backward<T: Element>(
     };
     let block = kern.facts().block_rows;
     let k_max = n.max(m).max(r);
-    let size = size_of::<T>();
-    // One pass of `sink <- (src ⊙ scale)·which` over every row, block by block.
-    let pass = |src: MatRef<'_, f32>,
-                scale: &[f32],
-                which: Weight,
-                cols: usize,
-                sink: &(dyn Fn(usize, usize) -> Sink<'static, T> + Sync)| {
-        let k = src.cols();
-        for_blocks(rows, block, Work::new(2.0 * (rows * k * cols) as f64, k * cols * size), |t0, tb, split| {
-            with_scratch(left_len(ctx.layout, tb, k_max), |left| {
-                let c = Block { split, ..ctx };
-                c.scaled_product(src.row_range(t0, tb), |_| Some(scale), left, which, cols, &sink(t0, tb));
-            });
-        });
-    };
     // v = (lambda_d ⊙ h)·Bᵀ for every row, then dlambda_b = Σ_t dy ⊙ v and dbias = Σ_t dy.
-    pass(h, s.lambda_d, Weight::B, m, &|t0, tb| Sink::F32 { out: vp.sub(t0, tb, 0, m), scale: None });
+    ctx.pass(block, k_max, h, s.lambda_d, Weight::B, m, &|t0, tb| Sink::F32 { out: vp.sub(t0, tb, 0, m), scale: None });
     let (mut dlb, mut dbias, mut dy_row) = (vec![0.0f32; m], vec![0.0f32; m], vec![0.0f32; m]);
     for t in 0..rows {
         T::widen_slice(dy.row_unchecked(t), &mut dy_row);
@@ -280,12 +265,10 @@ pub(crate) fn unfused_backward<T: Element>(
         }
     }
     // g = (dy ⊙ lambda_b)·B for every row, then dlambda_d = Σ_t g ⊙ h.
-    let mut dy_f32 = vec![0.0f32; rows * m];
-    for (t, row) in dy_f32.chunks_mut(m.max(1)).enumerate().take(rows) {
-        T::widen_slice(dy.row_unchecked(t), row);
-    }
-    let dy_f32 = MatRef::from_slice(&dy_f32, rows, m).expect("sized T·m");
-    pass(dy_f32, s.lambda_b, Weight::BT, r, &|t0, tb| Sink::F32 { out: gp.sub(t0, tb, 0, r), scale: None });
+    ctx.pass(block, k_max, dy, s.lambda_b, Weight::BT, r, &|t0, tb| Sink::F32 {
+        out: gp.sub(t0, tb, 0, r),
+        scale: None,
+    });
     let mut dld = vec![0.0f32; r];
     for t in 0..rows {
         for ((sum, gv), hv) in dld.iter_mut().zip(g.as_ref().row_unchecked(t)).zip(h.row_unchecked(t)) {
@@ -295,7 +278,8 @@ pub(crate) fn unfused_backward<T: Element>(
     // dx (+)= (g ⊙ lambda_d)·A for every row.
     if let Some(dxp) = ctx.dxp {
         let epi = Epilogue { scale: None, bias: None, accumulate };
-        pass(g.as_ref(), s.lambda_d, Weight::AT, n, &|t0, tb| Sink::Epilogue { out: dxp.sub(t0, tb, 0, n), epi });
+        let sink = |t0, tb| Sink::Epilogue { out: dxp.sub(t0, tb, 0, n), epi };
+        ctx.pass(block, k_max, g.as_ref(), s.lambda_d, Weight::AT, n, &sink);
     }
     let apply = |out: &mut [f32], sum: &[f32]| {
         for (o, v) in out.iter_mut().zip(sum) {
@@ -347,6 +331,29 @@ struct Block<'a, T: 'static> {
 }
 
 impl<T: Element> Block<'_, T> {
+    /// One pass of `sink <- (src ⊙ scale)·which` over every row of `src`, in blocks of `block`
+    /// rows (the unfused backward's products; `k_max` bounds every product's k).
+    #[allow(clippy::too_many_arguments)]
+    fn pass<E: Element>(
+        &self,
+        block: usize,
+        k_max: usize,
+        src: MatRef<'_, E>,
+        scale: &[f32],
+        which: Weight,
+        cols: usize,
+        sink: &(dyn Fn(usize, usize) -> Sink<'static, T> + Sync),
+    ) {
+        let (rows, k) = (src.rows(), src.cols());
+        let work = Work::new(2.0 * (rows * k * cols) as f64, k * cols * size_of::<T>());
+        for_blocks(rows, block, work, |t0, tb, split| {
+            with_scratch(left_len(self.layout, tb, k_max), |left| {
+                let c = Block { split, ..*self };
+                c.scaled_product(src.row_range(t0, tb), |_| Some(scale), left, which, cols, &sink(t0, tb));
+            });
+        });
+    }
+
     /// Rows `t0..t0 + tb`: their `dx` rows, and their column sums into `part`
     /// (`[slots, r] | [slots, m] | [slots, m]`).
     fn run(&self, t0: usize, tb: usize, part: &mut [f32]) {
