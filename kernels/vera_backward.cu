@@ -109,7 +109,7 @@ __device__ void bwd_h_sum(const BackwardParams& p) {
 }
 
 // Grid: (ceil(m / 64), row_tiles). A 64 x 64 tile of v = (lambda_d ⊙ h)·Bᵀ, then its rows' sums of
-// dy ⊙ v and of dy, per column, in row order.
+// dy ⊙ v and (when the bias gradient is asked for) of dy, per column, in row order.
 template <typename T> __device__ void bwd_v(const BackwardParams& p) {
     __shared__ float prod[BWD_TILE][BWD_TILE + 1];
     const int c0 = blockIdx.x * BWD_TILE, t0 = blockIdx.y * BWD_TILE;
@@ -131,7 +131,7 @@ template <typename T> __device__ void bwd_v(const BackwardParams& p) {
         float dyv = 0.0f, dys = 0.0f;
         for (int tt = 0; tt < rows; ++tt) {
             dyv += prod[tt][threadIdx.x];
-            dys += to_f32(dy[(size_t)(t0 + tt) * p.lddy + i]);
+            if (p.grad_bias) dys += to_f32(dy[(size_t)(t0 + tt) * p.lddy + i]);
         }
         float* columns = tile_columns(p, blockIdx.y);
         columns[i] = dyv;

@@ -8,7 +8,8 @@
 
 mod common;
 
-use common::{dim, inputs, kdim, to, values, Case};
+use common::grads::{check_gradients, extras, Grads};
+use common::{dim, inputs, kdim, values, Case};
 use proptest::prelude::*;
 use vera_kernels::baseline::unfused_backward;
 use vera_kernels::rng::TorchCpuGenerator;
@@ -16,8 +17,6 @@ use vera_kernels::{
     backward, bf16, f16, forward, forward_train, reference, tier_facts, with_isa, Adapter, Element, Gradients, Isa,
     MatMut, MatRef, Mode, Projections, BLOCK_ROWS,
 };
-
-const EPS: f64 = 5.960_464_477_539_063e-8;
 
 fn case() -> impl Strategy<Value = Case> {
     (
@@ -28,39 +27,9 @@ fn case() -> impl Strategy<Value = Case> {
         .prop_map(Case::from_draw)
 }
 
-/// One backward call's outputs.
-#[derive(Clone, Debug, PartialEq)]
-struct Out<T> {
-    lambda_d: Vec<f32>,
-    lambda_b: Vec<f32>,
-    bias: Vec<f32>,
-    /// `[t, n + x_pad]`, the pad untouched.
-    x: Vec<T>,
-}
-
-impl<T: Element> Out<T> {
-    fn bits(&self) -> Vec<u64> {
-        let f = self.lambda_d.iter().chain(&self.lambda_b).chain(&self.bias).map(|v| u64::from(v.to_bits()));
-        f.chain(self.x.iter().map(|v| v.to_f64().to_bits())).collect()
-    }
-}
-
-/// Random `dy [t, m + y_pad]` and starting gradients (used under accumulate) for a case.
-fn extras<T: Element>(c: &Case) -> (Vec<T>, Out<T>) {
-    let mut g = TorchCpuGenerator::manual_seed(c.seed ^ 0xd1);
-    let dy = to::<T>(&values(&mut g, c.t * (c.m + c.y_pad), 1.0));
-    let old = Out {
-        lambda_d: values(&mut g, c.r, 1.0),
-        lambda_b: values(&mut g, c.m, 1.0),
-        bias: values(&mut g, c.m, 1.0),
-        x: to::<T>(&values(&mut g, c.t * (c.n + c.x_pad), 1.0)),
-    };
-    (dy, old)
-}
-
-fn run_backward<T: Element>(c: &Case, isa: Isa, threads: usize, saved_h: Option<&[f32]>) -> Out<T> {
+fn run_backward<T: Element>(c: &Case, isa: Isa, threads: usize, saved_h: Option<&[f32]>) -> Grads<T> {
     let inp = inputs::<T>(c);
-    let (dy, mut out) = extras::<T>(c);
+    let (dy, mut out) = extras::<T>(c, 1);
     let x = MatRef::new(&inp.x, c.t, c.n, c.n + c.x_pad).unwrap();
     let dy = MatRef::new(&dy, c.t, c.m, c.m + c.y_pad).unwrap();
     let mode = if c.accumulate { Mode::Accumulate } else { Mode::Overwrite };
@@ -78,9 +47,9 @@ fn run_backward<T: Element>(c: &Case, isa: Isa, threads: usize, saved_h: Option<
 }
 
 /// The unfused peer's outputs for a case, from the training forward's `h`.
-fn run_unfused<T: Element>(c: &Case, isa: Isa, threads: usize, h: &[f32]) -> Out<T> {
+fn run_unfused<T: Element>(c: &Case, isa: Isa, threads: usize, h: &[f32]) -> Grads<T> {
     let inp = inputs::<T>(c);
-    let (dy, mut out) = extras::<T>(c);
+    let (dy, mut out) = extras::<T>(c, 1);
     let x = MatRef::new(&inp.x, c.t, c.n, c.n + c.x_pad).unwrap();
     let dy = MatRef::new(&dy, c.t, c.m, c.m + c.y_pad).unwrap();
     let mode = if c.accumulate { Mode::Accumulate } else { Mode::Overwrite };
@@ -97,68 +66,6 @@ fn run_unfused<T: Element>(c: &Case, isa: Isa, threads: usize, h: &[f32]) -> Out
     out
 }
 
-/// `|got - want| <= bound`, with one more f32 addition onto `old` under accumulate.
-fn within(got: f64, want: f64, bound: f64, old: Option<f64>) -> bool {
-    let (want, bound) = match old {
-        Some(o) => (o + want, bound + EPS * (o.abs() + want.abs() + bound)),
-        None => (want, bound),
-    };
-    (got - want).abs() <= bound
-}
-
-fn check_against_reference<T: Element>(
-    c: &Case,
-    isa: Isa,
-    out: &Out<T>,
-    numerics: vera_kernels::Numerics,
-) -> Result<(), TestCaseError> {
-    let inp = inputs::<T>(c);
-    let (dy, old) = extras::<T>(c);
-    let layer = inp.projections.slice(c.n, c.m).unwrap();
-    let x = MatRef::new(&inp.x, c.t, c.n, c.n + c.x_pad).unwrap();
-    let dy = MatRef::new(&dy, c.t, c.m, c.m + c.y_pad).unwrap();
-    let want = reference::backward(layer, &inp.adapter, x, dy).unwrap();
-    let bound = reference::backward_error_bound(layer, &inp.adapter, x, dy, numerics).unwrap();
-    let acc = c.accumulate;
-    let f32s = [
-        ("lambda_d", &out.lambda_d, &want.lambda_d, &bound.lambda_d, &old.lambda_d),
-        ("lambda_b", &out.lambda_b, &want.lambda_b, &bound.lambda_b, &old.lambda_b),
-        ("bias", &out.bias, &want.bias, &bound.bias, &old.bias),
-    ];
-    for (what, got, want, bound, old) in f32s {
-        for i in 0..got.len() {
-            let o = acc.then(|| f64::from(old[i]));
-            prop_assert!(
-                within(f64::from(got[i]), want[i], bound[i], o),
-                "{isa} d{what}[{i}] = {}, reference {}, bound {}, old {o:?}",
-                got[i],
-                want[i],
-                bound[i]
-            );
-        }
-    }
-    let stride = c.n + c.x_pad;
-    for t in 0..c.t {
-        for k in 0..c.n {
-            let idx = t * stride + k;
-            let o = acc.then(|| old.x[idx].to_f64());
-            let (w, b) = (want.x[t * c.n + k], bound.x[t * c.n + k]);
-            // The rounding of the sum to T is in the bound; under accumulate the old value adds
-            // one more rounding to T.
-            let b = if acc { b + T::UNIT_ROUNDOFF * (old.x[idx].to_f64().abs() + w.abs() + b) } else { b };
-            prop_assert!(
-                within(out.x[idx].to_f64(), w, b, o),
-                "{isa} dx[{t},{k}] = {:?}, reference {w}, bound {b}",
-                out.x[idx]
-            );
-        }
-        for k in c.n..stride {
-            prop_assert_eq!(out.x[t * stride + k].to_f64().to_bits(), old.x[t * stride + k].to_f64().to_bits());
-        }
-    }
-    Ok(())
-}
-
 fn check<T: Element>(c: &Case) -> Result<(), TestCaseError> {
     for isa in Isa::available() {
         let numerics = with_isa(isa, tier_facts::<T>).numerics();
@@ -170,7 +77,7 @@ fn check<T: Element>(c: &Case) -> Result<(), TestCaseError> {
         // undefined behaviour; their numbers are checked natively.)
         if !cfg!(miri) {
             let recompute = with_isa(isa, tier_facts::<T>).backward_numerics();
-            check_against_reference(c, isa, &one, recompute)?;
+            check_gradients(c, &isa, &one, recompute, true)?;
         }
 
         // The training forward: the forward's y, bit for bit, and an h that gives the gradients.
@@ -189,13 +96,13 @@ fn check<T: Element>(c: &Case) -> Result<(), TestCaseError> {
         prop_assert_eq!(bits(&y1), bits(&y2), "forward_train's y differs from forward's on {}", isa);
         let saved = run_backward::<T>(c, isa, 2, Some(&h));
         if !cfg!(miri) {
-            check_against_reference(c, isa, &saved, numerics)?;
+            check_gradients(c, &isa, &saved, numerics, true)?;
         }
         // The unfused peer from the same h: within the same bound, the same bits on 1 and 2 threads.
         let unfused = run_unfused::<T>(c, isa, 2, &h);
         if !cfg!(miri) {
             prop_assert_eq!(unfused.bits(), run_unfused::<T>(c, isa, 1, &h).bits(), "unfused: 1 and 2 threads differ");
-            check_against_reference(c, isa, &unfused, numerics)?;
+            check_gradients(c, &isa, &unfused, numerics, true)?;
         }
     }
     Ok(())

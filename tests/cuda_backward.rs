@@ -13,18 +13,16 @@
 mod common;
 mod gpu;
 
-use common::{inputs, to, values, Case};
+use common::grads::{check_gradients, extras, Grads};
+use common::{inputs, Case};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use vera_kernels::cuda::{CudaDevice, CudaStream, DeviceGradients};
-use vera_kernels::rng::TorchCpuGenerator;
-use vera_kernels::{bf16, f16, reference, Adapter, Element, Error, MatMut, MatRef, Mode, Numerics, Projections};
+use vera_kernels::{bf16, f16, Adapter, Element, Error, MatMut, MatRef, Mode, Numerics, Projections};
 
 /// Random cases per dtype on the emulated device (slow: one CUDA thread at a time) and on a GPU.
 const EMULATED_CASES: u32 = 24;
 const GPU_CASES: u32 = 300;
-
-const EPS: f64 = 5.960_464_477_539_063e-8;
 
 fn devices() -> Vec<(CudaDevice, u32)> {
     gpu::devices(EMULATED_CASES, GPU_CASES)
@@ -56,38 +54,9 @@ fn case() -> impl Strategy<Value = Case> {
         .prop_map(Case::from_draw)
 }
 
-/// One backward call's results on the host: the λ and bias gradients and `dx [t, n + x_pad]`.
-#[derive(Clone, Debug, PartialEq)]
-struct Out<T> {
-    lambda_d: Vec<f32>,
-    lambda_b: Vec<f32>,
-    bias: Vec<f32>,
-    x: Vec<T>,
-}
-
-impl<T: Element> Out<T> {
-    fn bits(&self) -> Vec<u64> {
-        let f = self.lambda_d.iter().chain(&self.lambda_b).chain(&self.bias).map(|v| u64::from(v.to_bits()));
-        f.chain(self.x.iter().map(|v| v.to_f64().to_bits())).collect()
-    }
-}
-
-/// Random `dy [t, m + y_pad]` and starting gradients (what accumulate adds to) for a case.
-fn extras<T: Element>(c: &Case) -> (Vec<T>, Out<T>) {
-    let mut g = TorchCpuGenerator::manual_seed(c.seed ^ 0xd1);
-    let dy = to::<T>(&values(&mut g, c.t * (c.m + c.y_pad), 1.0));
-    let old = Out {
-        lambda_d: values(&mut g, c.r, 1.0),
-        lambda_b: values(&mut g, c.m, 1.0),
-        bias: values(&mut g, c.m, 1.0),
-        x: to::<T>(&values(&mut g, c.t * (c.n + c.x_pad), 1.0)),
-    };
-    (dy, old)
-}
-
 /// Runs the case's backward on `stream`: the bias gradient when the case has a bias, dx always.
-fn run<T: Element>(stream: &CudaStream, c: &Case, adapter: &Adapter, proj: &Projections<T>, x: &[T]) -> Out<T> {
-    let (dy, old) = extras::<T>(c);
+fn run<T: Element>(stream: &CudaStream, c: &Case, adapter: &Adapter, proj: &Projections<T>, x: &[T]) -> Grads<T> {
+    let (dy, old) = extras::<T>(c, 1);
     let (ldx, lddy) = (c.n + c.x_pad, c.m + c.y_pad);
     let d_proj = stream.upload_projections(proj.a(), proj.b()).unwrap();
     let d_adapter = stream.upload_adapter(adapter).unwrap();
@@ -110,65 +79,10 @@ fn run<T: Element>(stream: &CudaStream, c: &Case, adapter: &Adapter, proj: &Proj
     out
 }
 
-/// `|got - want| <= bound`, with one more f32 addition onto `old` under accumulate.
-fn within(got: f64, want: f64, bound: f64, old: Option<f64>) -> bool {
-    let (want, bound) = match old {
-        Some(o) => (o + want, bound + EPS * (o.abs() + want.abs() + bound)),
-        None => (want, bound),
-    };
-    (got - want).abs() <= bound
-}
-
 fn check<T: Element>(stream: &CudaStream, c: &Case) -> Result<(), TestCaseError> {
     let inp = inputs::<T>(c);
-    let (dy, old) = extras::<T>(c);
-    let layer = inp.projections.slice(c.n, c.m).unwrap();
-    let x = MatRef::new(&inp.x, c.t, c.n, c.n + c.x_pad).unwrap();
-    let dy_ref = MatRef::new(&dy, c.t, c.m, c.m + c.y_pad).unwrap();
-    let want = reference::backward(layer, &inp.adapter, x, dy_ref).unwrap();
-    let bound = reference::backward_error_bound(layer, &inp.adapter, x, dy_ref, Numerics::default()).unwrap();
     let out = run(stream, c, &inp.adapter, &inp.projections, &inp.x);
-    let acc = c.accumulate;
-    let mut f32s = vec![
-        ("lambda_d", &out.lambda_d, &want.lambda_d, &bound.lambda_d, &old.lambda_d),
-        ("lambda_b", &out.lambda_b, &want.lambda_b, &bound.lambda_b, &old.lambda_b),
-    ];
-    if c.bias {
-        f32s.push(("bias", &out.bias, &want.bias, &bound.bias, &old.bias));
-    } else {
-        prop_assert_eq!(&out.bias, &old.bias, "bias gradient written without being asked for");
-    }
-    for (what, got, want, bound, old) in f32s {
-        for i in 0..got.len() {
-            let o = acc.then(|| f64::from(old[i]));
-            prop_assert!(
-                within(f64::from(got[i]), want[i], bound[i], o),
-                "d{what}[{i}] = {}, reference {}, bound {}, old {o:?}",
-                got[i],
-                want[i],
-                bound[i]
-            );
-        }
-    }
-    let stride = c.n + c.x_pad;
-    for t in 0..c.t {
-        for k in 0..c.n {
-            let idx = t * stride + k;
-            let o = acc.then(|| old.x[idx].to_f64());
-            let (w, b) = (want.x[t * c.n + k], bound.x[t * c.n + k]);
-            // The rounding of the sum to T is in the bound; under accumulate the old value adds
-            // one more rounding to T.
-            let b = if acc { b + T::UNIT_ROUNDOFF * (old.x[idx].to_f64().abs() + w.abs() + b) } else { b };
-            prop_assert!(
-                within(out.x[idx].to_f64(), w, b, o),
-                "dx[{t},{k}] = {:?}, reference {w}, bound {b}",
-                out.x[idx]
-            );
-        }
-        for k in c.n..stride {
-            prop_assert_eq!(out.x[t * stride + k].to_f64().to_bits(), old.x[t * stride + k].to_f64().to_bits());
-        }
-    }
+    check_gradients(c, &stream.device().name(), &out, Numerics::default(), c.bias)?;
     // Deterministic: the same call gives the same bits.
     let again = run(stream, c, &inp.adapter, &inp.projections, &inp.x);
     prop_assert!(out.bits() == again.bits(), "a second call gave other bits");

@@ -15,15 +15,14 @@
 
 mod common;
 
-use common::{dim, inputs, kdim, split_pool, to, values, Case, Inputs};
+use common::grads::{extras, within, Grads};
+use common::{dim, inputs, kdim, split_pool, values, Case, Inputs};
 use proptest::prelude::*;
 use vera_kernels::rng::TorchCpuGenerator;
 use vera_kernels::{
     backward, backward_mixed, bf16, f16, forward, forward_mixed, forward_train, forward_train_mixed, reference,
     with_isa, Adapter, AdapterBank, Element, Error, Gradients, Isa, MatMut, MatRef, Mode, BLOCK_ROWS, NO_ADAPTER,
 };
-
-const EPS: f64 = 5.960_464_477_539_063e-8;
 
 /// A case, the number of adapters, and the seed of the bank and the row map.
 #[derive(Clone, Debug)]
@@ -150,36 +149,7 @@ fn check_forward<T: Element>(mx: &Mixed) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-/// One mixed backward call's outputs: `[K, r]`, `[K, m]`, `[K, m]`, and `dx [t, n + x_pad]`.
-#[derive(Clone, Debug)]
-struct Out<T> {
-    lambda_d: Vec<f32>,
-    lambda_b: Vec<f32>,
-    bias: Vec<f32>,
-    x: Vec<T>,
-}
-
-impl<T: Element> Out<T> {
-    fn bits(&self) -> Vec<u64> {
-        let f = self.lambda_d.iter().chain(&self.lambda_b).chain(&self.bias).map(|v| u64::from(v.to_bits()));
-        f.chain(self.x.iter().map(|v| v.to_f64().to_bits())).collect()
-    }
-}
-
-/// `dy [t, m + y_pad]` and the starting gradients of a case with `k` adapters.
-fn extras<T: Element>(c: &Case, k: usize) -> (Vec<T>, Out<T>) {
-    let mut g = TorchCpuGenerator::manual_seed(c.seed ^ 0xd1);
-    let dy = to::<T>(&values(&mut g, c.t * (c.m + c.y_pad), 1.0));
-    let old = Out {
-        lambda_d: values(&mut g, k * c.r, 1.0),
-        lambda_b: values(&mut g, k * c.m, 1.0),
-        bias: values(&mut g, k * c.m, 1.0),
-        x: to::<T>(&values(&mut g, c.t * (c.n + c.x_pad), 1.0)),
-    };
-    (dy, old)
-}
-
-fn run_backward_mixed<T: Element>(mx: &Mixed, isa: Isa, threads: usize) -> Out<T> {
+fn run_backward_mixed<T: Element>(mx: &Mixed, isa: Isa, threads: usize) -> Grads<T> {
     let c = &mx.c;
     let inp = inputs::<T>(c);
     let (adapters, rows) = bank_and_rows(mx, &inp);
@@ -196,15 +166,6 @@ fn run_backward_mixed<T: Element>(mx: &Mixed, isa: Isa, threads: usize) -> Out<T
         })
     });
     out
-}
-
-/// `|got - want| <= bound`, with one more f32 addition onto `old` under accumulate.
-fn within(got: f64, want: f64, bound: f64, old: Option<f64>) -> bool {
-    let (want, bound) = match old {
-        Some(o) => (o + want, bound + EPS * (o.abs() + want.abs() + bound)),
-        None => (want, bound),
-    };
-    (got - want).abs() <= bound
 }
 
 fn check_backward<T: Element>(mx: &Mixed) -> Result<(), TestCaseError> {
@@ -388,11 +349,11 @@ fn a_bank_of_one_adapter_on_every_row_gives_the_bits_of_backward() {
         for isa in Isa::available() {
             let (mut single, mut mixed) = (old.clone(), old.clone());
             with_isa(isa, || {
-                let Out { lambda_d, lambda_b, bias, x: dx } = &mut single;
+                let Grads { lambda_d, lambda_b, bias, x: dx } = &mut single;
                 let dx = MatMut::new(dx, c.t, c.n, c.n + c.x_pad).unwrap();
                 let g = Gradients::new(lambda_d, lambda_b).with_bias(bias).with_x(dx);
                 backward(&inp.projections, &inp.adapter, x, dy, None, g, Mode::Accumulate).unwrap();
-                let Out { lambda_d, lambda_b, bias, x: dx } = &mut mixed;
+                let Grads { lambda_d, lambda_b, bias, x: dx } = &mut mixed;
                 let dx = MatMut::new(dx, c.t, c.n, c.n + c.x_pad).unwrap();
                 let g = Gradients::new(lambda_d, lambda_b).with_bias(bias).with_x(dx);
                 backward_mixed(&inp.projections, &bank, &rows, x, dy, None, g, Mode::Accumulate).unwrap();

@@ -47,7 +47,7 @@ pub(crate) struct Plan {
     pub ldu: usize,
 }
 
-fn grid_dim(v: usize) -> u32 {
+pub(crate) fn grid_dim(v: usize) -> u32 {
     // Shapes were checked to fit in i32 before planning, so every grid dimension fits in u32.
     u32::try_from(v).expect("grid dimension checked by the caller")
 }

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use safetensors::{Dtype, SafeTensors};
 
+pub mod grads;
+
 /// `tests/fixtures/<name>`.
 pub fn fixture_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)

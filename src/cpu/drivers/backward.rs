@@ -122,8 +122,6 @@ pub(crate) fn backward<T: Element>(
     let row_slots = slots.of_row.as_deref();
     let ctx = Block {
         kern,
-        tiles: kern.gemm_tiles.filter(|_| matches!(bw.w.layout, Layout::Tiles | Layout::Split)),
-        pairs: kern.gemm_pairs.filter(|_| bw.w.layout == Layout::Pairs),
         layout: bw.w.layout,
         packed,
         transposed,
@@ -235,8 +233,6 @@ pub(crate) fn unfused_backward<T: Element>(
     let mut dx = dx;
     let ctx = Block {
         kern,
-        tiles: kern.gemm_tiles.filter(|_| matches!(bw.w.layout, Layout::Tiles | Layout::Split)),
-        pairs: kern.gemm_pairs.filter(|_| bw.w.layout == Layout::Pairs),
         layout: bw.w.layout,
         packed,
         transposed,
@@ -306,10 +302,6 @@ fn left_len(layout: Layout, tb: usize, k_max: usize) -> usize {
 #[derive(Clone, Copy)]
 struct Block<'a, T: 'static> {
     kern: &'a Kernels<T>,
-    /// The tile kernels, when the projections are packed for them ([`layout`]).
-    tiles: Option<TileGemmFn<T>>,
-    /// The `vdpbf16ps` kernels, when the projections are packed for them ([`Layout::Pairs`]).
-    pairs: Option<PairGemmFn<T>>,
     /// The layout the projections are packed in.
     layout: Layout,
     packed: &'a PackedProjections<T>,
@@ -331,6 +323,16 @@ struct Block<'a, T: 'static> {
 }
 
 impl<T: Element> Block<'_, T> {
+    /// The tile kernels, when the projections are packed for them ([`layout`]).
+    fn tiles(&self) -> Option<TileGemmFn<T>> {
+        self.kern.gemm_tiles.filter(|_| matches!(self.layout, Layout::Tiles | Layout::Split))
+    }
+
+    /// The `vdpbf16ps` kernels, when the projections are packed for them ([`Layout::Pairs`]).
+    fn pairs(&self) -> Option<PairGemmFn<T>> {
+        self.kern.gemm_pairs.filter(|_| self.layout == Layout::Pairs)
+    }
+
     /// One pass of `sink <- (src ⊙ scale)·which` over every row of `src`, in blocks of `block`
     /// rows (the unfused backward's products; `k_max` bounds every product's k).
     #[allow(clippy::too_many_arguments)]
@@ -380,7 +382,7 @@ impl<T: Element> Block<'_, T> {
                     let mut h = MatMut::from_slice(h_buf, tb, r).expect("scratch sized tb * r");
                     let sink = Sink::F32 { out: h.as_ptr_mat(), scale: None };
                     let out = bytemuck::cast_slice_mut(left);
-                    match (self.tiles, self.pairs, self.layout) {
+                    match (self.tiles(), self.pairs(), self.layout) {
                         (Some(tiles), _, Layout::Split) => {
                             let xl = pack_row_split(x, out);
                             // The split operands are whole tile steps of pairs: 2·k_len elements.
@@ -459,7 +461,7 @@ impl<T: Element> Block<'_, T> {
         cols: usize,
         sink: &Sink<'_, T>,
     ) {
-        if let Some(pairs) = self.pairs {
+        if let Some(pairs) = self.pairs() {
             let packed = pack_pairs_scaled(src, scale, bytemuck::cast_slice_mut(left));
             let weights = match which {
                 Weight::B => self.packed.up.pairs(),
@@ -469,7 +471,7 @@ impl<T: Element> Block<'_, T> {
             self.pair_product(pairs, packed, src.cols(), weights, cols, sink);
             return;
         }
-        match self.tiles {
+        match self.tiles() {
             Some(tiles) => {
                 let split = self.layout == Layout::Split;
                 let out = bytemuck::cast_slice_mut(left);

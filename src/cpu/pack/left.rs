@@ -201,13 +201,7 @@ pub(crate) fn pack_pairs_scaled<'o, 's, E: Element>(
             }
             None => row.fill(0.0),
         }
-        let (pairs, rest) = row.as_chunks::<2>();
-        for (d, &[lo, hi]) in dst.iter_mut().zip(pairs) {
-            *d = bf16_bits(lo) | (bf16_bits(hi) << 16);
-        }
-        if let [last] = rest {
-            dst[pairs.len()] = bf16_bits(*last);
-        }
+        write_pairs(row, dst, bf16_bits);
     });
     Left { data: out, rows, k_len, lanes }
 }
@@ -219,14 +213,20 @@ fn pack_pairs_with<'o, E: Copy>(src: impl RowSource<E>, out: &'o mut [u32], bits
     let k_len = n.div_ceil(2);
     let out = &mut out[..Left::<u32>::len_for(rows, k_len)];
     let lanes = pack_tiles(rows, k_len, out, |t, p0, dst| {
-        let row = &src.row(t)[2 * p0..n.min(2 * (p0 + dst.len()))];
-        let (pairs, rest) = row.as_chunks::<2>();
-        for (d, &[lo, hi]) in dst.iter_mut().zip(pairs) {
-            *d = bits(lo) | (bits(hi) << 16);
-        }
-        if let [last] = rest {
-            dst[pairs.len()] = bits(*last);
-        }
+        write_pairs(&src.row(t)[2 * p0..n.min(2 * (p0 + dst.len()))], dst, &bits);
     });
     Left { data: out, rows, k_len, lanes }
+}
+
+/// Writes `row` into `dst` as k-pairs of the 16 bits `bits` gives each element: element `2p` in
+/// the low half of `dst[p]`, `2p + 1` in the high half (0 past the row's end).
+#[inline(always)]
+fn write_pairs<E: Copy>(row: &[E], dst: &mut [u32], bits: impl Fn(E) -> u32) {
+    let (pairs, rest) = row.as_chunks::<2>();
+    for (d, &[lo, hi]) in dst.iter_mut().zip(pairs) {
+        *d = bits(lo) | (bits(hi) << 16);
+    }
+    if let [last] = rest {
+        dst[pairs.len()] = bits(*last);
+    }
 }

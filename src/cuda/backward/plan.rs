@@ -4,7 +4,7 @@
 //! place it is filled, shared by the GPU and the emulator.
 
 use crate::cuda::params::to_i32;
-use crate::cuda::plan::{split_k, Launch};
+use crate::cuda::plan::{grid_dim, split_k, Launch};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
@@ -50,13 +50,8 @@ pub(crate) struct BackwardPlan {
     pub row_tiles: usize,
 }
 
-fn grid(v: usize) -> u32 {
-    // Shapes were checked to fit in i32 before planning, so every grid dimension fits in u32.
-    u32::try_from(v).expect("grid dimension checked by the caller")
-}
-
 fn launch(kernel: String, grid_dims: [usize; 3], threads: u32) -> Launch {
-    Launch { kernel, grid: grid_dims.map(grid), block: [threads, 1, 1] }
+    Launch { kernel, grid: grid_dims.map(grid_dim), block: [threads, 1, 1] }
 }
 
 /// The plan of a backward call of `rows` token rows through a layer `(n, r, m)` in `dtype`, with or
