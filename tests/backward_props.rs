@@ -3,19 +3,20 @@
 //! both modes, every dtype, on every CPU tier this machine has; bitwise equality of 1, 2 and 3
 //! threads (with the parallel threshold at 0, so that small calls really split); the training
 //! forward's `y` equal to the forward's and its saved `h` giving the same gradients within the
-//! bound, as does the unfused peer (`baseline::unfused_backward`) from that `h`; and the reference
-//! itself against finite differences.
+//! bound, as does the unfused peer (`baseline::unfused_backward`) from that `h`, and the dense peer
+//! (`baseline::dense_backward`, ΔW's rounding to `T` in its `dx` bound); and the reference itself
+//! against finite differences.
 
 mod common;
 
-use common::grads::{check_gradients, extras, Grads};
+use common::grads::{check_gradients, check_gradients_with, extras, Grads};
 use common::{dim, inputs, kdim, values, Case};
 use proptest::prelude::*;
-use vera_kernels::baseline::unfused_backward;
+use vera_kernels::baseline::{dense_backward, unfused_backward, DenseBuffers};
 use vera_kernels::rng::TorchCpuGenerator;
 use vera_kernels::{
-    backward, bf16, f16, forward, forward_train, reference, tier_facts, with_isa, Adapter, Element, Gradients, Isa,
-    MatMut, MatRef, Mode, Projections, BLOCK_ROWS,
+    backward, bf16, f16, forward, forward_train, reference, tier_facts, with_isa, Adapter, DType, Element, Gradients,
+    Isa, MatMut, MatRef, Mode, Numerics, Projections, BLOCK_ROWS,
 };
 
 fn case() -> impl Strategy<Value = Case> {
@@ -66,6 +67,41 @@ fn run_unfused<T: Element>(c: &Case, isa: Isa, threads: usize, h: &[f32]) -> Gra
     out
 }
 
+/// The dense peer's outputs for a case.
+fn run_dense<T: Element>(c: &Case, isa: Isa, threads: usize) -> Grads<T> {
+    let inp = inputs::<T>(c);
+    let (dy, mut out) = extras::<T>(c, 1);
+    let x = MatRef::new(&inp.x, c.t, c.n, c.n + c.x_pad).unwrap();
+    let dy = MatRef::new(&dy, c.t, c.m, c.m + c.y_pad).unwrap();
+    let mode = if c.accumulate { Mode::Accumulate } else { Mode::Overwrite };
+    let mut buffers = DenseBuffers::default();
+    common::split_pool(threads).install(|| {
+        with_isa(isa, || {
+            let grads = Gradients::new(&mut out.lambda_d, &mut out.lambda_b)
+                .with_bias(&mut out.bias)
+                .with_x(MatMut::new(&mut out.x, c.t, c.n, c.n + c.x_pad).unwrap());
+            dense_backward(&inp.projections, &inp.adapter, x, dy, grads, mode, &mut buffers).unwrap();
+        })
+    });
+    out
+}
+
+/// The dense peer within the f32 kernels' bound (it runs the f32-FMA kernels on every tier), but
+/// for `dx`, whose ΔW is rounded to `T`: rounding a product's left operand to `T`, as
+/// `Numerics::rounds_backward` bounds it, covers rounding ΔW (the same magnitudes, `u_T·(|lambda_d|
+/// ⊙ G)·|A|`), and a ΔW below `T`'s normal range may lose half its smallest subnormal per element
+/// of `dy` it meets.
+fn check_dense<T: Element>(c: &Case, isa: Isa) -> Result<(), TestCaseError> {
+    let two = run_dense::<T>(c, isa, 2);
+    if cfg!(miri) {
+        return Ok(());
+    }
+    prop_assert_eq!(two.bits(), run_dense::<T>(c, isa, 1).bits(), "dense: 1 and 2 threads differ on {}", isa);
+    let f32_kernels = Numerics::default();
+    let dx = Numerics { rounds_backward: T::DTYPE != DType::F32, ..f32_kernels };
+    check_gradients_with(c, &format!("dense on {isa}"), &two, f32_kernels, (dx, T::MIN_POSITIVE_SUBNORMAL / 2.0), true)
+}
+
 fn check<T: Element>(c: &Case) -> Result<(), TestCaseError> {
     for isa in Isa::available() {
         let numerics = with_isa(isa, tier_facts::<T>).numerics();
@@ -104,6 +140,7 @@ fn check<T: Element>(c: &Case) -> Result<(), TestCaseError> {
             prop_assert_eq!(unfused.bits(), run_unfused::<T>(c, isa, 1, &h).bits(), "unfused: 1 and 2 threads differ");
             check_gradients(c, &isa, &unfused, numerics, true)?;
         }
+        check_dense::<T>(c, isa)?;
     }
     Ok(())
 }

@@ -1,9 +1,10 @@
 //! One test per `Error` variant: each misuse returns its own variant with the numbers involved,
 //! and its message names them.
 
-use vera_kernels::baseline::{dense_forward, unfused_forward, DenseBuffers};
+use vera_kernels::baseline::{dense_backward, dense_forward, unfused_forward, DenseBuffers};
 use vera_kernels::{
-    delta_weight, forward, merge, Adapter, DType, Error, Isa, LayerProjections, MatMut, MatRef, Mode, Projections,
+    delta_weight, forward, merge, Adapter, DType, Error, Gradients, Isa, LayerProjections, MatMut, MatRef, Mode,
+    Projections,
 };
 
 fn proj() -> Projections<f32> {
@@ -64,6 +65,20 @@ fn out_of_memory() {
     )
     .unwrap_err();
     assert!(matches!(e, Error::OutOfMemory { what, .. } if what.contains("ΔW")), "{e:?}");
+    // Its backward's dΔW likewise, before a gradient is written.
+    let (mut dld, mut dlb) = (vec![f32::NAN; 1], vec![f32::NAN; m]);
+    let e = dense_backward(
+        &p,
+        &a,
+        MatRef::from_slice(&x, 1, n).unwrap(),
+        MatRef::from_slice(&y, 1, m).unwrap(),
+        Gradients::new(&mut dld, &mut dlb),
+        Mode::Overwrite,
+        &mut DenseBuffers::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::OutOfMemory { what, .. } if what.contains("dΔW")), "{e:?}");
+    assert!(dld[0].is_nan() && dlb.iter().all(|v| v.is_nan()), "a gradient was written");
 }
 
 #[test]

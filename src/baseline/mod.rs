@@ -1,7 +1,8 @@
 //! The peers the fused kernel is benchmarked against, built from the same micro-kernels so that a
 //! comparison measures the algorithm, not the code quality: the dense baseline (form ΔW, then
-//! `x·ΔWᵀ`), the unfused three-pass path (with `h = x·Aᵀ` materialised), and the unfused backward
-//! (with `v` and `g` materialised, as a framework's autograd keeps them).
+//! `x·ΔWᵀ`) and its backward (the gradients through that ΔW), the unfused three-pass path (with
+//! `h = x·Aᵀ` materialised), and the unfused backward (with `v` and `g` materialised, as a
+//! framework's autograd keeps them).
 
 mod dense;
 mod unfused;
@@ -33,6 +34,35 @@ pub fn dense_forward<T: Element>(
 ) -> Result<()> {
     let layer = checked_layer(projections, adapter, &x, [y.rows(), y.cols()])?;
     dense::dense(kernels::current::<T>(), layer, scales(adapter), x, y, mode, buffers)
+}
+
+/// The dense peer of [`backward`](crate::backward): the gradients through a materialised ΔW, as
+/// autograd through `y = x·ΔWᵀ` with `ΔW = diag(lambda_b)·B·diag(lambda_d)·A` computes them.
+/// `dΔW = dyᵀ·x` (`[m, n]`, f32), `P = dΔW·Aᵀ` (`[m, r]`), then `dlambda_b[i] = Σ_j P[i, j]·B[i,
+/// j]·lambda_d[j]`, `dlambda_d[j] = Σ_i lambda_b[i]·B[i, j]·P[i, j]`, `dbias = Σ_t dy`, and when
+/// `dx` is asked for, ΔW formed again (in `T`, as [`dense_forward`] rounds it) for `dx (+)=
+/// dy·ΔW`: `4·T·m·n + 4·m·n·r` FLOPs (half without dx), against the fused backward's `2·T·r·(n +
+/// 2m)` from a saved `h`; `buffers` keeps the `[m, n]` matrices between calls. Gradients and `mode` as
+/// [`backward`](crate::backward)'s (equal to its results within the same bound, ΔW's rounding to
+/// `T` aside; the sums run in another fixed order, the same bits for any thread count).
+///
+/// Errors: as [`backward`](crate::backward) (no saved `h`: the dense path has no use for it), and
+/// [`Error::SizeOverflow`] or [`Error::OutOfMemory`] when an `[m, n]` matrix cannot be allocated.
+#[allow(clippy::too_many_arguments)]
+pub fn dense_backward<T: Element>(
+    projections: &Projections<T>,
+    adapter: &Adapter,
+    x: MatRef<'_, T>,
+    dy: MatRef<'_, T>,
+    grads: Gradients<'_, T>,
+    mode: Mode,
+    buffers: &mut DenseBuffers<T>,
+) -> Result<()> {
+    let layer = check_backward(projections, adapter, x, dy, None, &grads)?;
+    let Gradients { lambda_d, lambda_b, bias, x: dx } = grads;
+    let grads = Grads { lambda_d, lambda_b, bias, x: dx, accumulate: mode == Mode::Accumulate };
+    let kern = kernels::current::<T>();
+    dense::dense_backward(kern, layer, projections.transposed(), scales(adapter), x, dy, grads, buffers)
 }
 
 /// The unfused peer: `h = x·Aᵀ` for every row into `h` (f32 `[T, r]`, caller-provided), then

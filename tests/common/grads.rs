@@ -62,6 +62,20 @@ pub fn check_gradients<T: Element>(
     numerics: Numerics,
     bias: bool,
 ) -> Result<(), TestCaseError> {
+    check_gradients_with(c, on, out, numerics, (numerics, 0.0), bias)
+}
+
+/// [`check_gradients`], with `dx` checked against the bound for `dx_bound.0` plus `dx_bound.1 ·
+/// Σ_i |dy[t, i]|` on each element of row `t` (an absolute error per unit of `dy`, e.g. a weight
+/// rounded below the normal range).
+pub fn check_gradients_with<T: Element>(
+    c: &Case,
+    on: &dyn std::fmt::Display,
+    out: &Grads<T>,
+    numerics: Numerics,
+    dx_bound: (Numerics, f64),
+    bias: bool,
+) -> Result<(), TestCaseError> {
     let inp = inputs::<T>(c);
     let (dy, old) = extras::<T>(c, 1);
     let layer = inp.projections.slice(c.n, c.m).unwrap();
@@ -69,6 +83,13 @@ pub fn check_gradients<T: Element>(
     let dy = MatRef::new(&dy, c.t, c.m, c.m + c.y_pad).unwrap();
     let want = reference::backward(layer, &inp.adapter, x, dy).unwrap();
     let bound = reference::backward_error_bound(layer, &inp.adapter, x, dy, numerics).unwrap();
+    let dx_bounds = if dx_bound.0 == numerics {
+        bound.x.clone()
+    } else {
+        reference::backward_error_bound(layer, &inp.adapter, x, dy, dx_bound.0).unwrap().x
+    };
+    let dy_mass: Vec<f64> =
+        (0..c.t).map(|t| dy.row(t).unwrap().iter().map(|v| v.to_f64().abs()).sum::<f64>() * dx_bound.1).collect();
     let acc = c.accumulate;
     let mut f32s = vec![
         ("lambda_d", &out.lambda_d, &want.lambda_d, &bound.lambda_d, &old.lambda_d),
@@ -96,7 +117,7 @@ pub fn check_gradients<T: Element>(
         for k in 0..c.n {
             let idx = t * stride + k;
             let o = acc.then(|| old.x[idx].to_f64());
-            let (w, b) = (want.x[t * c.n + k], bound.x[t * c.n + k]);
+            let (w, b) = (want.x[t * c.n + k], dx_bounds[t * c.n + k] + dy_mass[t]);
             // The rounding of the sum to T is in the bound; under accumulate the old value adds
             // one more rounding to T.
             let b = if acc { b + T::UNIT_ROUNDOFF * (old.x[idx].to_f64().abs() + w.abs() + b) } else { b };
