@@ -105,8 +105,12 @@ fn bench_dtype<T: Element>(c: &mut Criterion, gemm_peer: bool) {
         group.bench_function(BenchmarkId::from_parameter("unfused"), |b| b.iter(|| w.unfused().unwrap()));
         group.bench_function(BenchmarkId::from_parameter("dense"), |b| b.iter(|| w.dense().unwrap()));
         // Training: one step (the training forward saving h, then the backward reusing it), one
-        // that recomputes h instead, the backward alone, and its unfused peer.
+        // that recomputes h instead, the dense baseline's step, the backward alone, and its
+        // unfused peer.
         group.bench_function(BenchmarkId::from_parameter("train_step"), |b| b.iter(|| w.train_step().unwrap()));
+        group.bench_function(BenchmarkId::from_parameter("train_step_dense"), |b| {
+            b.iter(|| w.train_step_dense().unwrap())
+        });
         group.bench_function(BenchmarkId::from_parameter("train_step_recompute"), |b| {
             b.iter(|| w.train_step_recompute().unwrap())
         });

@@ -33,6 +33,9 @@ pub struct Training {
     pub train_step_ms: f64,
     /// The forward (saving nothing) plus the backward recomputing `h`.
     pub train_step_recompute_ms: f64,
+    /// The dense baseline's step (form ΔW, `x·ΔWᵀ`, the gradients through ΔW); `None` with
+    /// `--no-dense`.
+    pub train_step_dense_ms: Option<f64>,
 }
 
 impl Row {
@@ -48,12 +51,13 @@ impl Row {
             // The training keys follow the forward's, only with --backward.
             Some(tr) => format!(
                 "{},\"backward_ms\":{:.6},\"train_step_ms\":{:.6},\"train_step_recompute_ms\":{:.6},\
-                 \"backward_unfused_ms\":{:.6}}}",
+                 \"backward_unfused_ms\":{:.6},\"train_step_dense_ms\":{}}}",
                 line.trim_end_matches('}'),
                 tr.backward_ms,
                 tr.train_step_ms,
                 tr.train_step_recompute_ms,
-                tr.backward_unfused_ms
+                tr.backward_unfused_ms,
+                ms(tr.train_step_dense_ms)
             ),
             None => line,
         }
@@ -73,7 +77,6 @@ pub struct Times {
 /// a suffix for a variant of it (the GPU bench's `_l2cold`).
 pub fn json_line(case: &str, shape: Shape, dtype: DType, threads: usize, isa: &str, times: Times) -> String {
     let Times { fused_ms, dense_ms, unfused_ms } = times;
-    let ms = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.6}"));
     format!(
         "{{\"case\":\"{}\",\"t\":{},\"n\":{},\"m\":{},\"r\":{},\"dtype\":\"{}\",\"threads\":{},\"isa\":\"{}\",\
          \"fused_ms\":{},\"dense_ms\":{},\"unfused_ms\":{},\"fused_gflops\":{:.3}}}",
@@ -90,6 +93,11 @@ pub fn json_line(case: &str, shape: Shape, dtype: DType, threads: usize, isa: &s
         ms(unfused_ms),
         shape.fused_flops() / (fused_ms * 1e-3) / 1e9
     )
+}
+
+/// A time for JSON: with 6 decimals, or `null` for a method not run.
+fn ms(v: Option<f64>) -> String {
+    v.map_or("null".to_string(), |v| format!("{v:.6}"))
 }
 
 /// One way of computing a case, timed as a whole call.
@@ -162,14 +170,21 @@ fn run_typed<T: Element>(
         let fused = interleaved_medians(&mut w, &[Workload::fused], budget, 5)?[0];
         vec![fused, interleaved_medians(&mut w, &[Workload::unfused], budget, 5)?[0]]
     };
+    let dense = methods.dense;
+    let dense_ms = if dense { Some(interleaved_medians(&mut w, &[Workload::dense], budget, 3)?[0]) } else { None };
+    // The dense step last of all: its two [m, n] matrices evict everything else.
+    let train_step_dense_ms = if dense && methods.backward {
+        Some(interleaved_medians(&mut w, &[Workload::train_step_dense], budget, 3)?[0])
+    } else {
+        None
+    };
     let training = methods.backward.then(|| Training {
         backward_ms: ms[2],
         train_step_ms: ms[3],
         train_step_recompute_ms: ms[4],
         backward_unfused_ms: ms[5],
+        train_step_dense_ms,
     });
-    let dense = methods.dense;
-    let dense_ms = if dense { Some(interleaved_medians(&mut w, &[Workload::dense], budget, 3)?[0]) } else { None };
     Ok(Row {
         shape,
         dtype: T::DTYPE,
@@ -285,7 +300,10 @@ pub fn table_header(peak: bool, training: bool) -> String {
         "case (T,n,m,r)", "dtype", "thr", "isa", "fused ms", "dense ms", "unfused ms", "GFLOP/s", "dense/f", "unf/f"
     );
     if training {
-        head += &format!(" {:>9} {:>9} {:>6} {:>11} {:>8}", "bwd ms", "step ms", "bwd/f", "step-rec ms", "bwd unf/f");
+        head += &format!(
+            " {:>9} {:>9} {:>6} {:>11} {:>8} {:>10}",
+            "bwd ms", "step ms", "bwd/f", "step-rec ms", "bwd unf/f", "step den/f"
+        );
     }
     if peak {
         format!("{head}  % of roofline")
@@ -312,12 +330,13 @@ pub fn table_row(row: &Row, peak: Option<(&Peak, Option<f64>)>) -> String {
     );
     let line = match row.training {
         Some(tr) => format!(
-            "{line} {:>9.3} {:>9.3} {:>5.2}x {:>11.3} {:>7.2}x",
+            "{line} {:>9.3} {:>9.3} {:>5.2}x {:>11.3} {:>7.2}x {:>10}",
             tr.backward_ms,
             tr.train_step_ms,
             tr.backward_ms / row.fused_ms,
             tr.train_step_recompute_ms,
-            tr.backward_unfused_ms / tr.backward_ms
+            tr.backward_unfused_ms / tr.backward_ms,
+            tr.train_step_dense_ms.map_or("-".to_string(), |v| format!("{:.2}x", v / tr.train_step_ms))
         ),
         None => line,
     };

@@ -70,8 +70,9 @@ struct BenchArgs {
     /// Also time training: the backward alone, a training step (the training forward saving h,
     /// then the backward reusing it) and a step that recomputes h (with `--device cuda`, whose
     /// backward recomputes h, the backward and one step); JSON gains `backward_ms`,
-    /// `train_step_ms` and (on the CPU) `train_step_recompute_ms` and `backward_unfused_ms` (the
-    /// unfused backward peer: v and g materialised, the same kernels).
+    /// `train_step_ms` and (on the CPU) `train_step_recompute_ms`, `backward_unfused_ms` (the
+    /// unfused backward peer: v and g materialised, the same kernels) and `train_step_dense_ms`
+    /// (the dense baseline's step: ΔW formed, the gradients through it; null with --no-dense).
     #[arg(long)]
     backward: bool,
     /// Time a batch mixing K adapters (row t uses adapter t % K): the mixed forward against one

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use vera_kernels::baseline::{dense_forward, unfused_backward, unfused_forward, DenseBuffers};
+use vera_kernels::baseline::{dense_backward, dense_forward, unfused_backward, unfused_forward, DenseBuffers};
 use vera_kernels::rng::TorchCpuGenerator;
 use vera_kernels::{
     backward, forward, forward_train, Adapter, Element, Error, Gradients, MatMut, MatRef, Mode, Projections,
@@ -185,6 +185,18 @@ impl<T: Element> Workload<T> {
         let (dld, dlb, dbias, dx) = &mut self.grads;
         let grads = Gradients::new(dld, dlb).with_bias(dbias).with_x(MatMut::from_slice(dx, t, n)?);
         unfused_backward(&self.projections, &self.adapter, x, dy, h, grads, Mode::Overwrite, &mut self.unfused)
+    }
+
+    /// One training step of the dense baseline: form ΔW, `y += x·ΔWᵀ + bias`, then the gradients
+    /// through ΔW (`baseline::dense_backward`, which forms ΔW again in the layout `dx` reads).
+    pub fn train_step_dense(&mut self) -> vera_kernels::Result<()> {
+        self.dense()?;
+        let Shape { t, n, m, .. } = self.shape;
+        let x = MatRef::from_slice(&self.x, t, n)?;
+        let dy = MatRef::from_slice(&self.dy, t, m)?;
+        let (dld, dlb, dbias, dx) = &mut self.grads;
+        let grads = Gradients::new(dld, dlb).with_bias(dbias).with_x(MatMut::from_slice(dx, t, n)?);
+        dense_backward(&self.projections, &self.adapter, x, dy, grads, Mode::Overwrite, &mut self.dense)
     }
 
     /// One training step: the training forward, then the backward reusing its `h`.
