@@ -28,9 +28,7 @@ impl Buffer {
             // A zero-length allocation is an error for the driver; keep one vector's worth.
             StreamKind::Driver(s) => s.alloc_zeros::<u8>(bytes.max(16)).map(Buffer::Driver).map_err(driver("alloc")),
             #[cfg(feature = "cuda-emulation")]
-            StreamKind::Emulated => {
-                Ok(Buffer::Host(HostBytes { words: vec![0; bytes.div_ceil(16).max(1)], len: bytes }))
-            }
+            StreamKind::Emulated => Ok(Buffer::Host(HostBytes::zeros(bytes))),
         }
     }
 
@@ -90,20 +88,14 @@ impl Buffer {
             _ => false,
         }
     }
-
-    /// Size in bytes.
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            #[cfg(feature = "cuda")]
-            Buffer::Driver(slice) => slice.len(),
-            #[cfg(feature = "cuda-emulation")]
-            Buffer::Host(h) => h.len,
-        }
-    }
 }
 
 #[cfg(feature = "cuda-emulation")]
 impl HostBytes {
+    fn zeros(bytes: usize) -> Self {
+        HostBytes { words: vec![0; bytes.div_ceil(16).max(1)], len: bytes }
+    }
+
     fn bytes(&self) -> &[u8] {
         &bytemuck::cast_slice(&self.words)[..self.len]
     }
@@ -120,6 +112,103 @@ impl HostBytes {
     /// The address the emulated kernels write through.
     pub(crate) fn address_mut(&mut self) -> u64 {
         self.words.as_mut_ptr() as u64
+    }
+}
+
+/// A stream's own scratch (its workspaces): on a GPU, device memory allocated outside cudarc's
+/// slices, so that a launch passes its address without the event record and wait cudarc adds to
+/// every use of a slice once a context has several streams (only the owning stream's kernels ever
+/// touch it, in that stream's order); host memory on the emulated device.
+pub(crate) enum WorkBuffer {
+    #[cfg(feature = "cuda")]
+    Driver(RawDeviceMemory),
+    #[cfg(feature = "cuda-emulation")]
+    Host(HostBytes),
+}
+
+impl WorkBuffer {
+    /// `bytes` zero bytes for the stream's kernels (zeroed in the stream's order on a GPU).
+    pub(crate) fn zeros(stream: &StreamKind, bytes: usize) -> Result<Self> {
+        match stream {
+            #[cfg(feature = "cuda")]
+            StreamKind::Driver(s) => RawDeviceMemory::zeros(s, bytes).map(WorkBuffer::Driver),
+            #[cfg(feature = "cuda-emulation")]
+            StreamKind::Emulated => Ok(WorkBuffer::Host(HostBytes::zeros(bytes))),
+        }
+    }
+
+    /// Size in bytes.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            #[cfg(feature = "cuda")]
+            WorkBuffer::Driver(d) => d.bytes,
+            #[cfg(feature = "cuda-emulation")]
+            WorkBuffer::Host(h) => h.len,
+        }
+    }
+
+    /// The device address the GPU's kernels write through; [`Error::DeviceMismatch`] for the
+    /// emulated device's memory.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device_address(&mut self) -> Result<u64> {
+        match self {
+            WorkBuffer::Driver(d) => Ok(d.ptr),
+            #[cfg(feature = "cuda-emulation")]
+            WorkBuffer::Host(_) => Err(Error::DeviceMismatch { what: "workspace" }),
+        }
+    }
+
+    /// The host address the emulated kernels write through; [`Error::DeviceMismatch`] for a GPU's
+    /// memory.
+    #[cfg(feature = "cuda-emulation")]
+    pub(crate) fn host_address(&mut self) -> Result<u64> {
+        match self {
+            WorkBuffer::Host(h) => Ok(h.address_mut()),
+            #[cfg(feature = "cuda")]
+            WorkBuffer::Driver(_) => Err(Error::DeviceMismatch { what: "workspace" }),
+        }
+    }
+}
+
+/// Device memory of one stream's context, allocated with `cuMemAlloc` and freed, after the
+/// stream's queued work, when dropped.
+#[cfg(feature = "cuda")]
+pub(crate) struct RawDeviceMemory {
+    ptr: cudarc::driver::sys::CUdeviceptr,
+    bytes: usize,
+    stream: std::sync::Arc<cudarc::driver::CudaStream>,
+}
+
+#[cfg(feature = "cuda")]
+impl RawDeviceMemory {
+    fn zeros(stream: &std::sync::Arc<cudarc::driver::CudaStream>, bytes: usize) -> Result<Self> {
+        use cudarc::driver::result;
+        // A zero-length allocation is an error for the driver; keep one vector's worth.
+        let bytes = bytes.max(16);
+        stream.context().bind_to_thread().map_err(driver("make the context current"))?;
+        // SAFETY: the stream's context is current on this thread; the memory stays allocated
+        // until `drop` frees it.
+        let ptr = unsafe { result::malloc_sync(bytes) }.map_err(driver("alloc"))?;
+        let memory = RawDeviceMemory { ptr, bytes, stream: stream.clone() };
+        // SAFETY: `ptr` holds `bytes` bytes; the zeroing is queued on the stream, before any of
+        // its kernels that use the memory.
+        unsafe { result::memset_d8_async(ptr, 0, bytes, stream.cu_stream()) }.map_err(driver("zero device memory"))?;
+        Ok(memory)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Drop for RawDeviceMemory {
+    fn drop(&mut self) {
+        use cudarc::driver::result;
+        let ctx = self.stream.context();
+        // Kernels queued on the stream may still use the memory: wait for them first. A drop
+        // cannot return errors; cudarc keeps them for the context's next checked call.
+        ctx.record_err(ctx.bind_to_thread());
+        ctx.record_err(self.stream.synchronize());
+        // SAFETY: allocated by cuMemAlloc in this context, freed once, here, with no work left
+        // that uses it (only this stream's kernels did).
+        ctx.record_err(unsafe { result::free_sync(self.ptr) });
     }
 }
 

@@ -87,11 +87,14 @@ impl CudaDevice {
         }
     }
 
-    /// The device's default stream.
+    /// The device's own stream: one non-blocking stream made when the device opened, shared by
+    /// every call of this method on the device and its clones (so calls through it run in order).
+    /// Not CUDA's legacy NULL stream, which waits for every other stream of the context and cannot
+    /// be captured into a CUDA graph.
     pub fn stream(&self) -> CudaStream {
         let kind = match &*self.inner {
             #[cfg(feature = "cuda")]
-            DeviceKind::Driver(gpu) => StreamKind::Driver(gpu.default_stream()),
+            DeviceKind::Driver(gpu) => StreamKind::Driver(gpu.stream()),
             #[cfg(feature = "cuda-emulation")]
             DeviceKind::Emulated => StreamKind::Emulated,
         };

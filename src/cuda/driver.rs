@@ -27,6 +27,8 @@ unsafe impl DeviceRepr for BackwardParams {}
 
 pub(crate) struct Gpu {
     ctx: Arc<CudaContext>,
+    /// The device's own non-blocking stream (what `CudaDevice::stream` hands out).
+    stream: Arc<CudaStream>,
     /// Every kernel of [`super::plan::kernel_names`], resolved when the device opened.
     functions: HashMap<String, CudaFunction>,
     multiprocessors: usize,
@@ -61,6 +63,9 @@ impl Gpu {
         let l2_cache_bytes = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
             .map_err(driver("query the L2 cache size"))?;
+        // Not the legacy NULL stream: that one waits for and holds up every other blocking stream
+        // of the context, and cannot be captured into a CUDA graph.
+        let stream = ctx.new_stream().map_err(driver("create the device's stream"))?;
         // Every kernel resolved now, on this thread (which holds the context): a bad kernel image is
         // reported here, and a later launch from a thread that made no CUDA call yet cannot fail
         // in cuModuleGetFunction with CUDA_ERROR_INVALID_CONTEXT.
@@ -73,6 +78,7 @@ impl Gpu {
         }
         Ok(Gpu {
             ctx,
+            stream,
             // Each function holds the module alive.
             functions,
             multiprocessors: multiprocessors.max(1) as usize,
@@ -84,8 +90,8 @@ impl Gpu {
         self.ctx.name().unwrap_or_else(|e| format!("CUDA device {} ({e})", self.ctx.ordinal()))
     }
 
-    pub(crate) fn default_stream(&self) -> Arc<CudaStream> {
-        self.ctx.default_stream()
+    pub(crate) fn stream(&self) -> Arc<CudaStream> {
+        self.stream.clone()
     }
 
     pub(crate) fn new_stream(&self) -> Result<Arc<CudaStream>> {
@@ -184,8 +190,9 @@ pub(crate) unsafe fn forward(
     let bias = ops.bias.map(|b| b.driver("adapter")).transpose()?;
     let has_bias = ops.has_bias.map(|b| b.driver("adapter bank")).transpose()?;
     let rows_adapter = ops.rows_adapter.map(|b| b.driver("row map")).transpose()?;
-    let (part, u) = (ops.part.driver_mut("workspace")?, ops.u.driver_mut("workspace")?);
-    let (counters, y) = (ops.counters.driver_mut("workspace")?, ops.y.driver_mut("y")?);
+    let y = ops.y.driver_mut("y")?;
+    // The workspace is this stream's own raw memory: addresses without cudarc's event guards.
+    let (part, u, counters) = (ops.part.device_address()?, ops.u.device_address()?, ops.counters.device_address()?);
     // The guards make later work on other streams wait for these reads and writes; they are
     // dropped after both launches are queued.
     let (x, _gx) = x.device_ptr(stream);
@@ -196,18 +203,16 @@ pub(crate) unsafe fn forward(
     let bias = bias.map(|s| s.device_ptr(stream));
     let has_bias = has_bias.map(|s| s.device_ptr(stream));
     let rows_adapter = rows_adapter.map(|s| s.device_ptr(stream));
-    let (part, _gp) = part.device_ptr_mut(stream);
-    let (u, _gu) = u.device_ptr_mut(stream);
-    let (counters, _gc) = counters.device_ptr_mut(stream);
     let (y, _gy) = y.device_ptr_mut(stream);
     let [bias, has_bias, rows_adapter] = [&bias, &has_bias, &rows_adapter].map(|p| p.as_ref().map(|(p, _)| *p));
     let at = Addresses { x, a, b, lambda_d, lambda_b, bias, has_bias, rows_adapter, part, u, counters, y };
     let (down, up) = params::launch_params(plan, call, &at)?;
     // SAFETY: `plan.down` names a down-projection kernel and `plan.up` an up-projection kernel
-    // (plan.rs), which take DownParams and UpParams; every address is a live slice of this
+    // (plan.rs), which take DownParams and UpParams; every address is live memory of this
     // stream's context, of the extent the caller guarantees, and stays allocated until the kernels
     // have run: the guards above, dropped after both launches are queued, record them on each
-    // slice, and cudarc frees a slice only after the work recorded on it.
+    // slice, and cudarc frees a slice only after the work recorded on it; the workspace is freed
+    // only after its stream's queued work (`RawDeviceMemory`'s drop).
     unsafe {
         gpu.launch(stream, &plan.down, &down)?;
         gpu.launch(stream, &plan.up, &up)
@@ -231,8 +236,9 @@ pub(crate) unsafe fn backward(
     let (x, a, b, dy) =
         (ops.x.driver("x")?, ops.a.driver("projections")?, ops.b.driver("projections")?, ops.dy.driver("dy")?);
     let (lambda_d, lambda_b) = (ops.lambda_d.driver("adapter")?, ops.lambda_b.driver("adapter")?);
-    let (h, g) = (h.driver_mut("workspace")?, g.driver_mut("workspace")?);
-    let (part, columns) = (part.driver_mut("workspace")?, columns.driver_mut("workspace")?);
+    // The workspace is this stream's own raw memory: addresses without cudarc's event guards.
+    let (h, g, part, columns) =
+        (h.device_address()?, g.device_address()?, part.device_address()?, columns.device_address()?);
     let grad_lambda_d = ops.grad_lambda_d.driver_mut("gradient of lambda_d")?;
     let grad_lambda_b = ops.grad_lambda_b.driver_mut("gradient of lambda_b")?;
     let grad_bias = ops.grad_bias.map(|b| b.driver_mut("gradient of the bias")).transpose()?;
@@ -245,10 +251,6 @@ pub(crate) unsafe fn backward(
     let (dy, _gdy) = dy.device_ptr(stream);
     let (lambda_d, _gd) = lambda_d.device_ptr(stream);
     let (lambda_b, _gl) = lambda_b.device_ptr(stream);
-    let (h, _gh) = h.device_ptr_mut(stream);
-    let (g, _gg) = g.device_ptr_mut(stream);
-    let (part, _gp) = part.device_ptr_mut(stream);
-    let (columns, _gc) = columns.device_ptr_mut(stream);
     let (grad_lambda_d, _gdld) = grad_lambda_d.device_ptr_mut(stream);
     let (grad_lambda_b, _gdlb) = grad_lambda_b.device_ptr_mut(stream);
     let grad_bias = grad_bias.map(|s| s.device_ptr_mut(stream));
@@ -272,9 +274,9 @@ pub(crate) unsafe fn backward(
     let params = backward::params(plan, call, &at)?;
     for l in &plan.launches {
         // SAFETY: every backward kernel (backward/plan.rs) takes one BackwardParams; every address
-        // is a live slice of this stream's context, of the extent the caller guarantees, kept
+        // is live memory of this stream's context, of the extent the caller guarantees, kept
         // allocated until the kernels have run by the guards above (dropped after the last launch
-        // is queued), as in `forward`.
+        // is queued) and the workspace's stream-ordered drop, as in `forward`.
         unsafe { gpu.launch(stream, l, &params)? };
     }
     Ok(())

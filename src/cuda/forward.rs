@@ -5,7 +5,7 @@
 //!
 //! [`launch_params`]: super::params::launch_params
 
-use super::buffer::Buffer;
+use super::buffer::{Buffer, WorkBuffer};
 use super::params::{to_i32, Call, Strides};
 use super::plan::Plan;
 use super::{CudaStream, DeviceAdapter, DeviceAdapterBank, DeviceMatrix, DeviceProjections, DeviceRowMap, StreamKind};
@@ -65,9 +65,9 @@ pub(crate) struct Operands<'a> {
     pub has_bias: Option<&'a Buffer>,
     /// The row map of a mixed-adapter call; `None` for one adapter.
     pub rows_adapter: Option<&'a Buffer>,
-    pub part: &'a mut Buffer,
-    pub u: &'a mut Buffer,
-    pub counters: &'a mut Buffer,
+    pub part: &'a mut WorkBuffer,
+    pub u: &'a mut WorkBuffer,
+    pub counters: &'a mut WorkBuffer,
     pub y: &'a mut Buffer,
 }
 
@@ -203,16 +203,16 @@ fn bytes(elements: Option<usize>, elem_bytes: usize, what: &'static str) -> Resu
 /// counters (zero between calls). Each grows on demand and is then reused.
 #[derive(Default)]
 pub(super) struct Workspace {
-    part: Option<Buffer>,
-    u: Option<Buffer>,
-    counters: Option<Buffer>,
+    part: Option<WorkBuffer>,
+    u: Option<WorkBuffer>,
+    counters: Option<WorkBuffer>,
 }
 
 /// The workspace buffers of one call, each at least as large as its [`WorkspaceSizes`].
 pub(super) struct Scratch<'a> {
-    part: &'a mut Buffer,
-    u: &'a mut Buffer,
-    counters: &'a mut Buffer,
+    part: &'a mut WorkBuffer,
+    u: &'a mut WorkBuffer,
+    counters: &'a mut WorkBuffer,
 }
 
 impl Workspace {
@@ -234,10 +234,14 @@ impl Workspace {
 }
 
 /// The buffer in `slot`, replaced by a zeroed one of `bytes` bytes if it is missing or smaller.
-pub(super) fn grow<'a>(slot: &'a mut Option<Buffer>, kind: &StreamKind, bytes: usize) -> Result<&'a mut Buffer> {
+pub(super) fn grow<'a>(
+    slot: &'a mut Option<WorkBuffer>,
+    kind: &StreamKind,
+    bytes: usize,
+) -> Result<&'a mut WorkBuffer> {
     let buffer = match slot.take() {
         Some(buffer) if buffer.len() >= bytes => buffer,
-        _ => Buffer::zeros(kind, bytes)?,
+        _ => WorkBuffer::zeros(kind, bytes)?,
     };
     Ok(slot.insert(buffer))
 }

@@ -6,7 +6,7 @@
 //!   [`Error::NoCudaDevice`], never panics. With feature `cuda-emulation`,
 //!   [`CudaDevice::emulated`] gives the same API backed by a CPU emulation of the same kernels (slow;
 //!   for tests on machines without a GPU).
-//! - Work is issued on a [`CudaStream`] (the device's default stream, or [`CudaDevice::new_stream`]).
+//! - Work is issued on a [`CudaStream`] (the device's own stream, [`CudaDevice::stream`], or one of [`CudaDevice::new_stream`]).
 //!   Host↔device copies happen only in the calls that say so ([`CudaStream::upload`],
 //!   [`CudaStream::download`], ...); [`CudaStream::forward`] and [`CudaStream::forward_mixed`] only
 //!   launch kernels.

@@ -228,7 +228,7 @@ fn run_typed<T: Element>(
     Ok((fused_ms, samples, Some((backward_ms, step_ms))))
 }
 
-/// Times one case on GPU 0's default stream (with `backward`, the training step too).
+/// Times one case on GPU 0's own stream (`CudaDevice::stream`) (with `backward`, the training step too).
 pub fn run(
     device: &CudaDevice,
     shape: Shape,

@@ -9,7 +9,7 @@ pub(crate) use plan::kernel_names;
 pub(crate) use plan::BackwardParams;
 pub(crate) use plan::{params, BackwardAddresses, BackwardCall, BackwardPlan};
 
-use super::buffer::Buffer;
+use super::buffer::{Buffer, WorkBuffer};
 use super::forward::grow;
 use super::params::to_i32;
 use super::{CudaStream, DeviceAdapter, DeviceMatrix, DeviceProjections, StreamKind};
@@ -62,7 +62,7 @@ impl<'a, T> DeviceGradients<'a, T> {
 /// tiles' column sums. Each grows on demand and is then reused.
 #[derive(Default)]
 pub(super) struct Workspace {
-    buffers: [Option<Buffer>; 4],
+    buffers: [Option<WorkBuffer>; 4],
 }
 
 /// The buffers of one backward call, after its checks and with the workspace grown for it.
@@ -74,7 +74,7 @@ pub(crate) struct BackwardOperands<'a> {
     pub lambda_d: &'a Buffer,
     pub lambda_b: &'a Buffer,
     /// `h`, `g`, the split partial sums, the column sums.
-    pub workspace: [&'a mut Buffer; 4],
+    pub workspace: [&'a mut WorkBuffer; 4],
     pub grad_lambda_d: &'a mut Buffer,
     pub grad_lambda_b: &'a mut Buffer,
     pub grad_bias: Option<&'a mut Buffer>,
