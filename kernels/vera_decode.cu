@@ -7,7 +7,8 @@
 //                                 over blocks when A has too few rows to fill the GPU (the last
 //                                 block of a row group sums the splits, in order).
 //   vera_up_gemv_t<TT>_<dtype>:   y[t][i] (+)= lambda_b[i] · (u[t] · B[i]) + bias[i], with u in
-//                                 shared memory for the whole block.
+//                                 shared memory for the whole block (padded against bank
+//                                 conflicts), each warp on UP_WARP_ROWS rows of B at once.
 //
 // The lambdas and the bias are those of row t's adapter (compat.cuh): one for every row, or each
 // row's own in a mixed-adapter call.
@@ -16,7 +17,14 @@
 constexpr int GEMV_WARPS = 4;          // warps per block of the down-projection
 constexpr int UP_WARPS = 8;            // warps per block of the up-projection
 constexpr int UP_ROWS = 32;            // rows of B (outputs) per block of the up-projection
+constexpr int UP_WARP_ROWS = UP_ROWS / UP_WARPS;  // rows of B each warp of the up-projection computes
 constexpr int UP_SMEM_FLOATS = 8192;   // u in shared memory: TT * r <= 8192 (32 KiB), checked by the host
+
+// Where u's element j sits in its shared-memory row: 4 floats of padding after every 32 (up_gemv).
+__device__ __forceinline__ int u_smem_index(int j) { return j + (j / 32) * 4; }
+// The padded rows: at most TT rows of ceil(r / 32) * 36 floats, where TT * r <= UP_SMEM_FLOATS and
+// TT (1, 2, 4, 8) divides UP_SMEM_FLOATS / 32: so at most UP_SMEM_FLOATS / 32 * 36 (36 KiB).
+constexpr int UP_SMEM_PADDED = UP_SMEM_FLOATS / 32 * 36;
 
 // Grid: (ceil(r / GEMV_WARPS), splits). Block: 32 * GEMV_WARPS. k_split is a multiple of 32 * N.
 // u is f32. A block's GEMV_WARPS rows of A are one counter group.
@@ -77,45 +85,77 @@ template <typename T, int TT> __device__ void down_gemv(const DownParams& p) {
 }
 
 // Grid: ceil(m / UP_ROWS). Block: 32 * UP_WARPS. u is f32.
+//
+// Each warp computes UP_WARP_ROWS consecutive rows of B together: per step, one 16-byte load of each
+// row in flight at once, and each u value read from shared memory once for all of them. u sits in
+// shared memory with 4 floats of padding after every 32 (u_smem_index), and each lane reads its
+// values 16 bytes at a time: a 16-bit dtype's lanes start 8 floats apart, which without the padding
+// put every fourth lane of a quarter-warp (the 8 lanes one 16-byte shared access serves) on the
+// same banks; with it the 8 lanes' 16 bytes fall on distinct banks (f32's lanes read 4 consecutive
+// floats: contiguous either way). Each row's sums run in the same order as one row at a time would.
 template <typename T, int TT> __device__ void up_gemv(const UpParams& p) {
     constexpr int N = Vec16<T>::N;
-    __shared__ __align__(16) float u[UP_SMEM_FLOATS];
+    __shared__ __align__(16) float u[UP_SMEM_PADDED];
     const int rows = min(p.rows, TT);
+    // A u row: r rounded up to 32 floats, padded; a multiple of 4 floats (16-byte aligned rows).
+    const int ld = u_smem_index((p.r + 31) / 32 * 32);
     const float* u_global = static_cast<const float*>(p.u);
-    for (int idx = threadIdx.x; idx < rows * p.r; idx += blockDim.x) {
-        const int t = idx / p.r, j = idx % p.r;
-        u[t * p.r + j] = u_global[(size_t)t * p.ldu + j];
+    const int r_up = (p.r + 31) / 32 * 32;
+    for (int idx = threadIdx.x; idx < rows * r_up; idx += blockDim.x) {
+        const int t = idx / r_up, j = idx % r_up;
+        // Past r: zeros, so that the last 16-byte reads of a row read defined values.
+        u[t * ld + u_smem_index(j)] = j < p.r ? u_global[(size_t)t * p.ldu + j] : 0.0f;
     }
     __syncthreads();
 
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
-    const int row_end = min(p.m, (int)(blockIdx.x + 1) * UP_ROWS);
-    for (int i = blockIdx.x * UP_ROWS + warp; i < row_end; i += UP_WARPS) {
-        const T* b = static_cast<const T*>(p.b) + (size_t)i * p.ldb;
-        float acc[TT];
+    const int i0 = blockIdx.x * UP_ROWS + warp * UP_WARP_ROWS;
+    if (i0 >= p.m) return;  // warp-uniform, and no barrier follows
+    const T* b[UP_WARP_ROWS];
 #pragma unroll
-        for (int t = 0; t < TT; ++t) acc[t] = 0.0f;
-        for (int j = lane * N; j < p.r; j += 32 * N) {
-            float bv[N];
-            load16_f32(b + j, p.r - j, true, bv);
+    for (int w = 0; w < UP_WARP_ROWS; ++w) b[w] = static_cast<const T*>(p.b) + (size_t)min(i0 + w, p.m - 1) * p.ldb;
+    float acc[UP_WARP_ROWS][TT];
 #pragma unroll
-            for (int t = 0; t < TT; ++t) {
-                if (t < rows) {
+    for (int w = 0; w < UP_WARP_ROWS; ++w)
 #pragma unroll
-                    for (int e = 0; e < N; ++e) {
-                        if (j + e < p.r) acc[t] = fmaf(u[t * p.r + j + e], bv[e], acc[t]);
-                    }
-                }
-            }
-        }
+        for (int t = 0; t < TT; ++t) acc[w][t] = 0.0f;
+    for (int j = lane * N; j < p.r; j += 32 * N) {
+        // Rows past m read row m - 1 again (in bounds) and are not stored.
+        float bv[UP_WARP_ROWS][N];
+#pragma unroll
+        for (int w = 0; w < UP_WARP_ROWS; ++w) load16_f32(b[w] + j, p.r - j, true, bv[w]);
 #pragma unroll
         for (int t = 0; t < TT; ++t) {
-            const float sum = warp_sum(acc[t]);
+            if (t < rows) {
+                float uv[N];
+#pragma unroll
+                for (int e = 0; e < N; e += 4) {
+                    // j + e is a multiple of 4 inside one group of 32: 16 contiguous, aligned bytes.
+                    const float4 q = *reinterpret_cast<const float4*>(&u[t * ld + u_smem_index(j + e)]);
+                    uv[e] = q.x;
+                    uv[e + 1] = q.y;
+                    uv[e + 2] = q.z;
+                    uv[e + 3] = q.w;
+                }
+#pragma unroll
+                for (int w = 0; w < UP_WARP_ROWS; ++w)
+#pragma unroll
+                    for (int e = 0; e < N; ++e) {
+                        if (j + e < p.r) acc[w][t] = fmaf(uv[e], bv[w][e], acc[w][t]);
+                    }
+            }
+        }
+    }
+#pragma unroll
+    for (int w = 0; w < UP_WARP_ROWS; ++w) {
+#pragma unroll
+        for (int t = 0; t < TT; ++t) {
+            const float sum = warp_sum(acc[w][t]);
             // The map pointer is the same for the whole grid, so the compiler may take the test out
             // of the loop (a dispatch around the loop made ptxas spill on sm_90).
-            if (lane == 0 && t < rows)
-                with_rows(p.rows_adapter, [&](auto map) { store_output<T>(p, map, t, i, sum); });
+            if (lane == 0 && t < rows && i0 + w < p.m)
+                with_rows(p.rows_adapter, [&](auto map) { store_output<T>(p, map, t, i0 + w, sum); });
         }
     }
 }
