@@ -6,7 +6,8 @@
 //!   [`Error::NoCudaDevice`], never panics. With feature `cuda-emulation`,
 //!   [`CudaDevice::emulated`] gives the same API backed by a CPU emulation of the same kernels (slow;
 //!   for tests on machines without a GPU).
-//! - Work is issued on a [`CudaStream`] (the device's own stream, [`CudaDevice::stream`], or one of [`CudaDevice::new_stream`]).
+//! - Work is issued on a [`CudaStream`] (the device's own stream, [`CudaDevice::stream`], or one of
+//!   [`CudaDevice::new_stream`]).
 //!   Host↔device copies happen only in the calls that say so ([`CudaStream::upload`],
 //!   [`CudaStream::download`], ...); [`CudaStream::forward`] and [`CudaStream::forward_mixed`] only
 //!   launch kernels.
@@ -33,8 +34,9 @@
 //! the kernels are tested against.
 //!
 //! Kernels: for up to 8 token rows (decode), split-K matrix-vector products with 16-byte loads that
-//! stream A and B once (the down-projection writes per-split partial sums; the up-projection sums
-//! them in order, applies lambda_d, and fuses lambda_b, bias and the base add in its epilogue); for
+//! stream A and B once (the down-projection's blocks write per-split partial sums, and the last
+//! block of each group of outputs sums them in split order and applies lambda_d; the
+//! up-projection fuses lambda_b, bias and the base add in its epilogue); for
 //! more rows (prefill), 64×64 tiles on tensor cores (`mma.sync` m16n8k16, bf16/f16 → f32, fed by a
 //! 3-stage `cp.async` pipeline and `ldmatrix`) or on CUDA cores for f32.
 //!
