@@ -2,7 +2,7 @@
 //! backward, the gradients through a materialised ΔW. The same micro-kernels as the fused path.
 
 use crate::alloc;
-use crate::cpu::drivers::backward::Grads;
+use crate::cpu::drivers::backward::{store_sums, Grads};
 use crate::cpu::drivers::forward::{packed_or_owned, BLOCK_ROWS};
 use crate::cpu::drivers::Scales;
 use crate::cpu::kernels::{Kernels, Layout};
@@ -162,15 +162,10 @@ pub(super) fn dense_backward<T: Element>(
             dense_dx(kern, layer, transposed, s, dy, dx, accumulate, bufs)?;
         }
     }
-    let apply = |out: &mut [f32], sum: &[f32]| {
-        for (o, v) in out.iter_mut().zip(sum) {
-            *o = if accumulate { *o + v } else { *v };
-        }
-    };
-    apply(lambda_d, &dld);
-    apply(lambda_b, &dlb);
+    store_sums(lambda_d, &dld, accumulate);
+    store_sums(lambda_b, &dlb, accumulate);
     if let Some(bias) = bias {
-        apply(bias, &dbias);
+        store_sums(bias, &dbias, accumulate);
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ mod unfused;
 pub use dense::DenseBuffers;
 
 use crate::adapter::Adapter;
-use crate::cpu::drivers::backward::{self, BackwardWeights, Grads};
+use crate::cpu::drivers::backward::{self, BackwardWeights};
 use crate::cpu::kernels;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -59,9 +59,7 @@ pub fn dense_backward<T: Element>(
     buffers: &mut DenseBuffers<T>,
 ) -> Result<()> {
     let layer = check_backward(projections, adapter, x, dy, None, &grads)?;
-    let Gradients { lambda_d, lambda_b, bias, x: dx } = grads;
-    let grads = Grads { lambda_d, lambda_b, bias, x: dx, accumulate: mode == Mode::Accumulate };
-    let kern = kernels::current::<T>();
+    let (kern, grads) = (kernels::current::<T>(), grads.for_drivers(mode));
     dense::dense_backward(kern, layer, projections.transposed(), scales(adapter), x, dy, grads, buffers)
 }
 
@@ -117,8 +115,6 @@ pub fn unfused_backward<T: Element>(
         w: layer.weights(backward::layout(kern, x.rows())),
         transposed: Some(projections.transposed()),
     };
-    let Gradients { lambda_d, lambda_b, bias, x: dx } = grads;
-    let grads = Grads { lambda_d, lambda_b, bias, x: dx, accumulate: mode == Mode::Accumulate };
-    backward::unfused_backward(kern, bw, scales(adapter), x, dy, h, buffer, grads);
+    backward::unfused_backward(kern, bw, scales(adapter), x, dy, h, buffer, grads.for_drivers(mode));
     Ok(())
 }

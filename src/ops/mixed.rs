@@ -4,7 +4,7 @@
 
 use super::train::{check_len, check_shape, Gradients};
 use crate::bank::AdapterBank;
-use crate::cpu::drivers::backward::{self, BackwardWeights, Grads};
+use crate::cpu::drivers::backward::{self, BackwardWeights};
 use crate::cpu::drivers::{forward, RowScales};
 use crate::cpu::kernels;
 use crate::dtype::Element;
@@ -146,8 +146,6 @@ pub fn backward_mixed<T: Element>(
     let kern = kernels::current::<T>();
     let bw =
         BackwardWeights { w: layer.weights(backward::layout(kern, t)), transposed: Some(projections.transposed()) };
-    let Gradients { lambda_d, lambda_b, bias, x: dx } = grads;
-    let grads = Grads { lambda_d, lambda_b, bias, x: dx, accumulate: mode == Mode::Accumulate };
-    backward::backward(kern, bw, RowScales::Bank(bank.scales(rows)), x, dy, saved_h, grads);
+    backward::backward(kern, bw, RowScales::Bank(bank.scales(rows)), x, dy, saved_h, grads.for_drivers(mode));
     Ok(())
 }

@@ -37,6 +37,12 @@ pub struct Gradients<'a, T> {
 }
 
 impl<'a, T> Gradients<'a, T> {
+    /// The CPU drivers' form of these buffers, written or added to as `mode` says.
+    pub(crate) fn for_drivers(self, mode: Mode) -> Grads<'a, T> {
+        let Gradients { lambda_d, lambda_b, bias, x } = self;
+        Grads { lambda_d, lambda_b, bias, x, accumulate: mode == Mode::Accumulate }
+    }
+
     /// The λ gradients only.
     pub fn new(lambda_d: &'a mut [f32], lambda_b: &'a mut [f32]) -> Self {
         Self { lambda_d, lambda_b, bias: None, x: None }
@@ -180,8 +186,6 @@ pub fn backward<T: Element>(
     let kern = kernels::current::<T>();
     let bw =
         BackwardWeights { w: layer.weights(backward::layout(kern, t)), transposed: Some(projections.transposed()) };
-    let Gradients { lambda_d, lambda_b, bias, x: dx } = grads;
-    let grads = Grads { lambda_d, lambda_b, bias, x: dx, accumulate: mode == Mode::Accumulate };
-    backward::backward(kern, bw, RowScales::One(scales(adapter)), x, dy, saved_h, grads);
+    backward::backward(kern, bw, RowScales::One(scales(adapter)), x, dy, saved_h, grads.for_drivers(mode));
     Ok(())
 }

@@ -277,15 +277,18 @@ pub(crate) fn unfused_backward<T: Element>(
         let sink = |t0, tb| Sink::Epilogue { out: dxp.sub(t0, tb, 0, n), epi };
         ctx.pass(block, k_max, g.as_ref(), s.lambda_d, Weight::AT, n, &sink);
     }
-    let apply = |out: &mut [f32], sum: &[f32]| {
-        for (o, v) in out.iter_mut().zip(sum) {
-            *o = if accumulate { *o + v } else { *v };
-        }
-    };
-    apply(lambda_d, &dld);
-    apply(lambda_b, &dlb);
+    store_sums(lambda_d, &dld, accumulate);
+    store_sums(lambda_b, &dlb, accumulate);
     if let Some(bias) = bias {
-        apply(bias, &dbias);
+        store_sums(bias, &dbias, accumulate);
+    }
+}
+
+/// A gradient's sums into its buffer: added to its contents when `accumulate`, else written over
+/// them.
+pub(crate) fn store_sums(out: &mut [f32], sums: &[f32], accumulate: bool) {
+    for (o, v) in out.iter_mut().zip(sums) {
+        *o = if accumulate { *o + v } else { *v };
     }
 }
 
