@@ -147,17 +147,23 @@ template <typename T, int TT> __device__ void up_gemv(const UpParams& p) {
             }
         }
     }
+    // warp_sum is a butterfly: every lane ends with every sum, the same bits. Lane w * TT + t
+    // stores output i0 + w of token row t, so the warp's up to 32 stores (each reading y, lambda_b
+    // and the bias) run side by side, not one after another in lane 0, where each store could alias
+    // the next one's loads and so waited for it.
+    static_assert(UP_WARP_ROWS * TT <= 32, "one lane per output of the warp");
+    float mine = 0.0f;
 #pragma unroll
     for (int w = 0; w < UP_WARP_ROWS; ++w) {
 #pragma unroll
         for (int t = 0; t < TT; ++t) {
             const float sum = warp_sum(acc[w][t]);
-            // The map pointer is the same for the whole grid, so the compiler may take the test out
-            // of the loop (a dispatch around the loop made ptxas spill on sm_90).
-            if (lane == 0 && t < rows && i0 + w < p.m)
-                with_rows(p.rows_adapter, [&](auto map) { store_output<T>(p, map, t, i0 + w, sum); });
+            if (lane == w * TT + t) mine = sum;
         }
     }
+    const int w = lane / TT, t = lane % TT;
+    if (w < UP_WARP_ROWS && t < rows && i0 + w < p.m)
+        with_rows(p.rows_adapter, [&](auto map) { store_output<T>(p, map, t, i0 + w, mine); });
 }
 
 #define VERA_DECODE_KERNELS(TT, T, NAME)                                                                     \
