@@ -61,19 +61,20 @@ template <typename T, int TT> __device__ void down_gemv(const DownParams& p) {
 #pragma unroll
         for (int t = 0; t < TT; ++t) sum[t] = warp_sum(acc[t]);
     }
-    if (p.splits == 1) {
-        if (j < p.r && lane == 0)
-            with_rows(p.rows_adapter, [&](auto map) {
+    // warp_sum is a butterfly: every lane holds every row's sum, the same bits. Lane t stores token
+    // row t's, so the warp's stores run side by side, not one after another in lane 0.
+    float mine = 0.0f;
 #pragma unroll
-                for (int t = 0; t < TT; ++t)
-                    if (t < rows) u[(size_t)t * p.ldu + j] = scale_u(p, lambda_d_row(p, map, t), j, 0.0f + sum[t]);
+    for (int t = 0; t < TT; ++t)
+        if (lane == t) mine = sum[t];
+    if (p.splits == 1) {
+        if (j < p.r && lane < rows)
+            with_rows(p.rows_adapter, [&](auto map) {
+                u[(size_t)lane * p.ldu + j] = scale_u(p, lambda_d_row(p, map, lane), j, 0.0f + mine);
             });
         return;
     }
-    if (j < p.r && lane == 0)
-#pragma unroll
-        for (int t = 0; t < TT; ++t)
-            if (t < rows) __stcg(&p.part[((size_t)blockIdx.y * p.rows + t) * p.r + j], sum[t]);
+    if (j < p.r && lane < rows) __stcg(&p.part[((size_t)blockIdx.y * p.rows + lane) * p.r + j], mine);
     if (completes_group(p, blockIdx.x)) {
         with_rows(p.rows_adapter, [&](auto map) {
             for (int e = threadIdx.x; e < GEMV_WARPS * rows; e += blockDim.x) {
