@@ -38,15 +38,14 @@ pub(super) fn dense<T: Element>(
     mode: Mode,
     bufs: &mut DenseBuffers<T>,
 ) -> Result<()> {
-    let (rows, n, r, m) = (x.rows(), x.cols(), layer.rank(), layer.out_features());
+    let (n, r, m) = (x.cols(), layer.rank(), layer.out_features());
     if m == 0 {
         return Ok(());
     }
     let (a, b) = (layer.a(), layer.b());
-    let (ld, lb) = (s.lambda_d, s.lambda_b);
     // ΔWᵀ[col, i] = Σ_j Aᵀ[col, j] · C[i, j], C = diag(lb)·B·diag(ld): rows of the product are
     // A's columns, so it lands directly in the panel layout the second product reads.
-    let c = Panels::from_fn(m, r, |i, j| lb[i] * b.row_unchecked(i)[j].to_f32() * ld[j]);
+    let c = Panels::from_fn(m, r, |i, j| delta_factor(s, b, i, j));
     bufs.a_packed.resize(Left::<f32>::len_for(n, r), 0.0);
     let left = pack_cols(a, &mut bufs.a_packed);
     let dw = match &mut bufs.dw {
@@ -61,19 +60,47 @@ pub(super) fn dense<T: Element>(
         // and for_panels hands out disjoint panel ranges.
         for_panels(m.div_ceil(NR), split, |range| unsafe { (kern.gemm_f32)(left.rows(k0, kb), &c, range, &sink) });
     });
-    let dw = &*dw;
     let epi = Epilogue { scale: None, bias: s.bias, accumulate: mode == Mode::Accumulate };
     let yp = y.as_ptr_mat();
-    for_blocks(rows, BLOCK_ROWS, Work::new(2.0 * (rows * n * m) as f64, n * m * size_of::<f32>()), |t0, tb, split| {
-        with_scratch(Left::<f32>::len_for(tb, n), |xl| {
-            let left = pack_rows(x.row_range(t0, tb), xl);
-            let sink = Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi };
-            // SAFETY: k_len = n = k_cap of ΔW; rows t0..t0+tb of y are this block's, and
-            // for_panels hands out disjoint panel ranges.
-            for_panels(m.div_ceil(NR), split, |range| unsafe { (kern.gemm)(left, dw, range, &sink) });
-        });
-    });
+    // SAFETY: x has n = k_cap columns of ΔW; block t0.. writes rows t0..t0+tb of y, m columns.
+    unsafe { rows_times_panels(kern, x, dw, m, |t0, tb| Sink::Epilogue { out: yp.sub(t0, tb, 0, m), epi }) };
     Ok(())
+}
+
+/// `C[i, j] = lambda_b[i]·B[i, j]·lambda_d[j]`: `ΔW = C·A`.
+fn delta_factor<T: Element>(s: Scales<'_>, b: MatRef<'_, T>, i: usize, j: usize) -> f32 {
+    s.lambda_b[i] * b.row_unchecked(i)[j].to_f32() * s.lambda_d[j]
+}
+
+/// `sink(t0, tb) <- src[t0..t0 + tb]·w` (`cols` columns) for every block of `BLOCK_ROWS` rows of
+/// `src`, on the tier's f32-FMA kernels: blocks in parallel, or one block's panels split over the
+/// threads; each block's rows packed, widened to f32, into the thread's scratch.
+///
+/// # Safety
+/// `src.cols() <= w.k_cap()`, `cols <= w.cols()`, and `sink(t0, tb)` writes only rows `t0..t0 +
+/// tb` of its output (which no other code touches meanwhile), at most `cols` columns wide.
+unsafe fn rows_times_panels<'s, T: Element, E: Element>(
+    kern: &Kernels<T>,
+    src: MatRef<'_, E>,
+    w: &Panels<T>,
+    cols: usize,
+    sink: impl Fn(usize, usize) -> Sink<'s, T> + Sync,
+) {
+    let (rows, k) = (src.rows(), src.cols());
+    for_blocks(
+        rows,
+        BLOCK_ROWS,
+        Work::new(2.0 * (rows * k * cols) as f64, k * cols * size_of::<T>()),
+        |t0, tb, split| {
+            with_scratch(Left::<f32>::len_for(tb, k), |buf| {
+                let left = pack_rows(src.row_range(t0, tb), buf);
+                let sink = sink(t0, tb);
+                // SAFETY: k_len = k <= k_cap of w; rows t0..t0+tb of the sink are this block's (the
+                // caller's contract), and for_panels hands out disjoint panel ranges.
+                for_panels(cols.div_ceil(NR), split, |range| unsafe { (kern.gemm)(left, w, range, &sink) });
+            });
+        },
+    );
 }
 
 /// The gradients through a materialised ΔW (shapes already validated): `dΔW = dyᵀ·x [m, n]` (f32),
@@ -133,16 +160,14 @@ pub(super) fn dense_backward<T: Element>(
         let a_panels = packed.proj.down.wide();
         let mut p = vec![0.0f32; m * r];
         let pp = MatMut::from_slice(&mut p, m, r)?.as_ptr_mat();
-        let dw_grad = dw_grad.as_ref();
-        for_blocks(m, BLOCK_ROWS, Work::new(2.0 * (m * n * r) as f64, n * r * size_of::<T>()), |i0, ib, split| {
-            with_scratch(Left::<f32>::len_for(ib, n), |buf| {
-                let left = pack_rows(dw_grad.row_range(i0, ib), buf);
-                let sink = Sink::F32 { out: pp.sub(i0, ib, 0, r), scale: None };
-                // SAFETY: k_len = n <= k_cap of A's panels (n_max); rows i0..i0+ib of P are this
-                // block's, and for_panels hands out disjoint panel ranges.
-                for_panels(r.div_ceil(NR), split, |range| unsafe { (kern.gemm)(left, a_panels, range, &sink) });
-            });
-        });
+        // SAFETY: dΔW has n <= n_max = k_cap columns; block i0.. writes rows i0..i0+ib of P, r
+        // columns (A's rows).
+        unsafe {
+            rows_times_panels(kern, dw_grad.as_ref(), a_panels, r, |i0, ib| Sink::F32 {
+                out: pp.sub(i0, ib, 0, r),
+                scale: None,
+            })
+        };
         for (i, p_row) in p.chunks_exact(r).enumerate() {
             for (j, (&pv, bv)) in p_row.iter().zip(b.row_unchecked(i)).enumerate() {
                 let pb = pv * bv.to_f32();
@@ -183,41 +208,21 @@ fn dense_dx<T: Element>(
     accumulate: bool,
     bufs: &mut DenseBuffers<T>,
 ) -> Result<()> {
-    let (rows, n, r, m) = (dy.rows(), dx.cols(), layer.rank(), layer.out_features());
+    let (n, r, m) = (dx.cols(), layer.rank(), layer.out_features());
     let b = layer.b();
-    let mut c = vec![0.0f32; m * r];
-    for (i, c_row) in c.chunks_exact_mut(r).enumerate() {
-        for (j, (cv, bv)) in c_row.iter_mut().zip(b.row_unchecked(i)).enumerate() {
-            *cv = s.lambda_b[i] * bv.to_f32() * s.lambda_d[j];
-        }
-    }
+    let c: Vec<f32> = (0..m * r).map(|e| delta_factor(s, b, e / r, e % r)).collect();
     let c = MatRef::from_slice(&c, m, r)?;
     let dw = match &mut bufs.dw_by_rows {
         Some(p) if p.cols() == n && p.k_cap() == m => p,
         slot => slot.insert(Panels::with_shape("the dense backward's ΔW = [m, n]", n, m)?),
     };
     let dwp = dw.as_mut_ptr();
-    let a_t = &transposed.a_t;
-    for_blocks(m, BLOCK_ROWS, Work::new(2.0 * (m * n * r) as f64, r * n * size_of::<T>()), |i0, ib, split| {
-        with_scratch(Left::<f32>::len_for(ib, r), |buf| {
-            let left = pack_rows(c.row_range(i0, ib), buf);
-            let sink = Sink::Panels { out: dwp.offset_rows(i0) };
-            // SAFETY: k_len = r = k_cap of Aᵀ's panels; rows i0..i0+ib of the ΔW panels belong to
-            // this block, and for_panels hands out disjoint panel ranges.
-            for_panels(n.div_ceil(NR), split, |range| unsafe { (kern.gemm)(left, a_t, range, &sink) });
-        });
-    });
-    let dw = &*dw;
+    // SAFETY: C has r = k_cap columns of Aᵀ's panels (n_max >= n columns); block i0.. writes panel
+    // rows i0..i0+ib of ΔW, n columns.
+    unsafe { rows_times_panels(kern, c, &transposed.a_t, n, |i0, _| Sink::Panels { out: dwp.offset_rows(i0) }) };
     let epi = Epilogue { scale: None, bias: None, accumulate };
     let dxp = dx.as_ptr_mat();
-    for_blocks(rows, BLOCK_ROWS, Work::new(2.0 * (rows * n * m) as f64, n * m * size_of::<T>()), |t0, tb, split| {
-        with_scratch(Left::<f32>::len_for(tb, m), |buf| {
-            let left = pack_rows(dy.row_range(t0, tb), buf);
-            let sink = Sink::Epilogue { out: dxp.sub(t0, tb, 0, n), epi };
-            // SAFETY: k_len = m = k_cap of the ΔW panels; rows t0..t0+tb of dx are this block's,
-            // and for_panels hands out disjoint panel ranges.
-            for_panels(n.div_ceil(NR), split, |range| unsafe { (kern.gemm)(left, dw, range, &sink) });
-        });
-    });
+    // SAFETY: dy has m = k_cap columns of ΔW; block t0.. writes rows t0..t0+tb of dx, n columns.
+    unsafe { rows_times_panels(kern, dy, dw, n, |t0, tb| Sink::Epilogue { out: dxp.sub(t0, tb, 0, n), epi }) };
     Ok(())
 }
