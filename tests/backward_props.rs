@@ -28,59 +28,36 @@ fn case() -> impl Strategy<Value = Case> {
         .prop_map(Case::from_draw)
 }
 
-fn run_backward<T: Element>(c: &Case, isa: Isa, threads: usize, saved_h: Option<&[f32]>) -> Grads<T> {
-    let inp = inputs::<T>(c);
-    let (dy, mut out) = extras::<T>(c, 1);
-    let x = MatRef::new(&inp.x, c.t, c.n, c.n + c.x_pad).unwrap();
-    let dy = MatRef::new(&dy, c.t, c.m, c.m + c.y_pad).unwrap();
-    let mode = if c.accumulate { Mode::Accumulate } else { Mode::Overwrite };
-    let pool = common::split_pool(threads);
-    pool.install(|| {
-        with_isa(isa, || {
-            let grads = Gradients::new(&mut out.lambda_d, &mut out.lambda_b)
-                .with_bias(&mut out.bias)
-                .with_x(MatMut::new(&mut out.x, c.t, c.n, c.n + c.x_pad).unwrap());
-            let h = saved_h.map(|h| MatRef::from_slice(h, c.t, c.r).unwrap());
-            backward(&inp.projections, &inp.adapter, x, dy, h, grads, mode).unwrap();
-        })
-    });
-    out
+/// Which backward a test runs: the fused pass (recomputing `h`, or from a saved one) or a peer.
+#[derive(Clone, Copy)]
+enum Pass<'h> {
+    Fused(Option<&'h [f32]>),
+    /// The unfused peer, from the training forward's `h`.
+    Unfused(&'h [f32]),
+    Dense,
 }
 
-/// The unfused peer's outputs for a case, from the training forward's `h`.
-fn run_unfused<T: Element>(c: &Case, isa: Isa, threads: usize, h: &[f32]) -> Grads<T> {
+/// A case's gradients from `pass` on `isa` with `threads` threads, started from `extras`.
+fn run<T: Element>(c: &Case, isa: Isa, threads: usize, pass: Pass<'_>) -> Grads<T> {
     let inp = inputs::<T>(c);
     let (dy, mut out) = extras::<T>(c, 1);
     let x = MatRef::new(&inp.x, c.t, c.n, c.n + c.x_pad).unwrap();
     let dy = MatRef::new(&dy, c.t, c.m, c.m + c.y_pad).unwrap();
     let mode = if c.accumulate { Mode::Accumulate } else { Mode::Overwrite };
-    let mut buffer = Vec::new();
+    let (mut buffer, mut dense) = (Vec::new(), DenseBuffers::default());
     common::split_pool(threads).install(|| {
         with_isa(isa, || {
             let grads = Gradients::new(&mut out.lambda_d, &mut out.lambda_b)
                 .with_bias(&mut out.bias)
                 .with_x(MatMut::new(&mut out.x, c.t, c.n, c.n + c.x_pad).unwrap());
-            let h = MatRef::from_slice(h, c.t, c.r).unwrap();
-            unfused_backward(&inp.projections, &inp.adapter, x, dy, h, grads, mode, &mut buffer).unwrap();
-        })
-    });
-    out
-}
-
-/// The dense peer's outputs for a case.
-fn run_dense<T: Element>(c: &Case, isa: Isa, threads: usize) -> Grads<T> {
-    let inp = inputs::<T>(c);
-    let (dy, mut out) = extras::<T>(c, 1);
-    let x = MatRef::new(&inp.x, c.t, c.n, c.n + c.x_pad).unwrap();
-    let dy = MatRef::new(&dy, c.t, c.m, c.m + c.y_pad).unwrap();
-    let mode = if c.accumulate { Mode::Accumulate } else { Mode::Overwrite };
-    let mut buffers = DenseBuffers::default();
-    common::split_pool(threads).install(|| {
-        with_isa(isa, || {
-            let grads = Gradients::new(&mut out.lambda_d, &mut out.lambda_b)
-                .with_bias(&mut out.bias)
-                .with_x(MatMut::new(&mut out.x, c.t, c.n, c.n + c.x_pad).unwrap());
-            dense_backward(&inp.projections, &inp.adapter, x, dy, grads, mode, &mut buffers).unwrap();
+            let h = |h| MatRef::from_slice(h, c.t, c.r).unwrap();
+            let (p, a) = (&inp.projections, &inp.adapter);
+            match pass {
+                Pass::Fused(saved) => backward(p, a, x, dy, saved.map(h), grads, mode),
+                Pass::Unfused(saved) => unfused_backward(p, a, x, dy, h(saved), grads, mode, &mut buffer),
+                Pass::Dense => dense_backward(p, a, x, dy, grads, mode, &mut dense),
+            }
+            .unwrap();
         })
     });
     out
@@ -92,11 +69,11 @@ fn run_dense<T: Element>(c: &Case, isa: Isa, threads: usize) -> Grads<T> {
 /// ⊙ G)·|A|`), and a ΔW below `T`'s normal range may lose half its smallest subnormal per element
 /// of `dy` it meets.
 fn check_dense<T: Element>(c: &Case, isa: Isa) -> Result<(), TestCaseError> {
-    let two = run_dense::<T>(c, isa, 2);
+    let two = run::<T>(c, isa, 2, Pass::Dense);
     if cfg!(miri) {
         return Ok(());
     }
-    prop_assert_eq!(two.bits(), run_dense::<T>(c, isa, 1).bits(), "dense: 1 and 2 threads differ on {}", isa);
+    prop_assert_eq!(two.bits(), run::<T>(c, isa, 1, Pass::Dense).bits(), "dense: 1 and 2 threads differ on {}", isa);
     let f32_kernels = Numerics::default();
     let dx = Numerics { rounds_backward: T::DTYPE != DType::F32, ..f32_kernels };
     check_gradients_with(c, &format!("dense on {isa}"), &two, f32_kernels, (dx, T::MIN_POSITIVE_SUBNORMAL / 2.0), true)
@@ -105,9 +82,9 @@ fn check_dense<T: Element>(c: &Case, isa: Isa) -> Result<(), TestCaseError> {
 fn check<T: Element>(c: &Case) -> Result<(), TestCaseError> {
     for isa in Isa::available() {
         let numerics = with_isa(isa, tier_facts::<T>).numerics();
-        let two = run_backward::<T>(c, isa, 2, None);
+        let two = run::<T>(c, isa, 2, Pass::Fused(None));
         // Under Miri (slow) only the split run, the one that can race; thread counts are compared natively.
-        let one = if cfg!(miri) { two.clone() } else { run_backward::<T>(c, isa, 1, None) };
+        let one = if cfg!(miri) { two.clone() } else { run::<T>(c, isa, 1, Pass::Fused(None)) };
         prop_assert_eq!(one.bits(), two.bits(), "1 and 2 threads differ on {}", isa);
         // The backward's own h, as its tier computes it. (Under Miri the edge cases look for
         // undefined behaviour; their numbers are checked natively.)
@@ -130,14 +107,18 @@ fn check<T: Element>(c: &Case) -> Result<(), TestCaseError> {
         });
         let bits = |v: &[T]| v.iter().map(|e| e.to_f64().to_bits()).collect::<Vec<_>>();
         prop_assert_eq!(bits(&y1), bits(&y2), "forward_train's y differs from forward's on {}", isa);
-        let saved = run_backward::<T>(c, isa, 2, Some(&h));
+        let saved = run::<T>(c, isa, 2, Pass::Fused(Some(&h)));
         if !cfg!(miri) {
             check_gradients(c, &isa, &saved, numerics, true)?;
         }
         // The unfused peer from the same h: within the same bound, the same bits on 1 and 2 threads.
-        let unfused = run_unfused::<T>(c, isa, 2, &h);
+        let unfused = run::<T>(c, isa, 2, Pass::Unfused(&h));
         if !cfg!(miri) {
-            prop_assert_eq!(unfused.bits(), run_unfused::<T>(c, isa, 1, &h).bits(), "unfused: 1 and 2 threads differ");
+            prop_assert_eq!(
+                unfused.bits(),
+                run::<T>(c, isa, 1, Pass::Unfused(&h)).bits(),
+                "unfused: 1 and 2 threads differ"
+            );
             check_gradients(c, &isa, &unfused, numerics, true)?;
         }
         check_dense::<T>(c, isa)?;
@@ -176,11 +157,11 @@ fn gradients_are_bitwise_identical_for_1_2_and_3_threads() {
         let c = Case { t, n, m, r, n_extra: 2, m_extra: 1, x_pad: 1, y_pad: 2, bias: true, accumulate: true, seed: 5 };
         fn same<T: Element>(c: &Case) {
             for isa in Isa::available() {
-                let one = run_backward::<T>(c, isa, 1, None);
-                assert_eq!(one.bits(), run_backward::<T>(c, isa, 2, None).bits(), "{isa} 2 threads");
-                assert_eq!(one.bits(), run_backward::<T>(c, isa, 3, None).bits(), "{isa} 3 threads");
+                let one = run::<T>(c, isa, 1, Pass::Fused(None));
+                assert_eq!(one.bits(), run::<T>(c, isa, 2, Pass::Fused(None)).bits(), "{isa} 2 threads");
+                assert_eq!(one.bits(), run::<T>(c, isa, 3, Pass::Fused(None)).bits(), "{isa} 3 threads");
                 // From run to run.
-                assert_eq!(one.bits(), run_backward::<T>(c, isa, 1, None).bits(), "{isa} rerun");
+                assert_eq!(one.bits(), run::<T>(c, isa, 1, Pass::Fused(None)).bits(), "{isa} rerun");
             }
         }
         same::<f32>(&c);
