@@ -23,6 +23,36 @@ constexpr int SK = BK + 8;             // shared row stride: 80-byte rows keep 1
                                        // put ldmatrix's 8 row reads in distinct bank groups
 constexpr int MMA_THREADS = 128;       // 4 warps, 2 x 2, each a 32 x 32 sub-tile
 
+// Launch order. The host launches (row tiles, column tiles[, splits]) and blocks start in linear
+// order (x fastest, then y), so the order in which blocks take tiles decides which tiles run at
+// once and can share their operands through L2. Each block takes the tile at its linear place in:
+//  - the down-projection: one row tile's r tiles after another (DOWN_GROUP = 1). x (T x n) is the
+//    large operand at large T; a wave now reads a few of its row tiles, each once, where taking
+//    row tiles fastest (blockIdx as the tile) walked all of x once per r tile, from HBM once x
+//    outgrows L2 (32 MiB at T = 4096, n = 4096, bf16). A (r x n) is read by every row tile and
+//    stays in L2.
+//  - the up-projection: groups of UP_GROUP row tiles, the row tile fastest within a group (grouped
+//    rasterisation): a wave reads UP_GROUP row tiles of u and the B tiles of a range of columns,
+//    instead of all of u per column tile.
+constexpr int DOWN_GROUP = 1;
+constexpr int UP_GROUP = 8;
+
+// The first row and column of this block's tile, in the order above for groups of GROUP row tiles
+// (the last group may be smaller): a bijection from the grid's x·y places onto its tiles.
+struct TileOrigin {
+    int row0, col0;
+};
+
+template <int GROUP> __device__ __forceinline__ TileOrigin tile_in_order() {
+    const int row_tiles = gridDim.x, col_tiles = gridDim.y;
+    const long long place = blockIdx.x + (long long)gridDim.x * blockIdx.y;
+    const long long per_group = (long long)GROUP * col_tiles;
+    const int first = (int)(place / per_group) * GROUP;
+    const int size = min(row_tiles - first, GROUP);
+    const int in_group = (int)(place % per_group);
+    return TileOrigin{(first + in_group % size) * BM, (in_group / size) * BN};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tile loaders (16-bit path). Each fills a [64][SK] stage with rows [row0, row0 + 64) and k in
 // [k0, k0 + BK); anything past `rows` or `k_end` is zero.
@@ -149,10 +179,11 @@ __device__ __forceinline__ void store_u_tile(const DownParams& p, int row0, int 
     }
 }
 
-// Grid: (ceil(rows / BM), ceil(r / BN), splits). Block: MMA_THREADS. k_split is a multiple of BK.
+// Grid: (ceil(rows / BM), ceil(r / BN), splits), tiles taken in launch order. Block: MMA_THREADS. k_split is a multiple of BK.
 template <typename T> __device__ void down_mma(const DownParams& p) {
     __shared__ MmaSmem<T> sm;
-    const int row0 = blockIdx.x * BM, col0 = blockIdx.y * BN;
+    const TileOrigin tile = tile_in_order<DOWN_GROUP>();
+    const int row0 = tile.row0, col0 = tile.col0;
     const int k_begin = blockIdx.z * p.k_split, k_end = min(p.n, k_begin + p.k_split);
     const T* x = static_cast<const T*>(p.x);
     const T* a = static_cast<const T*>(p.a);
@@ -164,10 +195,11 @@ template <typename T> __device__ void down_mma(const DownParams& p) {
     store_u_tile<T>(p, row0, col0, [&](auto f) { for_each_acc(acc, f); });
 }
 
-// Grid: (ceil(rows / BM), ceil(m / BN)). Block: MMA_THREADS.
+// Grid: (ceil(rows / BM), ceil(m / BN)), tiles taken in launch order. Block: MMA_THREADS.
 template <typename T> __device__ void up_mma(const UpParams& p) {
     __shared__ MmaSmem<T> sm;
-    const int row0 = blockIdx.x * BM, col0 = blockIdx.y * BN;
+    const TileOrigin tile = tile_in_order<UP_GROUP>();
+    const int row0 = tile.row0, col0 = tile.col0;
     const T* b = static_cast<const T*>(p.b);
     float acc[2][4][4] = {};
     const T* u = static_cast<const T*>(p.u);
@@ -231,7 +263,8 @@ template <typename F> __device__ __forceinline__ void for_each_simt_acc(const fl
 }
 
 __device__ void down_simt(const DownParams& p) {
-    const int row0 = blockIdx.x * BM, col0 = blockIdx.y * BN;
+    const TileOrigin tile = tile_in_order<DOWN_GROUP>();
+    const int row0 = tile.row0, col0 = tile.col0;
     const int k_begin = blockIdx.z * p.k_split, k_end = min(p.n, k_begin + p.k_split);
     const float* x = static_cast<const float*>(p.x);
     const float* a = static_cast<const float*>(p.a);
@@ -244,7 +277,8 @@ __device__ void down_simt(const DownParams& p) {
 }
 
 __device__ void up_simt(const UpParams& p) {
-    const int row0 = blockIdx.x * BM, col0 = blockIdx.y * BN;
+    const TileOrigin tile = tile_in_order<UP_GROUP>();
+    const int row0 = tile.row0, col0 = tile.col0;
     const float* u = static_cast<const float*>(p.u);
     const float* b = static_cast<const float*>(p.b);
     float acc[4][4] = {};

@@ -157,6 +157,8 @@ fn edge_cases<T: Element>() {
             (64, 64, 64, 64),
             (65, 257, 65, 65),
             (130, 777, 33, 129),
+            // 10 row tiles: a whole group of the up-projection's launch order (8) and a partial one.
+            (600, 40, 70, 130),
         ] {
             for (x_pad, accumulate, bias) in [(0, true, true), (3, false, false)] {
                 seed += 1;

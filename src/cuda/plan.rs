@@ -111,6 +111,9 @@ pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms:
             ldu: r,
         };
     }
+    // The tile kernels launch one block per tile, (row tiles, column tiles); each block takes the
+    // tile at its place in launch order, in the order the kernels choose for L2 reuse
+    // (`tile_in_order` in kernels/vera_prefill.cu).
     let threads = if dtype == DType::F32 { 256 } else { 128 };
     let tiles = rows.div_ceil(TILE) * r.div_ceil(TILE);
     let want = (sms * TILES_PER_SM).div_ceil(tiles);
