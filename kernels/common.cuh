@@ -129,3 +129,35 @@ __device__ __forceinline__ void store_output(const UpParams& p, Rows rows, int t
     if (p.accumulate) out += to_f32(*y);
     *y = from_f32<T>(out);
 }
+
+// Two adjacent 16-bit outputs, read and written as one 4-byte access.
+template <typename T> struct alignas(4) OutputPair {
+    T lo, hi;
+};
+
+// Outputs i and i + 1 (i even) of row t, each computed as store_output computes it (the same
+// bits), with one 4-byte load of the old pair and one store: half the accesses of two
+// store_output calls, and the loads of both elements ahead of the store (which may alias them).
+// Only when the host set y_paired (y and ldy 4-byte aligned, so every even i is) and i + 1 < m.
+template <typename T, typename Rows>
+__device__ __forceinline__ void store_output_pair(const UpParams& p, Rows rows, int t, int i, float v0, float v1) {
+    static_assert(sizeof(T) == 2, "pairs of 16-bit outputs");
+    const RowEpilogue e = row_epilogue(p, rows, t);
+    OutputPair<T>* y = reinterpret_cast<OutputPair<T>*>(static_cast<T*>(p.y) + (size_t)t * p.ldy + i);
+    if (e.row < 0) {
+        if (!p.accumulate) *y = OutputPair<T>{from_f32<T>(0.0f), from_f32<T>(0.0f)};
+        return;
+    }
+    float out0 = p.lambda_b[e.row + i] * v0;
+    float out1 = p.lambda_b[e.row + i + 1] * v1;
+    if (e.bias) {
+        out0 += p.bias[e.row + i];
+        out1 += p.bias[e.row + i + 1];
+    }
+    if (p.accumulate) {
+        const OutputPair<T> old = *y;
+        out0 += to_f32(old.lo);
+        out1 += to_f32(old.hi);
+    }
+    *y = OutputPair<T>{from_f32<T>(out0), from_f32<T>(out1)};
+}

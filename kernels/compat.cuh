@@ -109,6 +109,8 @@ struct UpParams {
     int rows, r, m, ldb;
     int ldu, ldy, accumulate;
     int ld_lambda_b;         // m for a bank, 0 for one adapter
+    int y_paired;            // y and ldy allow 4-byte accesses to two adjacent 16-bit outputs
+    int unused;
 };
 
 // The backward pass of one adapter (vera_backward.cu), every kernel of it taking this one block:
@@ -139,5 +141,5 @@ struct BackwardParams {
 // The sizes src/cuda/params.rs and src/cuda/backward/plan.rs assert for their mirrors of these
 // blocks: the pointers, then the ints.
 static_assert(sizeof(DownParams) == 7 * 8 + 10 * 4, "DownParams must match src/cuda/params.rs");
-static_assert(sizeof(UpParams) == 7 * 8 + 8 * 4, "UpParams must match src/cuda/params.rs");
+static_assert(sizeof(UpParams) == 7 * 8 + 10 * 4, "UpParams must match src/cuda/params.rs");
 static_assert(sizeof(BackwardParams) == 14 * 8 + 16 * 4, "BackwardParams must match src/cuda/backward/plan.rs");

@@ -149,6 +149,21 @@ template <typename F> __device__ __forceinline__ void for_each_acc(const float (
                 f(warp_m + mi * 16 + gid + (c / 2) * 8, warp_n + ni * 8 + tig * 2 + (c % 2), acc[mi][ni][c]);
 }
 
+// Calls f(row, col, value, value of col + 1) for each pair of adjacent accumulators of this
+// thread (c[0], c[1] and c[2], c[3] of each mma C fragment; col even).
+template <typename F> __device__ __forceinline__ void for_each_acc_pair(const float (&acc)[2][4][4], F f) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int warp_m = (warp / 2) * 32, warp_n = (warp % 2) * 32;
+    const int gid = lane / 4, tig = lane % 4;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                f(warp_m + mi * 16 + gid + h * 8, warp_n + ni * 8 + tig * 2, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+}
+
 // Stores a finished tile of u: directly when k is not split, else as this split's partials, and
 // the block that completes the tile sums all splits. `each(f)` calls f(row, col, value) for this
 // thread's accumulators (tile coordinates).
@@ -206,10 +221,17 @@ template <typename T> __device__ void up_mma(const UpParams& p) {
     mma_tile<T>(
         sm, 0, p.r, [&](T (*dst)[SK], int k0) { load_rows(dst, u, p.ldu, row0, p.rows, k0, p.r, true); },
         [&](T (*dst)[SK], int k0) { load_rows(dst, b, p.ldb, col0, p.m, k0, p.r, true); }, acc);
+    // The C fragment holds pairs of adjacent columns (an even one first): stored as pairs.
     with_rows(p.rows_adapter, [&](auto map) {
-        for_each_acc(acc, [&](int rr, int cc, float v) {
+        for_each_acc_pair(acc, [&](int rr, int cc, float v0, float v1) {
             const int t = row0 + rr, i = col0 + cc;
-            if (t < p.rows && i < p.m) store_output<T>(p, map, t, i, v);
+            if (t >= p.rows || i >= p.m) return;
+            if (p.y_paired && i + 1 < p.m) {
+                store_output_pair<T>(p, map, t, i, v0, v1);
+            } else {
+                store_output<T>(p, map, t, i, v0);
+                if (i + 1 < p.m) store_output<T>(p, map, t, i + 1, v1);
+            }
         });
     });
 }

@@ -53,12 +53,14 @@ pub(crate) struct UpParams {
     pub ldy: i32,
     pub accumulate: i32,
     pub ld_lambda_b: i32,
+    pub y_paired: i32,
+    pub unused: i32,
 }
 
 // The C side has the same fields in the same order with no padding: 7 pointers, then ints
 // (kernels/compat.cuh asserts the same sizes).
 const _: () = assert!(std::mem::size_of::<DownParams>() == 7 * 8 + 10 * 4);
-const _: () = assert!(std::mem::size_of::<UpParams>() == 7 * 8 + 8 * 4);
+const _: () = assert!(std::mem::size_of::<UpParams>() == 7 * 8 + 10 * 4);
 
 /// Kernel parameters are 32-bit: every size and stride must fit in an `i32`.
 pub(crate) fn to_i32(v: usize, what: &'static str) -> Result<i32> {
@@ -68,7 +70,18 @@ pub(crate) fn to_i32(v: usize, what: &'static str) -> Result<i32> {
 /// Whether rows at `addr`, `stride_bytes` apart, allow the kernels' 16-byte vector loads (1) or need
 /// their element-by-element path (0).
 fn vector_aligned(addr: u64, stride_bytes: usize) -> i32 {
-    i32::from(addr.is_multiple_of(16) && stride_bytes.is_multiple_of(16))
+    aligned_to(16, addr, stride_bytes)
+}
+
+/// Whether rows at `addr`, `stride_bytes` apart, allow the tile kernels' 4-byte accesses to two
+/// adjacent 16-bit outputs (1), or need one access per output (0).
+fn pair_aligned(addr: u64, stride_bytes: usize) -> i32 {
+    aligned_to(4, addr, stride_bytes)
+}
+
+/// 1 when `addr` and every row `stride_bytes` after it are multiples of `bytes`, else 0.
+fn aligned_to(bytes: usize, addr: u64, stride_bytes: usize) -> i32 {
+    i32::from(addr.is_multiple_of(bytes as u64) && stride_bytes.is_multiple_of(bytes))
 }
 
 /// Row strides of a forward call's operands, in elements: x, the packed A and B, and y.
@@ -92,8 +105,10 @@ pub(crate) struct Call {
     lda: i32,
     ldb: i32,
     ldy: i32,
-    /// Bytes from one row of x to the next (for the vector-load check of x).
+    /// Bytes from one row of x to the next (for the vector-load check of x), and of y (for the
+    /// paired-store check).
     x_stride_bytes: usize,
+    y_stride_bytes: usize,
     accumulate: bool,
 }
 
@@ -103,6 +118,8 @@ impl Call {
     pub(crate) fn new(layer: LayerDims, rows: usize, strides: Strides, elem_bytes: usize, mode: Mode) -> Result<Self> {
         let x_stride_bytes =
             strides.x.checked_mul(elem_bytes).ok_or(Error::SizeOverflow { what: "row stride of x, in bytes" })?;
+        let y_stride_bytes =
+            strides.y.checked_mul(elem_bytes).ok_or(Error::SizeOverflow { what: "row stride of y, in bytes" })?;
         Ok(Call {
             rows: to_i32(rows, "rows of x")?,
             n: to_i32(layer.n, "in_features")?,
@@ -113,6 +130,7 @@ impl Call {
             ldb: to_i32(strides.b, "padded row of B")?,
             ldy: to_i32(strides.y, "row stride of y")?,
             x_stride_bytes,
+            y_stride_bytes,
             accumulate: mode == Mode::Accumulate,
         })
     }
@@ -197,6 +215,8 @@ pub(crate) fn launch_params(plan: &Plan, call: &Call, at: &Addresses) -> Result<
         ldy: call.ldy,
         accumulate: i32::from(call.accumulate),
         ld_lambda_b,
+        y_paired: pair_aligned(at.y, call.y_stride_bytes),
+        unused: 0,
     };
     Ok((down, up))
 }
@@ -270,6 +290,9 @@ mod tests {
                 ldy: 70,
                 accumulate: 1,
                 ld_lambda_b: 0,
+                // 70 bf16 = 140 bytes between rows of y, at a 4-byte aligned address.
+                y_paired: 1,
+                unused: 0,
             }
         );
     }
@@ -283,6 +306,20 @@ mod tests {
         let unaligned_x = Addresses { x: 0x1008, bias: Some(0xa000), ..ADDRESSES };
         let (down, up) = launch_params(&plan, &call(104, 2, Mode::Accumulate), &unaligned_x).unwrap();
         assert_eq!((down.x_aligned, up.bias), (0, 0xa000));
+    }
+
+    #[test]
+    fn paired_stores_need_y_and_its_row_stride_4_byte_aligned() {
+        let plan = crate::cuda::plan::plan(DType::BF16, 5, 100, 10, 70, 132);
+        let with_y = |y: u64, ldy: usize| {
+            let strides = Strides { x: 104, a: 104, b: 16, y: ldy };
+            let call = Call::new(LayerDims { r: 10, n: 100, m: 70 }, 5, strides, 2, Mode::Accumulate).unwrap();
+            launch_params(&plan, &call, &Addresses { y, ..ADDRESSES }).unwrap().1.y_paired
+        };
+        assert_eq!(with_y(0x9000, 70), 1);
+        // 71 bf16 = 142 bytes: every other row starts 2 bytes past a 4-byte boundary.
+        assert_eq!(with_y(0x9000, 71), 0);
+        assert_eq!(with_y(0x9002, 70), 0);
     }
 
     #[test]
