@@ -28,6 +28,15 @@
 #error "vera-kernels needs compute capability 8.0 or newer (mma.sync m16n8k16, cp.async)"
 #endif
 
+// Programmatic dependent launch (griddepcontrol) needs sm_90. Below it, and on the emulator (which
+// runs launches one after another), the wrappers in ptx.cuh compile to nothing: a kernel launched
+// without the launch attribute, or on such a device, starts after the previous one ended anyway.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define VERA_GRID_DEPENDENCY 1
+#else
+#define VERA_GRID_DEPENDENCY 0
+#endif
+
 typedef __half f16;
 typedef __nv_bfloat16 bf16;
 

@@ -57,6 +57,26 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Programmatic dependent launch: a kernel launched with the host's programmatic-serialisation
+// attribute may start before the previous kernel of its stream ends, once every block of that
+// kernel has called grid_dependents_may_launch (or ended). It must call wait_for_previous_grid
+// before it reads anything that kernel writes: the wait returns when the previous grid has ended
+// and its writes are visible (and at once for a kernel launched without the attribute).
+__device__ __forceinline__ void grid_dependents_may_launch() {
+#if VERA_GRID_DEPENDENCY
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if VERA_GRID_DEPENDENCY
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Asks L2 for the line holding `p` (no register written, never faults on a valid address).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
+
 #endif
 
 // The mma for the element type of a tile (16-bit types only; f32 tiles use CUDA cores).

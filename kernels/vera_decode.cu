@@ -10,9 +10,15 @@
 //                                 shared memory for the whole block (padded against bank
 //                                 conflicts), each warp on UP_WARP_ROWS rows of B at once.
 //
+// On sm_90 the host launches the up-projection as the down-projection's programmatic dependent: its
+// blocks are scheduled while the down-projection runs and ask L2 for their rows of B (which do not
+// depend on u), so neither its launch nor its first reads of B from HBM wait for the
+// down-projection's end; they wait for it only before reading u.
+//
 // The lambdas and the bias are those of row t's adapter (compat.cuh): one for every row, or each
 // row's own in a mixed-adapter call.
 #include "common.cuh"
+#include "ptx.cuh"
 
 constexpr int GEMV_WARPS = 4;          // warps per block of the down-projection
 constexpr int UP_WARPS = 8;            // warps per block of the up-projection
@@ -36,6 +42,9 @@ template <typename T, int TT> __device__ void down_gemv(const DownParams& p) {
     const int rows = min(p.rows, TT);
     float* u = static_cast<float*>(p.u);
     float sum[TT] = {};
+    // The up-projection, launched as this kernel's programmatic dependent (sm_90), may now be
+    // scheduled beside it: its blocks stream B into L2 while this kernel runs, then wait for it.
+    grid_dependents_may_launch();
     if (j < p.r) {  // warp-uniform: the block's barriers below are reached by every thread
         const T* x = static_cast<const T*>(p.x);
         const T* a = static_cast<const T*>(p.a) + (size_t)j * p.lda;
@@ -97,6 +106,22 @@ template <typename T, int TT> __device__ void down_gemv(const DownParams& p) {
 template <typename T, int TT> __device__ void up_gemv(const UpParams& p) {
     constexpr int N = Vec16<T>::N;
     __shared__ __align__(16) float u[UP_SMEM_PADDED];
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int i0 = blockIdx.x * UP_ROWS + warp * UP_WARP_ROWS;
+    // Rows past m read row m - 1 again (in bounds) and are not stored.
+    const T* b[UP_WARP_ROWS];
+#pragma unroll
+    for (int w = 0; w < UP_WARP_ROWS; ++w) b[w] = static_cast<const T*>(p.b) + (size_t)min(i0 + w, p.m - 1) * p.ldb;
+    // B does not depend on the down-projection: launched as its programmatic dependent (sm_90),
+    // this block asks L2 for the lines of B its warps will read while the down-projection still
+    // runs, then waits for it to end before it reads u. (Otherwise the wait returns at once.)
+    if (i0 < p.m) {
+        for (int j = lane * N; j < p.r; j += 32 * N)
+#pragma unroll
+            for (int w = 0; w < UP_WARP_ROWS; ++w) prefetch_l2(b[w] + j);
+    }
+    wait_for_previous_grid();
     const int rows = min(p.rows, TT);
     // A u row: r rounded up to 32 floats, padded; a multiple of 4 floats (16-byte aligned rows).
     const int ld = u_smem_index((p.r + 31) / 32 * 32);
@@ -109,20 +134,13 @@ template <typename T, int TT> __device__ void up_gemv(const UpParams& p) {
     }
     __syncthreads();
 
-    const int warp = threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    const int i0 = blockIdx.x * UP_ROWS + warp * UP_WARP_ROWS;
     if (i0 >= p.m) return;  // warp-uniform, and no barrier follows
-    const T* b[UP_WARP_ROWS];
-#pragma unroll
-    for (int w = 0; w < UP_WARP_ROWS; ++w) b[w] = static_cast<const T*>(p.b) + (size_t)min(i0 + w, p.m - 1) * p.ldb;
     float acc[UP_WARP_ROWS][TT];
 #pragma unroll
     for (int w = 0; w < UP_WARP_ROWS; ++w)
 #pragma unroll
         for (int t = 0; t < TT; ++t) acc[w][t] = 0.0f;
     for (int j = lane * N; j < p.r; j += 32 * N) {
-        // Rows past m read row m - 1 again (in bounds) and are not stored.
         float bv[UP_WARP_ROWS][N];
 #pragma unroll
         for (int w = 0; w < UP_WARP_ROWS; ++w) load16_f32(b[w] + j, p.r - j, true, bv[w]);

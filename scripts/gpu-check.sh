@@ -18,7 +18,8 @@
 #      and tests/cuda_gpu_scale.rs (model sizes, 500 back-to-back calls, two threads/streams);
 #   3. ours and PyTorch's PEFT path timed the same way (CUDA events around each call, median):
 #      the `vera bench` suite with L2 warm, then the decode shapes with A and B out of L2, then a
-#      bf16 training step (`--backward`) against PyTorch autograd;
+#      bf16 training step (`--backward`) against PyTorch autograd; the decode shapes with and without
+#      programmatic dependent launch (VERA_CUDA_PROGRAMMATIC_LAUNCH=0);
 #   4. cuobjdump -sass -res-usage on the carried fatbin (registers, spills, instruction mix);
 #   5. compute-sanitizer memcheck, racecheck and synccheck on the tile and split edge tests (forward
 #      and backward);
@@ -338,6 +339,44 @@ bench_pair() {
     return "${status}"
 }
 
+# The decode shapes (L2 warm) with the up-projection launched as the down-projection's programmatic
+# dependent (the default on sm_90) and without (VERA_CUDA_PROGRAMMATIC_LAUNCH=0), alternated twice:
+# what the overlap of the two launches buys. $1 bounds each run in seconds; the rest are the shapes.
+programmatic_pair() {
+    local each="$1" t status=0 dir="${WORK}/bench" round mode
+    shift
+    for round in 1 2; do
+        for mode in 1 0; do
+            t="$(step_timeout "${each}" 8)"
+            if [ "${t}" -eq 0 ]; then
+                note "skipped the programmatic-launch timings: time box"
+                return 0
+            fi
+            VERA_CUDA_PROGRAMMATIC_LAUNCH="${mode}" timeout -k 5 "${t}" "${BUNDLE}/vera" bench --device cuda --json \
+                --no-dense --budget-ms 50 "$@" >>"${dir}/vera-programmatic-${mode}.json" \
+                2>>"${dir}/vera-programmatic.stderr" || status=1
+        done
+    done
+    note "timings, decode with and without programmatic dependent launch (fused_ms medians; off/on above 1: it helps):"
+    python3 - "${dir}/vera-programmatic-1.json" "${dir}/vera-programmatic-0.json" <<'PY' | tee -a "${WORK}/summary.txt" || status=1
+import json, statistics, sys
+def load(path):
+    runs = {}
+    for line in open(path):
+        if line.startswith("{"):
+            j = json.loads(line)
+            runs.setdefault((j["case"], j["dtype"]), []).append(j["fused_ms"])
+    return runs
+on, off = load(sys.argv[1]), load(sys.argv[2])
+for key in on:
+    if key in off:
+        a, b = statistics.median(on[key]), statistics.median(off[key])
+        print(f"  {key[0]:28s} {key[1]:5s} on {a * 1e3:8.2f} us  off {b * 1e3:8.2f} us  off/on {b / a:5.2f}")
+PY
+    [ "${status}" -eq 0 ] || note "  the programmatic-launch timings FAILED (see bench/vera-programmatic.stderr)"
+    return "${status}"
+}
+
 benchmarks() {
     header "timings: vera bench --device cuda and PyTorch's PEFT path, the same way"
     mkdir -p "${WORK}/bench"
@@ -347,6 +386,7 @@ benchmarks() {
     bench_pair warm 45 60 "${torch_ok}" --budget-ms 100 || status=1
     # The decode shapes only: there A and B are most of the bytes a call moves.
     bench_pair cold 30 45 "${torch_ok}" --budget-ms 100 --no-dense --l2 cold "${shapes[@]}" || status=1
+    programmatic_pair 10 "${shapes[@]}" || status=1
     # A training step (forward, then backward) against PyTorch autograd through PEFT's formula, bf16.
     bench_pair train 30 45 "${torch_ok}" --budget-ms 50 --no-dense --backward --dtype bf16 || status=1
     return "${status}"

@@ -174,4 +174,10 @@ inline void cp_async_commit() {}
 template <int N>
 inline void cp_async_wait() {}
 
+// griddepcontrol: the emulator runs launches one after another, so a kernel always starts after
+// the previous one ended: nothing to wait for, no one to let start. A prefetch changes nothing.
+inline void grid_dependents_may_launch() {}
+inline void wait_for_previous_grid() {}
+inline void prefetch_l2(const void*) {}
+
 #endif  // VERA_PTX_EMU_H

@@ -33,7 +33,13 @@ pub(crate) struct Gpu {
     functions: HashMap<String, CudaFunction>,
     multiprocessors: usize,
     l2_cache_bytes: usize,
+    /// Whether launches marked [`Launch::dependent`] go out as programmatic dependents: on sm_90
+    /// and newer, unless `VERA_CUDA_PROGRAMMATIC_LAUNCH=0` (to compare with and without).
+    programmatic: bool,
 }
+
+/// The environment variable that turns programmatic dependent launches off (`0`).
+pub(crate) const PROGRAMMATIC_LAUNCH_ENV: &str = "VERA_CUDA_PROGRAMMATIC_LAUNCH";
 
 impl Gpu {
     pub(crate) fn open(ordinal: usize) -> Result<Self> {
@@ -63,6 +69,10 @@ impl Gpu {
         let l2_cache_bytes = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
             .map_err(driver("query the L2 cache size"))?;
+        let major = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .map_err(driver("query the compute capability"))?;
+        let programmatic = major >= 9 && std::env::var(PROGRAMMATIC_LAUNCH_ENV).map_or(true, |v| v != "0");
         // Not the legacy NULL stream: that one waits for and holds up every other blocking stream
         // of the context, and cannot be captured into a CUDA graph.
         let stream = ctx.new_stream().map_err(driver("create the device's stream"))?;
@@ -83,6 +93,7 @@ impl Gpu {
             functions,
             multiprocessors: multiprocessors.max(1) as usize,
             l2_cache_bytes: l2_cache_bytes.max(0) as usize,
+            programmatic,
         })
     }
 
@@ -121,6 +132,10 @@ impl Gpu {
     /// sizes in `params`, until the kernel has run.
     unsafe fn launch<P: DeviceRepr>(&self, stream: &Arc<CudaStream>, launch: &Launch, params: &P) -> Result<()> {
         let f = self.function(&launch.kernel)?;
+        if launch.dependent && self.programmatic {
+            // SAFETY: forwarded (this function's contract).
+            return unsafe { launch_dependent(stream, &f, launch, params) };
+        }
         let config = LaunchConfig {
             grid_dim: (launch.grid[0], launch.grid[1], launch.grid[2]),
             block_dim: (launch.block[0], launch.block[1], launch.block[2]),
@@ -134,6 +149,56 @@ impl Gpu {
             .map(|_| ())
             .map_err(|e| Error::Cuda { operation: format!("launch {}", launch.kernel), message: e.to_string() })
     }
+}
+
+/// Queues `launch` on `stream` as a programmatic dependent of the work queued before it
+/// (`cuLaunchKernelEx` with `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`): its blocks may
+/// be scheduled once every block of the previous kernel has let them (`grid_dependents_may_launch`)
+/// or ended, and the kernel waits for that kernel's end before it reads what it wrote
+/// (`wait_for_previous_grid`, kernels/ptx.cuh). cudarc's launch builder has no launch attributes.
+///
+/// # Safety
+/// As [`Gpu::launch`]; and the kernel reads nothing the previous launch writes before its
+/// `wait_for_previous_grid`.
+unsafe fn launch_dependent<P: DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    f: &CudaFunction,
+    launch: &Launch,
+    params: &P,
+) -> Result<()> {
+    let failed = |e: cudarc::driver::DriverError| Error::Cuda {
+        operation: format!("launch {} as a programmatic dependent", launch.kernel),
+        message: e.to_string(),
+    };
+    // A raw driver call acts on the thread's current context (cudarc binds it in its own launches).
+    stream.context().bind_to_thread().map_err(failed)?;
+    // SAFETY: a C struct holding an enum whose 0 is a valid id and a union of plain integers and
+    // structs of integers: all-zero bytes are a valid value, overwritten below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: launch.grid[0],
+        gridDimY: launch.grid[1],
+        gridDimZ: launch.grid[2],
+        blockDimX: launch.block[0],
+        blockDimY: launch.block[1],
+        blockDimZ: launch.block[2],
+        sharedMemBytes: 0,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // The kernel's one by-value parameter, passed as the driver takes parameters: an array of
+    // pointers to each value (the driver copies the values before returning).
+    let mut args = [std::ptr::from_ref(params).cast_mut().cast::<std::ffi::c_void>()];
+    // SAFETY: `config` and `attr` live across the call; `f` is a function of this stream's
+    // context, resolved at open and kept alive by `f`; the one parameter is a `P` of the type
+    // the kernel takes, whose addresses are valid for what it reads and writes (the caller's
+    // obligations, as for `Gpu::launch`).
+    unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }
+        .result()
+        .map_err(failed)
 }
 
 /// A pair of timing events on one stream: the device time between two points of its work.

@@ -27,6 +27,10 @@ pub(crate) struct Launch {
     pub kernel: String,
     pub grid: [u32; 3],
     pub block: [u32; 3],
+    /// Launched as a programmatic dependent of the launch before it, where the device has them
+    /// (sm_90): it may start while that one runs, and waits for it before reading its results
+    /// (`wait_for_previous_grid` in kernels/ptx.cuh).
+    pub dependent: bool,
 }
 
 /// The two launches of a forward call and the split of the down-projection's k range.
@@ -98,11 +102,14 @@ pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms:
                 kernel: format!("vera_down_gemv_t{tt}_{name}"),
                 grid: [grid_dim(rows_of_a), grid_dim(splits), 1],
                 block: [32 * GEMV_WARPS as u32, 1, 1],
+                dependent: false,
             },
             up: Launch {
                 kernel: format!("vera_up_gemv_t{tt}_{name}"),
                 grid: [grid_dim(m.div_ceil(UP_ROWS)), 1, 1],
                 block: [32 * UP_WARPS as u32, 1, 1],
+                // Streams B into L2 while the down-projection runs (kernels/vera_decode.cu).
+                dependent: true,
             },
             splits,
             k_split,
@@ -123,11 +130,13 @@ pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms:
             kernel: format!("vera_down_tile_{name}"),
             grid: [grid_dim(rows.div_ceil(TILE)), grid_dim(r.div_ceil(TILE)), grid_dim(splits)],
             block: [threads, 1, 1],
+            dependent: false,
         },
         up: Launch {
             kernel: format!("vera_up_tile_{name}"),
             grid: [grid_dim(rows.div_ceil(TILE)), grid_dim(m.div_ceil(TILE)), 1],
             block: [threads, 1, 1],
+            dependent: false,
         },
         splits,
         k_split,
@@ -182,6 +191,8 @@ mod tests {
         assert_eq!(p.down.grid, [64, 16, 1]);
         assert_eq!((p.splits, p.k_split), (16, 256));
         assert_eq!(p.up.grid, [128, 1, 1]);
+        // Only the decode up-projection reads its predecessor's results after a grid wait.
+        assert!(p.up.dependent && !p.down.dependent);
         let p = plan(DType::F16, 5, 100, 40, 70, 132);
         assert_eq!(p.down.kernel, "vera_down_gemv_t8_f16");
         // u would not fit in shared memory: 8 rows x 1025 > 8192.
@@ -190,6 +201,7 @@ mod tests {
         assert_eq!(p.down.kernel, "vera_down_tile_bf16");
         assert_eq!(p.up.grid, [8, 64, 1]);
         assert_eq!(p.down.grid, [8, 4, p.splits as u32]);
+        assert!(!p.up.dependent && !p.down.dependent);
         assert!(p.splits > 1 && p.k_split * p.splits >= 4096);
     }
 
