@@ -112,22 +112,48 @@ template <typename Rows> __device__ __forceinline__ RowEpilogue row_epilogue(con
     return RowEpilogue{k * p.ld_lambda_b, rows.has_bias(p, k)};
 }
 
-// The up-projection's epilogue for one output element of row t, with that row's adapter as `rows`
-// maps it: lambda_b, bias and the base fused, in the order the CPU defines it (src/cpu/sink.rs,
-// Epilogue::apply: scale, then bias, then the old value), so that both backends round alike. A
-// row without adapter is left as it is when accumulating and set to zero otherwise.
+// What the up-projection's epilogue reads for one output element besides its sum: whether row t
+// has an adapter and that adapter a bias, its lambda_b and bias at column i, and the old value of
+// y when accumulating. load_output reads them, finish_output combines them with the sum, so that
+// a kernel can make the loads long before the sum is ready (the decode up-projection makes them
+// before its k loop).
+struct OutputOperands {
+    bool adapter, has_bias;
+    float scale, bias, old;
+};
+
 template <typename T, typename Rows>
-__device__ __forceinline__ void store_output(const UpParams& p, Rows rows, int t, int i, float v) {
+__device__ __forceinline__ OutputOperands load_output(const UpParams& p, Rows rows, int t, int i) {
     const RowEpilogue e = row_epilogue(p, rows, t);
+    OutputOperands o{e.row >= 0, e.bias, 0.0f, 0.0f, 0.0f};
+    if (!o.adapter) return o;
+    o.scale = p.lambda_b[e.row + i];
+    if (o.has_bias) o.bias = p.bias[e.row + i];
+    if (p.accumulate) o.old = to_f32(static_cast<const T*>(p.y)[(size_t)t * p.ldy + i]);
+    return o;
+}
+
+// The up-projection's epilogue for one output element of row t: lambda_b, bias and the base fused,
+// in the order the CPU defines it (src/cpu/sink.rs, Epilogue::apply: scale, then bias, then the old
+// value), so that both backends round alike. A row without adapter is left as it is when
+// accumulating and set to zero otherwise.
+template <typename T>
+__device__ __forceinline__ void finish_output(const UpParams& p, int t, int i, float v, const OutputOperands& o) {
     T* y = static_cast<T*>(p.y) + (size_t)t * p.ldy + i;
-    if (e.row < 0) {
+    if (!o.adapter) {
         if (!p.accumulate) *y = from_f32<T>(0.0f);
         return;
     }
-    float out = p.lambda_b[e.row + i] * v;
-    if (e.bias) out += p.bias[e.row + i];
-    if (p.accumulate) out += to_f32(*y);
+    float out = o.scale * v;
+    if (o.has_bias) out += o.bias;
+    if (p.accumulate) out += o.old;
     *y = from_f32<T>(out);
+}
+
+// The epilogue of one output element, with row t's adapter as `rows` maps it.
+template <typename T, typename Rows>
+__device__ __forceinline__ void store_output(const UpParams& p, Rows rows, int t, int i, float v) {
+    finish_output<T>(p, t, i, v, load_output<T>(p, rows, t, i));
 }
 
 // Two adjacent 16-bit outputs, read and written as one 4-byte access.

@@ -121,8 +121,16 @@ template <typename T, int TT> __device__ void up_gemv(const UpParams& p) {
 #pragma unroll
             for (int w = 0; w < UP_WARP_ROWS; ++w) prefetch_l2(b[w] + j);
     }
-    wait_for_previous_grid();
+    // The lane that stores an output (lane w * TT + t stores output i0 + w of token row t, see
+    // below) loads its y, lambda_b and bias now, ahead of the sum: they do not depend on the
+    // down-projection either, and the store then waits on no load.
     const int rows = min(p.rows, TT);
+    const int out_w = lane / TT, out_t = lane % TT;
+    static_assert(UP_WARP_ROWS * TT <= 32, "one lane per output of the warp");
+    const bool stores = out_w < UP_WARP_ROWS && out_t < rows && i0 + out_w < p.m;
+    OutputOperands out{};
+    if (stores) with_rows(p.rows_adapter, [&](auto map) { out = load_output<T>(p, map, out_t, i0 + out_w); });
+    wait_for_previous_grid();
     // A u row: r rounded up to 32 floats, padded; a multiple of 4 floats (16-byte aligned rows).
     const int ld = u_smem_index((p.r + 31) / 32 * 32);
     const float* u_global = static_cast<const float*>(p.u);
@@ -167,10 +175,9 @@ template <typename T, int TT> __device__ void up_gemv(const UpParams& p) {
         }
     }
     // warp_sum is a butterfly: every lane ends with every sum, the same bits. Lane w * TT + t
-    // stores output i0 + w of token row t, so the warp's up to 32 stores (each reading y, lambda_b
-    // and the bias) run side by side, not one after another in lane 0, where each store could alias
-    // the next one's loads and so waited for it.
-    static_assert(UP_WARP_ROWS * TT <= 32, "one lane per output of the warp");
+    // stores output i0 + w of token row t, so the warp's up to 32 stores run side by side, not one
+    // after another in lane 0, where each store could alias the next one's loads and so waited
+    // for it.
     float mine = 0.0f;
 #pragma unroll
     for (int w = 0; w < UP_WARP_ROWS; ++w) {
@@ -180,9 +187,7 @@ template <typename T, int TT> __device__ void up_gemv(const UpParams& p) {
             if (lane == w * TT + t) mine = sum;
         }
     }
-    const int w = lane / TT, t = lane % TT;
-    if (w < UP_WARP_ROWS && t < rows && i0 + w < p.m)
-        with_rows(p.rows_adapter, [&](auto map) { store_output<T>(p, map, t, i0 + w, mine); });
+    if (stores) finish_output<T>(p, out_t, i0 + out_w, mine, out);
 }
 
 #define VERA_DECODE_KERNELS(TT, T, NAME)                                                                     \
