@@ -135,22 +135,8 @@ __device__ __forceinline__ void mma_tile(MmaSmem<T>& sm, int k_begin, int k_end,
     cp_async_wait<0>();
 }
 
-// Calls f(row, col, value) for each accumulator of this thread (the mma C fragment layout).
-template <typename F> __device__ __forceinline__ void for_each_acc(const float (&acc)[2][4][4], F f) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int warp_m = (warp / 2) * 32, warp_n = (warp % 2) * 32;
-    const int gid = lane / 4, tig = lane % 4;
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int c = 0; c < 4; ++c)
-                f(warp_m + mi * 16 + gid + (c / 2) * 8, warp_n + ni * 8 + tig * 2 + (c % 2), acc[mi][ni][c]);
-}
-
 // Calls f(row, col, value, value of col + 1) for each pair of adjacent accumulators of this
-// thread (c[0], c[1] and c[2], c[3] of each mma C fragment; col even).
+// thread (c[0], c[1] and c[2], c[3] of each mma C fragment, in the layout of the PTX ISA; col even).
 template <typename F> __device__ __forceinline__ void for_each_acc_pair(const float (&acc)[2][4][4], F f) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int warp_m = (warp / 2) * 32, warp_n = (warp % 2) * 32;
@@ -162,6 +148,14 @@ template <typename F> __device__ __forceinline__ void for_each_acc_pair(const fl
 #pragma unroll
             for (int h = 0; h < 2; ++h)
                 f(warp_m + mi * 16 + gid + h * 8, warp_n + ni * 8 + tig * 2, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+}
+
+// Calls f(row, col, value) for each accumulator of this thread.
+template <typename F> __device__ __forceinline__ void for_each_acc(const float (&acc)[2][4][4], F f) {
+    for_each_acc_pair(acc, [&](int row, int col, float v0, float v1) {
+        f(row, col, v0);
+        f(row, col + 1, v1);
+    });
 }
 
 // Stores a finished tile of u: directly when k is not split, else as this split's partials, and
