@@ -122,20 +122,35 @@ struct OutputOperands {
     float scale, bias, old;
 };
 
-template <typename T, typename Rows>
-__device__ __forceinline__ OutputOperands load_output(const UpParams& p, Rows rows, int t, int i) {
+// Row t's adapter's part of the operands of output i (old left at 0).
+template <typename Rows>
+__device__ __forceinline__ OutputOperands load_output_scales(const UpParams& p, Rows rows, int t, int i) {
     const RowEpilogue e = row_epilogue(p, rows, t);
     OutputOperands o{e.row >= 0, e.bias, 0.0f, 0.0f, 0.0f};
     if (!o.adapter) return o;
     o.scale = p.lambda_b[e.row + i];
     if (o.has_bias) o.bias = p.bias[e.row + i];
-    if (p.accumulate) o.old = to_f32(static_cast<const T*>(p.y)[(size_t)t * p.ldy + i]);
     return o;
 }
 
-// The up-projection's epilogue for one output element of row t: lambda_b, bias and the base fused,
-// in the order the CPU defines it (src/cpu/sink.rs, Epilogue::apply: scale, then bias, then the old
-// value), so that both backends round alike. A row without adapter is left as it is when
+template <typename T, typename Rows>
+__device__ __forceinline__ OutputOperands load_output(const UpParams& p, Rows rows, int t, int i) {
+    OutputOperands o = load_output_scales(p, rows, t, i);
+    if (o.adapter && p.accumulate) o.old = to_f32(static_cast<const T*>(p.y)[(size_t)t * p.ldy + i]);
+    return o;
+}
+
+// The up-projection's epilogue for one output element with an adapter: lambda_b, bias and the base
+// fused, in the order the CPU defines it (src/cpu/sink.rs, Epilogue::apply: scale, then bias, then
+// the old value), so that both backends round alike.
+__device__ __forceinline__ float epilogue_value(const UpParams& p, const OutputOperands& o, float v) {
+    float out = o.scale * v;
+    if (o.has_bias) out += o.bias;
+    if (p.accumulate) out += o.old;
+    return out;
+}
+
+// Output i of row t from its sum and operands. A row without adapter is left as it is when
 // accumulating and set to zero otherwise.
 template <typename T>
 __device__ __forceinline__ void finish_output(const UpParams& p, int t, int i, float v, const OutputOperands& o) {
@@ -144,10 +159,7 @@ __device__ __forceinline__ void finish_output(const UpParams& p, int t, int i, f
         if (!p.accumulate) *y = from_f32<T>(0.0f);
         return;
     }
-    float out = o.scale * v;
-    if (o.has_bias) out += o.bias;
-    if (p.accumulate) out += o.old;
-    *y = from_f32<T>(out);
+    *y = from_f32<T>(epilogue_value(p, o, v));
 }
 
 // The epilogue of one output element, with row t's adapter as `rows` maps it.
@@ -168,22 +180,16 @@ template <typename T> struct alignas(4) OutputPair {
 template <typename T, typename Rows>
 __device__ __forceinline__ void store_output_pair(const UpParams& p, Rows rows, int t, int i, float v0, float v1) {
     static_assert(sizeof(T) == 2, "pairs of 16-bit outputs");
-    const RowEpilogue e = row_epilogue(p, rows, t);
+    OutputOperands o0 = load_output_scales(p, rows, t, i), o1 = load_output_scales(p, rows, t, i + 1);
     OutputPair<T>* y = reinterpret_cast<OutputPair<T>*>(static_cast<T*>(p.y) + (size_t)t * p.ldy + i);
-    if (e.row < 0) {
+    if (!o0.adapter) {
         if (!p.accumulate) *y = OutputPair<T>{from_f32<T>(0.0f), from_f32<T>(0.0f)};
         return;
     }
-    float out0 = p.lambda_b[e.row + i] * v0;
-    float out1 = p.lambda_b[e.row + i + 1] * v1;
-    if (e.bias) {
-        out0 += p.bias[e.row + i];
-        out1 += p.bias[e.row + i + 1];
-    }
     if (p.accumulate) {
         const OutputPair<T> old = *y;
-        out0 += to_f32(old.lo);
-        out1 += to_f32(old.hi);
+        o0.old = to_f32(old.lo);
+        o1.old = to_f32(old.hi);
     }
-    *y = OutputPair<T>{from_f32<T>(out0), from_f32<T>(out1)};
+    *y = OutputPair<T>{from_f32<T>(epilogue_value(p, o0, v0)), from_f32<T>(epilogue_value(p, o1, v1))};
 }
