@@ -100,7 +100,7 @@ struct DownParams {
     unsigned* counters;      // one per output group, zero between calls (unused when splits == 1)
     int rows, n, r, ldx;
     int lda, k_split, splits, ldu;
-    int x_aligned;           // x and ldx allow 16-byte loads
+    int x_align;             // 16, 8 or 4: x and ldx are aligned to that many bytes; 0: neither
     int ld_lambda_d;         // r for a bank, 0 for one adapter
 };
 

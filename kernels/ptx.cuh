@@ -43,11 +43,19 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row) {
                  : "r"(smem_addr(row)));
 }
 
-// 16 bytes global -> shared without passing through registers; bytes past src_bytes are zero-filled
-// (src_bytes = 0 reads nothing), which is how the tile loaders mask the matrices' edges.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
-                 "r"(src_bytes));
+// BYTES (4, 8 or 16; both addresses aligned to it) global -> shared without passing through
+// registers; bytes past src_bytes are zero-filled (src_bytes = 0 reads nothing), which is how the
+// tile loaders mask the matrices' edges. 16-byte copies bypass L1 (.cg); the PTX ISA allows that
+// only for 16 bytes, so smaller ones go through it (.ca).
+template <int BYTES> __device__ __forceinline__ void cp_async(void* smem, const void* gmem, int src_bytes) {
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+    if constexpr (BYTES == 16) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+                     "r"(src_bytes));
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+                     "n"(BYTES), "r"(src_bytes));
+    }
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }

@@ -61,7 +61,7 @@ template <typename T, int TT> __device__ void down_gemv(const DownParams& p) {
             for (int t = 0; t < TT; ++t) {
                 if (t < rows) {
                     float xv[N];
-                    load16_f32(x + (size_t)t * p.ldx + k, k_end - k, p.x_aligned != 0, xv);
+                    load16_f32(x + (size_t)t * p.ldx + k, k_end - k, p.x_align == 16, xv);
 #pragma unroll
                     for (int e = 0; e < N; ++e) acc[t] = fmaf(xv[e], av[e], acc[t]);
                 }

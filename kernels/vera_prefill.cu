@@ -57,10 +57,24 @@ template <int GROUP> __device__ __forceinline__ TileOrigin tile_in_order() {
 // Tile loaders (16-bit path). Each fills a [64][SK] stage with rows [row0, row0 + 64) and k in
 // [k0, k0 + BK); anything past `rows` or `k_end` is zero.
 
-// From a K-contiguous global matrix, by cp.async when the rows are 16-byte aligned.
+// One 16-byte chunk of a tile row by cp.async in copies of BYTES: its first `valid` elements from
+// `from` (not read when valid = 0), zeros after them.
+template <int BYTES, typename T> __device__ __forceinline__ void copy_chunk(T* d, const T* from, int valid) {
+    constexpr int N = Vec16<T>::N, STEP = BYTES / (int)sizeof(T);
+#pragma unroll
+    for (int e = 0; e < N; e += STEP) {
+        const int v = max(0, min(STEP, valid - e));
+        cp_async<BYTES>(d + e, v > 0 ? from + e : from, v * (int)sizeof(T));
+    }
+}
+
+// From a K-contiguous global matrix whose rows (start and stride) are aligned to `align` bytes: by
+// cp.async in copies of `align` bytes when that is 4, 8 or 16 (the same for every thread: a uniform
+// branch), element by element through registers otherwise. Every chunk starts a multiple of 16
+// bytes into its row (k0 and kk are multiples of N), so each copy is as aligned as its row.
 template <typename T>
 __device__ __forceinline__ void load_rows(T (*dst)[SK], const T* src, int ld, int row0, int rows, int k0, int k_end,
-                                          bool aligned) {
+                                          int align) {
     constexpr int N = Vec16<T>::N;
     constexpr int CHUNKS_PER_ROW = BK / N;
     for (int c = threadIdx.x; c < BM * CHUNKS_PER_ROW; c += MMA_THREADS) {
@@ -68,11 +82,16 @@ __device__ __forceinline__ void load_rows(T (*dst)[SK], const T* src, int ld, in
         const int row = row0 + rr, k = k0 + kk;
         const int valid = row < rows ? max(0, min(N, k_end - k)) : 0;
         T* d = &dst[rr][kk];
-        if (aligned) {
-            cp_async_16(d, valid > 0 ? src + (size_t)row * ld + k : src, valid * (int)sizeof(T));
+        const T* from = valid > 0 ? src + (size_t)row * ld + k : src;
+        if (align == 16) {
+            copy_chunk<16>(d, from, valid);
+        } else if (align == 8) {
+            copy_chunk<8>(d, from, valid);
+        } else if (align == 4) {
+            copy_chunk<4>(d, from, valid);
         } else {
 #pragma unroll
-            for (int e = 0; e < N; ++e) d[e] = e < valid ? src[(size_t)row * ld + k + e] : from_f32<T>(0.0f);
+            for (int e = 0; e < N; ++e) d[e] = e < valid ? from[e] : from_f32<T>(0.0f);
         }
     }
 }
@@ -199,8 +218,8 @@ template <typename T> __device__ void down_mma(const DownParams& p) {
     float acc[2][4][4] = {};
     mma_tile<T>(
         sm, k_begin, k_end,
-        [&](T (*dst)[SK], int k0) { load_rows(dst, x, p.ldx, row0, p.rows, k0, k_end, p.x_aligned != 0); },
-        [&](T (*dst)[SK], int k0) { load_rows(dst, a, p.lda, col0, p.r, k0, k_end, true); }, acc);
+        [&](T (*dst)[SK], int k0) { load_rows(dst, x, p.ldx, row0, p.rows, k0, k_end, p.x_align); },
+        [&](T (*dst)[SK], int k0) { load_rows(dst, a, p.lda, col0, p.r, k0, k_end, 16); }, acc);
     store_u_tile<T>(p, row0, col0, [&](auto f) { for_each_acc(acc, f); });
 }
 
@@ -213,8 +232,8 @@ template <typename T> __device__ void up_mma(const UpParams& p) {
     float acc[2][4][4] = {};
     const T* u = static_cast<const T*>(p.u);
     mma_tile<T>(
-        sm, 0, p.r, [&](T (*dst)[SK], int k0) { load_rows(dst, u, p.ldu, row0, p.rows, k0, p.r, true); },
-        [&](T (*dst)[SK], int k0) { load_rows(dst, b, p.ldb, col0, p.m, k0, p.r, true); }, acc);
+        sm, 0, p.r, [&](T (*dst)[SK], int k0) { load_rows(dst, u, p.ldu, row0, p.rows, k0, p.r, 16); },
+        [&](T (*dst)[SK], int k0) { load_rows(dst, b, p.ldb, col0, p.m, k0, p.r, 16); }, acc);
     // The C fragment holds pairs of adjacent columns (an even one first): stored as pairs.
     with_rows(p.rows_adapter, [&](auto map) {
         for_each_acc_pair(acc, [&](int rr, int cc, float v0, float v1) {

@@ -3,7 +3,8 @@
 //! the driver finds one (feature `cuda`). Shapes are drawn so that every kernel and every edge is hit:
 //! decode (1..=8 rows, one kernel per power of two) and prefill (9+ rows), one past the 64-row /
 //! 64-column tiles and the 32-wide k stages, k ranges split across blocks, n not a multiple of the
-//! 8-element vectors, unaligned strides (the kernels' scalar paths), both modes, bias on and off,
+//! 8-element vectors, x rows 16-, 8-, 4- and 2-byte aligned (the tile loader's copies of each size
+//! and the kernels' scalar paths), both modes, bias on and off,
 //! every dtype. The tolerance is `reference::forward_error_bound_cuda`, derived in its docs.
 //!
 //! `VERA_KERNELS_SKIP_EMULATION=1` tests the GPU alone (scripts/gpu-check.sh on the GPU machine,
@@ -160,7 +161,12 @@ fn edge_cases<T: Element>() {
             // 10 row tiles: a whole group of the up-projection's launch order (8) and a partial one.
             (600, 40, 70, 130),
         ] {
-            for (x_pad, accumulate, bias) in [(0, true, true), (3, false, false)] {
+            // x rows n + x_pad elements apart: a multiple of 8 elements; odd; 2 and 4 past one (for
+            // 16-bit types 4- and 8-byte aligned rows: the tile loader's 4- and 8-byte copies).
+            let past_8 = |extra: usize| (8 - n % 8 + extra) % 8;
+            for (x_pad, accumulate, bias) in
+                [(0, true, true), (3, false, false), (past_8(2), true, false), (past_8(4), false, true)]
+            {
                 seed += 1;
                 let c = Case { t, n, m, r, n_extra: 5, m_extra: 3, x_pad, y_pad: 2, bias, accumulate, seed };
                 check::<T>(&stream, &c).unwrap_or_else(|e| panic!("{} {c:?}: {e}", device.name()));

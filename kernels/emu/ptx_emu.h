@@ -152,23 +152,26 @@ inline void ldmatrix_x4_trans(::uint32_t r[4], const void* row, const char* file
     ::vera_emu::ptx::ldmatrix(r, 4, true, row, file, line);
 }
 
-// cp.async.cg.shared.global [smem], [gmem], 16, src_bytes: copy src_bytes (0..16), zero the rest
-// of the 16 bytes. Done synchronously; when src_bytes == 0 the source is not read.
-inline void cp_async_16(void* smem, const void* gmem, int src_bytes, const char* file = __builtin_FILE(),
-                        int line = __builtin_LINE()) {
-    if (src_bytes < 0 || src_bytes > 16)
-        ::vera_emu::fail("cp.async at %s:%d: src_bytes %d not in [0, 16]", ::vera_emu::base_name(file), line,
-                         src_bytes);
-    if ((reinterpret_cast<::uintptr_t>(smem) & 15u) != 0)
-        ::vera_emu::fail("cp.async at %s:%d: shared address %p is not 16-byte aligned", ::vera_emu::base_name(file),
-                         line, smem);
-    if (src_bytes > 0 && (reinterpret_cast<::uintptr_t>(gmem) & 15u) != 0)
-        ::vera_emu::fail("cp.async at %s:%d: global address %p is not 16-byte aligned", ::vera_emu::base_name(file),
-                         line, gmem);
+// cp.async.{cg,ca}.shared.global [smem], [gmem], BYTES, src_bytes: copy src_bytes (0..BYTES), zero
+// the rest of the BYTES. Done synchronously; when src_bytes == 0 the source is not read.
+template <int BYTES>
+inline void cp_async(void* smem, const void* gmem, int src_bytes, const char* file = __builtin_FILE(),
+                     int line = __builtin_LINE()) {
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+    if (src_bytes < 0 || src_bytes > BYTES)
+        ::vera_emu::fail("cp.async at %s:%d: src_bytes %d not in [0, %d]", ::vera_emu::base_name(file), line,
+                         src_bytes, BYTES);
+    constexpr ::uintptr_t MASK = BYTES - 1;
+    if ((reinterpret_cast<::uintptr_t>(smem) & MASK) != 0)
+        ::vera_emu::fail("cp.async at %s:%d: shared address %p is not %d-byte aligned", ::vera_emu::base_name(file),
+                         line, smem, BYTES);
+    if (src_bytes > 0 && (reinterpret_cast<::uintptr_t>(gmem) & MASK) != 0)
+        ::vera_emu::fail("cp.async at %s:%d: global address %p is not %d-byte aligned", ::vera_emu::base_name(file),
+                         line, gmem, BYTES);
     ::vera_emu::maybe_yield();  // a global read: a switch point in the concurrent schedule
     unsigned char* d = static_cast<unsigned char*>(smem);
     if (src_bytes > 0) __builtin_memcpy(d, gmem, static_cast<unsigned long>(src_bytes));
-    for (int i = src_bytes; i < 16; ++i) d[i] = 0;
+    for (int i = src_bytes; i < BYTES; ++i) d[i] = 0;
 }
 inline void cp_async_commit() {}
 template <int N>

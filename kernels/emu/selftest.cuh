@@ -252,18 +252,25 @@ extern "C" __global__ void vera_emu_selftest_ldmatrix_misaligned(uint32_t* out) 
 }
 VERA_EMU_REGISTER(vera_emu_selftest_ldmatrix_misaligned)
 
-// cp.async with zero fill: lane l copies l % 17 bytes of its 16-byte chunk (a null source when 0).
+// cp.async with zero fill: lane l fills its 16-byte chunk with the first l % 17 bytes of its source
+// chunk (a null source when 0), in region w of `out` by 16 >> w copies of 16, 8 or 4 bytes.
 extern "C" __global__ void vera_emu_selftest_cp_async(const unsigned char* src, unsigned char* out) {
-    __shared__ __align__(16) unsigned char s[32 * 16];
+    __shared__ __align__(16) unsigned char s[3][32 * 16];
     const int lane = static_cast<int>(threadIdx.x);
-    for (int i = 0; i < 16; ++i) s[lane * 16 + i] = 0xAA;
+    for (int w = 0; w < 3; ++w)
+        for (int i = 0; i < 16; ++i) s[w][lane * 16 + i] = 0xAA;
     __syncthreads();
     const int n = lane % 17;
-    cp_async_16(&s[lane * 16], n ? src + lane * 16 : nullptr, n);
+    const auto part = [&](int at, int bytes) { return n - at < 0 ? 0 : (n - at > bytes ? bytes : n - at); };
+    const auto from = [&](int at, int bytes) { return part(at, bytes) ? src + lane * 16 + at : nullptr; };
+    cp_async<16>(&s[0][lane * 16], from(0, 16), part(0, 16));
+    for (int at = 0; at < 16; at += 8) cp_async<8>(&s[1][lane * 16 + at], from(at, 8), part(at, 8));
+    for (int at = 0; at < 16; at += 4) cp_async<4>(&s[2][lane * 16 + at], from(at, 4), part(at, 4));
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
-    for (int i = 0; i < 16; ++i) out[lane * 16 + i] = s[lane * 16 + i];
+    for (int w = 0; w < 3; ++w)
+        for (int i = 0; i < 16; ++i) out[w * 32 * 16 + lane * 16 + i] = s[w][lane * 16 + i];
 }
 VERA_EMU_REGISTER(vera_emu_selftest_cp_async)
 

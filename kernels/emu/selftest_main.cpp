@@ -353,20 +353,21 @@ void test_ldmatrix() {
 }
 
 void test_cp_async() {
-    section("cp.async 16 bytes with zero fill");
+    section("cp.async of 16, 8 and 4 bytes with zero fill");
     alignas(16) unsigned char src[32 * 16];
     for (int i = 0; i < 32 * 16; ++i) src[i] = static_cast<unsigned char>(i * 7 + 1);
-    std::vector<unsigned char> out(32 * 16, 0x55);
+    std::vector<unsigned char> out(3 * 32 * 16, 0x55);
     const unsigned char* ps = src;
     unsigned char* po = out.data();
     CHECK(launch("vera_emu_selftest_cp_async", dim3(1), dim3(32), {&ps, &po}) == 0, "launch");
-    for (int l = 0; l < 32; ++l) {
-        const int n = l % 17;
-        for (int i = 0; i < 16; ++i) {
-            const unsigned char want = i < n ? src[l * 16 + i] : 0;
-            CHECK(out[l * 16 + i] == want, "lane %d byte %d: %02x != %02x", l, i, out[l * 16 + i], want);
+    for (int w = 0; w < 3; ++w)
+        for (int l = 0; l < 32; ++l) {
+            const int n = l % 17;
+            for (int i = 0; i < 16; ++i) {
+                const unsigned char want = i < n ? src[l * 16 + i] : 0, got = out[w * 32 * 16 + l * 16 + i];
+                CHECK(got == want, "%d-byte copies, lane %d byte %d: %02x != %02x", 16 >> w, l, i, got, want);
+            }
         }
-    }
 }
 
 void test_params_atomics_stack() {

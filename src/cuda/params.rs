@@ -28,7 +28,7 @@ pub(crate) struct DownParams {
     pub k_split: i32,
     pub splits: i32,
     pub ldu: i32,
-    pub x_aligned: i32,
+    pub x_align: i32,
     pub ld_lambda_d: i32,
 }
 
@@ -67,10 +67,11 @@ pub(crate) fn to_i32(v: usize, what: &'static str) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::SizeOverflow { what })
 }
 
-/// Whether rows at `addr`, `stride_bytes` apart, allow the kernels' 16-byte vector loads (1) or need
-/// their element-by-element path (0).
-fn vector_aligned(addr: u64, stride_bytes: usize) -> i32 {
-    aligned_to(16, addr, stride_bytes)
+/// The widest of the kernels' 16-, 8- and 4-byte accesses that rows at `addr`, `stride_bytes` apart,
+/// allow (16-byte vector loads, and `cp.async` copies of that size), or 0 for their
+/// element-by-element path.
+fn row_alignment(addr: u64, stride_bytes: usize) -> i32 {
+    [16, 8, 4].into_iter().find(|&bytes| aligned_to(bytes, addr, stride_bytes) == 1).map_or(0, |b| b as i32)
 }
 
 /// Whether rows at `addr`, `stride_bytes` apart, allow the tile kernels' 4-byte accesses to two
@@ -196,7 +197,7 @@ pub(crate) fn launch_params(plan: &Plan, call: &Call, at: &Addresses) -> Result<
         k_split: to_i32(plan.k_split, "k split")?,
         splits: to_i32(plan.splits, "k splits")?,
         ldu,
-        x_aligned: vector_aligned(at.x, call.x_stride_bytes),
+        x_align: row_alignment(at.x, call.x_stride_bytes),
         ld_lambda_d,
     };
     let up = UpParams {
@@ -268,7 +269,7 @@ mod tests {
                 k_split: plan.k_split as i32,
                 splits: plan.splits as i32,
                 ldu: plan.ldu as i32,
-                x_aligned: 1,
+                x_align: 16,
                 ld_lambda_d: 0,
             }
         );
@@ -300,12 +301,17 @@ mod tests {
     #[test]
     fn x_alignment_bias_and_mode_are_read_from_the_call() {
         let plan = crate::cuda::plan::plan(DType::F16, 5, 100, 10, 70, 132);
-        // 100 f16 = 200 bytes between rows: not a multiple of 16, so the scalar path.
+        // 100 f16 = 200 bytes between rows: a multiple of 8, not of 16.
         let (down, up) = launch_params(&plan, &call(100, 2, Mode::Overwrite), &ADDRESSES).unwrap();
-        assert_eq!((down.x_aligned, up.accumulate), (0, 0));
-        let unaligned_x = Addresses { x: 0x1008, bias: Some(0xa000), ..ADDRESSES };
-        let (down, up) = launch_params(&plan, &call(104, 2, Mode::Accumulate), &unaligned_x).unwrap();
-        assert_eq!((down.x_aligned, up.bias), (0, 0xa000));
+        assert_eq!((down.x_align, up.accumulate), (8, 0));
+        // 102 f16 = 204 bytes: a multiple of 4; 101 f16 = 202 bytes: of 2 only.
+        assert_eq!(launch_params(&plan, &call(102, 2, Mode::Overwrite), &ADDRESSES).unwrap().0.x_align, 4);
+        assert_eq!(launch_params(&plan, &call(101, 2, Mode::Overwrite), &ADDRESSES).unwrap().0.x_align, 0);
+        // The start counts as much as the stride: 208 bytes between rows from an 8- or 2-byte boundary.
+        let x_at = |x: u64| Addresses { x, bias: Some(0xa000), ..ADDRESSES };
+        let (down, up) = launch_params(&plan, &call(104, 2, Mode::Accumulate), &x_at(0x1008)).unwrap();
+        assert_eq!((down.x_align, up.bias), (8, 0xa000));
+        assert_eq!(launch_params(&plan, &call(104, 2, Mode::Accumulate), &x_at(0x1002)).unwrap().0.x_align, 0);
     }
 
     #[test]
