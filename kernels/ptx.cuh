@@ -65,6 +65,19 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// The block's dynamic shared memory, 16-byte aligned, and its size: the bytes the launch asked for
+// (kernels whose shared memory passes the 48 KiB a static array may take).
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+    extern __shared__ __align__(16) unsigned char vera_dynamic_smem[];
+    return vera_dynamic_smem;
+}
+
+__device__ __forceinline__ unsigned dynamic_smem_size() {
+    unsigned bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(bytes));
+    return bytes;
+}
+
 // Programmatic dependent launch: a kernel launched with the host's programmatic-serialisation
 // attribute may start before the previous kernel of its stream ends, once every block of that
 // kernel has called grid_dependents_may_launch (or ended). It must call wait_for_previous_grid

@@ -9,6 +9,10 @@
 //                           are too few tiles to fill the GPU (the last block of a tile sums the
 //                           splits, in order).
 //   vera_up_tile_<dtype>:   a 64x64 tile of y = u·Bᵀ with lambda_b, bias and the base add fused.
+//   vera_{down,up}_tile128_<dtype> (16-bit only): the same on 128x128 tiles (8 warps, 4 stages in
+//                           80 KiB of dynamic shared memory), for products with a wave of such
+//                           tiles (src/cuda/plan.rs): each k stage feeds twice the mma per byte
+//                           loaded into shared memory.
 //
 // The lambdas and the bias are those of row t's adapter (compat.cuh): one for every row, or each
 // row's own in a mixed-adapter call.
@@ -22,6 +26,21 @@ constexpr int STAGES = 3;              // cp.async pipeline depth
 constexpr int SK = BK + 8;             // shared row stride: 80-byte rows keep 16-byte alignment and
                                        // put ldmatrix's 8 row reads in distinct bank groups
 constexpr int MMA_THREADS = 128;       // 4 warps, 2 x 2, each a 32 x 32 sub-tile
+constexpr int BIG = 128;               // rows and columns of the large tiles
+constexpr int BIG_STAGES = 4;
+constexpr int STATIC_SMEM_MAX = 48 * 1024;  // past this a kernel needs dynamic shared memory
+
+// A tensor-core tile: BM_ x BN_ outputs per block, WARPS_M x WARPS_N warps, each an (MI x 16) x
+// (NI x 8) sub-tile of mma fragments, fed by STAGES_ stages of BK.
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_> struct MmaShape {
+    static constexpr int TM = BM_, TN = BN_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
+    static constexpr int THREADS = 32 * WARPS_M * WARPS_N;
+    static constexpr int MI = TM / WARPS_M / 16, NI = TN / WARPS_N / 8;
+    static_assert(MI * 16 * WARPS_M == TM && NI * 8 * WARPS_N == TN && NI % 2 == 0, "whole mma fragments");
+};
+using Tile64 = MmaShape<BM, BN, 2, 2, STAGES>;
+static_assert(Tile64::THREADS == MMA_THREADS, "the 64-tile kernels' launch size");
+using Tile128 = MmaShape<BIG, BIG, 2, 4, BIG_STAGES>;  // 8 warps, each 64 x 32
 
 // Launch order. The host launches (row tiles, column tiles[, splits]) and blocks start in linear
 // order (x fastest, then y), so the order in which blocks take tiles decides which tiles run at
@@ -43,19 +62,19 @@ struct TileOrigin {
     int row0, col0;
 };
 
-template <int GROUP> __device__ __forceinline__ TileOrigin tile_in_order() {
+template <int GROUP, int TM, int TN> __device__ __forceinline__ TileOrigin tile_in_order() {
     const int row_tiles = gridDim.x, col_tiles = gridDim.y;
     const long long place = blockIdx.x + (long long)gridDim.x * blockIdx.y;
     const long long per_group = (long long)GROUP * col_tiles;
     const int first = (int)(place / per_group) * GROUP;
     const int size = min(row_tiles - first, GROUP);
     const int in_group = (int)(place % per_group);
-    return TileOrigin{(first + in_group % size) * BM, (in_group / size) * BN};
+    return TileOrigin{(first + in_group % size) * TM, (in_group / size) * TN};
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tile loaders (16-bit path). Each fills a [64][SK] stage with rows [row0, row0 + 64) and k in
-// [k0, k0 + BK); anything past `rows` or `k_end` is zero.
+// Tile loaders (16-bit path). Each fills a [ROWS][SK] stage with rows [row0, row0 + ROWS) and k in
+// [k0, k0 + BK), shared by THREADS threads; anything past `rows` or `k_end` is zero.
 
 // One 16-byte chunk of a tile row by cp.async in copies of BYTES: its first `valid` elements from
 // `from` (not read when valid = 0), zeros after them.
@@ -72,12 +91,12 @@ template <int BYTES, typename T> __device__ __forceinline__ void copy_chunk(T* d
 // cp.async in copies of `align` bytes when that is 4, 8 or 16 (the same for every thread: a uniform
 // branch), element by element through registers otherwise. Every chunk starts a multiple of 16
 // bytes into its row (k0 and kk are multiples of N), so each copy is as aligned as its row.
-template <typename T>
+template <int ROWS, int THREADS, typename T>
 __device__ __forceinline__ void load_rows(T (*dst)[SK], const T* src, int ld, int row0, int rows, int k0, int k_end,
                                           int align) {
     constexpr int N = Vec16<T>::N;
     constexpr int CHUNKS_PER_ROW = BK / N;
-    for (int c = threadIdx.x; c < BM * CHUNKS_PER_ROW; c += MMA_THREADS) {
+    for (int c = threadIdx.x; c < ROWS * CHUNKS_PER_ROW; c += THREADS) {
         const int rr = c / CHUNKS_PER_ROW, kk = (c % CHUNKS_PER_ROW) * N;
         const int row = row0 + rr, k = k0 + kk;
         const int valid = row < rows ? max(0, min(N, k_end - k)) : 0;
@@ -96,18 +115,43 @@ __device__ __forceinline__ void load_rows(T (*dst)[SK], const T* src, int ld, in
     }
 }
 
-template <typename T> struct MmaSmem {
-    __align__(16) T a[STAGES][BM][SK];
-    __align__(16) T b[STAGES][BN][SK];
+template <typename T, typename S> struct MmaSmem {
+    __align__(16) T a[S::STAGES][S::TM][SK];
+    __align__(16) T b[S::STAGES][S::TN][SK];
 };
+static_assert(sizeof(MmaSmem<bf16, Tile64>) <= STATIC_SMEM_MAX, "the 64 tiles' stages fit a static array");
+// src/cuda/plan.rs launches the large tiles with this many bytes of dynamic shared memory.
+static_assert(sizeof(MmaSmem<bf16, Tile128>) == 81920 && sizeof(MmaSmem<f16, Tile128>) == 81920,
+              "TILE128_SMEM_BYTES in src/cuda/plan.rs");
+
+// A block's pipeline stages: a static array when they fit one, else the dynamic shared memory the
+// launch provides (checked: too little would overrun it).
+template <typename T, typename S> __device__ __forceinline__ MmaSmem<T, S>& tile_smem() {
+    if constexpr (sizeof(MmaSmem<T, S>) <= STATIC_SMEM_MAX) {
+        __shared__ MmaSmem<T, S> sm;
+        return sm;
+    } else {
+        if (dynamic_smem_size() < sizeof(MmaSmem<T, S>)) __trap();
+        return *reinterpret_cast<MmaSmem<T, S>*>(dynamic_smem());
+    }
+}
+
+// The first row and column of this thread's warp's sub-tile.
+template <typename S> __device__ __forceinline__ int warp_row0() {
+    return (threadIdx.x / 32 / S::WARPS_N) * (S::MI * 16);
+}
+template <typename S> __device__ __forceinline__ int warp_col0() {
+    return (threadIdx.x / 32 % S::WARPS_N) * (S::NI * 8);
+}
 
 // acc[mi][ni][4] += A[warp rows] · B[warp cols]ᵀ over k in [k_begin, k_end). load_a / load_b fill
 // one stage for a given k0.
-template <typename T, typename LoadA, typename LoadB>
-__device__ __forceinline__ void mma_tile(MmaSmem<T>& sm, int k_begin, int k_end, LoadA load_a, LoadB load_b,
-                                         float (&acc)[2][4][4]) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int warp_m = (warp / 2) * 32, warp_n = (warp % 2) * 32;
+template <typename T, typename S, typename LoadA, typename LoadB>
+__device__ __forceinline__ void mma_tile(MmaSmem<T, S>& sm, int k_begin, int k_end, LoadA load_a, LoadB load_b,
+                                         float (&acc)[S::MI][S::NI][4]) {
+    constexpr int STAGES = S::STAGES;
+    const int lane = threadIdx.x % 32;
+    const int warp_m = warp_row0<S>(), warp_n = warp_col0<S>();
     const int ktiles = (k_end - k_begin + BK - 1) / BK;
 
 #pragma unroll
@@ -132,11 +176,12 @@ __device__ __forceinline__ void mma_tile(MmaSmem<T>& sm, int k_begin, int k_end,
         T (*sb)[SK] = sm.b[kt % STAGES];
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
-            uint32_t af[2][4], bfrag[4][2];
+            uint32_t af[S::MI][4], bfrag[S::NI][2];
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi) ldmatrix_x4(af[mi], &sa[warp_m + mi * 16 + lane % 16][kk + (lane / 16) * 8]);
+            for (int mi = 0; mi < S::MI; ++mi)
+                ldmatrix_x4(af[mi], &sa[warp_m + mi * 16 + lane % 16][kk + (lane / 16) * 8]);
 #pragma unroll
-            for (int np = 0; np < 2; ++np) {
+            for (int np = 0; np < S::NI / 2; ++np) {
                 const int q = lane / 8;
                 uint32_t r[4];
                 ldmatrix_x4(r, &sb[warp_n + np * 16 + lane % 8 + (q / 2) * 8][kk + (q % 2) * 8]);
@@ -146,9 +191,9 @@ __device__ __forceinline__ void mma_tile(MmaSmem<T>& sm, int k_begin, int k_end,
                 bfrag[np * 2 + 1][1] = r[3];
             }
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
+            for (int mi = 0; mi < S::MI; ++mi)
 #pragma unroll
-                for (int ni = 0; ni < 4; ++ni) mma_m16n8k16(acc[mi][ni], af[mi], bfrag[ni], acc[mi][ni], T());
+                for (int ni = 0; ni < S::NI; ++ni) mma_m16n8k16(acc[mi][ni], af[mi], bfrag[ni], acc[mi][ni], T());
         }
     }
     cp_async_wait<0>();
@@ -156,31 +201,32 @@ __device__ __forceinline__ void mma_tile(MmaSmem<T>& sm, int k_begin, int k_end,
 
 // Calls f(row, col, value, value of col + 1) for each pair of adjacent accumulators of this
 // thread (c[0], c[1] and c[2], c[3] of each mma C fragment, in the layout of the PTX ISA; col even).
-template <typename F> __device__ __forceinline__ void for_each_acc_pair(const float (&acc)[2][4][4], F f) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int warp_m = (warp / 2) * 32, warp_n = (warp % 2) * 32;
+template <typename S, typename F>
+__device__ __forceinline__ void for_each_acc_pair(const float (&acc)[S::MI][S::NI][4], F f) {
+    const int lane = threadIdx.x % 32;
+    const int warp_m = warp_row0<S>(), warp_n = warp_col0<S>();
     const int gid = lane / 4, tig = lane % 4;
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < S::MI; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < S::NI; ++ni)
 #pragma unroll
             for (int h = 0; h < 2; ++h)
                 f(warp_m + mi * 16 + gid + h * 8, warp_n + ni * 8 + tig * 2, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
 }
 
 // Calls f(row, col, value) for each accumulator of this thread.
-template <typename F> __device__ __forceinline__ void for_each_acc(const float (&acc)[2][4][4], F f) {
-    for_each_acc_pair(acc, [&](int row, int col, float v0, float v1) {
+template <typename S, typename F> __device__ __forceinline__ void for_each_acc(const float (&acc)[S::MI][S::NI][4], F f) {
+    for_each_acc_pair<S>(acc, [&](int row, int col, float v0, float v1) {
         f(row, col, v0);
         f(row, col + 1, v1);
     });
 }
 
-// Stores a finished tile of u: directly when k is not split, else as this split's partials, and
-// the block that completes the tile sums all splits. `each(f)` calls f(row, col, value) for this
-// thread's accumulators (tile coordinates).
-template <typename TU, typename Each>
+// Stores a finished TM x TN tile of u: directly when k is not split, else as this split's partials,
+// and the block that completes the tile sums all splits. `each(f)` calls f(row, col, value) for
+// this thread's accumulators (tile coordinates).
+template <typename TU, int TM, int TN, typename Each>
 __device__ __forceinline__ void store_u_tile(const DownParams& p, int row0, int col0, Each each) {
     TU* u = static_cast<TU*>(p.u);
     // The row map tested per lookup (common.cuh): compiled once per view, the f32 tile spilled on
@@ -200,43 +246,47 @@ __device__ __forceinline__ void store_u_tile(const DownParams& p, int row0, int 
         if (t < p.rows && j < p.r) __stcg(&part[(size_t)t * p.r + j], v);
     });
     if (completes_group(p, blockIdx.x + gridDim.x * blockIdx.y)) {
-        for (int e = threadIdx.x; e < BM * BN; e += blockDim.x) {
-            const int t = row0 + e / BN, j = col0 + e % BN;
+        for (int e = threadIdx.x; e < TM * TN; e += blockDim.x) {
+            const int t = row0 + e / TN, j = col0 + e % TN;
             if (t < p.rows && j < p.r) u[(size_t)t * p.ldu + j] = from_f32<TU>(reduce_splits(p, map, t, j));
         }
     }
 }
 
-// Grid: (ceil(rows / BM), ceil(r / BN), splits), tiles taken in launch order. Block: MMA_THREADS. k_split is a multiple of BK.
-template <typename T> __device__ void down_mma(const DownParams& p) {
-    __shared__ MmaSmem<T> sm;
-    const TileOrigin tile = tile_in_order<DOWN_GROUP>();
+// Grid: (ceil(rows / TM), ceil(r / TN), splits), tiles taken in launch order. Block: S::THREADS.
+// k_split is a multiple of BK.
+template <typename T, typename S> __device__ void down_mma(const DownParams& p) {
+    MmaSmem<T, S>& sm = tile_smem<T, S>();
+    const TileOrigin tile = tile_in_order<DOWN_GROUP, S::TM, S::TN>();
     const int row0 = tile.row0, col0 = tile.col0;
     const int k_begin = blockIdx.z * p.k_split, k_end = min(p.n, k_begin + p.k_split);
     const T* x = static_cast<const T*>(p.x);
     const T* a = static_cast<const T*>(p.a);
-    float acc[2][4][4] = {};
-    mma_tile<T>(
+    float acc[S::MI][S::NI][4] = {};
+    mma_tile<T, S>(
         sm, k_begin, k_end,
-        [&](T (*dst)[SK], int k0) { load_rows(dst, x, p.ldx, row0, p.rows, k0, k_end, p.x_align); },
-        [&](T (*dst)[SK], int k0) { load_rows(dst, a, p.lda, col0, p.r, k0, k_end, 16); }, acc);
-    store_u_tile<T>(p, row0, col0, [&](auto f) { for_each_acc(acc, f); });
+        [&](T (*dst)[SK], int k0) {
+            load_rows<S::TM, S::THREADS>(dst, x, p.ldx, row0, p.rows, k0, k_end, p.x_align);
+        },
+        [&](T (*dst)[SK], int k0) { load_rows<S::TN, S::THREADS>(dst, a, p.lda, col0, p.r, k0, k_end, 16); }, acc);
+    store_u_tile<T, S::TM, S::TN>(p, row0, col0, [&](auto f) { for_each_acc<S>(acc, f); });
 }
 
-// Grid: (ceil(rows / BM), ceil(m / BN)), tiles taken in launch order. Block: MMA_THREADS.
-template <typename T> __device__ void up_mma(const UpParams& p) {
-    __shared__ MmaSmem<T> sm;
-    const TileOrigin tile = tile_in_order<UP_GROUP>();
+// Grid: (ceil(rows / TM), ceil(m / TN)), tiles taken in launch order. Block: S::THREADS.
+template <typename T, typename S> __device__ void up_mma(const UpParams& p) {
+    MmaSmem<T, S>& sm = tile_smem<T, S>();
+    const TileOrigin tile = tile_in_order<UP_GROUP, S::TM, S::TN>();
     const int row0 = tile.row0, col0 = tile.col0;
     const T* b = static_cast<const T*>(p.b);
-    float acc[2][4][4] = {};
+    float acc[S::MI][S::NI][4] = {};
     const T* u = static_cast<const T*>(p.u);
-    mma_tile<T>(
-        sm, 0, p.r, [&](T (*dst)[SK], int k0) { load_rows(dst, u, p.ldu, row0, p.rows, k0, p.r, 16); },
-        [&](T (*dst)[SK], int k0) { load_rows(dst, b, p.ldb, col0, p.m, k0, p.r, 16); }, acc);
+    mma_tile<T, S>(
+        sm, 0, p.r,
+        [&](T (*dst)[SK], int k0) { load_rows<S::TM, S::THREADS>(dst, u, p.ldu, row0, p.rows, k0, p.r, 16); },
+        [&](T (*dst)[SK], int k0) { load_rows<S::TN, S::THREADS>(dst, b, p.ldb, col0, p.m, k0, p.r, 16); }, acc);
     // The C fragment holds pairs of adjacent columns (an even one first): stored as pairs.
     with_rows(p.rows_adapter, [&](auto map) {
-        for_each_acc_pair(acc, [&](int rr, int cc, float v0, float v1) {
+        for_each_acc_pair<S>(acc, [&](int rr, int cc, float v0, float v1) {
             const int t = row0 + rr, i = col0 + cc;
             if (t >= p.rows || i >= p.m) return;
             if (p.y_paired && i + 1 < p.m) {
@@ -298,7 +348,7 @@ template <typename F> __device__ __forceinline__ void for_each_simt_acc(const fl
 }
 
 __device__ void down_simt(const DownParams& p) {
-    const TileOrigin tile = tile_in_order<DOWN_GROUP>();
+    const TileOrigin tile = tile_in_order<DOWN_GROUP, BM, BN>();
     const int row0 = tile.row0, col0 = tile.col0;
     const int k_begin = blockIdx.z * p.k_split, k_end = min(p.n, k_begin + p.k_split);
     const float* x = static_cast<const float*>(p.x);
@@ -308,11 +358,11 @@ __device__ void down_simt(const DownParams& p) {
         k_begin, k_end,
         [&](int rr, int k) { return row0 + rr < p.rows ? x[(size_t)(row0 + rr) * p.ldx + k] : 0.0f; },
         [&](int cc, int k) { return col0 + cc < p.r ? a[(size_t)(col0 + cc) * p.lda + k] : 0.0f; }, acc);
-    store_u_tile<float>(p, row0, col0, [&](auto f) { for_each_simt_acc(acc, f); });
+    store_u_tile<float, BM, BN>(p, row0, col0, [&](auto f) { for_each_simt_acc(acc, f); });
 }
 
 __device__ void up_simt(const UpParams& p) {
-    const TileOrigin tile = tile_in_order<UP_GROUP>();
+    const TileOrigin tile = tile_in_order<UP_GROUP, BM, BN>();
     const int row0 = tile.row0, col0 = tile.col0;
     const float* u = static_cast<const float*>(p.u);
     const float* b = static_cast<const float*>(p.b);
@@ -327,12 +377,15 @@ __device__ void up_simt(const UpParams& p) {
     });
 }
 
-#define VERA_TILE_KERNELS(NAME, THREADS, DOWN, UP)                                                     \
-    extern "C" __global__ void __launch_bounds__(THREADS) vera_down_tile_##NAME(DownParams p) { DOWN(p); } \
-    VERA_EXPORT(vera_down_tile_##NAME)                                                                 \
-    extern "C" __global__ void __launch_bounds__(THREADS) vera_up_tile_##NAME(UpParams p) { UP(p); }       \
-    VERA_EXPORT(vera_up_tile_##NAME)
+// vera_down_<TILE>_<NAME> and vera_up_<TILE>_<NAME>.
+#define VERA_TILE_KERNELS(TILE, NAME, THREADS, DOWN, UP)                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS) vera_down_##TILE##_##NAME(DownParams p) { DOWN(p); } \
+    VERA_EXPORT(vera_down_##TILE##_##NAME)                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS) vera_up_##TILE##_##NAME(UpParams p) { UP(p); }       \
+    VERA_EXPORT(vera_up_##TILE##_##NAME)
 
-VERA_TILE_KERNELS(f32, SIMT_THREADS, down_simt, up_simt)
-VERA_TILE_KERNELS(f16, MMA_THREADS, down_mma<f16>, up_mma<f16>)
-VERA_TILE_KERNELS(bf16, MMA_THREADS, down_mma<bf16>, up_mma<bf16>)
+VERA_TILE_KERNELS(tile, f32, SIMT_THREADS, down_simt, up_simt)
+VERA_TILE_KERNELS(tile, f16, MMA_THREADS, (down_mma<f16, Tile64>), (up_mma<f16, Tile64>))
+VERA_TILE_KERNELS(tile, bf16, MMA_THREADS, (down_mma<bf16, Tile64>), (up_mma<bf16, Tile64>))
+VERA_TILE_KERNELS(tile128, f16, Tile128::THREADS, (down_mma<f16, Tile128>), (up_mma<f16, Tile128>))
+VERA_TILE_KERNELS(tile128, bf16, Tile128::THREADS, (down_mma<bf16, Tile128>), (up_mma<bf16, Tile128>))

@@ -15,11 +15,14 @@
 #      (VERA_KERNELS_EXPECT_GPU=1), each test in its own process with CUDA_LAUNCH_BLOCKING=1 (not
 #      the tests of asynchronous work) and a small proptest shrink budget: tests/cuda_forward.rs,
 #      tests/cuda_mixed.rs (mixed-adapter batches), tests/cuda_backward.rs (the training backward)
-#      and tests/cuda_gpu_scale.rs (model sizes, 500 back-to-back calls, two threads/streams);
+#      and tests/cuda_gpu_scale.rs (model sizes, 500 back-to-back calls, two threads/streams); the
+#      16-bit tile edge tests again on the 128 x 128 prefill tiles (VERA_CUDA_PREFILL_TILE=128);
 #   3. ours and PyTorch's PEFT path timed the same way (CUDA events around each call, median):
 #      the `vera bench` suite with L2 warm, then the decode shapes with A and B out of L2, then a
 #      bf16 training step (`--backward`) against PyTorch autograd; the decode shapes with and without
-#      programmatic dependent launch (VERA_CUDA_PROGRAMMATIC_LAUNCH=0);
+#      programmatic dependent launch (VERA_CUDA_PROGRAMMATIC_LAUNCH=0); T = 4096 prefill shapes on
+#      the automatic tiles (128 x 128 where a product has a wave of them) and on 64 x 64
+#      (VERA_CUDA_PREFILL_TILE=64);
 #   4. cuobjdump -sass -res-usage on the carried fatbin (registers, spills, instruction mix);
 #   5. compute-sanitizer memcheck, racecheck and synccheck on the tile and split edge tests (forward
 #      and backward);
@@ -228,11 +231,18 @@ preflight() {
     note "bundle: $(head -n 1 "${BUNDLE}/MANIFEST.txt")"
 }
 
-# Runs test $2 of binary $1 alone, as the GPU check needs it, within $3 seconds; records the
-# result. Returns 0 when it passed, 2 when the time box left no room for it, 1 otherwise.
+# Runs test $2 of binary $1 alone, as the GPU check needs it, within $3 seconds, with the
+# environment assignments that follow (if any); records the result. Returns 0 when it passed, 2
+# when the time box left no room for it, 1 otherwise.
 run_one_test() {
-    local bin="$1" name="$2" limit="$3" log blocking=1 started result
-    log="${WORK}/tests/${bin}.${name}.txt"
+    local bin="$1" name="$2" limit="$3" log blocking=1 started result label="$2" suffix=""
+    shift 3
+    local -a extra=("$@")
+    if [ "${#extra[@]}" -gt 0 ]; then
+        label="${name} ${extra[*]}"
+        suffix=".$(printf '%s' "${extra[*]}" | tr -c 'A-Za-z0-9' _)"
+    fi
+    log="${WORK}/tests/${bin}.${name}${suffix}.txt"
     [[ "${name}" =~ ${ASYNC_TESTS} ]] && blocking=0
     started="${SECONDS}"
     local t
@@ -240,7 +250,7 @@ run_one_test() {
     if [ "${t}" -eq 0 ]; then
         result="SKIPPED (time box)"
     else
-        local -a env=(VERA_KERNELS_EXPECT_GPU=1 VERA_KERNELS_SKIP_EMULATION=1 PROPTEST_MAX_SHRINK_ITERS=64 PROPTEST_MAX_SHRINK_TIME=20000 RUST_BACKTRACE=1)
+        local -a env=(VERA_KERNELS_EXPECT_GPU=1 VERA_KERNELS_SKIP_EMULATION=1 PROPTEST_MAX_SHRINK_ITERS=64 PROPTEST_MAX_SHRINK_TIME=20000 RUST_BACKTRACE=1 "${extra[@]}")
         [ "${blocking}" -eq 1 ] && env+=(CUDA_LAUNCH_BLOCKING=1)
         if timeout -k 5 "${t}" env "${env[@]}" "${BUNDLE}/${bin}" --exact "${name}" --nocapture --test-threads 1 >"${log}" 2>&1; then
             # One test ran and passed: not filtered out, not ignored, not skipped for want of a GPU.
@@ -258,7 +268,7 @@ run_one_test() {
         # The model-sized tests' error ratios; for a failure, where and why it panicked.
         grep -A 1 -E "max \|error\| / bound|panicked|skipped:" "${log}" | grep -v '^--$' | sed -n 's/^/    /; 1,16p' || true
     fi
-    printf '  %-9s %-54s %-24s %4d s\n' "${bin#cuda_}" "${name}" "${result}" $((SECONDS - started)) | tee -a "${WORK}/summary.txt"
+    printf '  %-9s %-54s %-24s %4d s\n' "${bin#cuda_}" "${label}" "${result}" $((SECONDS - started)) | tee -a "${WORK}/summary.txt"
     case "${result}" in
     ok) return 0 ;;
     SKIPPED*) return 2 ;;
@@ -295,6 +305,18 @@ gpu_tests() {
             *) failed=$((failed + 1)) ;;
             esac
         done <<<"${names}"
+        # The 16-bit edge tests again on the 128 x 128 prefill tiles, which the plans choose on
+        # their own only at model sizes (tests/cuda_gpu_scale.rs).
+        while IFS= read -r name; do
+            [ -n "${name}" ] || continue
+            rc=0
+            run_one_test "${bin}" "${name}" 60 VERA_CUDA_PREFILL_TILE=128 || rc=$?
+            case "${rc}" in
+            0) passed=$((passed + 1)) ;;
+            2) skipped=$((skipped + 1)) ;;
+            *) failed=$((failed + 1)) ;;
+            esac
+        done <<<"$(grep -E 'tile_and_split_edges_(f16|bf16)$' <<<"${names}" || true)"
     done
     note "  ${passed} passed, ${failed} failed, ${skipped} not run (time box)"
     # A test the box left out is not a pass, nor is a run that tested nothing.
@@ -339,26 +361,26 @@ bench_pair() {
     return "${status}"
 }
 
-# The decode shapes (L2 warm) with the up-projection launched as the down-projection's programmatic
-# dependent (the default on sm_90) and without (VERA_CUDA_PROGRAMMATIC_LAUNCH=0), alternated twice:
-# what the overlap of the two launches buys. $1 bounds each run in seconds; the rest are the shapes.
-programmatic_pair() {
-    local each="$1" t status=0 dir="${WORK}/bench" round mode
-    shift
+# The same shapes timed two ways, set by an environment variable, alternated twice (L2 warm,
+# fused_ms medians): $1 names the comparison, $2 the variable, $3 and $4 its two values (the
+# default first), $5 bounds each run in seconds; the rest are `vera bench` arguments.
+variant_pair() {
+    local what="$1" var="$2" first="$3" second="$4" each="$5" t status=0 dir="${WORK}/bench" round value
+    shift 5
     for round in 1 2; do
-        for mode in 1 0; do
+        for value in "${first}" "${second}"; do
             t="$(step_timeout "${each}" 8)"
             if [ "${t}" -eq 0 ]; then
-                note "skipped the programmatic-launch timings: time box"
+                note "skipped the ${what} timings: time box"
                 return 0
             fi
-            VERA_CUDA_PROGRAMMATIC_LAUNCH="${mode}" timeout -k 5 "${t}" "${BUNDLE}/vera" bench --device cuda --json \
-                --no-dense --budget-ms 50 "$@" >>"${dir}/vera-programmatic-${mode}.json" \
-                2>>"${dir}/vera-programmatic.stderr" || status=1
+            env "${var}=${value}" timeout -k 5 "${t}" "${BUNDLE}/vera" bench --device cuda --json \
+                --no-dense --budget-ms 50 "$@" >>"${dir}/vera-${var}-${value}.json" \
+                2>>"${dir}/vera-${var}.stderr" || status=1
         done
     done
-    note "timings, decode with and without programmatic dependent launch (fused_ms medians; off/on above 1: it helps):"
-    python3 - "${dir}/vera-programmatic-1.json" "${dir}/vera-programmatic-0.json" <<'PY' | tee -a "${WORK}/summary.txt" || status=1
+    note "timings, ${what}: ${var}=${first} against ${var}=${second} (fused_ms medians; ratio above 1: ${first} is faster):"
+    python3 - "${dir}/vera-${var}-${first}.json" "${dir}/vera-${var}-${second}.json" "${first}" "${second}" <<'PY' | tee -a "${WORK}/summary.txt" || status=1
 import json, statistics, sys
 def load(path):
     runs = {}
@@ -367,13 +389,14 @@ def load(path):
             j = json.loads(line)
             runs.setdefault((j["case"], j["dtype"]), []).append(j["fused_ms"])
     return runs
-on, off = load(sys.argv[1]), load(sys.argv[2])
-for key in on:
-    if key in off:
-        a, b = statistics.median(on[key]), statistics.median(off[key])
-        print(f"  {key[0]:28s} {key[1]:5s} on {a * 1e3:8.2f} us  off {b * 1e3:8.2f} us  off/on {b / a:5.2f}")
+a_runs, b_runs = load(sys.argv[1]), load(sys.argv[2])
+a_name, b_name = sys.argv[3], sys.argv[4]
+for key in a_runs:
+    if key in b_runs:
+        a, b = statistics.median(a_runs[key]), statistics.median(b_runs[key])
+        print(f"  {key[0]:28s} {key[1]:5s} {a_name} {a * 1e3:9.2f} us  {b_name} {b * 1e3:9.2f} us  ratio {b / a:5.2f}")
 PY
-    [ "${status}" -eq 0 ] || note "  the programmatic-launch timings FAILED (see bench/vera-programmatic.stderr)"
+    [ "${status}" -eq 0 ] || note "  the ${what} timings FAILED (see bench/vera-${var}.stderr)"
     return "${status}"
 }
 
@@ -386,7 +409,13 @@ benchmarks() {
     bench_pair warm 45 60 "${torch_ok}" --budget-ms 100 || status=1
     # The decode shapes only: there A and B are most of the bytes a call moves.
     bench_pair cold 30 45 "${torch_ok}" --budget-ms 100 --no-dense --l2 cold "${shapes[@]}" || status=1
-    programmatic_pair 10 "${shapes[@]}" || status=1
+    # What the overlap of the decode's two launches buys (on sm_90 the up-projection is the
+    # down-projection's programmatic dependent by default).
+    variant_pair "decode with and without programmatic dependent launch" VERA_CUDA_PROGRAMMATIC_LAUNCH 1 0 10 \
+        "${shapes[@]}" || status=1
+    # The large prefill tiles (chosen on their own for a product with a wave of them) against 64 x 64.
+    variant_pair "prefill on the automatic tiles and on 64 x 64" VERA_CUDA_PREFILL_TILE auto 64 15 --dtype bf16 \
+        --shape 4096,4096,4096,256 --shape 4096,4096,4096,1024 --shape 4096,4096,11008,256 || status=1
     # A training step (forward, then backward) against PyTorch autograd through PEFT's formula, bf16.
     bench_pair train 30 45 "${torch_ok}" --budget-ms 50 --no-dense --backward --dtype bf16 || status=1
     return "${status}"

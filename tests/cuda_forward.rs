@@ -7,6 +7,9 @@
 //! and the kernels' scalar paths), both modes, bias on and off,
 //! every dtype. The tolerance is `reference::forward_error_bound_cuda`, derived in its docs.
 //!
+//! `VERA_CUDA_PREFILL_TILE=128` runs every 16-bit prefill call on the 128×128 tiles (which the plans
+//! choose on their own only at model sizes): CI and scripts/gpu-check.sh run the file that way too.
+//!
 //! `VERA_KERNELS_SKIP_EMULATION=1` tests the GPU alone (scripts/gpu-check.sh on the GPU machine,
 //! where the emulation would only use up the time box); `VERA_KERNELS_EXPECT_GPU=1` fails the tests
 //! when there is no GPU (see tests/gpu/mod.rs). Model-sized shapes run on a GPU only, in
@@ -158,8 +161,10 @@ fn edge_cases<T: Element>() {
             (64, 64, 64, 64),
             (65, 257, 65, 65),
             (130, 777, 33, 129),
-            // 10 row tiles: a whole group of the up-projection's launch order (8) and a partial one.
+            // 10 row tiles: a whole group of the up-projection's launch order (8) and a partial one;
+            // 9 row tiles of the large tiles (VERA_CUDA_PREFILL_TILE=128) likewise.
             (600, 40, 70, 130),
+            (1100, 40, 70, 130),
         ] {
             // x rows n + x_pad elements apart: a multiple of 8 elements; odd; 2 and 4 past one (for
             // 16-bit types 4- and 8-byte aligned rows: the tile loader's 4- and 8-byte copies).

@@ -11,6 +11,8 @@
 //!   of y untouched; the same bits from run to run;
 //! - a bank of one adapter on every row gives the bits of the single-adapter forward;
 //! - every misuse is an `Err` before anything is launched (y unchanged).
+//!
+//! CI also runs this file with `VERA_CUDA_PREFILL_TILE=128` (the 128×128 prefill tiles).
 #![cfg(any(feature = "cuda", feature = "cuda-emulation"))]
 
 mod common;

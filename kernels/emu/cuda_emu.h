@@ -80,8 +80,10 @@
 // blocks run one at a time, so the one copy is exactly "one per block, shared by its threads" (and,
 // unlike on the GPU, the contents persist from one block and launch to the next). In the concurrent
 // schedule the runtime saves and restores the whole section when it switches between blocks, so
-// each resident block has its own copy. Only statically sized __shared__ arrays are supported (no
-// `extern __shared__`), and `static __shared__` would expand to `static static`.
+// each resident block has its own copy. Only statically sized __shared__ arrays are declared this
+// way (no `extern __shared__`), and `static __shared__` would expand to `static static`. A block's
+// dynamic shared memory (the bytes its launch asks for) is its own buffer, reached through
+// vera_emu::dynamic_shared() (ptx_emu.h's dynamic_smem).
 #define __shared__ static __attribute__((section("vera_emu_shared")))
 // `__restrict__` is understood by g++ as is.
 
@@ -219,6 +221,11 @@ inline const char* base_name(const char* path) {
         if (*s == '/' || *s == '\\') b = s + 1;
     return b;
 }
+
+// The running block's dynamic shared memory: dynamic_shared_size() bytes, 16-byte aligned, filled
+// with 0xA5 bytes when the block starts (on the GPU its contents are undefined).
+unsigned char* dynamic_shared();
+unsigned dynamic_shared_size();
 
 // Abort the launch with an error (the message is returned by vera_emu_launch). Never returns.
 [[noreturn]] void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -720,7 +727,7 @@ inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat
 // ---------------------------------------------------------------------------------------------
 // Host entry point (defined in emu/runtime.cpp)
 // ---------------------------------------------------------------------------------------------
-extern "C" int vera_emu_launch(const char* kernel, const unsigned grid[3], const unsigned block[3], void** params,
-                               char* err, size_t err_len);
+extern "C" int vera_emu_launch(const char* kernel, const unsigned grid[3], const unsigned block[3],
+                               unsigned dynamic_smem_bytes, void** params, char* err, size_t err_len);
 
 #endif  // VERA_CUDA_EMU_H

@@ -177,6 +177,10 @@ inline void cp_async_commit() {}
 template <int N>
 inline void cp_async_wait() {}
 
+// The running block's own buffer (0xA5 bytes when it starts), of the size its launch asked for.
+inline unsigned char* dynamic_smem() { return ::vera_emu::dynamic_shared(); }
+inline unsigned dynamic_smem_size() { return ::vera_emu::dynamic_shared_size(); }
+
 // griddepcontrol: the emulator runs launches one after another, so a kernel always starts after
 // the previous one ended: nothing to wait for, no one to let start. A prefetch changes nothing.
 inline void grid_dependents_may_launch() {}

@@ -31,6 +31,8 @@ const char* warp_op_name(WarpOp op) {
 namespace detail {
 
 constexpr unsigned kMaxThreads = 1024;
+// Dynamic shared memory one block may have: sm_90's 227 KiB (sm_80's is 163 KiB).
+constexpr unsigned kMaxDynamicShared = 227 * 1024;
 constexpr unsigned kMaxWarps = kMaxThreads / 32;
 // Fibers of all resident blocks together (concurrent schedule); the sequential one needs kMaxThreads.
 constexpr unsigned kMaxFibers = 4096;
@@ -77,6 +79,11 @@ struct BarrierState {
     int line = 0;
 };
 
+// 16 bytes, 16-byte aligned: the unit of a block's dynamic shared memory.
+struct alignas(16) Chunk16 {
+    unsigned char bytes[16];
+};
+
 // One resident block: its threads, warps, barrier, and (concurrent schedule) its shared memory
 // while another block's is live, and the addresses of its buffered stores.
 struct Block {
@@ -89,6 +96,7 @@ struct Block {
     unsigned ready = 0;  // threads in state Ready
     bool active = false;
     std::vector<unsigned char> image;
+    std::vector<Chunk16> dynamic;  // dynamic shared memory
     std::vector<uintptr_t> pending;
 };
 
@@ -119,6 +127,7 @@ struct Launch {
     void** params = nullptr;
     dim3 grid, block;
     unsigned nthreads = 0, nwarps = 0;
+    unsigned dynamic_bytes = 0;  // dynamic shared memory per block
     Block* blocks = nullptr;  // resident slots (one in the sequential schedule)
     unsigned nslots = 1;
     ucontext_t sched_uc;
@@ -518,6 +527,15 @@ unsigned live_lane_mask() {
     return w.existing & ~w.exited;
 }
 
+unsigned char* dynamic_shared() {
+    std::vector<detail::Chunk16>& d = detail::me_or_die("dynamic shared memory")->blk->dynamic;
+    return d.empty() ? nullptr : d.data()->bytes;
+}
+unsigned dynamic_shared_size() {
+    detail::me_or_die("dynamic shared memory");
+    return detail::g_launch->dynamic_bytes;
+}
+
 void fail(const char* fmt, ...) {
     // No object owning memory may stay alive in this frame: the fiber is never resumed.
     char msg[1024];
@@ -754,6 +772,10 @@ inline void init_block(Launch* L, Block* b, unsigned slot, unsigned long long se
     b->ready = L->nthreads;
     b->active = true;
     b->pending.clear();
+    // Fresh for every block, and not zero: a read before the block's own write shows in its results.
+    Chunk16 garbage;
+    std::memset(garbage.bytes, 0xA5, sizeof garbage.bytes);
+    b->dynamic.assign((L->dynamic_bytes + 15) / 16, garbage);
     for (unsigned wi = 0; wi < L->nwarps; ++wi) {
         WarpState& w = b->warps[wi];
         const unsigned lanes = std::min(32u, L->nthreads - wi * 32);
@@ -865,9 +887,10 @@ bool register_kernel(const char* name, Invoker inv, size_t arity) {
 
 // Return codes: 0 ok, 1 unknown kernel, 2 invalid launch configuration, 3 deadlock, 4 error raised
 // by the kernel (warp mask, divergent barrier, misaligned ldmatrix/cp.async, __trap...), 5 launch
-// from inside a kernel or no memory for the fiber stacks.
-extern "C" int vera_emu_launch(const char* kernel, const unsigned grid[3], const unsigned block[3], void** params,
-                               char* err, size_t err_len) {
+// from inside a kernel or no memory for the fiber stacks. Each block gets `dynamic_smem_bytes` of
+// dynamic shared memory (at most an sm_90 block's 227 KiB).
+extern "C" int vera_emu_launch(const char* kernel, const unsigned grid[3], const unsigned block[3],
+                               unsigned dynamic_smem_bytes, void** params, char* err, size_t err_len) {
     using namespace vera_emu::detail;
     if (err && err_len) err[0] = '\0';
     if (g_cur != nullptr) {
@@ -898,6 +921,12 @@ extern "C" int vera_emu_launch(const char* kernel, const unsigned grid[3], const
                 format("kernel '%s': invalid grid (%u,%u,%u): every dimension must be >= 1, x < 2^31, y and z <= "
                        "65535",
                        kernel, grid[0], grid[1], grid[2]));
+        return 2;
+    }
+    if (dynamic_smem_bytes > kMaxDynamicShared) {
+        set_err(err, err_len,
+                format("kernel '%s': %u bytes of dynamic shared memory asked for, at most %u per block", kernel,
+                       dynamic_smem_bytes, kMaxDynamicShared));
         return 2;
     }
     if (it->second.arity > 0 && params == nullptr) {
@@ -939,6 +968,7 @@ extern "C" int vera_emu_launch(const char* kernel, const unsigned grid[3], const
     L.block = dim3(block[0], block[1], block[2]);
     L.nthreads = static_cast<unsigned>(nthreads);
     L.nwarps = (L.nthreads + 31) / 32;
+    L.dynamic_bytes = dynamic_smem_bytes;
     g_launch = &L;
     g_concurrent = L.concurrent;
     const int rc = L.concurrent ? run_concurrent(&L) : run_sequential(&L);

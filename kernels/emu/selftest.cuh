@@ -274,6 +274,21 @@ extern "C" __global__ void vera_emu_selftest_cp_async(const unsigned char* src, 
 }
 VERA_EMU_REGISTER(vera_emu_selftest_cp_async)
 
+// Dynamic shared memory: thread i of each block records the byte it finds at offset 4i before any
+// write (0xA5: fresh for every block) and the size, writes its tag there, and after a barrier reads
+// its neighbour's tag (each resident block has its own buffer).
+extern "C" __global__ void vera_emu_selftest_dynamic_smem(unsigned* out) {
+    unsigned* s = reinterpret_cast<unsigned*>(dynamic_smem());
+    const unsigned i = threadIdx.x, n = blockDim.x, base = 3 * (blockIdx.x * n + i);
+    out[base] = dynamic_smem()[4 * i];
+    out[base + 1] = dynamic_smem_size();
+    __syncthreads();
+    s[i] = blockIdx.x * 1000 + i;
+    __syncthreads();
+    out[base + 2] = s[(i + 1) % n];
+}
+VERA_EMU_REGISTER(vera_emu_selftest_dynamic_smem)
+
 // Parameters of several kinds, passed cuLaunchKernel-style.
 struct VeraEmuSelftestParams {
     int a;

@@ -30,12 +30,14 @@ struct Err {
     char msg[1024];
 };
 
-int launch(const char* name, dim3 grid, dim3 block, std::vector<void*> params, Err* e = nullptr) {
+int launch(const char* name, dim3 grid, dim3 block, std::vector<void*> params, Err* e = nullptr,
+           unsigned dynamic_smem_bytes = 0) {
     const unsigned g[3] = {grid.x, grid.y, grid.z};
     const unsigned b[3] = {block.x, block.y, block.z};
     Err local;
     Err* err = e ? e : &local;
-    const int rc = vera_emu_launch(name, g, b, params.empty() ? nullptr : params.data(), err->msg, sizeof err->msg);
+    const int rc = vera_emu_launch(name, g, b, dynamic_smem_bytes, params.empty() ? nullptr : params.data(), err->msg,
+                                   sizeof err->msg);
     if (rc != 0 && !e) std::printf("  launch of %s failed (%d): %s\n", name, rc, err->msg);
     return rc;
 }
@@ -370,6 +372,25 @@ void test_cp_async() {
         }
 }
 
+void test_dynamic_smem() {
+    section("dynamic shared memory: per block, fresh, of the launch's size");
+    const unsigned blocks = 4, threads = 64, bytes = 1000;
+    std::vector<unsigned> out(3 * blocks * threads, 0);
+    unsigned* po = out.data();
+    CHECK(launch("vera_emu_selftest_dynamic_smem", dim3(blocks), dim3(threads), {&po}, nullptr, bytes) == 0, "launch");
+    for (unsigned b = 0; b < blocks; ++b)
+        for (unsigned i = 0; i < threads; ++i) {
+            const unsigned* o = &out[3 * (b * threads + i)];
+            CHECK(o[0] == 0xA5u, "block %u thread %u found %02x before writing", b, i, o[0]);
+            CHECK(o[1] == bytes, "block %u thread %u: size %u", b, i, o[1]);
+            CHECK(o[2] == b * 1000 + (i + 1) % threads, "block %u thread %u read %u", b, i, o[2]);
+        }
+    Err e;
+    CHECK(launch("vera_emu_selftest_dynamic_smem", dim3(1), dim3(32), {&po}, &e, 228 * 1024) == 2,
+          "228 KiB of dynamic shared memory accepted");
+    CHECK(std::strstr(e.msg, "dynamic shared memory") != nullptr, "message: %s", e.msg);
+}
+
 void test_params_atomics_stack() {
     section("parameters by value, atomics, 48 KiB of locals per thread");
     VeraEmuSelftestParams p{3, 0.5f, 0.25, 7};
@@ -433,7 +454,7 @@ void test_threads() {
                 char err[256];
                 const unsigned g[3] = {4, 1, 1}, b[3] = {256, 1, 1};
                 void* params[2] = {&pin, &pout};
-                if (vera_emu_launch("vera_emu_selftest_reduce", g, b, params, err, sizeof err) != 0) ++bad;
+                if (vera_emu_launch("vera_emu_selftest_reduce", g, b, 0, params, err, sizeof err) != 0) ++bad;
                 for (int blk = 0; blk < 4; ++blk) {
                     float want = 0;
                     for (int i = 0; i < 256; ++i) want += in[blk * 256 + i];
@@ -657,6 +678,7 @@ int main() {
     test_mma();
     test_ldmatrix();
     test_cp_async();
+    test_dynamic_smem();
     test_params_atomics_stack();
     test_vector_types();
     test_threads();

@@ -86,6 +86,18 @@ impl Gpu {
                 .map_err(|e| Error::Cuda { operation: format!("find kernel {name}"), message: e.to_string() })?;
             functions.insert(name, f);
         }
+        // A kernel may take more than 48 KiB of dynamic shared memory only once allowed to.
+        for (name, bytes) in super::plan::dynamic_smem_kernels() {
+            let f = functions.get(&name).ok_or_else(|| Error::Cuda {
+                operation: format!("allow {name} {bytes} bytes of dynamic shared memory"),
+                message: "not among the kernels resolved (plan::kernel_names)".into(),
+            })?;
+            let attribute = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            f.set_attribute(attribute, i32::try_from(bytes).unwrap_or(i32::MAX)).map_err(|e| Error::Cuda {
+                operation: format!("allow {name} {bytes} bytes of dynamic shared memory"),
+                message: e.to_string(),
+            })?;
+        }
         Ok(Gpu {
             ctx,
             stream,
@@ -139,7 +151,7 @@ impl Gpu {
         let config = LaunchConfig {
             grid_dim: (launch.grid[0], launch.grid[1], launch.grid[2]),
             block_dim: (launch.block[0], launch.block[1], launch.block[2]),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: launch.shared_bytes,
         };
         let mut args = stream.launch_builder(&f);
         args.arg(params);
@@ -184,7 +196,7 @@ unsafe fn launch_dependent<P: DeviceRepr>(
         blockDimX: launch.block[0],
         blockDimY: launch.block[1],
         blockDimZ: launch.block[2],
-        sharedMemBytes: 0,
+        sharedMemBytes: launch.shared_bytes,
         hStream: stream.cu_stream(),
         attrs: &mut attr,
         numAttrs: 1,

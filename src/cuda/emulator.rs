@@ -8,7 +8,7 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use super::backward::{self, BackwardAddresses, BackwardCall, BackwardOperands, BackwardPlan};
 use super::forward::Operands;
 use super::params::{self, Addresses, Call};
-use super::plan::Plan;
+use super::plan::{Launch, Plan};
 use crate::error::{Error, Result};
 
 extern "C" {
@@ -16,6 +16,7 @@ extern "C" {
         kernel: *const c_char,
         grid: *const u32,
         block: *const u32,
+        dynamic_smem_bytes: u32,
         params: *mut *mut c_void,
         err: *mut c_char,
         err_len: usize,
@@ -49,8 +50,8 @@ pub(crate) unsafe fn forward(plan: &Plan, call: &Call, ops: Operands<'_>) -> Res
     // the operands for this call, of the extent the caller guarantees. The kernels run to the end
     // before `launch` returns, so nothing outlives the borrows.
     unsafe {
-        launch(&plan.down.kernel, plan.down.grid, plan.down.block, &mut down)?;
-        launch(&plan.up.kernel, plan.up.grid, plan.up.block, &mut up)
+        launch(&plan.down, &mut down)?;
+        launch(&plan.up, &mut up)
     }
 }
 
@@ -82,18 +83,20 @@ pub(crate) unsafe fn backward(plan: &BackwardPlan, call: &BackwardCall, ops: Bac
         // SAFETY: every backward kernel takes one BackwardParams; every address is host memory
         // borrowed from the operands for this call, of the extent the caller guarantees, and each
         // kernel runs to the end before `launch` returns.
-        unsafe { launch(&l.kernel, l.grid, l.block, &mut params)? };
+        unsafe { launch(l, &mut params)? };
     }
     Ok(())
 }
 
-/// Runs `kernel` over `grid` × `block` threads on the CPU, with its one by-value parameter block.
+/// Runs `l`'s kernel over its grid × block threads on the CPU, with its dynamic shared memory and
+/// its one by-value parameter block.
 ///
 /// # Safety
 /// Every pointer inside `params` must point to live host memory of the extent the kernel reads or
 /// writes for these shapes.
-pub(crate) unsafe fn launch<P>(kernel: &str, grid: [u32; 3], block: [u32; 3], params: &mut P) -> Result<()> {
-    let name = CString::new(kernel).map_err(|_| Error::Cuda {
+pub(crate) unsafe fn launch<P>(l: &Launch, params: &mut P) -> Result<()> {
+    let kernel = &l.kernel;
+    let name = CString::new(kernel.as_str()).map_err(|_| Error::Cuda {
         operation: format!("launch {kernel}"),
         message: "kernel name contains NUL".into(),
     })?;
@@ -103,7 +106,15 @@ pub(crate) unsafe fn launch<P>(kernel: &str, grid: [u32; 3], block: [u32; 3], pa
     // convention (one pointer to the by-value parameter block), and the memory the block points to
     // is the caller's obligation (see above).
     let rc = unsafe {
-        vera_emu_launch(name.as_ptr(), grid.as_ptr(), block.as_ptr(), args.as_mut_ptr(), err.as_mut_ptr(), err.len())
+        vera_emu_launch(
+            name.as_ptr(),
+            l.grid.as_ptr(),
+            l.block.as_ptr(),
+            l.shared_bytes,
+            args.as_mut_ptr(),
+            err.as_mut_ptr(),
+            err.len(),
+        )
     };
     if rc == 0 {
         return Ok(());
@@ -119,17 +130,38 @@ pub(crate) unsafe fn launch<P>(kernel: &str, grid: [u32; 3], block: [u32; 3], pa
 mod tests {
     use super::*;
 
+    fn launch_of(kernel: &str, grid: [u32; 3], block: [u32; 3], shared_bytes: u32) -> Launch {
+        Launch { kernel: kernel.into(), grid, block, shared_bytes, dependent: false }
+    }
+
     #[test]
     fn emulator_errors_are_cuda_errors_with_the_emulators_message() {
         let mut params = 0u64;
+        let unknown = launch_of("vera_no_such_kernel", [1, 1, 1], [32, 1, 1], 0);
         // SAFETY: no kernel of that name exists, so nothing reads the parameter block.
-        let e = unsafe { launch("vera_no_such_kernel", [1, 1, 1], [32, 1, 1], &mut params) }.unwrap_err();
+        let e = unsafe { launch(&unknown, &mut params) }.unwrap_err();
         let Error::Cuda { operation, message } = e else { panic!("expected Error::Cuda, got {e:?}") };
         assert_eq!(operation, "launch vera_no_such_kernel (emulated)");
         assert!(message.contains("unknown kernel 'vera_no_such_kernel'"), "{message}");
-        // A block larger than CUDA allows is refused before any thread runs.
-        // SAFETY: the launch is rejected on its configuration, before the parameters are read.
-        let e = unsafe { launch("vera_up_tile_f32", [1, 1, 1], [2048, 1, 1], &mut params) }.unwrap_err();
-        assert!(matches!(e, Error::Cuda { .. }), "{e:?}");
+        // A block larger than CUDA allows, or more dynamic shared memory than a block can have, is
+        // refused before any thread runs.
+        for l in [
+            launch_of("vera_up_tile_f32", [1, 1, 1], [2048, 1, 1], 0),
+            launch_of("vera_up_tile128_bf16", [1, 1, 1], [256, 1, 1], 228 * 1024),
+        ] {
+            // SAFETY: the launch is rejected on its configuration, before the parameters are read.
+            let e = unsafe { launch(&l, &mut params) }.unwrap_err();
+            assert!(matches!(e, Error::Cuda { .. }), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn a_large_tile_launched_without_its_shared_memory_traps() {
+        let mut params = super::super::params::UpParams::default();
+        // SAFETY: every block checks its dynamic shared memory before anything else and traps on
+        // too little, so no thread reads the (null) addresses of the parameter block.
+        let e = unsafe { launch(&launch_of("vera_up_tile128_f16", [1, 1, 1], [256, 1, 1], 4096), &mut params) };
+        let message = format!("{:?}", e.unwrap_err());
+        assert!(message.contains("__trap"), "{message}");
     }
 }

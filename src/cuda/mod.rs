@@ -38,7 +38,8 @@
 //! block of each group of outputs sums them in split order and applies lambda_d; the
 //! up-projection fuses lambda_b, bias and the base add in its epilogue); for
 //! more rows (prefill), 64×64 tiles on tensor cores (`mma.sync` m16n8k16, bf16/f16 → f32, fed by a
-//! 3-stage `cp.async` pipeline and `ldmatrix`) or on CUDA cores for f32.
+//! 3-stage `cp.async` pipeline and `ldmatrix`), or 128×128 ones (4 stages, dynamic shared memory)
+//! for a product with at least a wave of them, or on CUDA cores for f32.
 //!
 //! [`AdapterBank`]: crate::AdapterBank
 //! [`Error::NoCudaDevice`]: crate::Error::NoCudaDevice

@@ -225,6 +225,7 @@ pub(crate) fn launch_params(plan: &Plan, call: &Call, at: &Addresses) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cuda::plan::Tiles;
     use crate::dtype::DType;
 
     const ADDRESSES: Addresses = Addresses {
@@ -249,7 +250,7 @@ mod tests {
 
     #[test]
     fn every_field_comes_from_the_plan_the_call_or_the_addresses() {
-        let plan = crate::cuda::plan::plan(DType::BF16, 5, 100, 10, 70, 132);
+        let plan = crate::cuda::plan::plan(DType::BF16, 5, 100, 10, 70, 132, Tiles::Auto);
         let (down, up) = launch_params(&plan, &call(104, 2, Mode::Accumulate), &ADDRESSES).unwrap();
         assert_eq!(
             down,
@@ -300,7 +301,7 @@ mod tests {
 
     #[test]
     fn x_alignment_bias_and_mode_are_read_from_the_call() {
-        let plan = crate::cuda::plan::plan(DType::F16, 5, 100, 10, 70, 132);
+        let plan = crate::cuda::plan::plan(DType::F16, 5, 100, 10, 70, 132, Tiles::Auto);
         // 100 f16 = 200 bytes between rows: a multiple of 8, not of 16.
         let (down, up) = launch_params(&plan, &call(100, 2, Mode::Overwrite), &ADDRESSES).unwrap();
         assert_eq!((down.x_align, up.accumulate), (8, 0));
@@ -316,7 +317,7 @@ mod tests {
 
     #[test]
     fn paired_stores_need_y_and_its_row_stride_4_byte_aligned() {
-        let plan = crate::cuda::plan::plan(DType::BF16, 5, 100, 10, 70, 132);
+        let plan = crate::cuda::plan::plan(DType::BF16, 5, 100, 10, 70, 132, Tiles::Auto);
         let with_y = |y: u64, ldy: usize| {
             let strides = Strides { x: 104, a: 104, b: 16, y: ldy };
             let call = Call::new(LayerDims { r: 10, n: 100, m: 70 }, 5, strides, 2, Mode::Accumulate).unwrap();
@@ -330,7 +331,7 @@ mod tests {
 
     #[test]
     fn a_row_map_makes_the_lambdas_and_bias_tables_of_one_row_per_adapter() {
-        let plan = crate::cuda::plan::plan(DType::F32, 5, 100, 10, 70, 132);
+        let plan = crate::cuda::plan::plan(DType::F32, 5, 100, 10, 70, 132, Tiles::Auto);
         let bank = Addresses { bias: Some(0xa000), has_bias: Some(0xb000), rows_adapter: Some(0xc000), ..ADDRESSES };
         let (down, up) = launch_params(&plan, &call(104, 4, Mode::Accumulate), &bank).unwrap();
         assert_eq!((down.rows_adapter, down.lambda_d, down.ld_lambda_d), (0xc000, 0x4000, 10));

@@ -15,11 +15,61 @@ const UP_ROWS: usize = 32;
 /// Tile of the prefill kernels (`BM` = `BN`) and the k granule of a split (`BK`).
 const TILE: usize = 64;
 const TILE_K: usize = 32;
+/// The large tensor-core tiles (`BIG`), their threads (`Tile128::THREADS`) and the dynamic shared
+/// memory their 4 stages take: 4 × (128 + 128) rows × 40 elements × 2 bytes (static-asserted in
+/// kernels/vera_prefill.cu).
+const BIG_TILE: usize = 128;
+const BIG_TILE_THREADS: u32 = 256;
+pub(crate) const TILE128_SMEM_BYTES: u32 = 81920;
 /// Down-projection warps (decode) or tiles (prefill) to aim for, per streaming multiprocessor, before
 /// the k range is split further. Decode is bound by memory latency × bandwidth: it needs many
 /// 16-byte loads in flight, so half an SM's 64 warp slots.
 const WARPS_PER_SM: usize = 32;
 const TILES_PER_SM: usize = 2;
+
+/// The environment variable that fixes the prefill kernels' tensor-core tiles: `64` or `128`
+/// (read once per process; anything else, or unset, is [`Tiles::Auto`]).
+pub(crate) const PREFILL_TILE_ENV: &str = "VERA_CUDA_PREFILL_TILE";
+
+/// Which tiles the 16-bit prefill kernels use (f32 always has its 64 × 64 CUDA-core tile).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tiles {
+    /// 128 × 128 for a product with at least a wave of them (one per multiprocessor), where the
+    /// larger tile halves the shared-memory traffic per mma; 64 × 64 otherwise, where the larger
+    /// tile would leave multiprocessors idle.
+    Auto,
+    /// 64 × 64 always (`VERA_CUDA_PREFILL_TILE=64`): to compare against.
+    Small,
+    /// 128 × 128 always (`VERA_CUDA_PREFILL_TILE=128`): to compare, and to test them on small shapes.
+    Large,
+}
+
+impl Tiles {
+    /// The choice [`PREFILL_TILE_ENV`] makes, read the first time it is asked for.
+    pub(crate) fn from_env() -> Tiles {
+        static CHOICE: std::sync::OnceLock<Tiles> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| match std::env::var(PREFILL_TILE_ENV).as_deref() {
+            Ok("64") => Tiles::Small,
+            Ok("128") => Tiles::Large,
+            _ => Tiles::Auto,
+        })
+    }
+
+    /// The tile edge for a product of `rows × cols` outputs on `sms` multiprocessors.
+    fn edge(self, dtype: DType, rows: usize, cols: usize, sms: usize) -> usize {
+        let large = dtype != DType::F32
+            && match self {
+                Tiles::Auto => rows.div_ceil(BIG_TILE) * cols.div_ceil(BIG_TILE) >= sms,
+                Tiles::Small => false,
+                Tiles::Large => true,
+            };
+        if large {
+            BIG_TILE
+        } else {
+            TILE
+        }
+    }
+}
 
 /// One kernel launch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +77,8 @@ pub(crate) struct Launch {
     pub kernel: String,
     pub grid: [u32; 3],
     pub block: [u32; 3],
+    /// Dynamic shared memory per block, in bytes (the large tiles' pipeline stages).
+    pub shared_bytes: u32,
     /// Launched as a programmatic dependent of the launch before it, where the device has them
     /// (sm_90): it may start while that one runs, and waits for it before reading its results
     /// (`wait_for_previous_grid` in kernels/ptx.cuh).
@@ -83,13 +135,26 @@ pub(crate) fn kernel_names() -> Vec<String> {
         names.push(format!("vera_down_tile_{name}"));
         names.push(format!("vera_up_tile_{name}"));
     }
+    names.extend(dynamic_smem_kernels().into_iter().map(|(name, _)| name));
     names.extend(super::backward::kernel_names());
     names
 }
 
+/// The kernels that take dynamic shared memory past the 48 KiB a kernel gets without asking, with
+/// the bytes they are launched with: the device raises each one's limit to that when it opens.
+pub(crate) fn dynamic_smem_kernels() -> Vec<(String, u32)> {
+    let mut kernels = Vec::new();
+    for dtype in [DType::F16, DType::BF16] {
+        for op in ["down", "up"] {
+            kernels.push((format!("vera_{op}_tile128_{}", dtype.name()), TILE128_SMEM_BYTES));
+        }
+    }
+    kernels
+}
+
 /// The plan for `rows` token rows of a layer `n → m` at rank `r` on a device with `sms`
-/// multiprocessors.
-pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms: usize) -> Plan {
+/// multiprocessors, the prefill kernels on `tiles`.
+pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms: usize, tiles: Tiles) -> Plan {
     let name = dtype.name();
     let decode_tt = DECODE_TILES.into_iter().find(|&tt| tt >= rows);
     if let Some(tt) = decode_tt.filter(|&tt| rows <= DECODE_MAX_ROWS && tt * r <= DECODE_U_FLOATS) {
@@ -102,12 +167,14 @@ pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms:
                 kernel: format!("vera_down_gemv_t{tt}_{name}"),
                 grid: [grid_dim(rows_of_a), grid_dim(splits), 1],
                 block: [32 * GEMV_WARPS as u32, 1, 1],
+                shared_bytes: 0,
                 dependent: false,
             },
             up: Launch {
                 kernel: format!("vera_up_gemv_t{tt}_{name}"),
                 grid: [grid_dim(m.div_ceil(UP_ROWS)), 1, 1],
                 block: [32 * UP_WARPS as u32, 1, 1],
+                shared_bytes: 0,
                 // Streams B into L2 while the down-projection runs (kernels/vera_decode.cu).
                 dependent: true,
             },
@@ -120,27 +187,31 @@ pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms:
     }
     // The tile kernels launch one block per tile, (row tiles, column tiles); each block takes the
     // tile at its place in launch order, in the order the kernels choose for L2 reuse
-    // (`tile_in_order` in kernels/vera_prefill.cu).
-    let threads = if dtype == DType::F32 { 256 } else { 128 };
-    let tiles = rows.div_ceil(TILE) * r.div_ceil(TILE);
-    let want = (sms * TILES_PER_SM).div_ceil(tiles);
+    // (`tile_in_order` in kernels/vera_prefill.cu). Each product has its own tile size.
+    let tile_launch = |op: &str, edge: usize, cols: usize, splits: usize| {
+        let (tile, threads, shared_bytes) = match (dtype, edge) {
+            (DType::F32, _) => ("tile", 256, 0),
+            (_, BIG_TILE) => ("tile128", BIG_TILE_THREADS, TILE128_SMEM_BYTES),
+            _ => ("tile", 128, 0),
+        };
+        Launch {
+            kernel: format!("vera_{op}_{tile}_{name}"),
+            grid: [grid_dim(rows.div_ceil(edge)), grid_dim(cols.div_ceil(edge)), grid_dim(splits)],
+            block: [threads, 1, 1],
+            shared_bytes,
+            dependent: false,
+        }
+    };
+    let (down_edge, up_edge) = (tiles.edge(dtype, rows, r, sms), tiles.edge(dtype, rows, m, sms));
+    let down_tiles = rows.div_ceil(down_edge) * r.div_ceil(down_edge);
+    let want = (sms * TILES_PER_SM).div_ceil(down_tiles);
     let (splits, k_split) = split_k(n, want, TILE_K, 8 * TILE_K);
     Plan {
-        down: Launch {
-            kernel: format!("vera_down_tile_{name}"),
-            grid: [grid_dim(rows.div_ceil(TILE)), grid_dim(r.div_ceil(TILE)), grid_dim(splits)],
-            block: [threads, 1, 1],
-            dependent: false,
-        },
-        up: Launch {
-            kernel: format!("vera_up_tile_{name}"),
-            grid: [grid_dim(rows.div_ceil(TILE)), grid_dim(m.div_ceil(TILE)), 1],
-            block: [threads, 1, 1],
-            dependent: false,
-        },
+        down: tile_launch("down", down_edge, r, splits),
+        up: tile_launch("up", up_edge, m, 1),
         splits,
         k_split,
-        groups: rows.div_ceil(TILE) * r.div_ceil(TILE),
+        groups: down_tiles,
         u_f32: dtype == DType::F32,
         ldu: r.next_multiple_of(8),
     }
@@ -163,6 +234,7 @@ mod tests {
             (prefill, "BM", TILE),
             (prefill, "BN", TILE),
             (prefill, "BK", TILE_K),
+            (prefill, "BIG", BIG_TILE),
         ] {
             let decl = format!("constexpr int {name} = {value};");
             assert!(source.contains(&decl), "kernels do not declare `{decl}`");
@@ -183,7 +255,7 @@ mod tests {
 
     #[test]
     fn decode_and_prefill_are_chosen_by_rows_and_shared_memory() {
-        let p = plan(DType::BF16, 1, 4096, 256, 4096, 132);
+        let p = plan(DType::BF16, 1, 4096, 256, 4096, 132, Tiles::Auto);
         assert_eq!(p.down.kernel, "vera_down_gemv_t1_bf16");
         assert_eq!(p.up.kernel, "vera_up_gemv_t1_bf16");
         // 256 rows of A over 4 warps per block. 32 warps per SM want ⌈4224 / 256⌉ = 17 splits; a
@@ -193,11 +265,11 @@ mod tests {
         assert_eq!(p.up.grid, [128, 1, 1]);
         // Only the decode up-projection reads its predecessor's results after a grid wait.
         assert!(p.up.dependent && !p.down.dependent);
-        let p = plan(DType::F16, 5, 100, 40, 70, 132);
+        let p = plan(DType::F16, 5, 100, 40, 70, 132, Tiles::Auto);
         assert_eq!(p.down.kernel, "vera_down_gemv_t8_f16");
         // u would not fit in shared memory: 8 rows x 1025 > 8192.
-        assert_eq!(plan(DType::F32, 8, 64, 1025, 64, 132).down.kernel, "vera_down_tile_f32");
-        let p = plan(DType::BF16, 512, 4096, 256, 4096, 132);
+        assert_eq!(plan(DType::F32, 8, 64, 1025, 64, 132, Tiles::Auto).down.kernel, "vera_down_tile_f32");
+        let p = plan(DType::BF16, 512, 4096, 256, 4096, 132, Tiles::Auto);
         assert_eq!(p.down.kernel, "vera_down_tile_bf16");
         assert_eq!(p.up.grid, [8, 64, 1]);
         assert_eq!(p.down.grid, [8, 4, p.splits as u32]);
@@ -206,21 +278,50 @@ mod tests {
     }
 
     #[test]
+    fn large_tiles_for_a_product_with_a_wave_of_them() {
+        // T = 4096, m = 4096: 32 x 32 tiles of 128 for 132 SMs; the down-projection's u (r = 256)
+        // has 32 x 2 of them, so it stays on 64 x 64 tiles (and splits k).
+        let p = plan(DType::BF16, 4096, 4096, 256, 4096, 132, Tiles::Auto);
+        assert_eq!((p.up.kernel.as_str(), p.up.grid, p.up.block), ("vera_up_tile128_bf16", [32, 32, 1], [256, 1, 1]));
+        assert_eq!(p.up.shared_bytes, TILE128_SMEM_BYTES);
+        assert_eq!((p.down.kernel.as_str(), p.down.shared_bytes), ("vera_down_tile_bf16", 0));
+        assert_eq!(p.groups, 64 * 4);
+        // r = 1024: 32 x 8 tiles of 128, a group (counter) per tile.
+        let p = plan(DType::F16, 4096, 4096, 1024, 4096, 132, Tiles::Auto);
+        assert_eq!((p.down.kernel.as_str(), p.down.grid[..2].to_vec()), ("vera_down_tile128_f16", vec![32, 8]));
+        assert_eq!(p.groups, 32 * 8);
+        // T = 512, m = 4096: 4 x 32 = 128 tiles of 128 would leave 4 SMs idle.
+        assert_eq!(plan(DType::BF16, 512, 4096, 256, 4096, 132, Tiles::Auto).up.kernel, "vera_up_tile_bf16");
+        // Forced either way, but never for f32 (no tensor-core tiles) nor decode.
+        let p = plan(DType::BF16, 9, 100, 10, 70, 132, Tiles::Large);
+        assert_eq!((p.down.kernel.as_str(), p.up.kernel.as_str()), ("vera_down_tile128_bf16", "vera_up_tile128_bf16"));
+        assert_eq!((p.down.grid, p.up.grid), ([1, 1, p.splits as u32], [1, 1, 1]));
+        assert_eq!(plan(DType::BF16, 4096, 4096, 256, 4096, 132, Tiles::Small).up.kernel, "vera_up_tile_bf16");
+        assert_eq!(plan(DType::F32, 4096, 4096, 256, 4096, 132, Tiles::Large).up.kernel, "vera_up_tile_f32");
+        assert_eq!(plan(DType::F16, 8, 4096, 256, 4096, 132, Tiles::Large).up.kernel, "vera_up_gemv_t8_f16");
+        for (name, bytes) in dynamic_smem_kernels() {
+            assert!(name.contains("tile128") && bytes > 48 * 1024, "{name}: {bytes}");
+        }
+    }
+
+    #[test]
     fn every_planned_kernel_is_in_the_list_the_device_resolves_at_open() {
         let names = kernel_names();
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             for rows in [1, 2, 3, 5, 8, 9, 64, 4096] {
                 for (n, r, m) in [(64, 16, 64), (4096, 256, 4096), (4096, 1024, 11008), (768, 2048, 768)] {
-                    for sms in [1, 132] {
-                        let p = plan(dtype, rows, n, r, m, sms);
+                    for (sms, tiles) in [(1, Tiles::Auto), (132, Tiles::Auto), (132, Tiles::Small), (132, Tiles::Large)]
+                    {
+                        let p = plan(dtype, rows, n, r, m, sms, tiles);
                         assert!(names.contains(&p.down.kernel), "{} not listed", p.down.kernel);
                         assert!(names.contains(&p.up.kernel), "{} not listed", p.up.kernel);
                     }
                 }
             }
         }
-        // The forward's, then the backward's (4 per dtype and 3 f32-only steps), each once.
-        assert_eq!(names.len(), 3 * (2 * DECODE_TILES.len() + 2) + 3 * 4 + 3);
+        // The forward's (and the large tiles' of the 16-bit types), then the backward's (4 per dtype
+        // and 3 f32-only steps), each once.
+        assert_eq!(names.len(), 3 * (2 * DECODE_TILES.len() + 2) + 2 * 2 + 3 * 4 + 3);
         let mut unique = names.clone();
         unique.sort();
         unique.dedup();

@@ -51,7 +51,7 @@ pub(crate) struct BackwardPlan {
 }
 
 fn launch(kernel: String, grid_dims: [usize; 3], threads: u32) -> Launch {
-    Launch { kernel, grid: grid_dims.map(grid_dim), block: [threads, 1, 1], dependent: false }
+    Launch { kernel, grid: grid_dims.map(grid_dim), block: [threads, 1, 1], shared_bytes: 0, dependent: false }
 }
 
 /// The plan of a backward call of `rows` token rows through a layer `(n, r, m)` in `dtype`, with or
