@@ -49,22 +49,23 @@ struct AnyRows {
 // The offset of row t's lambda_d in the table (k_t * ld_lambda_d), or -1 for a row without
 // adapter. Offsets, not pointers, so that every table access stays a global load from a
 // parameter's address; the host keeps K * r within an int.
-template <typename Rows> __device__ __forceinline__ int lambda_d_row(const DownParams& p, Rows rows, int t) {
+// (P: DownParams, or UpParams when the up-projection sums the splits: the same fields.)
+template <typename P, typename Rows> __device__ __forceinline__ int lambda_d_row(const P& p, Rows rows, int t) {
     const int k = rows.adapter(t);
     return k < 0 ? -1 : k * p.ld_lambda_d;
 }
 
 // u[t][j] from its sum over k: lambda_d[k_t][j] * sum, with `row` = lambda_d_row(p, rows, t); zero
 // for a row without adapter (which the up-projection does not store into y).
-__device__ __forceinline__ float scale_u(const DownParams& p, int row, int j, float sum) {
+template <typename P> __device__ __forceinline__ float scale_u(const P& p, int row, int j, float sum) {
     return row < 0 ? 0.0f : p.lambda_d[row + j] * sum;
 }
 
 // u[t][j] = lambda_d[k_t][j] * (the split partials summed in split order). Every path to u goes
 // through this one function (with splits == 1 the sum is the one partial), so u is the same bits
-// whichever block of a group finished last. The partials were written by other blocks: read them
-// from L2.
-template <typename Rows> __device__ __forceinline__ float reduce_splits(const DownParams& p, Rows rows, int t, int j) {
+// whichever block of a group finished last, and whether the down-projection's last block or the
+// up-projection sums them. The partials were written by other blocks: read them from L2.
+template <typename P, typename Rows> __device__ __forceinline__ float reduce_splits(const P& p, Rows rows, int t, int j) {
     float sum = 0.0f;
     for (int s = 0; s < p.splits; ++s) sum += __ldcg(&p.part[((size_t)s * p.rows + t) * p.r + j]);
     return scale_u(p, lambda_d_row(p, rows, t), j, sum);

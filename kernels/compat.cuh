@@ -97,7 +97,8 @@ struct DownParams {
     const int* rows_adapter; // [rows]: k_t in 0..K or NO_ADAPTER; null: one adapter (k_t = 0)
     void* u;                 // [rows, r], row stride ldu: f32 from the GEMV kernels, the dtype from the tile kernels
     float* part;             // [splits, rows, r], dense (unused when splits == 1)
-    unsigned* counters;      // one per output group, zero between calls (unused when splits == 1)
+    unsigned* counters;      // one per output group, zero between calls (unused when splits == 1);
+                             // null: the up-projection sums the splits (UpParams::splits)
     int rows, n, r, ldx;
     int lda, k_split, splits, ldu;
     int x_align;             // 16, 8 or 4: x and ldx are aligned to that many bytes; 0: neither
@@ -106,9 +107,12 @@ struct DownParams {
 
 // The up-projection with the epilogue fused:
 // y[t][i] = (accumulate ? y[t][i] : 0) + lambda_b[k_t][i] * sum_j u[t][j] * b[i][j] + bias[k_t][i],
-// the bias added only when adapter k_t has one.
+// the bias added only when adapter k_t has one. With splits > 0 (decode) u is not read: each block
+// makes it from the down-projection's split partials and lambda_d (the fields as in DownParams).
 struct UpParams {
     const void* u;           // [rows, r], row stride ldu (as DownParams::u)
+    const float* part;       // [splits, rows, r], dense: read when splits > 0
+    const float* lambda_d;   // [K, r], row stride ld_lambda_d: read when splits > 0
     const void* b;           // [m, r] (the layer's slice of the packed B), row stride ldb (multiple of 8)
     const float* lambda_b;   // [K, m], row stride ld_lambda_b
     const float* bias;       // [K, m], row stride ld_lambda_b; null when no adapter of the call has a bias
@@ -119,6 +123,8 @@ struct UpParams {
     int ldu, ldy, accumulate;
     int ld_lambda_b;         // m for a bank, 0 for one adapter
     int y_paired;            // y and ldy allow 4-byte accesses to two adjacent 16-bit outputs
+    int splits;              // > 0: sum u from this many split partials (decode); 0: read u
+    int ld_lambda_d;         // as DownParams::ld_lambda_d
     int unused;
 };
 
@@ -150,5 +156,5 @@ struct BackwardParams {
 // The sizes src/cuda/params.rs and src/cuda/backward/plan.rs assert for their mirrors of these
 // blocks: the pointers, then the ints.
 static_assert(sizeof(DownParams) == 7 * 8 + 10 * 4, "DownParams must match src/cuda/params.rs");
-static_assert(sizeof(UpParams) == 7 * 8 + 10 * 4, "UpParams must match src/cuda/params.rs");
+static_assert(sizeof(UpParams) == 9 * 8 + 12 * 4, "UpParams must match src/cuda/params.rs");
 static_assert(sizeof(BackwardParams) == 14 * 8 + 16 * 4, "BackwardParams must match src/cuda/backward/plan.rs");

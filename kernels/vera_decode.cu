@@ -4,8 +4,10 @@
 // parameter so that the sums stay in registers (TT = 1, 2, 4, 8; rows past `rows` are skipped).
 //
 //   vera_down_gemv_t<TT>_<dtype>: u[t][j] = lambda_d[j] · (x[t] · A[j]) in f32, the k range split
-//                                 over blocks when A has too few rows to fill the GPU (the last
-//                                 block of a row group sums the splits, in order).
+//                                 over blocks when A has too few rows to fill the GPU: the last
+//                                 block of a row group sums the splits, in order, or (the host's
+//                                 choice, src/cuda/plan.rs) each up-projection block does, in its
+//                                 prologue, and this kernel only writes them.
 //   vera_up_gemv_t<TT>_<dtype>:   y[t][i] (+)= lambda_b[i] · (u[t] · B[i]) + bias[i], with u in
 //                                 shared memory for the whole block (padded against bank
 //                                 conflicts), each warp on UP_WARP_ROWS rows of B at once.
@@ -84,6 +86,8 @@ template <typename T, int TT> __device__ void down_gemv(const DownParams& p) {
         return;
     }
     if (j < p.r && lane < rows) __stcg(&p.part[((size_t)blockIdx.y * p.rows + lane) * p.r + j], mine);
+    // No counters: the up-projection sums the splits (it reads them after its grid wait).
+    if (p.counters == nullptr) return;
     if (completes_group(p, blockIdx.x)) {
         with_rows(p.rows_adapter, [&](auto map) {
             for (int e = threadIdx.x; e < GEMV_WARPS * rows; e += blockDim.x) {
@@ -135,11 +139,16 @@ template <typename T, int TT> __device__ void up_gemv(const UpParams& p) {
     const int ld = u_smem_index((p.r + 31) / 32 * 32);
     const float* u_global = static_cast<const float*>(p.u);
     const int r_up = (p.r + 31) / 32 * 32;
-    for (int idx = threadIdx.x; idx < rows * r_up; idx += blockDim.x) {
-        const int t = idx / r_up, j = idx % r_up;
-        // Past r: zeros, so that the last 16-byte reads of a row read defined values.
-        u[t * ld + u_smem_index(j)] = j < p.r ? u_global[(size_t)t * p.ldu + j] : 0.0f;
-    }
+    with_rows(p.rows_adapter, [&](auto map) {
+        for (int idx = threadIdx.x; idx < rows * r_up; idx += blockDim.x) {
+            const int t = idx / r_up, j = idx % r_up;
+            // Past r: zeros, so that the last 16-byte reads of a row read defined values. With
+            // p.splits > 0 u is summed here from the split partials (no counters, no last block).
+            float v = 0.0f;
+            if (j < p.r) v = p.splits > 0 ? reduce_splits(p, map, t, j) : u_global[(size_t)t * p.ldu + j];
+            u[t * ld + u_smem_index(j)] = v;
+        }
+    });
     __syncthreads();
 
     if (i0 >= p.m) return;  // warp-uniform, and no barrier follows

@@ -20,7 +20,8 @@
 #   3. ours and PyTorch's PEFT path timed the same way (CUDA events around each call, median):
 #      the `vera bench` suite with L2 warm, then the decode shapes with A and B out of L2, then a
 #      bf16 training step (`--backward`) against PyTorch autograd; the decode shapes with and without
-#      programmatic dependent launch (VERA_CUDA_PROGRAMMATIC_LAUNCH=0); T = 4096 prefill shapes on
+#      programmatic dependent launch (VERA_CUDA_PROGRAMMATIC_LAUNCH=0), and with their split sums
+#      in the up- and in the down-projection (VERA_CUDA_DECODE_SPLIT_SUM); T = 4096 prefill shapes on
 #      the automatic tiles (128 x 128 where a product has a wave of them) and on 64 x 64
 #      (VERA_CUDA_PREFILL_TILE=64);
 #   4. cuobjdump -sass -res-usage on the carried fatbin (registers, spills, instruction mix);
@@ -413,6 +414,10 @@ benchmarks() {
     # down-projection's programmatic dependent by default).
     variant_pair "decode with and without programmatic dependent launch" VERA_CUDA_PROGRAMMATIC_LAUNCH 1 0 10 \
         "${shapes[@]}" || status=1
+    # Who sums the decode's split partials: each up-projection block, or the down-projection's
+    # last block per group (the plan picks the first while the partials are few).
+    variant_pair "decode split sums in the up-projection and in the down-projection" VERA_CUDA_DECODE_SPLIT_SUM up \
+        down 10 --dtype bf16 "${shapes[@]}" || status=1
     # The large prefill tiles (chosen on their own for a product with a wave of them) against 64 x 64.
     variant_pair "prefill on the automatic tiles and on 64 x 64" VERA_CUDA_PREFILL_TILE auto 64 15 --dtype bf16 \
         --shape 4096,4096,4096,256 --shape 4096,4096,4096,1024 --shape 4096,4096,11008,256 || status=1

@@ -34,9 +34,10 @@
 //! the kernels are tested against.
 //!
 //! Kernels: for up to 8 token rows (decode), split-K matrix-vector products with 16-byte loads that
-//! stream A and B once (the down-projection's blocks write per-split partial sums, and the last
-//! block of each group of outputs sums them in split order and applies lambda_d; the
-//! up-projection fuses lambda_b, bias and the base add in its epilogue); for
+//! stream A and B once (the down-projection's blocks write per-split partial sums, which the last
+//! block of each group of outputs, or each up-projection block in its prologue, sums in split
+//! order and scales by lambda_d; the up-projection fuses lambda_b, bias and the base add in its
+//! epilogue); for
 //! more rows (prefill), 64×64 tiles on tensor cores (`mma.sync` m16n8k16, bf16/f16 → f32, fed by a
 //! 3-stage `cp.async` pipeline and `ldmatrix`), or 128×128 ones (4 stages, dynamic shared memory)
 //! for a product with at least a wave of them, or on CUDA cores for f32.

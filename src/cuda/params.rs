@@ -39,6 +39,8 @@ pub(crate) struct DownParams {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct UpParams {
     pub u: u64,
+    pub part: u64,
+    pub lambda_d: u64,
     pub b: u64,
     pub lambda_b: u64,
     pub bias: u64,
@@ -54,13 +56,15 @@ pub(crate) struct UpParams {
     pub accumulate: i32,
     pub ld_lambda_b: i32,
     pub y_paired: i32,
+    pub splits: i32,
+    pub ld_lambda_d: i32,
     pub unused: i32,
 }
 
-// The C side has the same fields in the same order with no padding: 7 pointers, then ints
+// The C side has the same fields in the same order with no padding: pointers, then ints
 // (kernels/compat.cuh asserts the same sizes).
 const _: () = assert!(std::mem::size_of::<DownParams>() == 7 * 8 + 10 * 4);
-const _: () = assert!(std::mem::size_of::<UpParams>() == 7 * 8 + 10 * 4);
+const _: () = assert!(std::mem::size_of::<UpParams>() == 9 * 8 + 12 * 4);
 
 /// Kernel parameters are 32-bit: every size and stride must fit in an `i32`.
 pub(crate) fn to_i32(v: usize, what: &'static str) -> Result<i32> {
@@ -188,7 +192,8 @@ pub(crate) fn launch_params(plan: &Plan, call: &Call, at: &Addresses) -> Result<
         rows_adapter: at.rows_adapter.unwrap_or(0),
         u: at.u,
         part: at.part,
-        counters: at.counters,
+        // Null: the up-projection sums the splits (kernels/vera_decode.cu).
+        counters: if plan.up_sums_splits { 0 } else { at.counters },
         rows: call.rows,
         n: call.n,
         r: call.r,
@@ -202,6 +207,8 @@ pub(crate) fn launch_params(plan: &Plan, call: &Call, at: &Addresses) -> Result<
     };
     let up = UpParams {
         u: at.u,
+        part: at.part,
+        lambda_d: at.lambda_d,
         b: at.b,
         lambda_b: at.lambda_b,
         bias: at.bias.unwrap_or(0),
@@ -217,6 +224,8 @@ pub(crate) fn launch_params(plan: &Plan, call: &Call, at: &Addresses) -> Result<
         accumulate: i32::from(call.accumulate),
         ld_lambda_b,
         y_paired: pair_aligned(at.y, call.y_stride_bytes),
+        splits: if plan.up_sums_splits { to_i32(plan.splits, "k splits")? } else { 0 },
+        ld_lambda_d,
         unused: 0,
     };
     Ok((down, up))
@@ -225,7 +234,7 @@ pub(crate) fn launch_params(plan: &Plan, call: &Call, at: &Addresses) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::plan::Tiles;
+    use crate::cuda::plan::Options;
     use crate::dtype::DType;
 
     const ADDRESSES: Addresses = Addresses {
@@ -250,7 +259,7 @@ mod tests {
 
     #[test]
     fn every_field_comes_from_the_plan_the_call_or_the_addresses() {
-        let plan = crate::cuda::plan::plan(DType::BF16, 5, 100, 10, 70, 132, Tiles::Auto);
+        let plan = crate::cuda::plan::plan(DType::BF16, 5, 100, 10, 70, 132, Options::AUTO);
         let (down, up) = launch_params(&plan, &call(104, 2, Mode::Accumulate), &ADDRESSES).unwrap();
         assert_eq!(
             down,
@@ -278,6 +287,8 @@ mod tests {
             up,
             UpParams {
                 u: 0x7000,
+                part: 0x6000,
+                lambda_d: 0x4000,
                 b: 0x3000,
                 lambda_b: 0x5000,
                 bias: 0,
@@ -294,6 +305,8 @@ mod tests {
                 ld_lambda_b: 0,
                 // 70 bf16 = 140 bytes between rows of y, at a 4-byte aligned address.
                 y_paired: 1,
+                splits: 0,
+                ld_lambda_d: 0,
                 unused: 0,
             }
         );
@@ -301,7 +314,7 @@ mod tests {
 
     #[test]
     fn x_alignment_bias_and_mode_are_read_from_the_call() {
-        let plan = crate::cuda::plan::plan(DType::F16, 5, 100, 10, 70, 132, Tiles::Auto);
+        let plan = crate::cuda::plan::plan(DType::F16, 5, 100, 10, 70, 132, Options::AUTO);
         // 100 f16 = 200 bytes between rows: a multiple of 8, not of 16.
         let (down, up) = launch_params(&plan, &call(100, 2, Mode::Overwrite), &ADDRESSES).unwrap();
         assert_eq!((down.x_align, up.accumulate), (8, 0));
@@ -317,7 +330,7 @@ mod tests {
 
     #[test]
     fn paired_stores_need_y_and_its_row_stride_4_byte_aligned() {
-        let plan = crate::cuda::plan::plan(DType::BF16, 5, 100, 10, 70, 132, Tiles::Auto);
+        let plan = crate::cuda::plan::plan(DType::BF16, 5, 100, 10, 70, 132, Options::AUTO);
         let with_y = |y: u64, ldy: usize| {
             let strides = Strides { x: 104, a: 104, b: 16, y: ldy };
             let call = Call::new(LayerDims { r: 10, n: 100, m: 70 }, 5, strides, 2, Mode::Accumulate).unwrap();
@@ -331,7 +344,7 @@ mod tests {
 
     #[test]
     fn a_row_map_makes_the_lambdas_and_bias_tables_of_one_row_per_adapter() {
-        let plan = crate::cuda::plan::plan(DType::F32, 5, 100, 10, 70, 132, Tiles::Auto);
+        let plan = crate::cuda::plan::plan(DType::F32, 5, 100, 10, 70, 132, Options::AUTO);
         let bank = Addresses { bias: Some(0xa000), has_bias: Some(0xb000), rows_adapter: Some(0xc000), ..ADDRESSES };
         let (down, up) = launch_params(&plan, &call(104, 4, Mode::Accumulate), &bank).unwrap();
         assert_eq!((down.rows_adapter, down.lambda_d, down.ld_lambda_d), (0xc000, 0x4000, 10));

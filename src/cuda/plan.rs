@@ -30,6 +30,56 @@ const TILES_PER_SM: usize = 2;
 /// The environment variable that fixes the prefill kernels' tensor-core tiles: `64` or `128`
 /// (read once per process; anything else, or unset, is [`Tiles::Auto`]).
 pub(crate) const PREFILL_TILE_ENV: &str = "VERA_CUDA_PREFILL_TILE";
+/// The environment variable that fixes which decode kernel sums the split partials: `down` or `up`
+/// (read once per process; anything else, or unset, is [`SplitSum::Auto`]).
+pub(crate) const DECODE_SPLIT_SUM_ENV: &str = "VERA_CUDA_DECODE_SPLIT_SUM";
+
+/// The choices a plan leaves to measurement: the defaults ([`Options::AUTO`]), or fixed by the
+/// environment ([`Options::from_env`]) to compare one against the other and to test each path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Options {
+    pub tiles: Tiles,
+    pub split_sum: SplitSum,
+}
+
+impl Options {
+    pub(crate) const AUTO: Options = Options { tiles: Tiles::Auto, split_sum: SplitSum::Auto };
+
+    /// [`PREFILL_TILE_ENV`] and [`DECODE_SPLIT_SUM_ENV`], read the first time they are asked for.
+    pub(crate) fn from_env() -> Options {
+        static CHOICE: std::sync::OnceLock<Options> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| {
+            let var = |name| std::env::var(name).unwrap_or_default();
+            let mut options = Options::AUTO;
+            match var(PREFILL_TILE_ENV).as_str() {
+                "64" => options.tiles = Tiles::Small,
+                "128" => options.tiles = Tiles::Large,
+                _ => {}
+            }
+            match var(DECODE_SPLIT_SUM_ENV).as_str() {
+                "down" => options.split_sum = SplitSum::Down,
+                "up" => options.split_sum = SplitSum::Up,
+                _ => {}
+            }
+            options
+        })
+    }
+}
+
+/// Which decode kernel sums the down-projection's split partials into `u`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SplitSum {
+    /// The up-projection while the partials each of its blocks reads (all of them: `splits · TT · r`
+    /// floats, from L2) are no more bytes than its rows of B (from memory); the down-projection
+    /// otherwise.
+    Auto,
+    /// The down-projection's last block of each group of outputs (a counter per group, a fence and
+    /// an atomic per block), which writes `u` once.
+    Down,
+    /// Every up-projection block, in its prologue: no counters and no last block on the way from one
+    /// kernel to the next, but each block reads every partial.
+    Up,
+}
 
 /// Which tiles the 16-bit prefill kernels use (f32 always has its 64 × 64 CUDA-core tile).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,16 +95,6 @@ pub(crate) enum Tiles {
 }
 
 impl Tiles {
-    /// The choice [`PREFILL_TILE_ENV`] makes, read the first time it is asked for.
-    pub(crate) fn from_env() -> Tiles {
-        static CHOICE: std::sync::OnceLock<Tiles> = std::sync::OnceLock::new();
-        *CHOICE.get_or_init(|| match std::env::var(PREFILL_TILE_ENV).as_deref() {
-            Ok("64") => Tiles::Small,
-            Ok("128") => Tiles::Large,
-            _ => Tiles::Auto,
-        })
-    }
-
     /// The tile edge for a product of `rows × cols` outputs on `sms` multiprocessors.
     fn edge(self, dtype: DType, rows: usize, cols: usize, sms: usize) -> usize {
         let large = dtype != DType::F32
@@ -98,6 +138,9 @@ pub(crate) struct Plan {
     pub groups: usize,
     /// Whether u is kept in f32 (the decode kernels) rather than in the dtype (the tile kernels).
     pub u_f32: bool,
+    /// Whether the up-projection sums the split partials into u itself (decode, with `splits > 1`):
+    /// the down-projection then only writes them, and uses no counters.
+    pub up_sums_splits: bool,
     /// Row stride of u, in elements: r, or r rounded up to 8 so that the tile kernels' 16-byte
     /// loads of u rows stay aligned.
     pub ldu: usize,
@@ -153,8 +196,8 @@ pub(crate) fn dynamic_smem_kernels() -> Vec<(String, u32)> {
 }
 
 /// The plan for `rows` token rows of a layer `n → m` at rank `r` on a device with `sms`
-/// multiprocessors, the prefill kernels on `tiles`.
-pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms: usize, tiles: Tiles) -> Plan {
+/// multiprocessors, with the choices `options`.
+pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms: usize, options: Options) -> Plan {
     let name = dtype.name();
     let decode_tt = DECODE_TILES.into_iter().find(|&tt| tt >= rows);
     if let Some(tt) = decode_tt.filter(|&tt| rows <= DECODE_MAX_ROWS && tt * r <= DECODE_U_FLOATS) {
@@ -162,6 +205,13 @@ pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms:
         let rows_of_a = r.div_ceil(GEMV_WARPS);
         let want = (sms * WARPS_PER_SM).div_ceil(r);
         let (splits, k_split) = split_k(n, want, lane_k, lane_k);
+        let up_sums_splits = splits > 1
+            && match options.split_sum {
+                // A block's partials (f32) against its UP_ROWS rows of B (the dtype).
+                SplitSum::Auto => splits * tt * r * 4 <= UP_ROWS * r * dtype.size_bytes(),
+                SplitSum::Down => false,
+                SplitSum::Up => true,
+            };
         return Plan {
             down: Launch {
                 kernel: format!("vera_down_gemv_t{tt}_{name}"),
@@ -182,6 +232,7 @@ pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms:
             k_split,
             groups: rows_of_a,
             u_f32: true,
+            up_sums_splits,
             ldu: r,
         };
     }
@@ -202,6 +253,7 @@ pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms:
             dependent: false,
         }
     };
+    let tiles = options.tiles;
     let (down_edge, up_edge) = (tiles.edge(dtype, rows, r, sms), tiles.edge(dtype, rows, m, sms));
     let down_tiles = rows.div_ceil(down_edge) * r.div_ceil(down_edge);
     let want = (sms * TILES_PER_SM).div_ceil(down_tiles);
@@ -213,6 +265,7 @@ pub(crate) fn plan(dtype: DType, rows: usize, n: usize, r: usize, m: usize, sms:
         k_split,
         groups: down_tiles,
         u_f32: dtype == DType::F32,
+        up_sums_splits: false,
         ldu: r.next_multiple_of(8),
     }
 }
@@ -255,7 +308,7 @@ mod tests {
 
     #[test]
     fn decode_and_prefill_are_chosen_by_rows_and_shared_memory() {
-        let p = plan(DType::BF16, 1, 4096, 256, 4096, 132, Tiles::Auto);
+        let p = plan(DType::BF16, 1, 4096, 256, 4096, 132, Options::AUTO);
         assert_eq!(p.down.kernel, "vera_down_gemv_t1_bf16");
         assert_eq!(p.up.kernel, "vera_up_gemv_t1_bf16");
         // 256 rows of A over 4 warps per block. 32 warps per SM want ⌈4224 / 256⌉ = 17 splits; a
@@ -265,11 +318,11 @@ mod tests {
         assert_eq!(p.up.grid, [128, 1, 1]);
         // Only the decode up-projection reads its predecessor's results after a grid wait.
         assert!(p.up.dependent && !p.down.dependent);
-        let p = plan(DType::F16, 5, 100, 40, 70, 132, Tiles::Auto);
+        let p = plan(DType::F16, 5, 100, 40, 70, 132, Options::AUTO);
         assert_eq!(p.down.kernel, "vera_down_gemv_t8_f16");
         // u would not fit in shared memory: 8 rows x 1025 > 8192.
-        assert_eq!(plan(DType::F32, 8, 64, 1025, 64, 132, Tiles::Auto).down.kernel, "vera_down_tile_f32");
-        let p = plan(DType::BF16, 512, 4096, 256, 4096, 132, Tiles::Auto);
+        assert_eq!(plan(DType::F32, 8, 64, 1025, 64, 132, Options::AUTO).down.kernel, "vera_down_tile_f32");
+        let p = plan(DType::BF16, 512, 4096, 256, 4096, 132, Options::AUTO);
         assert_eq!(p.down.kernel, "vera_down_tile_bf16");
         assert_eq!(p.up.grid, [8, 64, 1]);
         assert_eq!(p.down.grid, [8, 4, p.splits as u32]);
@@ -277,28 +330,50 @@ mod tests {
         assert!(p.splits > 1 && p.k_split * p.splits >= 4096);
     }
 
+    const LARGE: Options = Options { tiles: Tiles::Large, ..Options::AUTO };
+    const SMALL: Options = Options { tiles: Tiles::Small, ..Options::AUTO };
+
+    #[test]
+    fn the_up_projection_sums_the_decode_splits_while_they_are_fewer_bytes_than_its_rows_of_b() {
+        // T = 1, r = 256: 16 splits of 1 x 256 f32 (16 KiB) per block against 32 rows of B (16 KiB).
+        let p = plan(DType::BF16, 1, 4096, 256, 4096, 132, Options::AUTO);
+        assert_eq!((p.splits, p.up_sums_splits), (16, true));
+        // T = 2 (the t2 kernels): 32 KiB of partials: the down-projection's last blocks sum them.
+        assert!(!plan(DType::BF16, 2, 4096, 256, 4096, 132, Options::AUTO).up_sums_splits);
+        // T = 1, r = 1024: 4 splits (16 KiB) against 64 KiB of B; f32's B rows are twice the bytes.
+        assert!(plan(DType::F16, 1, 4096, 1024, 4096, 132, Options::AUTO).up_sums_splits);
+        assert!(plan(DType::F32, 2, 4096, 256, 4096, 132, Options::AUTO).up_sums_splits);
+        // Fixed either way; never without splits, nor on the tile kernels.
+        let up = Options { split_sum: SplitSum::Up, ..Options::AUTO };
+        let down = Options { split_sum: SplitSum::Down, ..Options::AUTO };
+        assert!(plan(DType::BF16, 8, 4096, 1024, 4096, 132, up).up_sums_splits);
+        assert!(!plan(DType::BF16, 1, 4096, 256, 4096, 132, down).up_sums_splits);
+        assert!(!plan(DType::BF16, 1, 256, 256, 4096, 132, up).up_sums_splits);
+        assert!(!plan(DType::BF16, 64, 4096, 256, 4096, 132, up).up_sums_splits);
+    }
+
     #[test]
     fn large_tiles_for_a_product_with_a_wave_of_them() {
         // T = 4096, m = 4096: 32 x 32 tiles of 128 for 132 SMs; the down-projection's u (r = 256)
         // has 32 x 2 of them, so it stays on 64 x 64 tiles (and splits k).
-        let p = plan(DType::BF16, 4096, 4096, 256, 4096, 132, Tiles::Auto);
+        let p = plan(DType::BF16, 4096, 4096, 256, 4096, 132, Options::AUTO);
         assert_eq!((p.up.kernel.as_str(), p.up.grid, p.up.block), ("vera_up_tile128_bf16", [32, 32, 1], [256, 1, 1]));
         assert_eq!(p.up.shared_bytes, TILE128_SMEM_BYTES);
         assert_eq!((p.down.kernel.as_str(), p.down.shared_bytes), ("vera_down_tile_bf16", 0));
         assert_eq!(p.groups, 64 * 4);
         // r = 1024: 32 x 8 tiles of 128, a group (counter) per tile.
-        let p = plan(DType::F16, 4096, 4096, 1024, 4096, 132, Tiles::Auto);
+        let p = plan(DType::F16, 4096, 4096, 1024, 4096, 132, Options::AUTO);
         assert_eq!((p.down.kernel.as_str(), p.down.grid[..2].to_vec()), ("vera_down_tile128_f16", vec![32, 8]));
         assert_eq!(p.groups, 32 * 8);
         // T = 512, m = 4096: 4 x 32 = 128 tiles of 128 would leave 4 SMs idle.
-        assert_eq!(plan(DType::BF16, 512, 4096, 256, 4096, 132, Tiles::Auto).up.kernel, "vera_up_tile_bf16");
+        assert_eq!(plan(DType::BF16, 512, 4096, 256, 4096, 132, Options::AUTO).up.kernel, "vera_up_tile_bf16");
         // Forced either way, but never for f32 (no tensor-core tiles) nor decode.
-        let p = plan(DType::BF16, 9, 100, 10, 70, 132, Tiles::Large);
+        let p = plan(DType::BF16, 9, 100, 10, 70, 132, LARGE);
         assert_eq!((p.down.kernel.as_str(), p.up.kernel.as_str()), ("vera_down_tile128_bf16", "vera_up_tile128_bf16"));
         assert_eq!((p.down.grid, p.up.grid), ([1, 1, p.splits as u32], [1, 1, 1]));
-        assert_eq!(plan(DType::BF16, 4096, 4096, 256, 4096, 132, Tiles::Small).up.kernel, "vera_up_tile_bf16");
-        assert_eq!(plan(DType::F32, 4096, 4096, 256, 4096, 132, Tiles::Large).up.kernel, "vera_up_tile_f32");
-        assert_eq!(plan(DType::F16, 8, 4096, 256, 4096, 132, Tiles::Large).up.kernel, "vera_up_gemv_t8_f16");
+        assert_eq!(plan(DType::BF16, 4096, 4096, 256, 4096, 132, SMALL).up.kernel, "vera_up_tile_bf16");
+        assert_eq!(plan(DType::F32, 4096, 4096, 256, 4096, 132, LARGE).up.kernel, "vera_up_tile_f32");
+        assert_eq!(plan(DType::F16, 8, 4096, 256, 4096, 132, LARGE).up.kernel, "vera_up_gemv_t8_f16");
         for (name, bytes) in dynamic_smem_kernels() {
             assert!(name.contains("tile128") && bytes > 48 * 1024, "{name}: {bytes}");
         }
@@ -312,7 +387,7 @@ mod tests {
                 for (n, r, m) in [(64, 16, 64), (4096, 256, 4096), (4096, 1024, 11008), (768, 2048, 768)] {
                     for (sms, tiles) in [(1, Tiles::Auto), (132, Tiles::Auto), (132, Tiles::Small), (132, Tiles::Large)]
                     {
-                        let p = plan(dtype, rows, n, r, m, sms, tiles);
+                        let p = plan(dtype, rows, n, r, m, sms, Options { tiles, ..Options::AUTO });
                         assert!(names.contains(&p.down.kernel), "{} not listed", p.down.kernel);
                         assert!(names.contains(&p.up.kernel), "{} not listed", p.up.kernel);
                     }

@@ -283,7 +283,7 @@ impl CudaStream {
         }
         let (rows, r) = (x.rows, projections.r);
         let plan =
-            plan::plan(T::DTYPE, rows, x.cols, r, y.cols, self.device.multiprocessors(), plan::Tiles::from_env());
+            plan::plan(T::DTYPE, rows, x.cols, r, y.cols, self.device.multiprocessors(), plan::Options::from_env());
         let sizes = WorkspaceSizes::new(&plan, rows, r, std::mem::size_of::<T>())?;
         let mut workspace = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
         let operands = Operands::new(projections, scales, x, y, workspace.reserve(&self.kind, sizes)?);
