@@ -84,9 +84,10 @@ pub(crate) enum SplitSum {
 /// Which tiles the 16-bit prefill kernels use (f32 always has its 64 × 64 CUDA-core tile).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Tiles {
-    /// 128 × 128 for a product with at least a wave of them (one per multiprocessor), where the
-    /// larger tile halves the shared-memory traffic per mma; 64 × 64 otherwise, where the larger
-    /// tile would leave multiprocessors idle.
+    /// 128 × 128 for a product with at least a wave of them (one per multiprocessor), where each
+    /// byte the larger tile brings into shared memory feeds twice the mma (and each mma takes a
+    /// quarter fewer ldmatrix); 64 × 64 otherwise, where the larger tile would leave
+    /// multiprocessors idle.
     Auto,
     /// 64 × 64 always (`VERA_CUDA_PREFILL_TILE=64`): to compare against.
     Small,
