@@ -25,7 +25,6 @@ constexpr int BK = 32;                 // k per pipeline stage (16-bit path)
 constexpr int STAGES = 3;              // cp.async pipeline depth
 constexpr int SK = BK + 8;             // shared row stride: 80-byte rows keep 16-byte alignment and
                                        // put ldmatrix's 8 row reads in distinct bank groups
-constexpr int MMA_THREADS = 128;       // 4 warps, 2 x 2, each a 32 x 32 sub-tile
 constexpr int BIG = 128;               // rows and columns of the large tiles
 constexpr int BIG_STAGES = 4;
 constexpr int STATIC_SMEM_MAX = 48 * 1024;  // past this a kernel needs dynamic shared memory
@@ -38,8 +37,7 @@ template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_> struct MmaS
     static constexpr int MI = TM / WARPS_M / 16, NI = TN / WARPS_N / 8;
     static_assert(MI * 16 * WARPS_M == TM && NI * 8 * WARPS_N == TN && NI % 2 == 0, "whole mma fragments");
 };
-using Tile64 = MmaShape<BM, BN, 2, 2, STAGES>;
-static_assert(Tile64::THREADS == MMA_THREADS, "the 64-tile kernels' launch size");
+using Tile64 = MmaShape<BM, BN, 2, 2, STAGES>;     // 4 warps, each 32 x 32
 using Tile128 = MmaShape<BIG, BIG, 2, 4, BIG_STAGES>;  // 8 warps, each 64 x 32
 
 // Launch order. The host launches (row tiles, column tiles[, splits]) and blocks start in linear
@@ -385,7 +383,7 @@ __device__ void up_simt(const UpParams& p) {
     VERA_EXPORT(vera_up_##TILE##_##NAME)
 
 VERA_TILE_KERNELS(tile, f32, SIMT_THREADS, down_simt, up_simt)
-VERA_TILE_KERNELS(tile, f16, MMA_THREADS, (down_mma<f16, Tile64>), (up_mma<f16, Tile64>))
-VERA_TILE_KERNELS(tile, bf16, MMA_THREADS, (down_mma<bf16, Tile64>), (up_mma<bf16, Tile64>))
+VERA_TILE_KERNELS(tile, f16, Tile64::THREADS, (down_mma<f16, Tile64>), (up_mma<f16, Tile64>))
+VERA_TILE_KERNELS(tile, bf16, Tile64::THREADS, (down_mma<bf16, Tile64>), (up_mma<bf16, Tile64>))
 VERA_TILE_KERNELS(tile128, f16, Tile128::THREADS, (down_mma<f16, Tile128>), (up_mma<f16, Tile128>))
 VERA_TILE_KERNELS(tile128, bf16, Tile128::THREADS, (down_mma<bf16, Tile128>), (up_mma<bf16, Tile128>))

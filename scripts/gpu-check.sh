@@ -294,30 +294,23 @@ gpu_tests() {
             fi
             continue
         fi
-        while IFS= read -r name; do
+        # Each test once, then the 16-bit edge tests again on the 128 x 128 prefill tiles, which
+        # the plans choose on their own only at model sizes (tests/cuda_gpu_scale.rs): one line
+        # per run, the test's name and the environment it adds.
+        local runs extra
+        runs="${names}$(grep -E 'tile_and_split_edges_(f16|bf16)$' <<<"${names}" | sed 's/$/ VERA_CUDA_PREFILL_TILE=128/; 1s/^/\n/' || true)"
+        while read -r name extra; do
             # The model-sized tests do real work on the host too (the f64 reference).
             local limit=60
             [ "${bin}" = cuda_gpu_scale ] && limit=90
             rc=0
-            run_one_test "${bin}" "${name}" "${limit}" || rc=$?
+            run_one_test "${bin}" "${name}" "${limit}" ${extra:+"${extra}"} || rc=$?
             case "${rc}" in
             0) passed=$((passed + 1)) ;;
             2) skipped=$((skipped + 1)) ;;
             *) failed=$((failed + 1)) ;;
             esac
-        done <<<"${names}"
-        # The 16-bit edge tests again on the 128 x 128 prefill tiles, which the plans choose on
-        # their own only at model sizes (tests/cuda_gpu_scale.rs).
-        while IFS= read -r name; do
-            [ -n "${name}" ] || continue
-            rc=0
-            run_one_test "${bin}" "${name}" 60 VERA_CUDA_PREFILL_TILE=128 || rc=$?
-            case "${rc}" in
-            0) passed=$((passed + 1)) ;;
-            2) skipped=$((skipped + 1)) ;;
-            *) failed=$((failed + 1)) ;;
-            esac
-        done <<<"$(grep -E 'tile_and_split_edges_(f16|bf16)$' <<<"${names}" || true)"
+        done <<<"${runs}"
     done
     note "  ${passed} passed, ${failed} failed, ${skipped} not run (time box)"
     # A test the box left out is not a pass, nor is a run that tested nothing.
