@@ -21,7 +21,9 @@ packages=(
     nvidia-nvvm==13.0.88
 )
 
-if [ -x "${nvcc}" ] && "${nvcc}" --version | grep -q "release 13.0,"; then
+# grep without -q reads its whole input: under pipefail, a grep that stops at the first match could
+# fail the pipe with SIGPIPE (exit 141) while nvcc still writes.
+if [ -x "${nvcc}" ] && "${nvcc}" --version | grep "release 13.0," >/dev/null; then
     echo "install-nvcc: CUDA 13.0 nvcc already at ${prefix}" >&2
 else
     python="$(command -v python3 || command -v python || true)"
@@ -34,7 +36,7 @@ else
 fi
 
 # The wheels put nvvm (cicc, libdevice) beside bin/, where nvcc looks for it; check that nvcc runs.
-"${nvcc}" --version | grep -q "release 13.0," || {
+"${nvcc}" --version | grep "release 13.0," >/dev/null || {
     echo "install-nvcc: ${nvcc} is not a working CUDA 13.0 nvcc" >&2
     exit 1
 }
