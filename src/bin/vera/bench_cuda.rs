@@ -278,10 +278,13 @@ mod tests {
             assert_eq!(row.samples, MIN_SAMPLES);
             assert!(row.training.is_none());
         }
-        // With --backward: the backward and a step, each timed, the step the longer.
+        // With --backward: the backward and a step, each timed. (Not which is the longer: the step
+        // holds the backward, but a timing in a test on a shared machine is noise, and failed so.)
         let row = run(&device, Shape { t: 9, n: 40, m: 24, r: 8 }, DType::F16, L2::Warm, Duration::ZERO, true).unwrap();
         let (backward_ms, step_ms) = row.training.expect("--backward times the training step");
-        assert!(backward_ms > 0.0 && step_ms > backward_ms, "backward {backward_ms} ms, step {step_ms} ms");
+        for ms in [backward_ms, step_ms] {
+            assert!(ms > 0.0 && ms.is_finite(), "backward {backward_ms} ms, step {step_ms} ms");
+        }
         let json = row.json();
         assert!(json.contains(&format!("\"backward_ms\":{backward_ms:.6},\"train_step_ms\":{step_ms:.6}}}")), "{json}");
     }
