@@ -52,6 +52,11 @@ template <typename T, int TT> __device__ void down_gemv(const DownParams& p) {
         const T* a = static_cast<const T*>(p.a) + (size_t)j * p.lda;
         const int k_begin = blockIdx.y * p.k_split;
         const int k_end = min(p.n, k_begin + p.k_split);
+        // A split of several steps per lane (r = 1024 at T = 1: 4) first asks L2 for all of the
+        // warp's part of its row of A, as up_gemv does for B: the loop then waits for memory once,
+        // not once per step (each step has only one 16-byte load of A per lane in flight).
+        if (k_end - k_begin > 32 * N)
+            for (int k = k_begin + lane * N; k < k_end; k += 32 * N) prefetch_l2(a + k);
         float acc[TT];
 #pragma unroll
         for (int t = 0; t < TT; ++t) acc[t] = 0.0f;
