@@ -8,6 +8,11 @@ pub fn spilling_kernels(report: &str) -> Vec<String> {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             current = rest.replace('\'', "");
         }
+        // `-warn-spills` repeats a kernel's counts in a warning printed before any kernel's report
+        // (so before `current` names it): each kernel's own properties line is what counts.
+        if line.starts_with("ptxas warning") {
+            continue;
+        }
         let spilled = ["bytes spill stores", "bytes spill loads"].iter().any(|key| {
             line.split(',').any(|part| {
                 part.trim().ends_with(key)
